@@ -1,0 +1,44 @@
+"""What one engine step tells every attention layer about the packed batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """One packed batch of B sequences with N new tokens in all.
+
+    Sequence b owns the new tokens `query_start_loc[b]:query_start_loc[b+1]` of the packed
+    q/k/v; after this step its KV holds `context_lens[b]` tokens (prefix + new), stored in the
+    pages `page_table[b, :ceil(context_lens[b] / page_size)]`.
+    """
+
+    query_start_loc: torch.Tensor
+    """[B+1] int32 on device: offsets of each sequence's new tokens in the packed batch."""
+    context_lens: torch.Tensor
+    """[B] int32 on device: KV length of each sequence after this step's tokens are stored."""
+    page_table: torch.Tensor
+    """[B, max_pages] int32 on device: physical page ids, padded with 0 past a sequence's end."""
+    slot_mapping: torch.Tensor
+    """[N] int64 on device: flat KV slot (page_id * page_size + offset) of each new token."""
+    query_lens_cpu: tuple[int, ...]
+    """Host copy: new tokens per sequence."""
+    context_lens_cpu: tuple[int, ...]
+    """Host copy of `context_lens`."""
+    page_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        """Every sequence brings exactly one new token (a pure decode step)."""
+        return all(n == 1 for n in self.query_lens_cpu)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_cpu)

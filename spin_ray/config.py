@@ -1,0 +1,122 @@
+"""Frozen configuration dataclasses for the engine. Derived values make a new config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """Map a user dtype ("auto", "bf16", torch.float16, ...) to a torch dtype valid on `device`."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    if device == "cpu" and resolved == torch.float16:
+        raise ValueError("dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+    return resolved
+
+
+def resolve_device(device: str) -> str:
+    """Map "auto" to "cuda" where a GPU is visible, else "cpu"; check the rest."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but no CUDA GPU is visible")
+        return device
+    if device != "cpu":
+        raise ValueError(f"device: unknown device {device!r}; use auto, cpu or cuda[:N]")
+    return device
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache layout."""
+
+    page_size: int = 16
+    """Tokens per KV page."""
+    num_pages: int | None = None
+    """Pages in the pool; None sizes it from `gpu_memory_utilization` (GPU) or `cpu_kv_tokens`."""
+    gpu_memory_utilization: float = 0.90
+    """Fraction of GPU memory the engine may use in all (weights + activations + KV)."""
+    cpu_kv_tokens: int = 65536
+    """KV capacity in tokens when running on the CPU and `num_pages` is None."""
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size: must be a power of two >= 1, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages: must be >= 1, got {self.num_pages}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.cpu_kv_tokens < self.page_size:
+            raise ValueError(f"cpu_kv_tokens: must be >= page_size, got {self.cpu_kv_tokens}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 8192
+    """Most tokens (prefill chunks + decodes) computed in one step; prefill is chunked to fit."""
+    max_model_len: int = 8192
+    """Longest sequence (prompt + output) a request may reach."""
+    enable_chunked_prefill: bool = True
+    """Split prompts longer than the step budget across steps; if False a prompt runs whole."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "max_num_batched_tokens: must be >= max_model_len when chunked prefill is off "
+                f"({self.max_num_batched_tokens} < {self.max_model_len})"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, built once by `LLM` from its keyword arguments."""
+
+    model: str
+    """Checkpoint folder, hub id, or `spin-tiny`."""
+    device: str = "cpu"
+    """Resolved device: "cpu" or "cuda[:N]"."""
+    dtype: torch.dtype = torch.float32
+    """Dtype of weights, activations and KV."""
+    seed: int = 0
+    """Seed for requests that carry no seed of their own."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; defaults to `model`."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: must name a checkpoint folder, hub id or 'spin-tiny'")

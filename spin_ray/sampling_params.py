@@ -1,0 +1,59 @@
+"""Per-request sampling settings, in the shape vLLM users know."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop. Invalid values raise `ValueError` naming
+    the field."""
+
+    max_tokens: int = 16
+    """Most tokens to generate."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability mass reaches top_p; in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 (or 0) keeps all."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p × the top token's; in [0, 1]."""
+    seed: int | None = None
+    """Seed of this request's own random generator: same seed, same tokens."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; the matched string is not included in the text."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation (in addition to EOS)."""
+    ignore_eos: bool = False
+    """Keep generating past the EOS token."""
+    logprobs: int | None = None
+    """Return the log-probabilities of the sampled token and this many top alternatives."""
+    include_stop_str_in_output: bool = False
+    """Keep a matched stop string at the end of the text."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k: must be -1 (all) or an integer >= 0, got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p: must be in [0, 1], got {self.min_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs: must be >= 0, got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
