@@ -33,3 +33,7 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [N, Hq, D]
         """Write k/v at the planned slots, then attend each new token to its sequence's KV
         (prefix and new tokens up to itself)."""
+
+    def release(self, request_id: str) -> None:
+        """Forget `request_id`'s per-request state (it finished, was preempted or aborted).
+        Backends that keep none need not override this."""

@@ -29,6 +29,8 @@ class AttentionMetadata:
     context_lens_cpu: tuple[int, ...]
     """Host copy of `context_lens`."""
     page_size: int
+    request_ids: tuple[str, ...] = ()
+    """Host copy: the request id of each sequence, in batch order (for per-request state)."""
 
     @property
     def num_seqs(self) -> int:
