@@ -1,0 +1,1 @@
+"""Benchmark harness: workloads, a runner that drives engines through them, and reports."""
