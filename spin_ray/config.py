@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -73,31 +73,55 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits."""
+    """Continuous batching limits. `None` fields are derived by the engine once the model and
+    the KV cache size are known (`resolved`)."""
 
     max_num_seqs: int = 64
     """Most requests running at once."""
-    max_num_batched_tokens: int = 8192
-    """Most tokens (prefill chunks + decodes) computed in one step; prefill is chunked to fit."""
-    max_model_len: int = 8192
-    """Longest sequence (prompt + output) a request may reach."""
+    max_num_batched_tokens: int | None = None
+    """Most tokens (prefill chunks + decodes) computed in one step; None: 8192 with chunked
+    prefill, else max_model_len."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); None: the model's limit, capped by the KV cache."""
     enable_chunked_prefill: bool = True
     """Split prompts longer than the step budget across steps; if False a prompt runs whole."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}"
             )
-        if self.max_model_len < 2:
+        if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+        if (
+            not self.enable_chunked_prefill
+            and self.max_num_batched_tokens is not None
+            and self.max_model_len is not None
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
             raise ValueError(
                 "max_num_batched_tokens: must be >= max_model_len when chunked prefill is off "
                 f"({self.max_num_batched_tokens} < {self.max_model_len})"
             )
+
+    def resolved(self, model_limit: int, kv_capacity_tokens: int) -> SchedulerConfig:
+        """A copy with every None filled in; raises if max_model_len exceeds either limit."""
+        max_model_len = self.max_model_len or min(model_limit, kv_capacity_tokens)
+        if max_model_len > model_limit:
+            raise ValueError(
+                f"max_model_len: {max_model_len} exceeds the model's limit ({model_limit})"
+            )
+        if max_model_len > kv_capacity_tokens:
+            raise ValueError(
+                f"max_model_len: {max_model_len} tokens do not fit the KV cache "
+                f"({kv_capacity_tokens} tokens); lower max_model_len or give the cache more memory"
+            )
+        batched = self.max_num_batched_tokens
+        if batched is None:
+            batched = 8192 if self.enable_chunked_prefill else max_model_len
+        return replace(self, max_model_len=max_model_len, max_num_batched_tokens=batched)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,36 @@
+"""`spin-ray` command line: one subcommand per module in spin_ray.commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ("generate",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spin-ray",
+        description="Long-context LLM serving with sparse attention over a hierarchical KV cache.",
+    )
+    parser.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"spin_ray.commands.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except ValueError as err:
+        print(f"spin-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

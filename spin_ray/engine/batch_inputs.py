@@ -1,0 +1,75 @@
+"""Turn a scheduled step into the packed tensors the model and attention backend read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spin_ray.attention.metadata import AttentionMetadata
+from spin_ray.engine.scheduler import SchedulerOutput
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    attention: AttentionMetadata
+    sample_rows: torch.Tensor  # [M] int64: rows of the packed batch whose logits are sampled
+    sample_request_ids: tuple[str, ...]  # [M] the request each sampled row belongs to
+
+
+def build_batch_inputs(
+    step: SchedulerOutput,
+    page_tables: dict[str, list[int]],
+    page_size: int,
+    device: torch.device | str,
+) -> BatchInputs:
+    """Pack the step's chunks in order; `page_tables` maps request id → its page ids."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start = [0]
+    query_lens: list[int] = []
+    context_lens: list[int] = []
+    tables: list[list[int]] = []
+    sample_rows: list[int] = []
+    sample_ids: list[str] = []
+    for chunk in step.chunks:
+        request, n = chunk.request, chunk.num_new_tokens
+        start = request.num_computed_tokens
+        table = page_tables[request.request_id]
+        input_ids.extend(request.token_ids(start, start + n))
+        positions.extend(range(start, start + n))
+        slots.extend(table[p // page_size] * page_size + p % page_size for p in range(start, start + n))
+        query_start.append(query_start[-1] + n)
+        query_lens.append(n)
+        context_lens.append(start + n)
+        tables.append(table)
+        if chunk.samples:
+            sample_rows.append(query_start[-1] - 1)
+            sample_ids.append(request.request_id)
+
+    max_pages = max(len(t) for t in tables)
+    padded = [t + [0] * (max_pages - len(t)) for t in tables]
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        query_start_loc=tensor(query_start, torch.int32),
+        context_lens=tensor(context_lens, torch.int32),
+        page_table=tensor(padded, torch.int32),
+        slot_mapping=tensor(slots, torch.int64),
+        query_lens_cpu=tuple(query_lens),
+        context_lens_cpu=tuple(context_lens),
+        page_size=page_size,
+        request_ids=tuple(c.request.request_id for c in step.chunks),
+    )
+    return BatchInputs(
+        input_ids=tensor(input_ids, torch.int64),
+        positions=tensor(positions, torch.int64),
+        attention=meta,
+        sample_rows=tensor(sample_rows, torch.int64),
+        sample_request_ids=tuple(sample_ids),
+    )

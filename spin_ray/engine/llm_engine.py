@@ -1,0 +1,264 @@
+"""The engine: schedule → execute → update, one call of `step()` at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+
+import torch
+from transformers import AutoTokenizer
+
+from spin_ray.attention.dense import DenseAttentionBackend
+from spin_ray.cache.kv_cache import KVCache, KVCacheShape
+from spin_ray.cache.page_pool import PagePool
+from spin_ray.cache.page_table import PageTables
+from spin_ray.cache.sizing import activation_reserve_bytes, num_kv_pages
+from spin_ray.config import EngineConfig
+from spin_ray.engine.batch_inputs import build_batch_inputs
+from spin_ray.engine.detokenizer import Detokenizer
+from spin_ray.engine.request import Request, RequestStatus
+from spin_ray.engine.sampler import Sampler
+from spin_ray.engine.scheduler import Scheduler
+from spin_ray.models.loader import load_model, resolve_model_path
+from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from spin_ray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | Mapping[str, object]
+
+
+class LLMEngine:
+    """Owns the model, the paged KV cache, the scheduler and the sampler."""
+
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        path = resolve_model_path(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(config.tokenizer or path))
+        self.device = torch.device(config.device)
+
+        self.backend = _DeferredBackend()
+        self.model = load_model(
+            path, self.backend, config.dtype, config.device,
+            progress=progress,
+        )
+        self.arch = arch = self.model.arch
+
+        sched = config.scheduler
+        reserve = activation_reserve_bytes(
+            sched.max_num_batched_tokens or 8192, arch.hidden_size, arch.intermediate_size,
+            arch.vocab_size, sched.max_num_seqs, config.dtype,
+        )
+        shape = KVCacheShape(
+            arch.num_layers, 1, config.cache.page_size, arch.num_kv_heads, arch.head_dim
+        )
+        bytes_per_token = shape.bytes_per_token(config.dtype)
+        num_pages = num_kv_pages(config.cache, config.device, bytes_per_token, reserve)
+        shape = dataclasses.replace(shape, num_pages=num_pages)
+        sched = sched.resolved(arch.max_position_embeddings, num_pages * shape.page_size)
+        config = dataclasses.replace(config, scheduler=sched)
+        self.config = config
+        self.kv_cache = KVCache(shape, config.dtype, config.device)
+        self.page_tables = PageTables(PagePool(num_pages), shape.page_size)
+        self.backend.bind(DenseAttentionBackend(self.kv_cache))
+        self.scheduler = Scheduler(sched, self.page_tables)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, Detokenizer] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.eos_token_ids = frozenset(arch.eos_token_ids)
+        logger.info(
+            "KV cache: %d pages × %d tokens; max_model_len %d", num_pages, shape.page_size,
+            sched.max_model_len,
+        )
+
+    # ---------------------------------------------------------------- requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises `ValueError` naming the field for bad input."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        max_len = self.config.scheduler.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"prompt: {len(token_ids)} tokens leave no room to generate within "
+                f"max_model_len={max_len}"
+            )
+        request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival_time)
+        self.requests[request_id] = request
+        self.detokenizers[request_id] = Detokenizer(self.tokenizer, token_ids, params)
+        if params.seed is not None:
+            self.generators[request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.scheduler.add(request)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and give its pages back; unknown ids are ignored."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self.backend.release(request_id)
+        self._forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def check_integrity(self) -> None:
+        """Raise `CacheIntegrityError` if a page is leaked or owned twice."""
+        self.page_tables.check_integrity()
+        live = {r.request_id for r in self.scheduler.running}
+        assert set(self.page_tables.tables) <= live, "a request that is not running holds pages"
+
+    # ---------------------------------------------------------------- step
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs of requests that got a token or finished."""
+        scheduled = self.scheduler.schedule()
+        for request_id in scheduled.preempted:
+            self.backend.release(request_id)
+        if scheduled.is_empty:
+            return []
+        inputs = build_batch_inputs(
+            scheduled, self.page_tables.tables, self.page_tables.page_size, self.device
+        )
+        self.backend.plan(inputs.attention)
+        hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [N, H]
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [M, V]
+        now = time.monotonic()
+        for chunk in scheduled.chunks:
+            chunk.request.num_computed_tokens += chunk.num_new_tokens
+        if not inputs.sample_request_ids:
+            return []
+        sampled_requests = [self.requests[rid] for rid in inputs.sample_request_ids]
+        sampled = self.sampler.sample(
+            logits,
+            [r.sampling_params for r in sampled_requests],
+            [self.generators.get(r.request_id, self.default_generator) for r in sampled_requests],
+        )
+        outputs = []
+        for row, request in enumerate(sampled_requests):
+            logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
+            outputs.append(self._append_token(request, sampled.token_ids[row], logprob, now))
+        return outputs
+
+    def _append_token(
+        self, request: Request, token_id: int, logprob: TokenLogprob | None, now: float
+    ) -> RequestOutput:
+        request.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.detokenizers[request.request_id].logprobs.append(logprob)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        params = request.sampling_params
+        detok = self.detokenizers[request.request_id]
+        stop = detok.append(token_id)
+        status = None
+        if stop is not None:
+            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        elif not params.ignore_eos and token_id in self.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif len(request.output_token_ids) >= params.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        elif request.num_tokens >= self.config.scheduler.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(request, status)
+            self.backend.release(request.request_id)
+        output = self._output(request)
+        if status is not None:
+            self._forget(request.request_id)
+        return output
+
+    def _output(self, request: Request) -> RequestOutput:
+        detok = self.detokenizers[request.request_id]
+        completion = CompletionOutput(
+            index=0,
+            text=detok.text,
+            token_ids=list(request.output_token_ids),
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            logprobs=list(detok.logprobs) if request.sampling_params.logprobs is not None else None,
+        )
+        metrics = RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_scheduled_time=request.first_scheduled_time,
+            first_token_time=request.first_token_time,
+            finished_time=request.finished_time,
+            num_output_tokens=len(request.output_token_ids),
+            num_preemptions=request.num_preemptions,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=request.is_finished,
+            metrics=metrics,
+        )
+
+    def _forget(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        self.detokenizers.pop(request_id, None)
+        self.generators.pop(request_id, None)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("prompt: a dict prompt needs the key 'prompt_token_ids'")
+            token_ids = prompt["prompt_token_ids"]
+        else:
+            token_ids = prompt
+        if not isinstance(token_ids, (list, tuple)):
+            raise ValueError(f"prompt_token_ids: expected a list of ints, got {type(token_ids).__name__}")
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise ValueError("prompt_token_ids: must not be empty")
+        vocab = self.arch.vocab_size
+        for t in token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary [0, {vocab})")
+        return None, token_ids
+
+
+class _DeferredBackend:
+    """Lets the model be built before the KV cache is sized: it forwards to the real backend
+    once `bind` is called."""
+
+    def __init__(self):
+        self._backend = None
+
+    def bind(self, backend) -> None:
+        self._backend = backend
+
+    def plan(self, meta) -> None:
+        self._backend.plan(meta)
+
+    def forward(self, layer_idx, q, k, v, scale):
+        return self._backend.forward(layer_idx, q, k, v, scale)
+
+    def release(self, request_id: str) -> None:
+        self._backend.release(request_id)

@@ -1,0 +1,130 @@
+"""Continuous batching with chunked prefill, FCFS admission and preemption by recompute."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from spin_ray.config import SchedulerConfig
+from spin_ray.engine.request import Request, RequestStatus
+
+
+class KVCapacity(Protocol):
+    """What the scheduler asks of the KV cache (`PageTables` is the dense implementation)."""
+
+    def can_grow(self, request_id: str, num_tokens: int) -> bool: ...
+    def grow(self, request_id: str, num_tokens: int) -> None: ...
+    def release(self, request_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_new_tokens` tokens of `request`, starting at its `num_computed_tokens`."""
+
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the request's last known token, so a new token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...]
+    """Requests whose pages were taken back this step (they will be recomputed)."""
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Each step: running requests first (decodes and unfinished prefill chunks, oldest first),
+    then waiting requests in arrival order while the token budget, `max_num_seqs` and free pages
+    allow. When a running request cannot get pages, the most recently admitted request is
+    preempted: its pages are freed and it goes back to the front of the queue to be recomputed."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCapacity):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_uncomputed_tokens, budget)
+            target = request.num_computed_tokens + n
+            while not self.kv.can_grow(request.request_id, target):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                break
+            self.kv.grow(request.request_id, target)
+            chunks.append(ScheduledChunk(request, n))
+            budget -= n
+            i += 1
+
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            n = min(request.num_uncomputed_tokens, budget)
+            if n < request.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
+                break
+            if not self.kv.can_grow(request.request_id, n):
+                break
+            self.waiting.popleft()
+            self.kv.grow(request.request_id, n)
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            chunks.append(ScheduledChunk(request, n))
+            budget -= n
+
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark a running or waiting request finished and give its pages back."""
+        assert status.is_finished
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        request.finished_time = time.monotonic()
+        self.kv.release(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.release(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
