@@ -1,0 +1,42 @@
+"""Shared fixtures. Every engine a test builds through `make_llm` gets the page-pool integrity
+check after the test: no leaked or double-owned page, and nothing held once all is finished."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _spin_cache(tmp_path_factory):
+    """Build the built-in checkpoints once per test session in a private cache folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPIN_RAY_CACHE", str(tmp_path_factory.mktemp("spin-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def make_llm():
+    """`make_llm(**kwargs)` builds an `LLM` (CPU by default) and checks its cache afterwards."""
+    from spin_ray import LLM
+
+    built = []
+
+    def factory(**kwargs):
+        kwargs.setdefault("device", "cpu")
+        kwargs.setdefault("progress", False)
+        llm = LLM(**kwargs)
+        built.append(llm)
+        return llm
+
+    yield factory
+    for llm in built:
+        assert_cache_clean(llm.llm_engine)
+
+
+def assert_cache_clean(engine) -> None:
+    """The pool's bookkeeping is consistent and, with no request left, every page is free."""
+    engine.check_integrity()
+    if not engine.has_unfinished_requests():
+        pool = engine.page_tables.pool
+        assert pool.num_free == pool.num_pages, f"{pool.num_used} pages still held"
