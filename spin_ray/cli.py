@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate",)
+COMMANDS = ("generate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

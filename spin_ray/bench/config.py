@@ -1,0 +1,95 @@
+"""What one `spin-ray bench` run measures: engine settings, modes, workload and request rates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from spin_ray.bench.workloads import WorkloadSpec
+
+SPIN_MODES = ("dense", "dense-offload", "sparse-naive", "spin")
+"""spin-ray's own modes, one engine each (issue 3)."""
+MODES = SPIN_MODES + ("vllm",)
+"""Every mode the benchmark knows; `vllm` drives real vLLM where it is installed."""
+SPARSE_ALGORITHMS = ("quest", "shadowkv", "retroinfer", "seer")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark: every mode runs every request rate on the same requests."""
+
+    model: str = "spin-tiny"
+    """Checkpoint folder, hub id, `spin-tiny`, or a named random-weight shape."""
+    workload: WorkloadSpec = field(
+        default_factory=lambda: WorkloadSpec(input_len=64, output_len=16)
+    )
+    """Which requests to send."""
+    modes: tuple[str, ...] = ("dense",)
+    """Modes to run, in order, one engine at a time."""
+    request_rates: tuple[float, ...] = (math.inf,)
+    """Poisson arrival rates in requests/s; inf sends every request at once (offline)."""
+    device: str = "auto"
+    """auto, cpu or cuda[:N]."""
+    dtype: str = "auto"
+    """auto, float32, bfloat16 or float16."""
+    sparse: str = "quest"
+    """Sparse algorithm of the `sparse-naive` and `spin` modes."""
+    token_budget: int | float | None = None
+    """Selected tokens per step (int) or fraction of the context (float); None: the default."""
+    buffer_ratio: float | None = None
+    """HBM buffer pages per mandatory page in `spin` mode; None: the default."""
+    gpu_cache_tokens: int | None = None
+    """GPU-tier KV capacity in tokens for the offloading modes; None: from free memory."""
+    cpu_cache_tokens: int | None = None
+    """CPU-tier KV capacity in tokens for the offloading modes; None: from free memory."""
+    max_num_seqs: int = 64
+    """Most requests running at once (same for every mode)."""
+    max_num_batched_tokens: int | None = None
+    """Most tokens per step; None: the engine's default."""
+    max_model_len: int | None = None
+    """Longest sequence; None: the longest request of the workload."""
+    page_size: int = 16
+    """Tokens per KV page."""
+    seed: int = 0
+    """Seed of the workload and of the engines."""
+    warmup: bool = True
+    """Run one short request through each engine before timing (compilation, graph capture)."""
+    progress: bool = True
+    """Show a progress bar while each mode runs."""
+
+    def __post_init__(self) -> None:
+        if not self.modes:
+            raise ValueError("modes: name at least one mode")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"modes: unknown mode {mode!r}; use {', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes: a mode is named twice in {self.modes}")
+        if not self.request_rates:
+            raise ValueError("request_rate: name at least one rate")
+        for rate in self.request_rates:
+            if not rate > 0:
+                raise ValueError(f"request_rate: must be > 0 or inf, got {rate}")
+        if self.sparse not in SPARSE_ALGORITHMS:
+            raise ValueError(f"sparse: unknown algorithm {self.sparse!r}; use {SPARSE_ALGORITHMS}")
+        if self.token_budget is not None and not self.token_budget > 0:
+            raise ValueError(f"token_budget: must be > 0, got {self.token_budget}")
+        if self.buffer_ratio is not None and self.buffer_ratio < 0:
+            raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
+        for name in ("gpu_cache_tokens", "cpu_cache_tokens", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+
+    def cache_kwargs(self) -> dict:
+        """The SPIN cache's `LLM(...)` keyword arguments that were set (issue 3's names)."""
+        kwargs = dict(
+            sparse=self.sparse,
+            token_budget=self.token_budget,
+            buffer_ratio=self.buffer_ratio,
+            gpu_cache_tokens=self.gpu_cache_tokens,
+            cpu_cache_tokens=self.cpu_cache_tokens,
+        )
+        return {k: v for k, v in kwargs.items() if v is not None}

@@ -1,0 +1,149 @@
+"""The engines a benchmark drives, behind one small interface: spin-ray's `LLMEngine` in one of
+its modes, or real vLLM's engine (from its offline `LLM`). Both are stepped the same way, so
+both are measured the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+import numbers
+from typing import Protocol
+
+import torch
+
+from spin_ray.bench.config import BenchConfig
+from spin_ray.bench.workloads import BenchRequest
+
+
+class BenchEngine(Protocol):
+    mode: str
+    vocab_size: int
+    special_token_ids: list[int]
+
+    def add(self, request: BenchRequest, arrival_time: float) -> None:
+        """Queue `request` (greedy, EOS ignored, `request.output_len` tokens); `arrival_time`
+        is its planned arrival on the `time.monotonic()` clock."""
+
+    def step(self) -> list:
+        """One engine step; the `RequestOutput`s (cumulative `outputs[0].token_ids`,
+        `finished`) of requests that got a token or finished."""
+
+    def has_unfinished(self) -> bool: ...
+
+    def kv_stats(self) -> dict[str, float] | None:
+        """Numeric cache statistics (cumulative counters and times), or None if the engine
+        keeps none."""
+
+    def close(self) -> None:
+        """Drop the engine and give its GPU memory back."""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def build_engine(mode: str, config: BenchConfig, max_model_len: int) -> BenchEngine:
+    if mode == "vllm":
+        return VllmBenchEngine(config, max_model_len)
+    return SpinBenchEngine(mode, config, max_model_len)
+
+
+def _free_gpu_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+class SpinBenchEngine:
+    """spin-ray's `LLMEngine`, built through `LLM(...)` with the mode's keyword arguments."""
+
+    def __init__(self, mode: str, config: BenchConfig, max_model_len: int):
+        from spin_ray.llm import LLM
+
+        kwargs = dict(
+            model=config.model,
+            device=config.device,
+            dtype=config.dtype,
+            max_model_len=max_model_len,
+            page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            seed=config.seed,
+            progress=False,
+        )
+        if mode != "dense":
+            kwargs.update(mode=mode, **config.cache_kwargs())
+        self.mode = mode
+        self.llm = LLM(**kwargs)
+        self.engine = self.llm.llm_engine
+        self.vocab_size = min(self.engine.arch.vocab_size, len(self.engine.tokenizer))
+        self.special_token_ids = list(self.engine.tokenizer.all_special_ids)
+
+    def add(self, request: BenchRequest, arrival_time: float) -> None:
+        from spin_ray.sampling_params import SamplingParams
+
+        params = SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=True)
+        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        self.engine.add_request(request.request_id, prompt, params, arrival_time=arrival_time)
+
+    def step(self) -> list:
+        return self.engine.step()
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def kv_stats(self) -> dict[str, float] | None:
+        if not hasattr(self.engine, "kv_stats"):
+            return None
+        stats = dataclasses.asdict(self.engine.kv_stats())
+        return {k: v for k, v in stats.items() if isinstance(v, numbers.Real)}
+
+    def close(self) -> None:
+        del self.engine, self.llm
+        _free_gpu_memory()
+
+
+class VllmBenchEngine:
+    """Real vLLM's engine, from its offline `LLM` API, on the same requests."""
+
+    mode = "vllm"
+
+    def __init__(self, config: BenchConfig, max_model_len: int):
+        import vllm
+
+        self._vllm = vllm
+        self.llm = vllm.LLM(
+            model=config.model,
+            dtype=config.dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            seed=config.seed,
+            enable_prefix_caching=False,
+        )
+        self.engine = self.llm.llm_engine
+        tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = min(len(tokenizer), self.llm.llm_engine.model_config.get_vocab_size())
+        self.special_token_ids = list(tokenizer.all_special_ids)
+
+    def add(self, request: BenchRequest, arrival_time: float) -> None:
+        params = self._vllm.SamplingParams(
+            max_tokens=request.output_len, temperature=0.0, ignore_eos=True
+        )
+        prompt = {"prompt_token_ids": request.prompt_token_ids}
+        self.engine.add_request(request.request_id, prompt, params)
+
+    def step(self) -> list:
+        return self.engine.step()
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def kv_stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        del self.engine, self.llm
+        _free_gpu_memory()

@@ -1,0 +1,192 @@
+"""What a benchmark leaves behind: the JSON document, a Markdown table, and PNG plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from spin_ray.bench.config import BenchConfig
+from spin_ray.bench.summary import UNITS
+
+
+def environment(device: str) -> dict:
+    """Where the numbers come from: GPU, library versions, commit, date."""
+    cuda = device != "cpu" and torch.cuda.is_available()
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+    }
+    try:
+        import vllm
+
+        env["vllm"] = vllm.__version__
+    except ImportError:
+        env["vllm"] = None
+    return env
+
+
+def build_document(
+    config: BenchConfig,
+    results: list[dict],
+    comparisons: list[dict],
+    skipped: dict[str, str],
+    env: dict,
+) -> dict:
+    return {
+        "command": " ".join(sys.argv),
+        "config": _jsonable(dataclasses.asdict(config)),
+        "environment": env,
+        "units": UNITS,
+        "results": _jsonable(results),
+        "comparisons": _jsonable(comparisons),
+        "skipped_modes": skipped,
+    }
+
+
+def write_json(document: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+COLUMNS = (
+    ("mode", "mode", "{}"),
+    ("rate", "request_rate", "{}"),
+    ("req/s", "request_throughput", "{:.3f}"),
+    ("out tok/s", "output_throughput", "{:.1f}"),
+    ("TTFT p50 ms", "ttft_p50", "{:.1f}"),
+    ("TTFT p99 ms", "ttft_p99", "{:.1f}"),
+    ("TPOT p50 ms", "tpot_p50", "{:.2f}"),
+    ("TPOT p99 ms", "tpot_p99", "{:.2f}"),
+    ("batch mean", "mean_batch", "{:.1f}"),
+    ("batch max", "max_batch", "{}"),
+    ("HBM hit", "hbm_hit_rate", "{:.1%}"),
+    ("H2D GB", "h2d_bytes", "{:.2f}", 1e-9),
+    ("H2D GB/s", "h2d_gbps", "{:.2f}"),
+    ("D2H GB/s", "d2h_gbps", "{:.2f}"),
+    ("select", "select_share", "{:.0%}"),
+    ("fetch", "fetch_share", "{:.0%}"),
+    ("attn", "attention_share", "{:.0%}"),
+    ("rest", "rest_share", "{:.0%}"),
+)
+
+COMPARISON_COLUMNS = (
+    ("rate", "request_rate", "{}"),
+    ("spin/dense throughput", "throughput_vs_dense", "{:.2f}x"),
+    ("dense/spin TTFT p50", "ttft_p50_speedup_vs_dense", "{:.2f}x"),
+    ("spin/dense TPOT p50", "tpot_p50_vs_dense", "{:.2f}x"),
+    ("spin/dense mean batch", "mean_batch_vs_dense", "{:.2f}x"),
+    ("TPOT p50 below sparse-naive", "tpot_p50_reduction_vs_sparse_naive", "{:.0%}"),
+)
+
+
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    """A Markdown table of `rows` (columns: title, key, format[, scale]); missing figures print
+    as `-`."""
+    header = "| " + " | ".join(column[0] for column in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [header, rule]
+    for row in rows:
+        cells = []
+        for _, key, fmt, *scale in columns:
+            value = row.get(key)
+            if value is not None and scale:
+                value *= scale[0]
+            cells.append("-" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[str, str]) -> str:
+    parts = [markdown_table(results)]
+    if comparisons:
+        parts.append(markdown_table(comparisons, COMPARISON_COLUMNS))
+    parts += [f"{mode}: not run ({why})" for mode, why in skipped.items()]
+    return "\n\n".join(parts)
+
+
+def write_plots(results: list[dict], plot_dir: str | Path) -> list[Path]:
+    """Throughput and latency against request rate, one line per mode (inf plotted last, as
+    "offline"). Needs at least two rates; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({_rate_value(r["request_rate"]) for r in results})
+    if len(rates) < 2:
+        return []
+    positions = {rate: i for i, rate in enumerate(rates)}
+    labels = ["offline" if math.isinf(rate) else f"{rate:g}" for rate in rates]
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    plot_dir = Path(plot_dir)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    panels = {
+        "throughput.png": [("output_throughput", "output tokens/s")],
+        "latency.png": [("ttft_p50", "TTFT p50 (ms)"), ("tpot_p50", "TPOT p50 (ms)")],
+    }
+    written = []
+    for filename, figures in panels.items():
+        fig, axes = plt.subplots(1, len(figures), figsize=(6 * len(figures), 4), squeeze=False)
+        for ax, (key, ylabel) in zip(axes[0], figures, strict=True):
+            for mode in modes:
+                points = sorted(
+                    (positions[_rate_value(r["request_rate"])], r[key])
+                    for r in results
+                    if r["mode"] == mode and r[key] is not None
+                )
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=mode)
+            ax.set_xticks(range(len(rates)), labels)
+            ax.set_xlabel("request rate (req/s)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot_dir / filename, dpi=120)
+        plt.close(fig)
+        written.append(plot_dir / filename)
+    return written
+
+
+def _rate_value(rate: float | str) -> float:
+    return math.inf if rate == "inf" else float(rate)
+
+
+def _jsonable(value):
+    """Infinite floats become "inf" (JSON has no infinity); containers recurse."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,204 @@
+"""Drive engines through a workload: requests join at their arrival times while the engine
+steps, and every request's first-token and finish times are taken when `step()` returns them
+(the client's view, as `vllm bench serve` takes it; identical for every engine)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from spin_ray.bench.config import BenchConfig
+from spin_ray.bench.engines import BenchEngine, build_engine, vllm_installed
+from spin_ray.bench.workloads import (
+    BenchRequest,
+    build_requests,
+    poisson_arrivals,
+    sample_lengths,
+)
+
+COUNTER_STATS = (
+    "lookups",
+    "hits",
+    "h2d_bytes",
+    "d2h_bytes",
+    "evictions",
+    "select_time",
+    "fetch_time",
+    "attention_time",
+)
+"""Cumulative `kv_stats()` fields whose change over a run the summary uses."""
+
+WARMUP_PROMPT_TOKENS = 4096
+WARMUP_OUTPUT_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """One request's life, seconds since the run started."""
+
+    request_id: str
+    input_len: int
+    output_len: int
+    """Tokens generated."""
+    arrival: float
+    """Planned arrival (TTFT counts from here, queueing included)."""
+    first_token: float | None
+    finished: float | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one mode did at one request rate."""
+
+    mode: str
+    request_rate: float
+    duration: float
+    """First arrival to last finish, seconds."""
+    step_time: float
+    """Seconds spent inside `step()` (the rest is waiting for arrivals)."""
+    batch_sizes: tuple[int, ...]
+    """Requests that got a token, for each step that produced tokens."""
+    timings: tuple[RequestTiming, ...]
+    kv_stats: dict[str, float] | None
+    """Change of the `COUNTER_STATS` over the run; None where the engine keeps none."""
+    kv_stats_end: dict[str, float] | None
+    """Every numeric `kv_stats()` field at the end of the run."""
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    records: list[RunRecord]
+    skipped: dict[str, str]
+    """Mode → why it did not run."""
+
+
+def drive(
+    engine: BenchEngine,
+    requests: list[BenchRequest],
+    arrivals: list[float],
+    request_rate: float,
+    progress: bool = True,
+) -> RunRecord:
+    """Send `requests` at `arrivals` (seconds from now) and step `engine` until all finish."""
+    order = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    first_token: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    generated: dict[str, int] = {}
+    batch_sizes: list[int] = []
+    step_time = 0.0
+    stats_before = engine.kv_stats()
+    bar = tqdm(
+        total=sum(r.output_len for r in requests),
+        desc=f"{engine.mode} @ {_rate_label(request_rate)} req/s",
+        unit="tok",
+        disable=not progress,
+        leave=False,
+    )
+    start = time.monotonic()
+    next_index = 0
+    try:
+        while next_index < len(order) or engine.has_unfinished():
+            now = time.monotonic() - start
+            while next_index < len(order) and arrivals[order[next_index]] <= now:
+                i = order[next_index]
+                engine.add(requests[i], arrival_time=start + arrivals[i])
+                next_index += 1
+            if not engine.has_unfinished():
+                time.sleep(max(0.0, arrivals[order[next_index]] - (time.monotonic() - start)))
+                continue
+            step_start = time.monotonic()
+            outputs = engine.step()
+            step_end = time.monotonic()
+            step_time += step_end - step_start
+            if outputs:
+                batch_sizes.append(len(outputs))
+            for output in outputs:
+                rid = output.request_id
+                count = len(output.outputs[0].token_ids)
+                bar.update(count - generated.get(rid, 0))
+                generated[rid] = count
+                if count and rid not in first_token:
+                    first_token[rid] = step_end - start
+                if output.finished:
+                    finished[rid] = step_end - start
+    finally:
+        bar.close()
+    stats_after = engine.kv_stats()
+    timings = tuple(
+        RequestTiming(
+            request_id=r.request_id,
+            input_len=len(r.prompt_token_ids),
+            output_len=generated.get(r.request_id, 0),
+            arrival=float(arrivals[i]),
+            first_token=first_token.get(r.request_id),
+            finished=finished.get(r.request_id),
+        )
+        for i, r in enumerate(requests)
+    )
+    ends = [t.finished for t in timings if t.finished is not None]
+    return RunRecord(
+        mode=engine.mode,
+        request_rate=request_rate,
+        duration=max(ends) if ends else time.monotonic() - start,
+        step_time=step_time,
+        batch_sizes=tuple(batch_sizes),
+        timings=timings,
+        kv_stats=_counter_change(stats_before, stats_after),
+        kv_stats_end=stats_after,
+    )
+
+
+def warm_up(engine: BenchEngine, request: BenchRequest) -> None:
+    """Run a short copy of `request` so compilation and graph capture stay out of the timing."""
+    prompt = request.prompt_token_ids[:WARMUP_PROMPT_TOKENS]
+    warmup = BenchRequest(f"warmup-{request.request_id}", prompt, WARMUP_OUTPUT_TOKENS)
+    engine.add(warmup, arrival_time=time.monotonic())
+    while engine.has_unfinished():
+        engine.step()
+
+
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> BenchRun:
+    """Every mode, one engine at a time (its memory freed before the next), at every rate."""
+    input_lens, output_lens = sample_lengths(config.workload)
+    longest = int((input_lens + output_lens).max())
+    max_model_len = config.max_model_len or -(-longest // config.page_size) * config.page_size
+    requests: list[BenchRequest] | None = None
+    records: list[RunRecord] = []
+    skipped: dict[str, str] = {}
+    for mode in config.modes:
+        if mode == "vllm" and not vllm_installed():
+            skipped[mode] = "vllm is not installed"
+            log("vllm is not installed: skipping mode vllm")
+            continue
+        log(f"[{mode}] building the engine")
+        engine = build_engine(mode, config, max_model_len)
+        try:
+            if requests is None:
+                requests = build_requests(
+                    config.workload, engine.vocab_size, engine.special_token_ids
+                )
+            if config.warmup:
+                warm_up(engine, requests[0])
+            for rate in config.request_rates:
+                arrivals = poisson_arrivals(len(requests), rate, config.workload.seed).tolist()
+                records.append(drive(engine, requests, arrivals, rate, config.progress))
+                log(f"[{mode}] request rate {_rate_label(rate)}: {records[-1].duration:.2f} s")
+        finally:
+            engine.close()
+    return BenchRun(records=records, skipped=skipped)
+
+
+def _counter_change(
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    return {k: after[k] - before[k] for k in COUNTER_STATS if k in after and k in before}
+
+
+def _rate_label(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"

@@ -1,0 +1,119 @@
+"""Figures of one run (throughput, latency percentiles, batch, cache traffic, time shares) and
+the ratios between modes that the project's goals are stated in."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from spin_ray.bench.runner import RunRecord
+
+UNITS = {
+    "request_throughput": "requests/s",
+    "output_throughput": "output tokens/s",
+    "total_token_throughput": "input + output tokens/s",
+    "ttft_*": "ms, planned arrival to first token",
+    "tpot_*": "ms, (finish - first token) / (output tokens - 1), per request",
+    "*_bytes": "bytes",
+    "*_gbps": "GB/s (1e9 bytes) over the run's duration",
+    "*_share": "fraction of the time spent inside step()",
+    "duration": "s",
+}
+
+TIME_SHARES = (("select", "select_time"), ("fetch", "fetch_time"), ("attention", "attention_time"))
+
+
+def summarize(record: RunRecord) -> dict:
+    """Per-mode figures of `record`; a figure the engine cannot supply is None, never a guess."""
+    done = [t for t in record.timings if t.finished is not None]
+    ttfts = [(t.first_token - t.arrival) * 1e3 for t in done]
+    tpots = [
+        (t.finished - t.first_token) / (t.output_len - 1) * 1e3 for t in done if t.output_len > 1
+    ]
+    duration = record.duration
+    output_tokens = sum(t.output_len for t in record.timings)
+    input_tokens = sum(t.input_len for t in done)
+    stats = record.kv_stats or {}
+    lookups, hits = stats.get("lookups"), stats.get("hits")
+    figures = {
+        "mode": record.mode,
+        "request_rate": "inf" if math.isinf(record.request_rate) else record.request_rate,
+        "num_requests": len(record.timings),
+        "completed": len(done),
+        "duration": duration,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "request_throughput": len(done) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (input_tokens + output_tokens) / duration,
+        **_percentiles("ttft", ttfts),
+        **_percentiles("tpot", tpots),
+        "mean_batch": float(np.mean(record.batch_sizes)) if record.batch_sizes else None,
+        "max_batch": max(record.batch_sizes, default=None),
+        "num_steps_with_tokens": len(record.batch_sizes),
+        "hbm_hit_rate": hits / lookups if lookups else None,
+        "lookups": lookups,
+        "hits": hits,
+        "evictions": stats.get("evictions"),
+    }
+    for direction in ("h2d", "d2h"):
+        moved = stats.get(f"{direction}_bytes")
+        figures[f"{direction}_bytes"] = moved
+        figures[f"{direction}_gbps"] = moved / duration / 1e9 if moved is not None else None
+    figures.update(_time_shares(stats, record.step_time))
+    figures["kv_stats_end"] = record.kv_stats_end
+    return figures
+
+
+def compare_modes(results: list[dict]) -> list[dict]:
+    """At each request rate, `spin` against `dense` and `sparse-naive`: the goal ratios."""
+    by_key = {(r["mode"], str(r["request_rate"])): r for r in results}
+    comparisons = []
+    for (mode, rate), spin in by_key.items():
+        if mode != "spin":
+            continue
+        row = {"request_rate": spin["request_rate"]}
+        dense = by_key.get(("dense", rate))
+        if dense is not None:
+            row["throughput_vs_dense"] = _ratio(
+                spin["output_throughput"], dense["output_throughput"]
+            )
+            row["ttft_p50_speedup_vs_dense"] = _ratio(dense["ttft_p50"], spin["ttft_p50"])
+            row["tpot_p50_vs_dense"] = _ratio(spin["tpot_p50"], dense["tpot_p50"])
+            row["mean_batch_vs_dense"] = _ratio(spin["mean_batch"], dense["mean_batch"])
+        naive = by_key.get(("sparse-naive", rate))
+        if naive is not None:
+            ratio = _ratio(spin["tpot_p50"], naive["tpot_p50"])
+            row["tpot_p50_reduction_vs_sparse_naive"] = None if ratio is None else 1.0 - ratio
+        comparisons.append(row)
+    return comparisons
+
+
+def _percentiles(name: str, values_ms: list[float]) -> dict:
+    if not values_ms:
+        return {f"{name}_mean": None, f"{name}_p50": None, f"{name}_p99": None}
+    values = np.asarray(values_ms)
+    return {
+        f"{name}_mean": float(values.mean()),
+        f"{name}_p50": float(np.percentile(values, 50)),
+        f"{name}_p99": float(np.percentile(values, 99)),
+    }
+
+
+def _time_shares(stats: dict, step_time: float) -> dict:
+    """Shares of the time inside `step()`; `rest_share` is what the known parts leave (None
+    when the engine reports none of them)."""
+    shares = {}
+    for name, field in TIME_SHARES:
+        seconds = stats.get(field)
+        shares[f"{name}_share"] = seconds / step_time if seconds is not None and step_time else None
+    known = [s for s in shares.values() if s is not None]
+    shares["rest_share"] = 1.0 - sum(known) if known else None
+    return shares
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b

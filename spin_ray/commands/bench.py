@@ -1,0 +1,143 @@
+"""`spin-ray bench`: run several modes on the same workload and compare them.
+
+    spin-ray bench --model llama-3.1-8b --device cuda \\
+        --modes dense,dense-offload,sparse-naive,spin --sparse quest \\
+        --workload longbench-v2 --scale 0.25 --num-prompts 32 \\
+        --request-rate 1,2,inf --output results.json --plot-dir plots/
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from spin_ray.commands.engine_args import add_engine_args
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark modes (dense, dense-offload, sparse-naive, spin, vllm) on one workload",
+        description="Run every mode on the same seeded workload, one engine at a time, and "
+        "report throughput, TTFT/TPOT percentiles, batch sizes, HBM hit rate, PCIe traffic and "
+        "time shares as a Markdown table, a JSON file and plots.",
+    )
+    add_engine_args(parser)
+    parser.add_argument(
+        "--modes",
+        default="dense",
+        help="comma-separated: dense, dense-offload, sparse-naive, spin, vllm (default dense)",
+    )
+    parser.add_argument("--sparse", default="quest", help="quest, shadowkv, retroinfer or seer")
+    parser.add_argument("--workload", default=None, help="longbench-v2 or longgenbench")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink a workload's lengths")
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument(
+        "--input-len", type=int, default=None, help="fixed prompt length (default 1024)"
+    )
+    parser.add_argument(
+        "--output-len",
+        type=int,
+        default=None,
+        help="fixed output length (default 128); with --workload, replaces sampled outputs",
+    )
+    parser.add_argument(
+        "--request-rate",
+        default="inf",
+        help="requests/s of Poisson arrivals, comma-separated for a sweep; inf = all at once",
+    )
+    parser.add_argument(
+        "--token-budget", default=None, help="tokens per step (int) or fraction of the context"
+    )
+    parser.add_argument("--buffer-ratio", type=float, default=None)
+    parser.add_argument("--gpu-cache-tokens", type=int, default=None)
+    parser.add_argument("--cpu-cache-tokens", type=int, default=None)
+    parser.add_argument("--output", default=None, help="write the JSON results here")
+    parser.add_argument("--plot-dir", default=None, help="write PNG plots here (needs 2+ rates)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def bench_config(args: argparse.Namespace):
+    """The `BenchConfig` named by the command line; `ValueError` names a bad field."""
+    from spin_ray.bench.config import BenchConfig
+    from spin_ray.bench.workloads import WorkloadSpec
+
+    name = args.workload or "fixed"
+    workload = WorkloadSpec(
+        name=name,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len if args.workload else (args.input_len or 1024),
+        output_len=args.output_len if args.workload else (args.output_len or 128),
+        scale=args.scale,
+        seed=args.seed,
+    )
+    return BenchConfig(
+        model=args.model,
+        workload=workload,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        request_rates=_parse_rates(args.request_rate),
+        device=args.device,
+        dtype=args.dtype,
+        sparse=args.sparse,
+        token_budget=_parse_budget(args.token_budget),
+        buffer_ratio=args.buffer_ratio,
+        gpu_cache_tokens=args.gpu_cache_tokens,
+        cpu_cache_tokens=args.cpu_cache_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        page_size=args.page_size,
+        seed=args.seed,
+        warmup=not args.no_warmup,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from spin_ray.bench.report import (
+        build_document,
+        environment,
+        markdown_report,
+        write_json,
+        write_plots,
+    )
+    from spin_ray.bench.runner import run_benchmark
+    from spin_ray.bench.summary import compare_modes, summarize
+    from spin_ray.config import resolve_device
+
+    config = bench_config(args)
+    env = environment(resolve_device(config.device))
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    run = run_benchmark(config, log=log)
+    results = [summarize(record) for record in run.records]
+    comparisons = compare_modes(results)
+    print(markdown_report(results, comparisons, run.skipped))
+    if args.output:
+        write_json(build_document(config, results, comparisons, run.skipped, env), args.output)
+        log(f"results written to {args.output}")
+    if args.plot_dir:
+        written = write_plots(results, args.plot_dir)
+        log(f"plots: {', '.join(map(str, written))}" if written else "plots need 2+ rates")
+    return 0
+
+
+def _parse_rates(text: str) -> tuple[float, ...]:
+    rates = []
+    for part in text.split(","):
+        try:
+            rates.append(math.inf if part.strip() == "inf" else float(part))
+        except ValueError:
+            raise ValueError(f"request_rate: {part!r} is not a number or inf") from None
+    return tuple(rates)
+
+
+def _parse_budget(text: str | None) -> int | float | None:
+    if text is None:
+        return None
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ValueError(f"token_budget: {text!r} is not a token count or fraction") from None

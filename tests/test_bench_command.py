@@ -1,0 +1,123 @@
+"""`spin-ray bench` end to end on spin-tiny on the CPU: JSON with every field, table, plots."""
+
+import json
+import math
+
+import pytest
+
+from spin_ray.cli import main
+
+RESULT_FIELDS = {
+    "mode",
+    "request_rate",
+    "num_requests",
+    "completed",
+    "duration",
+    "input_tokens",
+    "output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "ttft_mean",
+    "ttft_p50",
+    "ttft_p99",
+    "tpot_mean",
+    "tpot_p50",
+    "tpot_p99",
+    "mean_batch",
+    "max_batch",
+    "num_steps_with_tokens",
+    "hbm_hit_rate",
+    "lookups",
+    "hits",
+    "evictions",
+    "h2d_bytes",
+    "h2d_gbps",
+    "d2h_bytes",
+    "d2h_gbps",
+    "select_share",
+    "fetch_share",
+    "attention_share",
+    "rest_share",
+    "kv_stats_end",
+}
+MODES = ["dense"]
+NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 40, 6
+
+
+def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    plots = tmp_path / "plots"
+    argv = [
+        "bench",
+        "--model", "spin-tiny",
+        "--device", "cpu",
+        "--modes", ",".join(MODES + ["vllm"]),
+        "--num-prompts", str(NUM_PROMPTS),
+        "--input-len", str(INPUT_LEN),
+        "--output-len", str(OUTPUT_LEN),
+        "--request-rate", "50,inf",
+        "--output", str(out),
+        "--plot-dir", str(plots),
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    document = json.loads(out.read_text())
+
+    assert document["environment"]["torch"] and document["environment"]["date"]
+    assert document["config"]["workload"]["input_len"] == INPUT_LEN
+    assert document["config"]["request_rates"] == [50.0, "inf"]
+    results = document["results"]
+    assert [(r["mode"], r["request_rate"]) for r in results] == [
+        (mode, rate) for mode in MODES for rate in (50.0, "inf")
+    ]
+    for r in results:
+        assert set(r) == RESULT_FIELDS
+        assert r["completed"] == NUM_PROMPTS
+        assert r["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
+        assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN
+        assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])
+        assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
+        assert 1 <= r["mean_batch"] <= r["max_batch"] <= NUM_PROMPTS
+    offline = next(r for r in results if r["request_rate"] == "inf")
+    assert offline["max_batch"] == NUM_PROMPTS  # all arrive at once, all decode together
+
+    if not document["environment"]["vllm"]:
+        assert document["skipped_modes"] == {"vllm": "vllm is not installed"}
+        assert "vllm is not installed" in captured.err
+    assert captured.out.count("| dense |") == 2
+    assert (plots / "throughput.png").stat().st_size > 0
+    assert (plots / "latency.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        (["--modes", "dense,turbo"], "modes"),
+        (["--request-rate", "fast"], "request_rate"),
+        (["--request-rate", "0"], "request_rate"),
+        (["--workload", "longbench-v2", "--input-len", "5"], "input_len"),
+        (["--sparse", "nope"], "sparse"),
+        (["--token-budget", "many"], "token_budget"),
+    ],
+)
+def test_bad_arguments_name_the_field(extra, field, capsys):
+    assert main(["bench", "--device", "cpu", *extra]) == 2
+    assert f"error: {field}" in capsys.readouterr().err
+
+
+def test_rates_and_budget_parse():
+    from spin_ray.cli import build_parser
+    from spin_ray.commands.bench import bench_config
+
+    args = build_parser().parse_args(
+        ["bench", "--request-rate", "1,2.5,inf", "--token-budget", "0.02", "--workload",
+         "longgenbench", "--scale", "0.01"]
+    )  # fmt: skip
+    config = bench_config(args)
+    assert config.request_rates == (1.0, 2.5, math.inf)
+    assert config.token_budget == 0.02
+    assert config.workload.name == "longgenbench" and config.workload.input_len is None
+    args = build_parser().parse_args(["bench", "--token-budget", "2048"])
+    assert bench_config(args).token_budget == 2048

@@ -1,0 +1,121 @@
+"""Benchmark figures against their formulas written out by hand, and the runner's arrival loop."""
+
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from spin_ray.bench.report import markdown_table
+from spin_ray.bench.runner import RequestTiming, RunRecord, drive
+from spin_ray.bench.summary import compare_modes, summarize
+from spin_ray.bench.workloads import BenchRequest
+
+
+def _record(mode="spin", kv_stats=None, step_time=4.0):
+    timings = (
+        # id, input, output, arrival, first token, finished
+        RequestTiming("a", 100, 11, 0.0, 0.5, 2.5),  # TTFT 500 ms, TPOT 200 ms
+        RequestTiming("b", 300, 1, 1.0, 1.25, 1.25),  # TTFT 250 ms, no TPOT (one token)
+        RequestTiming("c", 200, 5, 2.0, 3.0, 5.0),  # TTFT 1000 ms, TPOT 500 ms
+    )
+    return RunRecord(
+        mode=mode,
+        request_rate=math.inf,
+        duration=5.0,
+        step_time=step_time,
+        batch_sizes=(1, 2, 3, 2),
+        timings=timings,
+        kv_stats=kv_stats,
+        kv_stats_end=None,
+    )
+
+
+def test_figures_follow_their_formulas():
+    stats = dict(lookups=200, hits=150, h2d_bytes=2e9, d2h_bytes=1e9, select_time=0.4,
+                 fetch_time=1.0, evictions=7)  # fmt: skip
+    r = summarize(_record(kv_stats=stats))
+    assert r["completed"] == 3 and r["request_throughput"] == pytest.approx(3 / 5)
+    assert r["output_throughput"] == pytest.approx(17 / 5)
+    assert r["total_token_throughput"] == pytest.approx((600 + 17) / 5)
+    assert r["ttft_p50"] == pytest.approx(500.0) and r["ttft_mean"] == pytest.approx(1750 / 3)
+    assert r["ttft_p99"] == pytest.approx(500 + 0.98 * 500)  # linear between 500 and 1000
+    assert r["tpot_p50"] == pytest.approx(350.0) and r["tpot_p99"] == pytest.approx(497.0)
+    assert r["mean_batch"] == 2.0 and r["max_batch"] == 3
+    assert r["hbm_hit_rate"] == 0.75 and r["evictions"] == 7
+    assert r["h2d_gbps"] == pytest.approx(0.4) and r["d2h_gbps"] == pytest.approx(0.2)
+    assert r["select_share"] == pytest.approx(0.1) and r["fetch_share"] == pytest.approx(0.25)
+    assert r["attention_share"] is None and r["rest_share"] == pytest.approx(0.65)
+
+
+def test_missing_statistics_stay_missing():
+    r = summarize(_record(mode="dense"))
+    for key in ("hbm_hit_rate", "h2d_bytes", "h2d_gbps", "select_share", "rest_share"):
+        assert r[key] is None
+    assert "| dense | inf |" in markdown_table([r])
+    assert markdown_table([r]).splitlines()[-1].endswith("| - | - | - | - |")
+
+
+def test_goal_ratios_between_modes():
+    dense = dict(mode="dense", request_rate="inf", output_throughput=100.0, ttft_p50=7000.0,
+                 tpot_p50=20.0, mean_batch=10.0)  # fmt: skip
+    naive = dict(dense, mode="sparse-naive", tpot_p50=40.0)
+    spin = dict(mode="spin", request_rate="inf", output_throughput=300.0, ttft_p50=1000.0,
+                tpot_p50=22.0, mean_batch=25.0)  # fmt: skip
+    (row,) = compare_modes([dense, naive, spin])
+    assert row["throughput_vs_dense"] == 3.0 and row["ttft_p50_speedup_vs_dense"] == 7.0
+    assert row["tpot_p50_vs_dense"] == pytest.approx(1.1) and row["mean_batch_vs_dense"] == 2.5
+    assert row["tpot_p50_reduction_vs_sparse_naive"] == pytest.approx(0.45)
+
+
+class _RecordingEngine:
+    """Answers each request with one token per step; remembers when requests were added."""
+
+    mode = "fake"
+
+    def __init__(self):
+        self.added_at: dict[str, float] = {}
+        self.left: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def add(self, request, arrival_time):
+        self.added_at[request.request_id] = time.monotonic()
+        self.left[request.request_id] = request.output_len
+        self.done[request.request_id] = 0
+
+    def step(self):
+        outputs = []
+        for rid in list(self.left):
+            self.left[rid] -= 1
+            self.done[rid] += 1
+            finished = self.left[rid] == 0
+            outputs.append(
+                SimpleNamespace(
+                    request_id=rid,
+                    outputs=[SimpleNamespace(token_ids=[0] * self.done[rid])],
+                    finished=finished,
+                )
+            )
+            if finished:
+                del self.left[rid]
+        return outputs
+
+    def has_unfinished(self):
+        return bool(self.left)
+
+    def kv_stats(self):
+        return None
+
+
+def test_requests_join_no_earlier_than_their_arrival():
+    engine = _RecordingEngine()
+    requests = [BenchRequest(f"r{i}", [1, 2], output_len=3) for i in range(3)]
+    arrivals = [0.0, 0.05, 0.02]
+    record = drive(engine, requests, arrivals, request_rate=20.0, progress=False)
+    start = engine.added_at["r0"]  # no earlier than the run's own start
+    for request, arrival in zip(requests, arrivals, strict=True):
+        assert engine.added_at[request.request_id] - start >= arrival
+    assert [t.output_len for t in record.timings] == [3, 3, 3]
+    for t in record.timings:
+        assert t.arrival <= t.first_token <= t.finished <= record.duration
+    assert sum(record.batch_sizes) == 9
