@@ -139,7 +139,7 @@ def apply_top_k_top_p(
         # tokens alone already reach top_p.
         mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
         drop = mass_up_to <= (1.0 - top_p)[:, None]  # [B, V]
-        drop[:, -1] = False
+        drop[:, -1] = False  # the top token stays even if the cumsum rounds below 1 - top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
