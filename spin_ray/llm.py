@@ -148,4 +148,3 @@ class LLM:
         finally:
             bar.close()
         return [finished[request_id] for request_id in ids]
-

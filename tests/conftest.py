@@ -3,7 +3,14 @@ check after the test: no leaked or double-owned page, and nothing held once all 
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton reads TRITON_INTERPRET whenever it decorates a kernel, its own library's helpers included
+# when triton is first imported (transformers and torch modules import it), so it is set here,
+# before any test module loads: every Triton kernel in the suite runs on the CPU interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,5 +29,9 @@ class KVCache:
     def __init__(self, shape: KVCacheShape, dtype: torch.dtype, device: str | torch.device):
         self.shape = shape
         page_shape = (shape.num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
-        self.k = [torch.zeros(page_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
-        self.v = [torch.zeros(page_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        self.k = [
+            torch.zeros(page_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
+        ]
+        self.v = [
+            torch.zeros(page_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)
+        ]

@@ -17,7 +17,9 @@ class PagePool:
         if num_pages < 1:
             raise ValueError(f"num_pages: must be >= 1, got {num_pages}")
         self.num_pages = num_pages
-        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # stack: pop() gives low ids first
+        self._free: list[int] = list(
+            range(num_pages - 1, -1, -1)
+        )  # stack: pop() gives low ids first
         self._owner: dict[int, Hashable] = {}
 
     @property
@@ -44,7 +46,9 @@ class PagePool:
         """Return `owner`'s pages to the pool."""
         for p in pages:
             if self._owner.get(p) != owner:
-                raise CacheIntegrityError(f"page {p} freed by {owner!r} but owned by {self._owner.get(p)!r}")
+                raise CacheIntegrityError(
+                    f"page {p} freed by {owner!r} but owned by {self._owner.get(p)!r}"
+                )
             del self._owner[p]
             self._free.append(p)
 
@@ -63,7 +67,9 @@ class PagePool:
                 seen[p] = owner
         leaked = set(self._owner) - set(seen)
         if leaked:
-            raise CacheIntegrityError(f"pages owned but in no table (leaked): {sorted(leaked)[:10]}")
+            raise CacheIntegrityError(
+                f"pages owned but in no table (leaked): {sorted(leaked)[:10]}"
+            )
         free = set(self._free)
         if len(free) != len(self._free):
             raise CacheIntegrityError("a page is on the free list twice")

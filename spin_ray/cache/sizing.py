@@ -8,8 +8,12 @@ from spin_ray.config import CacheConfig
 
 
 def activation_reserve_bytes(
-    num_batched_tokens: int, hidden_size: int, intermediate_size: int, vocab_size: int,
-    max_num_seqs: int, dtype: torch.dtype,
+    num_batched_tokens: int,
+    hidden_size: int,
+    intermediate_size: int,
+    vocab_size: int,
+    max_num_seqs: int,
+    dtype: torch.dtype,
 ) -> int:
     """Generous estimate of the peak activation memory of one step: a few hidden-sized and
     MLP-sized buffers per batched token, plus fp32 logits for every sampled row."""

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="spin-tiny", help="checkpoint folder, hub id, or spin-tiny")
+    parser.add_argument(
+        "--model", default="spin-tiny", help="checkpoint folder, hub id, or spin-tiny"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--max-model-len", type=int, default=None)

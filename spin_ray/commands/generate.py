@@ -29,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from spin_ray import LLM, SamplingParams
 
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     llm = LLM(**engine_kwargs(args))
     if args.chat:
@@ -41,14 +44,18 @@ def run(args: argparse.Namespace) -> int:
     for prompt, output in zip(args.prompt, outputs):
         completion = output.outputs[0]
         if args.json:
-            print(json.dumps({
-                "prompt": prompt,
-                "text": completion.text,
-                "token_ids": completion.token_ids,
-                "finish_reason": completion.finish_reason,
-                "ttft_s": output.metrics.ttft,
-                "tpot_s": output.metrics.tpot,
-            }))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": completion.text,
+                        "token_ids": completion.token_ids,
+                        "finish_reason": completion.finish_reason,
+                        "ttft_s": output.metrics.ttft,
+                        "tpot_s": output.metrics.tpot,
+                    }
+                )
+            )
         else:
             print(f"{prompt!r} -> {completion.text!r} [{completion.finish_reason}]")
     return 0

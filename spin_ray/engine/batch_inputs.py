@@ -41,7 +41,9 @@ def build_batch_inputs(
         table = page_tables[request.request_id]
         input_ids.extend(request.token_ids(start, start + n))
         positions.extend(range(start, start + n))
-        slots.extend(table[p // page_size] * page_size + p % page_size for p in range(start, start + n))
+        slots.extend(
+            table[p // page_size] * page_size + p % page_size for p in range(start, start + n)
+        )
         query_start.append(query_start[-1] + n)
         query_lens.append(n)
         context_lens.append(start + n)

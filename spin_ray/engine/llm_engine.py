@@ -21,11 +21,15 @@ from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler
-from spin_ray.models.loader import load_model, resolve_model_path
+from spin_ray.models.arch import ModelArch
+from spin_ray.models.loader import load_arch, load_model, load_random_model, resolve_model_path
+from spin_ray.models.named_shapes import is_named_shape, named_shape_arch
 from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from spin_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
 Prompt = str | list[int] | Mapping[str, object]
 
@@ -34,43 +38,51 @@ class LLMEngine:
     """Owns the model, the paged KV cache, the scheduler and the sampler."""
 
     def __init__(self, config: EngineConfig, progress: bool = True):
-        path = resolve_model_path(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(config.tokenizer or path))
         self.device = torch.device(config.device)
-
-        self.backend = _DeferredBackend()
-        self.model = load_model(
-            path, self.backend, config.dtype, config.device,
-            progress=progress,
-        )
-        self.arch = arch = self.model.arch
-
+        self.arch = arch = _load_arch(config.model)
+        weight_bytes = arch.num_parameters() * _itemsize(config.dtype)
         sched = config.scheduler
-        reserve = activation_reserve_bytes(
-            sched.max_num_batched_tokens or 8192, arch.hidden_size, arch.intermediate_size,
-            arch.vocab_size, sched.max_num_seqs, config.dtype,
+        reserve = weight_bytes + activation_reserve_bytes(
+            sched.max_num_batched_tokens or 8192,
+            arch.hidden_size,
+            arch.intermediate_size,
+            arch.vocab_size,
+            sched.max_num_seqs,
+            config.dtype,
         )
-        shape = KVCacheShape(
-            arch.num_layers, 1, config.cache.page_size, arch.num_kv_heads, arch.head_dim
-        )
-        bytes_per_token = shape.bytes_per_token(config.dtype)
+        page_size = config.cache.page_size
+        bytes_per_token = KVCacheShape(
+            arch.num_layers, 0, page_size, arch.num_kv_heads, arch.head_dim
+        ).bytes_per_token(config.dtype)
         num_pages = num_kv_pages(config.cache, config.device, bytes_per_token, reserve)
-        shape = dataclasses.replace(shape, num_pages=num_pages)
-        sched = sched.resolved(arch.max_position_embeddings, num_pages * shape.page_size)
-        config = dataclasses.replace(config, scheduler=sched)
-        self.config = config
+        capacity = num_pages * page_size
+        if sched.max_model_len is None:
+            model_limit = min(arch.max_position_embeddings, arch.sliding_window or capacity)
+            sched = dataclasses.replace(sched, max_model_len=min(model_limit, capacity))
+        sched = sched.resolved(arch.max_position_embeddings, capacity)
+        self.config = config = dataclasses.replace(config, scheduler=sched)
+
+        shape = KVCacheShape(
+            arch.num_layers, num_pages, page_size, arch.num_kv_heads, arch.head_dim
+        )
         self.kv_cache = KVCache(shape, config.dtype, config.device)
-        self.page_tables = PageTables(PagePool(num_pages), shape.page_size)
-        self.backend.bind(DenseAttentionBackend(self.kv_cache))
+        self.page_tables = PageTables(PagePool(num_pages), page_size)
+        self.backend = DenseAttentionBackend(self.kv_cache)
+        self.model, self.tokenizer = _load_model_and_tokenizer(config, self.backend, progress)
         self.scheduler = Scheduler(sched, self.page_tables)
-        self.sampler = Sampler()
+        self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampler = Sampler(self.default_generator)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         self.generators: dict[str, torch.Generator] = {}
-        self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.eos_token_ids = frozenset(arch.eos_token_ids)
+        self.logprobs: dict[str, list[TokenLogprob]] = {}
+        self.eos_token_ids = frozenset(arch.eos_token_ids) or (
+            frozenset({self.tokenizer.eos_token_id}) - {None}
+        )
         logger.info(
-            "KV cache: %d pages × %d tokens; max_model_len %d", num_pages, shape.page_size,
+            "KV cache: %d pages × %d tokens; max_model_len %d",
+            num_pages,
+            page_size,
             sched.max_model_len,
         )
 
@@ -87,7 +99,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+            raise ValueError(
+                f"sampling_params: expected SamplingParams, got {type(params).__name__}"
+            )
         text, token_ids = self._tokenize(prompt)
         max_len = self.config.scheduler.max_model_len
         if len(token_ids) >= max_len:
@@ -97,9 +111,14 @@ class LLMEngine:
             )
         request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival_time)
         self.requests[request_id] = request
-        self.detokenizers[request_id] = Detokenizer(self.tokenizer, token_ids, params)
+        self.detokenizers[request_id] = Detokenizer(
+            self.tokenizer, token_ids, params, self.eos_token_ids, max_len
+        )
+        self.logprobs[request_id] = []
         if params.seed is not None:
-            self.generators[request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
+            self.generators[request_id] = torch.Generator(device=self.device).manual_seed(
+                params.seed
+            )
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> None:
@@ -153,7 +172,7 @@ class LLMEngine:
         sampled = self.sampler.sample(
             logits,
             [r.sampling_params for r in sampled_requests],
-            [self.generators.get(r.request_id, self.default_generator) for r in sampled_requests],
+            [self.generators.get(r.request_id) for r in sampled_requests],
         )
         outputs = []
         for row, request in enumerate(sampled_requests):
@@ -165,39 +184,33 @@ class LLMEngine:
         self, request: Request, token_id: int, logprob: TokenLogprob | None, now: float
     ) -> RequestOutput:
         request.output_token_ids.append(token_id)
-        if logprob is not None:
-            self.detokenizers[request.request_id].logprobs.append(logprob)
         if request.first_token_time is None:
             request.first_token_time = now
-        params = request.sampling_params
-        detok = self.detokenizers[request.request_id]
-        stop = detok.append(token_id)
-        status = None
-        if stop is not None:
-            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-        elif not params.ignore_eos and token_id in self.eos_token_ids:
-            status = RequestStatus.FINISHED_STOPPED
-        elif len(request.output_token_ids) >= params.max_tokens:
-            status = RequestStatus.FINISHED_LENGTH
-        elif request.num_tokens >= self.config.scheduler.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
+        if logprob is not None:
+            self.logprobs[request.request_id].append(logprob)
+        finish = self.detokenizers[request.request_id].append(token_id)
+        if finish is not None:
+            request.stop_reason = finish.stop_reason
+            status = _FINISH_STATUS[finish.reason]
             self.scheduler.finish(request, status)
             self.backend.release(request.request_id)
         output = self._output(request)
-        if status is not None:
+        if finish is not None:
             self._forget(request.request_id)
         return output
 
     def _output(self, request: Request) -> RequestOutput:
-        detok = self.detokenizers[request.request_id]
         completion = CompletionOutput(
             index=0,
-            text=detok.text,
+            text=self.detokenizers[request.request_id].text,
             token_ids=list(request.output_token_ids),
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
-            logprobs=list(detok.logprobs) if request.sampling_params.logprobs is not None else None,
+            logprobs=(
+                list(self.logprobs[request.request_id])
+                if request.sampling_params.logprobs is not None
+                else None
+            ),
         )
         metrics = RequestMetrics(
             arrival_time=request.arrival_time,
@@ -220,6 +233,7 @@ class LLMEngine:
         self.requests.pop(request_id, None)
         self.detokenizers.pop(request_id, None)
         self.generators.pop(request_id, None)
+        self.logprobs.pop(request_id, None)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -233,32 +247,47 @@ class LLMEngine:
         else:
             token_ids = prompt
         if not isinstance(token_ids, (list, tuple)):
-            raise ValueError(f"prompt_token_ids: expected a list of ints, got {type(token_ids).__name__}")
+            raise ValueError(
+                f"prompt_token_ids: expected a list of ints, got {type(token_ids).__name__}"
+            )
         token_ids = list(token_ids)
         if not token_ids:
             raise ValueError("prompt_token_ids: must not be empty")
         vocab = self.arch.vocab_size
         for t in token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary [0, {vocab})")
+                raise ValueError(
+                    f"prompt_token_ids: token id {t!r} is outside the vocabulary [0, {vocab})"
+                )
         return None, token_ids
 
 
-class _DeferredBackend:
-    """Lets the model be built before the KV cache is sized: it forwards to the real backend
-    once `bind` is called."""
+def _load_arch(model: str) -> ModelArch:
+    if is_named_shape(model):
+        return named_shape_arch(model)
+    return load_arch(resolve_model_path(model))
 
-    def __init__(self):
-        self._backend = None
 
-    def bind(self, backend) -> None:
-        self._backend = backend
+def _load_model_and_tokenizer(config: EngineConfig, backend, progress: bool):
+    """A checkpoint's weights and tokenizer, or for a named shape random weights on the device
+    and spin-tiny's byte-level tokenizer (for speed work without a checkpoint)."""
+    if is_named_shape(config.model):
+        arch = named_shape_arch(config.model)
+        model = load_random_model(arch, backend, config.dtype, config.device, seed=config.seed)
+        tokenizer_path = config.tokenizer or resolve_model_path("spin-tiny")
+    else:
+        path = resolve_model_path(config.model)
+        model = load_model(
+            path,
+            backend,
+            config.dtype,
+            config.device,
+            max_model_len=config.scheduler.max_model_len,
+            progress=progress,
+        )
+        tokenizer_path = config.tokenizer or path
+    return model, AutoTokenizer.from_pretrained(str(tokenizer_path))
 
-    def plan(self, meta) -> None:
-        self._backend.plan(meta)
 
-    def forward(self, layer_idx, q, k, v, scale):
-        return self._backend.forward(layer_idx, q, k, v, scale)
-
-    def release(self, request_id: str) -> None:
-        self._backend.release(request_id)
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
