@@ -1,0 +1,118 @@
+"""Batched gather of (page, head) runs from the CPU tier into GPU-tier slots.
+
+Each item copies one contiguous S*D run: `dst[head, dst_slot] = src[src_page, head]`, for K
+and V in one launch. On CUDA, `src` is a device view of pinned host memory (see
+`uva_device_view`): the kernel reads host memory directly over PCIe through unified virtual
+addressing, so one launch moves every miss of a layer with no staging buffer and no per-page
+copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.int32: "<i4"}
+
+
+def uva_device_view(host: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor aliasing the pinned host tensor `host` (same bytes, no copy): kernels and
+    torch ops on it read and write host memory through unified virtual addressing."""
+    if not host.is_pinned():
+        raise ValueError("host: must be a pinned CPU tensor")
+    if not host.is_contiguous():
+        raise ValueError("host: must be contiguous")
+
+    class _CudaArray:  # exposes the pointer through __cuda_array_interface__ (torch reads it)
+        __cuda_array_interface__ = {
+            "shape": tuple(host.shape),
+            "typestr": _TYPESTR[host.dtype],
+            "data": (host.data_ptr(), False),
+            "version": 3,
+        }
+
+    view = torch.as_tensor(_CudaArray(), device="cuda")
+    return view.view(host.dtype) if host.dtype == torch.bfloat16 else view
+
+
+def gather_pages_ref(
+    src_k: torch.Tensor,  # [P, Hkv, S, D]  one layer of the CPU tier
+    src_v: torch.Tensor,  # [P, Hkv, S, D]
+    dst_k: torch.Tensor,  # [Hkv, Q, S, D]  one layer of the GPU tier
+    dst_v: torch.Tensor,  # [Hkv, Q, S, D]
+    src_page: torch.Tensor,  # [M] int64
+    head: torch.Tensor,  # [M] int64
+    dst_slot: torch.Tensor,  # [M] int64
+) -> None:
+    """dst[head[i], dst_slot[i]] = src[src_page[i], head[i]] for K and V."""
+    dst_k[head, dst_slot] = src_k[src_page, head].to(dst_k.device)
+    dst_v[head, dst_slot] = src_v[src_page, head].to(dst_v.device)
+
+
+@triton.jit
+def _gather_kernel(
+    src_k_ptr,
+    src_v_ptr,
+    dst_k_ptr,
+    dst_v_ptr,
+    src_page_ptr,
+    head_ptr,
+    dst_slot_ptr,
+    NUM_HEADS: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
+    RUN: tl.constexpr,  # S * D elements of one (page, head)
+    BLOCK: tl.constexpr,
+):
+    item = tl.program_id(0)
+    which = tl.program_id(1)  # 0: K, 1: V
+    part = tl.program_id(2)
+    src_page = tl.load(src_page_ptr + item).to(tl.int64)
+    head = tl.load(head_ptr + item).to(tl.int64)
+    dst_slot = tl.load(dst_slot_ptr + item).to(tl.int64)
+    offs = part * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < RUN
+    src_off = (src_page * NUM_HEADS + head) * RUN + offs
+    dst_off = (head * NUM_SLOTS + dst_slot) * RUN + offs
+    if which == 0:
+        tl.store(dst_k_ptr + dst_off, tl.load(src_k_ptr + src_off, mask=mask), mask=mask)
+    else:
+        tl.store(dst_v_ptr + dst_off, tl.load(src_v_ptr + src_off, mask=mask), mask=mask)
+
+
+def gather_pages(
+    src_k: torch.Tensor,  # [P, Hkv, S, D] device-addressable (UVA view of pinned memory)
+    src_v: torch.Tensor,
+    dst_k: torch.Tensor,  # [Hkv, Q, S, D] on the GPU
+    dst_v: torch.Tensor,
+    src_page: torch.Tensor,  # [M] int64
+    head: torch.Tensor,  # [M] int64
+    dst_slot: torch.Tensor,  # [M] int64
+) -> None:
+    """Triton version of `gather_pages_ref`: one launch for every (page, head) of K and V."""
+    num_pages, num_heads, page_size, head_dim = src_k.shape
+    assert src_v.shape == src_k.shape and dst_k.shape == dst_v.shape
+    assert dst_k.shape[0] == num_heads and dst_k.shape[2:] == (page_size, head_dim)
+    assert src_k.dtype == dst_k.dtype == src_v.dtype == dst_v.dtype
+    for t in (src_k, src_v, dst_k, dst_v):
+        assert t.is_contiguous()
+    assert src_page.shape == head.shape == dst_slot.shape and src_page.dim() == 1
+    assert src_page.dtype == head.dtype == dst_slot.dtype == torch.int64
+    if src_page.numel() == 0:
+        return
+    run = page_size * head_dim
+    block = min(triton.next_power_of_2(run), 4096)
+    grid = (src_page.numel(), 2, triton.cdiv(run, block))
+    _gather_kernel[grid](
+        src_k,
+        src_v,
+        dst_k,
+        dst_v,
+        src_page,
+        head,
+        dst_slot,
+        NUM_HEADS=num_heads,
+        NUM_SLOTS=dst_k.shape[1],
+        RUN=run,
+        BLOCK=block,
+    )
