@@ -47,3 +47,22 @@ def assert_cache_clean(engine) -> None:
     if not engine.has_unfinished_requests():
         pool = engine.page_tables.pool
         assert pool.num_free == pool.num_pages, f"{pool.num_used} pages still held"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(family, **overrides)` → folder of a tiny random Hugging Face checkpoint
+    of that family ("llama3", "qwen2", "qwen3", "mistral", "llama-tied"; see
+    tests/checkpoints.py), with spin-tiny's tokenizer; made once per session and argument set."""
+    from checkpoints import make_tiny_checkpoint
+
+    made = {}
+
+    def get(family: str, **overrides):
+        key = (family, repr(sorted(overrides.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(family)
+            made[key] = make_tiny_checkpoint(folder, family, **overrides)
+        return made[key]
+
+    return get
