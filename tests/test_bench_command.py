@@ -100,6 +100,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         (["--workload", "longbench-v2", "--input-len", "5"], "input_len"),
         (["--sparse", "nope"], "sparse"),
         (["--token-budget", "many"], "token_budget"),
+        (["--model", "llama-3.1-8b", "--modes", "dense,vllm"], "modes"),
     ],
 )
 def test_bad_arguments_name_the_field(extra, field, capsys):

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from spin_ray.bench.workloads import WorkloadSpec
+from spin_ray.models.named_shapes import is_named_shape
 
 SPIN_MODES = ("dense", "dense-offload", "sparse-naive", "spin")
 """spin-ray's own modes, one engine each (issue 3)."""
@@ -65,6 +66,11 @@ class BenchConfig:
                 raise ValueError(f"modes: unknown mode {mode!r}; use {', '.join(MODES)}")
         if len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes: a mode is named twice in {self.modes}")
+        if "vllm" in self.modes and is_named_shape(self.model):
+            raise ValueError(
+                f"modes: vllm needs a checkpoint folder or hub id, not the random-weight shape "
+                f"{self.model!r}"
+            )
         if not self.request_rates:
             raise ValueError("request_rate: name at least one rate")
         for rate in self.request_rates:
