@@ -15,36 +15,59 @@ from spin_ray.kernels.paged_attention_ref import (
 
 
 class DenseAttentionBackend(AttentionBackend):
-    """Stores K/V in the paged cache; decode tokens go through the paged decode kernel (Triton
-    on CUDA, torch reference on CPU), prefill chunks through SDPA over their gathered pages."""
+    """Stores K/V in the paged cache. All sequences with one new token (decode) go through the
+    paged decode kernel in one launch; each longer chunk (prefill) attends causally over its
+    pages on its own. On CUDA: the Triton store and decode kernels and SDPA's FlashAttention
+    path for prefill; on the CPU: the torch references."""
 
     def __init__(self, kv_cache: KVCache):
         self.kv_cache = kv_cache
         self.meta: AttentionMetadata | None = None
-        self.use_triton = kv_cache.k[0].is_cuda
+        self.on_cuda = kv_cache.k[0].is_cuda
+        self._decode_rows: torch.Tensor | None = None  # [B_dec] int64: decode sequences
+        self._decode_tokens: torch.Tensor | None = None  # [B_dec] int64: their packed rows
+        self._prefills: list[tuple[int, int, int, int]] = []  # (seq, first row, n, context)
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.meta = meta
+        decode_rows, decode_tokens, self._prefills = [], [], []
+        start = 0
+        for b, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu, strict=True)):
+            if n == 1:
+                decode_rows.append(b)
+                decode_tokens.append(start)
+            else:
+                self._prefills.append((b, start, n, ctx))
+            start += n
+        self._decode_rows = self._decode_tokens = None
+        if decode_rows and self._prefills:  # mixed step: gather the decode sequences
+            device = meta.page_table.device
+            self._decode_rows = torch.tensor(decode_rows, device=device)
+            self._decode_tokens = torch.tensor(decode_tokens, device=device)
 
     def forward(self, layer_idx, q, k, v, scale):
         meta = self.meta
         assert meta is not None, "plan() must be called before forward()"
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         self._store(k_cache, v_cache, k, v, meta.slot_mapping)
-        if meta.is_decode_only:
+        if not self._prefills:
             return self._decode(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
         out = torch.empty_like(q)  # [N, Hq, D]
-        start = 0
-        for b, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
-            pages = meta.page_table[b, : -(-ctx // meta.page_size)]
-            out[start : start + n] = paged_prefill_attention_ref(
-                q[start : start + n], k_cache, v_cache, pages, ctx, scale
+        if self._decode_rows is not None:
+            rows, tokens = self._decode_rows, self._decode_tokens
+            out[tokens] = self._decode(
+                q[tokens], k_cache, v_cache, meta.page_table[rows], meta.context_lens[rows], scale
             )
-            start += n
+        for b, start, n, ctx in self._prefills:
+            pages = meta.page_table[b, : -(-ctx // meta.page_size)]
+            rows = slice(start, start + n)
+            out[rows] = self._prefill(
+                q[rows], k[rows], v[rows], k_cache, v_cache, pages, ctx, scale
+            )
         return out
 
     def _store(self, k_cache, v_cache, k, v, slot_mapping):
-        if self.use_triton:
+        if self.on_cuda:
             from spin_ray.kernels.kv_store import store_kv
 
             store_kv(k_cache, v_cache, k, v, slot_mapping)
@@ -52,8 +75,23 @@ class DenseAttentionBackend(AttentionBackend):
             store_kv_ref(k_cache, v_cache, k, v, slot_mapping)
 
     def _decode(self, q, k_cache, v_cache, page_table, context_lens, scale):
-        if self.use_triton:
+        if self.on_cuda:
             from spin_ray.kernels.paged_decode_attention import paged_decode_attention
 
-            return paged_decode_attention(q, k_cache, v_cache, page_table, context_lens, scale)
+            return paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                page_table,
+                context_lens,
+                scale,
+                max_context_len=self.meta.max_context_len,
+            )
         return paged_decode_attention_ref(q, k_cache, v_cache, page_table, context_lens, scale)
+
+    def _prefill(self, q, k, v, k_cache, v_cache, pages, ctx, scale):
+        if self.on_cuda:
+            from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
+
+            return paged_prefill_attention(q, k_cache, v_cache, pages, ctx, scale, k, v)
+        return paged_prefill_attention_ref(q, k_cache, v_cache, pages, ctx, scale)
