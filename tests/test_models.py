@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from spin_ray.cache.kv_cache import KVCache, KVCacheShape
 from spin_ray.models import spin_tiny
 from spin_ray.models.arch import ModelArch
 from spin_ray.models.byte_tokenizer import VOCAB_SIZE
-from spin_ray.models.loader import load_model, load_random_model, resolve_model_path
+from spin_ray.models.loader import load_arch, load_model, load_random_model, resolve_model_path
 from spin_ray.models.named_shapes import NAMED_SHAPES, named_shape_arch, named_shape_config
 from spin_ray.models.rope import Llama3RopeScaling, rope_inv_freq
 
@@ -212,9 +213,7 @@ def test_arch_reads_every_family():
             original_max_position_embeddings=32,
         ),
     }
-    assert ModelArch.from_hf_config(old_format) == llama.__class__(
-        **{**llama.__dict__, "eos_token_ids": (257, 260)}
-    )
+    assert ModelArch.from_hf_config(old_format) == replace(llama, eos_token_ids=(257, 260))
 
 
 def test_arch_rejects_unsupported_configs():
@@ -293,13 +292,8 @@ def test_spin_tiny_tokenizer(tmp_path, monkeypatch):
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    assert tok.convert_tokens_to_ids("<|eot_id|>") in resolve_arch_eos(tmp_path)
-
-
-def resolve_arch_eos(cache) -> tuple[int, ...]:
-    from spin_ray.models.loader import load_arch
-
-    return load_arch(cache / spin_tiny.NAME).eos_token_ids
+    eos = load_arch(resolve_model_path("spin-tiny")).eos_token_ids
+    assert tok.convert_tokens_to_ids("<|eot_id|>") in eos
 
 
 @pytest.mark.parametrize("name", list(NAMED_SHAPES))

@@ -93,34 +93,10 @@ def load_model(
     if not files:
         raise ValueError(f"model: no *.safetensors files in {str(path)!r}")
     model = _empty_model(arch, backend, dtype, device)
-    params = dict(model.named_parameters())
-    loaded: set[tuple[str, int]] = set()
-    names_per_file = []
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            names_per_file.append(list(f.keys()))
-    bar = tqdm(
-        total=sum(map(len, names_per_file)),
-        desc="Loading weights",
-        unit="tensor",
-        disable=not progress,
-    )
-    for file, names in zip(files, names_per_file):
-        with safe_open(file, framework="pt", device=_safetensors_device(device)) as f:
-            for hf_name in names:
-                bar.update()
-                target = _target(hf_name, arch)
-                if target is None:
-                    continue
-                name, shard = target
-                if name not in params:
-                    raise ValueError(f"model: unexpected tensor {hf_name!r} in {file.name}")
-                _copy_shard(params[name], name, shard, f.get_tensor(hf_name), hf_name, arch)
-                loaded.add(target)
-    bar.close()
+    loaded = _stream_weights(model, files, device, progress)
     missing = [
         name if _num_shards(name) == 1 else f"{name}[{shard}]"
-        for name in params
+        for name, _ in model.named_parameters()
         for shard in range(_num_shards(name))
         if (name, shard) not in loaded
     ]
@@ -158,6 +134,36 @@ def check_sliding_window(arch: ModelArch, max_model_len: int | None) -> None:
             f"only up to {arch.sliding_window} tokens, so set max_model_len <= "
             f"{arch.sliding_window} (asked: {length})"
         )
+
+
+def _stream_weights(
+    model: CausalLM, files: list[Path], device: str | torch.device, progress: bool
+) -> set[tuple[str, int]]:
+    """Copy every tensor of `files` into its parameter, one at a time, read straight onto
+    `device`; returns the (parameter, shard) pairs filled."""
+    params = dict(model.named_parameters())
+    names_per_file = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:  # reads only the header
+            names_per_file.append(list(f.keys()))
+    total = sum(map(len, names_per_file))
+    bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress)
+    loaded = set()
+    for file, names in zip(files, names_per_file):
+        with safe_open(file, framework="pt", device=_safetensors_device(device)) as f:
+            for hf_name in names:
+                bar.update()
+                target = _target(hf_name, model.arch)
+                if target is None:
+                    continue
+                name, shard = target
+                if name not in params:
+                    raise ValueError(f"model: unexpected tensor {hf_name!r} in {file.name}")
+                tensor = f.get_tensor(hf_name)
+                _copy_shard(params[name], name, shard, tensor, hf_name, model.arch)
+                loaded.add(target)
+    bar.close()
+    return loaded
 
 
 def _empty_model(arch, backend, dtype, device) -> CausalLM:
