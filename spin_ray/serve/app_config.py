@@ -1,0 +1,164 @@
+"""The application's settings, read from the `args:` of deploy/app.yaml (or `spin-ray serve`).
+
+Every section is a frozen dataclass; unknown keys and bad values raise `ValueError` naming the
+field, so a typo in the YAML fails the deploy instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from spin_ray.serve.openai_api import ApiSettings
+
+
+def _default_autoscaling() -> dict[str, Any]:
+    return {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+        "upscale_delay_s": 10.0,
+        "downscale_delay_s": 300.0,
+    }
+
+
+@dataclass(frozen=True)
+class EngineDeploymentConfig:
+    """How the `SpinEngine` deployment runs: one engine per replica, one replica per GPU."""
+
+    num_gpus: float | str = "auto"
+    """GPUs per replica; "auto": 1 when the cluster has GPUs, else 0 (the engine runs on CPU)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per replica."""
+    num_replicas: int | None = None
+    """A fixed replica count; None scales with `autoscaling_config`."""
+    autoscaling_config: dict[str, Any] = field(default_factory=_default_autoscaling)
+    """Ray Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests,
+    upscale_delay_s, downscale_delay_s, ... (ignored when num_replicas is set)."""
+    max_ongoing_requests: int = 64
+    """Requests one replica runs at once (its engine batches them)."""
+    max_queued_requests: int = 512
+    """Requests an ingress replica queues for the engines before answering 503; -1: no limit."""
+    routing_stats_period_s: float = 1.0
+    """How often each replica reports its KV use and load to the routers."""
+    stale_after_s: float = 5.0
+    """Reports older than this are ignored by the router (least-loaded fallback)."""
+
+    def __post_init__(self) -> None:
+        if self.num_gpus != "auto" and (
+            not isinstance(self.num_gpus, int | float) or self.num_gpus < 0
+        ):
+            raise ValueError(f"num_gpus: must be 'auto' or a number >= 0, got {self.num_gpus!r}")
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.num_replicas is not None and self.num_replicas < 1:
+            raise ValueError(f"num_replicas: must be >= 1, got {self.num_replicas}")
+        if self.max_ongoing_requests < 1:
+            raise ValueError(f"max_ongoing_requests: must be >= 1, got {self.max_ongoing_requests}")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ValueError(
+                f"max_queued_requests: must be >= 1 or -1, got {self.max_queued_requests}"
+            )
+        if self.routing_stats_period_s <= 0:
+            raise ValueError("routing_stats_period_s: must be > 0")
+        if self.stale_after_s <= self.routing_stats_period_s:
+            raise ValueError("stale_after_s: must be longer than routing_stats_period_s")
+
+    def resolved_num_gpus(self, cluster_has_gpus: bool) -> float:
+        if self.num_gpus == "auto":
+            return 1 if cluster_has_gpus else 0
+        return self.num_gpus
+
+
+@dataclass(frozen=True)
+class IngressDeploymentConfig:
+    """How the OpenAI ingress deployment runs (it tokenizes and streams; no GPU)."""
+
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    max_ongoing_requests: int = 1024
+    """HTTP requests one ingress replica handles at once."""
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas: must be >= 1, got {self.num_replicas}")
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.max_ongoing_requests < 1:
+            raise ValueError(f"max_ongoing_requests: must be >= 1, got {self.max_ongoing_requests}")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything `build_app` needs."""
+
+    model: str = "spin-tiny"
+    """Checkpoint folder, hub id, or spin-tiny."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; defaults to `model`."""
+    served_model_name: str | None = None
+    """The model id clients use; defaults to `model`."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of `spin_ray.LLM` (device, dtype, max_model_len, cache sizes,
+    sparse settings, ...). `device` defaults to cuda on GPU replicas and cpu otherwise."""
+    api_key: str | None = None
+    """Bearer key required on /v1 requests; None reads $SPIN_RAY_API_KEY (unset: no check)."""
+    max_body_bytes: int = 32 * 2**20
+    """Largest HTTP request body; larger gets 413."""
+    retry_after_s: int = 1
+    """Retry-After sent with 503 when overloaded."""
+    engine: EngineDeploymentConfig = field(default_factory=EngineDeploymentConfig)
+    ingress: IngressDeploymentConfig = field(default_factory=IngressDeploymentConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: must name a checkpoint folder, hub id or 'spin-tiny'")
+        reserved = {"model", "tokenizer", "progress"} & set(self.engine_args)
+        if reserved:
+            raise ValueError(f"engine_args: set {sorted(reserved)} at the top level of args")
+        self.api_settings()  # checks the HTTP fields
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None) -> AppConfig:
+        args = dict(args or {})
+        _check_keys("args", args, cls)
+        if isinstance(args.get("engine"), Mapping):
+            _check_keys("engine", args["engine"], EngineDeploymentConfig)
+            args["engine"] = EngineDeploymentConfig(**args["engine"])
+        if isinstance(args.get("ingress"), Mapping):
+            _check_keys("ingress", args["ingress"], IngressDeploymentConfig)
+            args["ingress"] = IngressDeploymentConfig(**args["ingress"])
+        return cls(**args)
+
+    def api_settings(self) -> ApiSettings:
+        return ApiSettings(
+            served_model_name=self.served_model_name or self.model,
+            api_key=self.api_key,
+            max_body_bytes=self.max_body_bytes,
+            retry_after_s=self.retry_after_s,
+        )
+
+    def llm_kwargs(self, num_gpus: float) -> dict[str, Any]:
+        """Keyword arguments of `spin_ray.LLM` for one engine replica."""
+        from spin_ray.llm import LLM
+
+        known = set(inspect.signature(LLM.__init__).parameters) - {"self"}
+        unknown = set(self.engine_args) - known
+        if unknown:
+            raise ValueError(
+                f"engine_args: unknown keys {sorted(unknown)}; spin_ray.LLM takes {sorted(known)}"
+            )
+        kwargs = {"model": self.model, "tokenizer": self.tokenizer, **self.engine_args}
+        kwargs.setdefault("device", "cuda" if num_gpus > 0 else "cpu")
+        kwargs["progress"] = False
+        return kwargs
+
+
+def _check_keys(where: str, values: Mapping[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")

@@ -1,0 +1,66 @@
+"""`SpinEngine`: the Ray Serve deployment holding one engine (one replica per GPU).
+
+It streams `RequestOutput` deltas to the ingress and reports its KV use and load to the KV
+working-set router (`record_routing_stats`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from spin_ray.outputs import RequestOutput
+from spin_ray.serve.async_engine import AsyncEngine
+from spin_ray.serve.engine_client import EngineRequest, ModelInfo
+from spin_ray.serve.placement import KVLayout, ReplicaStats, WorkingSet, predict_working_set
+
+
+class SpinEngine:
+    def __init__(self, llm_kwargs: dict[str, Any]):
+        from spin_ray.llm import LLM
+
+        engine = LLM(**llm_kwargs).llm_engine
+        self.engine = AsyncEngine(engine)
+        self.pool = engine.page_tables.pool
+        # The engine keeps every token's KV in one device pool: a dense layout.
+        self.layout = KVLayout(page_size=engine.page_tables.page_size)
+        self.info = ModelInfo(max_model_len=engine.config.scheduler.max_model_len)
+        self.working_sets: dict[str, WorkingSet] = {}
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
+        """Stream the deltas of `request`; cancelling the call aborts it in the engine."""
+        self.working_sets[request.request_id] = predict_working_set(request.demand, self.layout)
+        try:
+            prompt = {"prompt_token_ids": request.prompt_token_ids}
+            async for output in self.engine.generate(request.request_id, prompt, request.params):
+                yield output
+        finally:
+            del self.working_sets[request.request_id]
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """`ReplicaStats` as a dict, polled by Ray Serve for the router."""
+        load = self.engine.load()
+        committed = sum(w.hbm_pages for w in self.working_sets.values())
+        return ReplicaStats(
+            timestamp=time.time(),
+            layout=self.layout,
+            hbm_pages_total=self.pool.num_pages,
+            hbm_pages_committed=max(committed, self.pool.num_used),
+            host_pages_total=0,
+            host_pages_committed=0,
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            running_tokens=load.num_tokens,
+            hbm_pages_used=self.pool.num_used,
+        ).to_dict()
+
+    def check_health(self) -> None:
+        """Ray Serve restarts the replica if this raises (the step loop died)."""
+        self.engine.check_health()
+
+    def __del__(self):
+        self.engine.shutdown()

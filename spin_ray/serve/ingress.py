@@ -1,0 +1,68 @@
+"""The OpenAI ingress deployment: serves openai_api's FastAPI app, tokenizes, and streams each
+request from a `SpinEngine` replica chosen by the KV working-set router."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from spin_ray.outputs import RequestOutput
+from spin_ray.serve.engine_client import EngineOverloadedError, EngineRequest, ModelInfo
+from spin_ray.serve.openai_api import ApiSettings, create_openai_app
+
+
+class RayEngineClient:
+    """`EngineClient` over a `SpinEngine` deployment handle (streaming calls)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle.options(stream=True)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
+        response = self.handle.generate.remote(request)
+        finished = False
+        try:
+            async for output in response:
+                finished = output.finished
+                yield output
+        except BackPressureError as err:
+            raise EngineOverloadedError(str(err)) from err
+        except RayTaskError as err:
+            if isinstance(err.cause, ValueError):  # bad input, found by the engine
+                raise ValueError(str(err.cause)) from err
+            raise
+        finally:
+            if not finished:
+                response.cancel()
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(
+        self, engine: DeploymentHandle, model: str, tokenizer: str | None, settings: ApiSettings
+    ):
+        self.engine = engine
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = settings
+
+    async def __serve_build_asgi_app__(self):
+        info: ModelInfo = await self.engine.model_info.remote()
+        tokenizer = load_tokenizer(self.model, self.tokenizer)
+        return create_openai_app(RayEngineClient(self.engine), tokenizer, info, self.settings)
+
+
+def load_tokenizer(model: str, tokenizer: str | None):
+    """The tokenizer the engine uses for `model` (same rules as `LLMEngine`): `tokenizer` if
+    given, spin-tiny's for a named shape, else the checkpoint's."""
+    from transformers import AutoTokenizer
+
+    from spin_ray.models.loader import resolve_model_path
+    from spin_ray.models.named_shapes import is_named_shape
+
+    if tokenizer is None:
+        tokenizer = str(resolve_model_path("spin-tiny" if is_named_shape(model) else model))
+    return AutoTokenizer.from_pretrained(tokenizer)

@@ -1,0 +1,247 @@
+"""Where a request's KV fits: predicted working sets and the ranking of engine replicas.
+
+Pure functions over frozen dataclasses. Replicas report `ReplicaStats` (router.py reads them from
+Ray Serve's routing stats); the router adds what it sent each replica since that report and asks
+`rank_replicas` for an order. Tests drive these functions with tables.
+
+Unit: a *page* is `page_size` tokens of KV across all layers and KV heads. Each replica states
+its tiers' capacity in these pages.
+
+Working set of a request whose context is C = prompt_tokens + max_tokens tokens,
+P = ceil(C / page_size) pages:
+
+- dense replica (no host tier): HBM wanted = HBM floor = P, host = 0.
+- sparse replica (the context lives in the host tier, HBM holds what attention uses):
+      host   = P
+      B      = token_budget tokens, or ceil(token_budget × C) when token_budget < 1 (a fraction)
+      M      = ceil(min(C, B + sink_tokens + local_tokens) / page_size)   pages attended per step
+      d      = dense_layers / num_layers                                  share of layers that
+                                                                          attend to everything
+      wanted = ceil(d × P + (1 − d) × min(P, M × (1 + buffer_ratio)))     selection + LRU buffer
+      floor  = ceil(d × P + (1 − d) × M)                                  buffer shrunk to zero
+
+Free capacity of a replica, per tier: total − committed (the working sets of the requests it
+holds, as of its report) − the working sets of requests this router sent it after the report.
+
+Fit level of a request on a replica:
+    2  wanted HBM ≤ free HBM and host ≤ free host      (fits with its full buffer)
+    1  floor HBM ≤ free HBM and host ≤ free host       (fits; the buffer shrinks)
+    0  otherwise                                       (it would wait or preempt)
+
+Load of a replica: (requests running + waiting + sent since the report,
+                    tokens running + context tokens sent since the report), compared in order.
+
+Ranking (first rank is tried first; Ray Serve picks the replica with the shortest queue within
+a rank and moves to the next rank when every replica of a rank is full):
+    1. replicas with fresh stats at fit level 2, least loaded first, then those at level 1;
+    2. replicas without fresh stats (missing or older than `stale_after_s`), as one rank;
+    3. only when no replica is in 1. or 2.: every replica at level 0, least loaded first.
+    Replicas of equal fit level and equal load share a rank. With no fresh stats at all, every
+    replica is in one rank: plain least-loaded by queue length.
+A replica that cannot hold the request is therefore never chosen while another one can.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkingSetDemand:
+    """What the router knows of a request before placing it."""
+
+    prompt_tokens: int
+    """Tokens of the prompt (after the chat template)."""
+    max_tokens: int
+    """Most tokens the request may generate."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens: must be >= 1, got {self.prompt_tokens}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How a replica keeps KV: everything in HBM (dense) or the context in host memory with a
+    sparse working set in HBM."""
+
+    page_size: int
+    """Tokens per page."""
+    sparse: bool = False
+    """True when the context lives in the host tier and attention reads a selected subset."""
+    token_budget: float = 2048
+    """Selected tokens per step: a count (>= 1) or a fraction of the context (< 1)."""
+    sink_tokens: int = 0
+    """First tokens always attended."""
+    local_tokens: int = 0
+    """Most recent tokens always attended."""
+    buffer_ratio: float = 5.0
+    """HBM buffer pages per mandatory page, kept for reuse across steps."""
+    dense_layers: int = 0
+    """Leading layers that attend to the whole context."""
+    num_layers: int = 1
+    """Layers of the model."""
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ValueError(f"page_size: must be >= 1, got {self.page_size}")
+        if self.token_budget <= 0:
+            raise ValueError(f"token_budget: must be > 0, got {self.token_budget}")
+        if self.sink_tokens < 0 or self.local_tokens < 0:
+            raise ValueError("sink_tokens/local_tokens: must be >= 0")
+        if self.buffer_ratio < 0:
+            raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
+        if not 0 <= self.dense_layers <= self.num_layers or self.num_layers < 1:
+            raise ValueError(
+                f"dense_layers: must be in [0, num_layers={self.num_layers}], "
+                f"got {self.dense_layers}"
+            )
+
+
+@dataclass(frozen=True)
+class WorkingSet:
+    """Pages a request needs on a replica."""
+
+    hbm_pages: int
+    """HBM pages it wants: selection plus buffer (dense: the whole context)."""
+    hbm_floor_pages: int
+    """HBM pages it cannot run without (buffer shrunk to zero)."""
+    host_pages: int
+    """Host-tier pages for its whole context (0 on a dense replica)."""
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """What an engine replica reports for routing (`SpinEngine.record_routing_stats`)."""
+
+    timestamp: float
+    """`time.time()` when the report was made."""
+    layout: KVLayout
+    hbm_pages_total: int
+    """HBM-tier capacity in pages."""
+    hbm_pages_committed: int
+    """Working sets (wanted HBM pages) of the requests the replica holds, or the pages in use
+    if more."""
+    host_pages_total: int
+    """Host-tier capacity in pages (0 when the engine has no host tier)."""
+    host_pages_committed: int
+    num_running: int
+    num_waiting: int
+    running_tokens: int
+    """Prompt + generated tokens of the requests the replica holds."""
+    hbm_pages_used: int = 0
+    """Pages in use now (for dashboards; fit uses `hbm_pages_committed`)."""
+    host_pages_used: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReplicaStats:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in fields}
+        values["layout"] = KVLayout(**values["layout"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SentRequest:
+    """A request this router sent to a replica and that has not completed yet."""
+
+    sent_at: float
+    """`time.time()` when it was sent."""
+    working_set: WorkingSet
+    context_tokens: int
+
+
+def predict_working_set(demand: WorkingSetDemand, layout: KVLayout) -> WorkingSet:
+    """The pages `demand` needs on a replica with `layout` (formula in the module docstring)."""
+    context = demand.context_tokens
+    pages = math.ceil(context / layout.page_size)
+    if not layout.sparse:
+        return WorkingSet(hbm_pages=pages, hbm_floor_pages=pages, host_pages=0)
+    budget = layout.token_budget
+    budget_tokens = math.ceil(budget * context) if budget < 1 else int(budget)
+    attended = min(context, budget_tokens + layout.sink_tokens + layout.local_tokens)
+    mandatory = math.ceil(attended / layout.page_size)
+    dense_share = layout.dense_layers / layout.num_layers
+    wanted = min(pages, mandatory * (1 + layout.buffer_ratio))
+    return WorkingSet(
+        hbm_pages=math.ceil(dense_share * pages + (1 - dense_share) * wanted),
+        hbm_floor_pages=math.ceil(dense_share * pages + (1 - dense_share) * mandatory),
+        host_pages=pages,
+    )
+
+
+def free_pages(stats: ReplicaStats, sent: Sequence[SentRequest]) -> tuple[int, int]:
+    """(free HBM pages, free host pages) after the requests sent since the report."""
+    later = [s.working_set for s in sent if s.sent_at > stats.timestamp]
+    hbm = stats.hbm_pages_total - stats.hbm_pages_committed - sum(w.hbm_pages for w in later)
+    host = stats.host_pages_total - stats.host_pages_committed - sum(w.host_pages for w in later)
+    return hbm, host
+
+
+def fit_level(need: WorkingSet, free_hbm: int, free_host: int) -> int:
+    """2: fits with its buffer; 1: fits at its HBM floor; 0: does not fit."""
+    if need.host_pages > free_host:
+        return 0
+    if need.hbm_pages <= free_hbm:
+        return 2
+    if need.hbm_floor_pages <= free_hbm:
+        return 1
+    return 0
+
+
+def load_key(stats: ReplicaStats, sent: Sequence[SentRequest]) -> tuple[int, int]:
+    """(requests, tokens) on the replica, counting what was sent since the report."""
+    later = [s for s in sent if s.sent_at > stats.timestamp]
+    requests = stats.num_running + stats.num_waiting + len(later)
+    tokens = stats.running_tokens + sum(s.context_tokens for s in later)
+    return requests, tokens
+
+
+def rank_replicas(
+    demand: WorkingSetDemand,
+    stats: Mapping[str, ReplicaStats | None],
+    sent: Mapping[str, Sequence[SentRequest]],
+    now: float,
+    stale_after_s: float,
+) -> list[list[str]]:
+    """Ranks of replica ids for `demand`, best first (rules in the module docstring).
+
+    `stats` maps every candidate replica to its last report (None if it sent none); `sent` maps
+    replica ids to the requests this router sent there that have not completed."""
+    fresh = {
+        rid: s for rid, s in stats.items() if s is not None and now - s.timestamp <= stale_after_s
+    }
+    unknown = [rid for rid in stats if rid not in fresh]
+    scored: dict[int, list[tuple[tuple[int, int], str]]] = {2: [], 1: [], 0: []}
+    for rid, s in fresh.items():
+        replica_sent = sent.get(rid, ())
+        need = predict_working_set(demand, s.layout)
+        level = fit_level(need, *free_pages(s, replica_sent))
+        scored[level].append((load_key(s, replica_sent), rid))
+
+    ranks = _ranks_by_load(scored[2]) + _ranks_by_load(scored[1])
+    if unknown:
+        ranks.append(unknown)
+    if not ranks:
+        ranks = _ranks_by_load(scored[0])
+    return ranks
+
+
+def _ranks_by_load(scored: list[tuple[tuple[int, int], str]]) -> list[list[str]]:
+    """Least loaded first; equal loads share a rank."""
+    scored = sorted(scored)
+    return [[rid for _, rid in group] for _, group in groupby(scored, key=lambda x: x[0])]
