@@ -131,6 +131,7 @@ def test_greedy_rows_take_argmax_in_a_mixed_batch():
     assert any(out.token_ids[r] != argmax[r] for r in sampled_rows)
     all_greedy = sample_many(Sampler(), logits, [greedy[0]] * 40)
     assert all_greedy.token_ids == argmax
+    assert sample_many(Sampler(), logits[:0], []).token_ids == []
 
 
 def seeded_tokens(device, seed, position, companions, steps_logits):

@@ -177,7 +177,7 @@ class Sampler:
                 f"params/generators: expected {logits.shape[0]} rows each, "
                 f"got {len(params)} and {len(generators)}"
             )
-        for g in generators:
+        for g in (*generators, self.generator):
             if g is not None and g.device.type != logits.device.type:
                 raise ValueError(
                     f"generators: a generator on {g.device} cannot sample logits on {logits.device}"
@@ -195,9 +195,9 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
     ) -> torch.Tensor:
         """The sampled token ids [B] int64, left on the logits' device."""
-        greedy_ids = logits.argmax(dim=-1) if batch.greedy is not None else None  # [B]
         if batch.all_greedy:
-            return greedy_ids
+            return logits.argmax(dim=-1)  # [B]
+        greedy_ids = logits.argmax(dim=-1) if batch.greedy is not None else None  # [B]
         scaled = logits if batch.temperature is None else logits / batch.temperature[:, None]
         filtered = apply_top_k_top_p(scaled, batch.top_k, batch.top_p)  # [B, V]
         if batch.min_p is not None:
@@ -224,7 +224,7 @@ class Sampler:
                 noise[rows[0]].exponential_(generator=g)
             else:
                 noise[rows] = noise.new_empty(len(rows), noise.shape[1]).exponential_(generator=g)
-        # exponential_ may return exactly 0; keep the race finite.
+        # exponential_ may return exactly 0: a dropped token's 0/0 would be NaN, which argmax picks.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
