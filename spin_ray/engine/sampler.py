@@ -56,10 +56,6 @@ class SamplingBatch:
                 raise ValueError(f"{name}: expected shape ({rows},), got {tuple(value.shape)}")
 
     @property
-    def num_rows(self) -> int:
-        return len(self.num_logprobs)
-
-    @property
     def max_num_logprobs(self) -> int | None:
         """The most alternatives any row asks for; None when no row asks for logprobs."""
         asked = [n for n in self.num_logprobs if n is not None]
