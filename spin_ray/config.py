@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from spin_ray.sparse.config import SparseConfig
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -140,6 +142,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tokenizer: str | None = None
     """Tokenizer folder or hub id; defaults to `model`."""
+    sparse: SparseConfig | None = None
+    """Sparse attention over a two-tier KV cache (spin_ray.sparse); None: dense, all KV in HBM."""
 
     def __post_init__(self) -> None:
         if not self.model:

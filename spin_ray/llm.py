@@ -17,6 +17,8 @@ from spin_ray.config import (
 from spin_ray.engine.llm_engine import LLMEngine, Prompt
 from spin_ray.outputs import RequestOutput
 from spin_ray.sampling_params import SamplingParams
+from spin_ray.sparse.config import SparseConfig, sparse_config_from_args
+from spin_ray.sparse.stats import KVStats
 
 Message = Mapping[str, str]
 
@@ -46,7 +48,20 @@ class LLM:
         cpu_kv_tokens: int = 65536,
         seed: int = 0,
         progress: bool = True,
+        sparse: str | None = None,
+        mode: str | None = None,
+        token_budget: int | float | None = None,
+        sink_tokens: int | None = None,
+        local_tokens: int | None = None,
+        dense_layers: int | None = None,
+        buffer_ratio: float | None = None,
+        gpu_cache_tokens: int | None = None,
+        cpu_cache_tokens: int | None = None,
+        sparse_config: SparseConfig | None = None,
     ):
+        """`sparse` (an algorithm of `spin_ray.sparse.ALGORITHMS`), `mode` and the fields after
+        it set the sparse, two-tier KV cache (`SparseConfig`; `sparse_config` gives every
+        field); with none of them the engine is dense, all KV in HBM."""
         device = resolve_device(device)
         cache = CacheConfig(
             page_size=page_size,
@@ -60,6 +75,18 @@ class LLM:
             max_model_len=max_model_len,
             enable_chunked_prefill=enable_chunked_prefill,
         )
+        sparse_cfg = sparse_config_from_args(
+            sparse,
+            sparse_config,
+            mode=mode,
+            token_budget=token_budget,
+            sink_tokens=sink_tokens,
+            local_tokens=local_tokens,
+            dense_layers=dense_layers,
+            buffer_ratio=buffer_ratio,
+            gpu_cache_tokens=gpu_cache_tokens,
+            cpu_cache_tokens=cpu_cache_tokens,
+        )
         config = EngineConfig(
             model=model,
             tokenizer=tokenizer,
@@ -68,9 +95,14 @@ class LLM:
             seed=seed,
             cache=cache,
             scheduler=scheduler,
+            sparse=sparse_cfg,
         )
         self.llm_engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()
+
+    def kv_stats(self) -> KVStats:
+        """KV cache statistics (see `spin_ray.sparse.KVStats`)."""
+        return self.llm_engine.kv_stats()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -26,6 +26,9 @@ from spin_ray.models.loader import load_arch, load_model, load_random_model, res
 from spin_ray.models.named_shapes import is_named_shape, named_shape_arch
 from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from spin_ray.sampling_params import SamplingParams
+from spin_ray.sparse.backend import SpinAttentionBackend
+from spin_ray.sparse.build import build_tiered_cache
+from spin_ray.sparse.stats import KVStats
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +54,31 @@ class LLMEngine:
             config.dtype,
         )
         page_size = config.cache.page_size
-        bytes_per_token = KVCacheShape(
-            arch.num_layers, 0, page_size, arch.num_kv_heads, arch.head_dim
-        ).bytes_per_token(config.dtype)
-        num_pages = num_kv_pages(config.cache, config.device, bytes_per_token, reserve)
-        capacity = num_pages * page_size
+        tiered = None
+        if config.sparse is not None and config.sparse.offloads:
+            tiered = build_tiered_cache(config, arch, reserve)
+            num_pages, capacity = tiered.manager.pool.num_pages, tiered.capacity_tokens
+        else:
+            bytes_per_token = KVCacheShape(
+                arch.num_layers, 0, page_size, arch.num_kv_heads, arch.head_dim
+            ).bytes_per_token(config.dtype)
+            num_pages = num_kv_pages(config.cache, config.device, bytes_per_token, reserve)
+            capacity = num_pages * page_size
         if sched.max_model_len is None:
             model_limit = min(arch.max_position_embeddings, arch.sliding_window or capacity)
             sched = dataclasses.replace(sched, max_model_len=min(model_limit, capacity))
         sched = sched.resolved(arch.max_position_embeddings, capacity)
         self.config = config = dataclasses.replace(config, scheduler=sched)
 
-        shape = KVCacheShape(
-            arch.num_layers, num_pages, page_size, arch.num_kv_heads, arch.head_dim
-        )
-        self.kv_cache = KVCache(shape, config.dtype, config.device)
-        self.page_tables = PageTables(PagePool(num_pages), page_size)
-        self.backend = DenseAttentionBackend(self.kv_cache)
+        if tiered is not None:  # sparse attention over a CPU tier + HBM working sets
+            self.page_tables, self.backend = tiered.manager, tiered.backend
+        else:
+            shape = KVCacheShape(
+                arch.num_layers, num_pages, page_size, arch.num_kv_heads, arch.head_dim
+            )
+            self.kv_cache = KVCache(shape, config.dtype, config.device)
+            self.page_tables = PageTables(PagePool(num_pages), page_size)
+            self.backend = DenseAttentionBackend(self.kv_cache)
         self.model, self.tokenizer = _load_model_and_tokenizer(config, self.backend, progress)
         self.scheduler = Scheduler(sched, self.page_tables)
         self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -140,6 +151,16 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    def kv_stats(self) -> KVStats:
+        """KV cache statistics: buffer lookups and hits, PCIe bytes, evictions, tier use."""
+        if isinstance(self.backend, SpinAttentionBackend):
+            return self.backend.stats()
+        per_page = self.arch.num_layers * self.arch.num_kv_heads  # pages hold every layer
+        pool = self.page_tables.pool
+        return KVStats(
+            gpu_pages_used=pool.num_used * per_page, gpu_pages_total=pool.num_pages * per_page
+        )
 
     def check_integrity(self) -> None:
         """Raise `CacheIntegrityError` if a page is leaked or owned twice."""

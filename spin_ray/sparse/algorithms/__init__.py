@@ -1,0 +1,20 @@
+"""Sparse attention algorithms, each an `index` + `page_scores` over the runtime's pages."""
+
+from __future__ import annotations
+
+from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm, SparseGeometry
+from spin_ray.sparse.algorithms.dense import DenseSelection
+from spin_ray.sparse.algorithms.quest import Quest
+from spin_ray.sparse.algorithms.shadowkv import ShadowKV
+from spin_ray.sparse.config import SparseConfig
+
+ALGORITHM_CLASSES: dict[str, type[SparseAlgorithm]] = {
+    cls.name: cls for cls in (DenseSelection, Quest, ShadowKV)
+}
+
+
+def build_algorithm(geometry: SparseGeometry, config: SparseConfig) -> SparseAlgorithm:
+    return ALGORITHM_CLASSES[config.effective_algorithm](geometry, config)
+
+
+__all__ = ["SelectBatch", "SparseAlgorithm", "SparseGeometry", "build_algorithm"]

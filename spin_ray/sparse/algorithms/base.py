@@ -1,0 +1,106 @@
+"""The unified partition abstraction: a sparse algorithm is an `index` and a `select`.
+
+An algorithm groups tokens into partitions and keeps per-partition summaries (`index`, run on
+complete pages after prefill and every `index_interval` decode steps), and scores pages from a
+query and those summaries (`page_scores`, every decode step and layer). Partitions map onto
+pages: a page's score is the best score of the partitions it holds. The runtime owns the rest —
+offload, residency, retrieval, eviction, sink/local windows, top-k and the attention kernel —
+and never knows an algorithm's formula; an algorithm never touches tiers or copies. An
+algorithm may add its own term to the attention (`estimate`, merged by log-sum-exp).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from spin_ray.sparse.config import SparseConfig
+
+
+@dataclass(frozen=True)
+class SparseGeometry:
+    """Shapes the algorithms size their summaries by."""
+
+    num_layers: int
+    """Offloaded layers (the algorithm's layer 0 is model layer `first_layer`)."""
+    first_layer: int
+    num_cpu_pages: int
+    page_size: int
+    num_kv_heads: int
+    num_q_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class SelectBatch:
+    """The decode sequences of one step, as the algorithms see them."""
+
+    request_ids: tuple[str, ...]
+    page_table: torch.Tensor
+    """[B, maxp] int32: CPU-tier page id of each logical page (0 past the end)."""
+    num_pages: torch.Tensor
+    """[B] int64: pages holding each context."""
+    indexed_pages: torch.Tensor
+    """[B] int64: pages covered by the index (a prefix of the sequence)."""
+    indexed_pages_cpu: tuple[int, ...]
+
+
+Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(max logit [B, Hq], Σ exp(logit - max) [B, Hq], Σ exp(logit - max)·value [B, Hq, D])."""
+
+
+class SparseAlgorithm(ABC):
+    name: str
+    index_unit_pages: int = 1
+    """The index covers whole multiples of this many pages."""
+
+    def __init__(self, geometry: SparseGeometry, config: SparseConfig):
+        self.geometry = geometry
+        self.config = config
+
+    @abstractmethod
+    def index(
+        self,
+        layer: int,
+        request_id: str,
+        first_page: int,
+        page_ids: torch.Tensor,  # [n] int64  CPU-tier ids of logical pages first_page.. +n-1
+        k: torch.Tensor,  # [Hkv, n, S, D]  their keys (post-RoPE)
+        v: torch.Tensor,  # [Hkv, n, S, D]
+    ) -> torch.Tensor | None:
+        """Summarise these complete pages (n is a multiple of `index_unit_pages`). May return a
+        permutation [Hkv, n*S] of the run's tokens that the runtime applies to the stored K/V
+        (new position i of head h holds old token perm[h, i]), so variable-size partitions sit
+        contiguously in pages."""
+
+    @abstractmethod
+    def page_scores(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [B, Hq, D]  post-RoPE decode queries
+        batch: SelectBatch,
+    ) -> torch.Tensor:  # [B, Hkv, maxp] float32
+        """Score of each indexed page (higher = attend); entries past `indexed_pages` are
+        ignored by the runtime."""
+
+    def estimate(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [B, Hq, D]
+        batch: SelectBatch,
+        pages: torch.Tensor,  # [B, Hkv, K] int64  logical pages attended exactly, -1 = none
+        scale: float,
+    ) -> Partial | None:
+        """An extra attention term over tokens not attended exactly (none by default)."""
+        return None
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (page-keyed summaries need no cleanup)."""

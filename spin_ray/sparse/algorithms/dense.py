@@ -1,0 +1,18 @@
+"""`dense`: every page is attended (the reference); nothing to index or score."""
+
+from __future__ import annotations
+
+import torch
+
+from spin_ray.sparse.algorithms.base import SparseAlgorithm
+
+
+class DenseSelection(SparseAlgorithm):
+    name = "dense"
+
+    def index(self, layer, request_id, first_page, page_ids, k, v):
+        return None
+
+    def page_scores(self, layer, q, batch):
+        b, maxp = batch.page_table.shape
+        return torch.zeros(b, self.geometry.num_kv_heads, maxp, device=q.device)

@@ -1,0 +1,341 @@
+"""The attention backend of the sparse, hierarchical KV cache.
+
+Per step (`plan`): wait for pending offloads, age the LRU, bring each decoding sequence's index
+up to date, and lay out the decode batch (windows, slot lists). Per layer (`forward`):
+
+- layers below `first_layer` run dense, their KV kept in HBM (a `DenseAttentionBackend`);
+- every new token's K/V goes to the CPU tier (async on CUDA);
+- prefill chunks attend densely over their prefix read back from the CPU tier;
+- decode tokens: the algorithm scores pages, the runtime picks sink + top-k + local pages per
+  KV head, looks them up in the GPU tier, evicts by bucketed LRU, fetches every miss of the
+  layer in one gather, and runs sparse paged attention over the resident pages.
+
+With `retains=False` (sparse-naive, dense-offload) nothing stays resident between steps: the
+request's slots are a staging area refilled for every layer, and the GPU tier has one layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spin_ray.attention.backend import AttentionBackend
+from spin_ray.attention.dense import DenseAttentionBackend
+from spin_ray.attention.metadata import AttentionMetadata
+from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
+from spin_ray.kernels.paged_attention_ref import paged_prefill_attention_ref
+from spin_ray.kernels.sparse_decode_attention import (
+    sparse_decode_attention,
+    sparse_decode_attention_ref,
+)
+from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm
+from spin_ray.sparse.budget import PageBudget
+from spin_ray.sparse.manager import TieredCacheManager
+from spin_ray.sparse.selection import DecodeWindows, page_token_counts, select_pages
+from spin_ray.sparse.stats import KVStats
+from spin_ray.sparse.tiers import DeviceTier, HostTier
+
+
+@dataclass
+class _IndexState:
+    indexed_pages: int = 0
+    steps_since_index: int | None = None  # None: never indexed
+
+
+@dataclass(frozen=True)
+class _DecodeStep:
+    """The decode sequences of this step."""
+
+    tokens: torch.Tensor  # [Bd] int64 rows of the packed batch
+    rows: torch.Tensor  # [Bd] int64 residency directory rows
+    context_lens: torch.Tensor  # [Bd] int64
+    last_page: torch.Tensor  # [Bd] int64 logical page of the new token
+    last_offset: torch.Tensor  # [Bd] int64 its row in that page
+    page_table: torch.Tensor  # [Bd, maxp] int64 CPU-tier page ids
+    slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
+    windows: DecodeWindows
+    batch: SelectBatch
+
+
+class SpinAttentionBackend(AttentionBackend):
+    def __init__(
+        self,
+        *,
+        manager: TieredCacheManager,
+        host: HostTier,
+        gpu: DeviceTier,
+        algorithm: SparseAlgorithm,
+        budget: PageBudget,
+        dense: DenseAttentionBackend | None,
+        first_layer: int,
+        retains: bool,
+        index_interval: int,
+    ):
+        self.manager = manager
+        self.residency = manager.residency
+        self.counters = manager.counters
+        self.host = host
+        self.gpu = gpu
+        self.algorithm = algorithm
+        self.budget = budget
+        self.dense = dense
+        self.first_layer = first_layer
+        self.retains = retains
+        self.index_interval = index_interval
+        self.page_size = budget.page_size
+        self.device = gpu.k.device
+        self.on_cuda = self.device.type == "cuda"
+        self.lru_keys = self.residency.lru_buckets + 2  # 0 empty, 1.. buckets, last protected
+        self.meta: AttentionMetadata | None = None
+        self._index: dict[str, _IndexState] = {}
+        self._step: _DecodeStep | None = None
+        self._prefills: list[tuple[int, int, int, int]] = []  # (seq, first row, n, context)
+        self._slot_pos = torch.full(
+            (gpu.k.shape[2],), -1, dtype=torch.int64, device=self.device
+        )  # position of each slot in its owner's list (this step)
+
+    # ------------------------------------------------------------------ per step
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        self.meta = meta
+        if self.dense is not None:
+            self.dense.plan(meta)
+        self.host.sync()
+        decode, tokens, self._prefills = [], [], []
+        start = 0
+        for b, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu, strict=True)):
+            if n == 1:
+                decode.append(b)
+                tokens.append(start)
+            else:
+                self._prefills.append((b, start, n, ctx))
+            start += n
+        self._step = self._plan_decode(meta, decode, tokens) if decode else None
+
+    def _plan_decode(self, meta, decode: list[int], tokens: list[int]) -> _DecodeStep:
+        if self.retains:
+            self.residency.age()
+        request_ids = tuple(meta.request_ids[b] for b in decode)
+        contexts = [meta.context_lens_cpu[b] for b in decode]
+        indexed = [self._update_index(rid, ctx) for rid, ctx in zip(request_ids, contexts)]
+        device = self.device
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
+        page_table = meta.page_table[rows].long()
+        slot_lists = self.manager.slot_lists(request_ids)
+        self._slot_pos[slot_lists.clamp(min=0)] = torch.arange(
+            slot_lists.shape[1], device=device
+        ).expand_as(slot_lists)
+        windows = DecodeWindows.build(self.budget, contexts, indexed, device)
+        return _DecodeStep(
+            tokens=tensor(tokens),
+            rows=tensor([self.manager.rows[rid] for rid in request_ids]),
+            context_lens=tensor(contexts),
+            last_page=tensor([(t - 1) // self.page_size for t in contexts]),
+            last_offset=tensor([(t - 1) % self.page_size for t in contexts]),
+            page_table=page_table,
+            slot_lists=slot_lists,
+            windows=windows,
+            batch=SelectBatch(
+                request_ids=request_ids,
+                page_table=page_table.int(),
+                num_pages=windows.num_pages,
+                indexed_pages=tensor(indexed),
+                indexed_pages_cpu=tuple(indexed),
+            ),
+        )
+
+    def _update_index(self, request_id: str, context_len: int) -> int:
+        """Index the request's complete pages if due (first decode, then every
+        `index_interval` steps); returns the pages the index covers."""
+        state = self._index.setdefault(request_id, _IndexState())
+        unit = self.algorithm.index_unit_pages
+        complete = (context_len - 1) // self.page_size // unit * unit  # stored before this step
+        due = state.steps_since_index is None or state.steps_since_index >= self.index_interval
+        if due and complete > state.indexed_pages:
+            with self.counters.phase("index"):
+                self._index_pages(request_id, state.indexed_pages, complete)
+            state.indexed_pages = complete
+            state.steps_since_index = 0
+        elif state.steps_since_index is not None:
+            state.steps_since_index += 1
+        return state.indexed_pages
+
+    def _index_pages(self, request_id: str, first: int, end: int) -> None:
+        table = self.manager.table(request_id)[first:end]
+        page_ids = torch.tensor(table, dtype=torch.int64, device=self.device)
+        heads = self.host.k.shape[2]
+        for layer in range(self.host.k.shape[0]):
+            k, v = self.host.read(layer, page_ids)  # [Hkv, n, S, D]
+            self.counters.h2d_bytes += page_ids.numel() * heads * self.host.page_bytes
+            perm = self.algorithm.index(layer, request_id, first, page_ids, k, v)
+            if perm is not None:
+                self._relayout(layer, request_id, first, page_ids, k, v, perm)
+
+    def _relayout(self, layer, request_id, first, page_ids, k, v, perm) -> None:
+        """Store the pages' tokens in the algorithm's order and drop stale resident copies."""
+        hkv, n, s, d = k.shape
+        idx = perm.long()[:, :, None].expand(hkv, n * s, d)
+        k = k.reshape(hkv, n * s, d).gather(1, idx).view(hkv, n, s, d)
+        v = v.reshape(hkv, n * s, d).gather(1, idx).view(hkv, n, s, d)
+        self.host.write_pages(layer, page_ids, k, v)
+        self.counters.d2h_bytes += n * hkv * self.host.page_bytes
+        if self.retains and request_id in self.manager.rows:
+            row = torch.tensor([self.manager.rows[request_id]], device=self.device)
+            pages = torch.arange(first, first + n, device=self.device).expand(1, hkv, n)
+            slots = self.residency.lookup(row, layer, pages)[0]  # [Hkv, n]
+            head, j = (slots >= 0).nonzero(as_tuple=True)
+            self.residency.remove(layer, head, slots[head, j])
+
+    # ------------------------------------------------------------------ per layer
+
+    def forward(self, layer_idx, q, k, v, scale):
+        meta = self.meta
+        assert meta is not None, "plan() must be called before forward()"
+        if layer_idx < self.first_layer:
+            return self.dense.forward(layer_idx, q, k, v, scale)
+        layer = layer_idx - self.first_layer
+        self.host.store(layer, k, v, meta.slot_mapping)
+        self.counters.d2h_bytes += k.shape[0] * k.shape[1] * self.host.page_bytes // self.page_size
+        step = self._step
+        if not self._prefills:
+            return self._decode(layer, q, k, v, scale)
+        out = torch.empty_like(q)  # [N, Hq, D]
+        if step is not None:
+            t = step.tokens
+            out[t] = self._decode(layer, q[t], k[t], v[t], scale)
+        for b, start, n, ctx in self._prefills:
+            rows = slice(start, start + n)
+            out[rows] = self._prefill(layer, b, q[rows], k[rows], v[rows], ctx, scale)
+        return out
+
+    def _prefill(self, layer, b, q, k, v, context_len, scale):
+        """Dense causal attention of a chunk over its prefix (read from the CPU tier)."""
+        n, heads, d = k.shape[0], k.shape[1], k.shape[2]
+        s = self.page_size
+        num_pages = -(-context_len // s)
+        prefix = context_len - n
+        k_pages = torch.zeros(num_pages, s, heads, d, dtype=k.dtype, device=self.device)
+        v_pages = torch.zeros_like(k_pages)  # [n_pages, S, Hkv, D]
+        prefix_pages = -(-prefix // s)
+        if prefix_pages:
+            table = self.meta.page_table[b, :prefix_pages].long()
+            pk, pv = self.host.read(layer, table)  # [Hkv, p, S, D]
+            k_pages[:prefix_pages] = pk.permute(1, 2, 0, 3)
+            v_pages[:prefix_pages] = pv.permute(1, 2, 0, 3)
+            self.counters.h2d_bytes += prefix_pages * heads * self.host.page_bytes
+        k_pages.view(-1, heads, d)[prefix:context_len] = k
+        v_pages.view(-1, heads, d)[prefix:context_len] = v
+        pages = torch.arange(num_pages, device=self.device)
+        if self.on_cuda:
+            from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
+
+            return paged_prefill_attention(q, k_pages, v_pages, pages, context_len, scale, k, v)
+        return paged_prefill_attention_ref(q, k_pages, v_pages, pages, context_len, scale)
+
+    def _decode(self, layer, q, k, v, scale):
+        step = self._step
+        with self.counters.phase("select"):
+            scores = self.algorithm.page_scores(layer, q, step.batch)  # [B, Hkv, maxp]
+            pages = select_pages(scores, step.windows)  # [B, Hkv, K]
+        tier_layer = layer if self.retains else 0
+        with self.counters.phase("fetch"):
+            if self.retains:
+                slots = self._retrieve(layer, pages, step)
+            else:
+                slots = self._stage(layer, pages, step)
+            current = torch.where(pages == step.last_page[:, None, None], slots, 0).sum(-1)
+            self.gpu.store_token(tier_layer, current, step.last_offset, k, v)
+        extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
+        counts = page_token_counts(pages, step.context_lens, self.page_size)
+        attend = sparse_decode_attention if self.on_cuda else sparse_decode_attention_ref
+        return attend(
+            q, self.gpu.k[tier_layer], self.gpu.v[tier_layer], slots, counts, scale, extra
+        )
+
+    def _stage(self, layer, pages, step):  # [B, Hkv, K] slots
+        """No buffer: every listed page is fetched into the request's slots, in list order."""
+        valid = pages >= 0
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        batch = torch.arange(pages.shape[0], device=self.device)[:, None, None]
+        slots = torch.where(valid, step.slot_lists[batch, pos], -1)
+        b, h, j = valid.nonzero(as_tuple=True)
+        dst = slots[b, h, j]
+        if (dst < 0).any():
+            raise RuntimeError("a request holds fewer GPU slots than its mandatory pages")
+        src = step.page_table[b, pages[b, h, j]]
+        self.host.fetch(layer, self.gpu.k[0], self.gpu.v[0], src, h, dst)
+        self.counters.add_lookups(b.numel(), 0)
+        self.counters.h2d_bytes += b.numel() * self.host.page_bytes
+        return slots
+
+    def _retrieve(self, layer, pages, step):  # [B, Hkv, K] slots
+        """Look the pages up in the buffer; evict (bucketed LRU) and fetch the misses."""
+        residency = self.residency
+        valid = pages >= 0
+        slots = residency.lookup(step.rows, layer, pages)  # [B, Hkv, K]
+        hit = slots >= 0
+        miss = valid & ~hit
+        self.counters.add_lookups(valid.sum(), hit.sum())
+
+        # candidates: the request's slots in this (layer, head), keyed for the LRU
+        cand = step.slot_lists  # [B, n]
+        safe = cand.clamp(min=0)
+        occupant = residency.slot_page[layer][:, safe].permute(1, 0, 2)  # [B, Hkv, n]
+        bucket = residency.slot_bucket[layer][:, safe].permute(1, 0, 2).long()
+        keys = torch.where(occupant < 0, 0, bucket + 1)
+        protect = torch.zeros_like(keys, dtype=torch.bool)
+        hb, hh, hj = hit.nonzero(as_tuple=True)
+        protect[hb, hh, self._slot_pos[slots[hb, hh, hj]]] = True
+        protect |= (cand < 0)[:, None, :]
+        keys = keys.masked_fill(protect, self.lru_keys - 1)
+        need = miss.sum(-1)  # [B, Hkv]
+        if (need > (~protect).sum(-1)).any():
+            raise RuntimeError("a request holds fewer GPU slots than its mandatory pages")
+        victims = self._victims(keys.flatten(0, 1), need.flatten()).view_as(keys)
+
+        vb, vh, vj = victims.nonzero(as_tuple=True)  # sorted by (b, h), as are the misses
+        mb, mh, mk = miss.nonzero(as_tuple=True)
+        dst = cand[vb, vj]
+        held = occupant[vb, vh, vj] >= 0
+        residency.remove(layer, vh[held], dst[held])
+        self.counters.evictions += int(held.sum())
+        new_pages = pages[mb, mh, mk]
+        residency.insert(layer, mh, dst, new_pages)
+        slots[mb, mh, mk] = dst
+        self.host.fetch(
+            layer, self.gpu.k[layer], self.gpu.v[layer], step.page_table[mb, new_pages], mh, dst
+        )
+        self.counters.h2d_bytes += mb.numel() * self.host.page_bytes
+        ab, ah, aj = valid.nonzero(as_tuple=True)
+        residency.touch(layer, ah, slots[ab, ah, aj])
+        return slots
+
+    def _victims(self, keys, need):
+        if self.on_cuda:
+            return lru_victims(keys.to(torch.uint8).contiguous(), need, self.lru_keys)
+        return lru_victims_ref(keys, need, self.lru_keys)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def release(self, request_id: str) -> None:
+        self._index.pop(request_id, None)
+        self.algorithm.release(request_id)
+        if self.dense is not None:
+            self.dense.release(request_id)
+
+    def stats(self) -> KVStats:
+        manager = self.manager
+        per_slot = self.gpu.k.shape[0] * self.gpu.k.shape[1]  # tier layers × heads
+        per_page = self.host.k.shape[0] * self.host.k.shape[2]  # offloaded layers × heads
+        return self.counters.snapshot(
+            gpu_pages_used=manager.slot_pool.num_used * per_slot,
+            gpu_pages_total=manager.slot_pool.num_pages * per_slot,
+            cpu_pages_used=manager.pool.num_used * per_page,
+            cpu_pages_total=manager.pool.num_pages * per_page,
+            metadata_bytes=self.residency.metadata_bytes,
+        )

@@ -1,0 +1,149 @@
+"""Assemble the tiered KV cache for an engine: size both tiers, build the algorithm, the cache
+manager (the scheduler's capacity object) and the attention backend."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from spin_ray.attention.dense import DenseAttentionBackend
+from spin_ray.cache.kv_cache import KVCache, KVCacheShape
+from spin_ray.config import EngineConfig
+from spin_ray.models.arch import ModelArch
+from spin_ray.sparse.algorithms import SparseGeometry, build_algorithm
+from spin_ray.sparse.backend import SpinAttentionBackend
+from spin_ray.sparse.budget import PageBudget
+from spin_ray.sparse.manager import TieredCacheManager
+from spin_ray.sparse.residency import ResidencyTable
+from spin_ray.sparse.stats import KVCounters
+from spin_ray.sparse.tiers import DeviceTier, HostTier
+
+
+@dataclass(frozen=True)
+class TieredKVCache:
+    manager: TieredCacheManager
+    """Capacity object for the scheduler (PageTables interface)."""
+    backend: SpinAttentionBackend
+    capacity_tokens: int
+    """Longest sequence both tiers can hold (CPU-tier pages and the HBM working-set floor)."""
+
+
+def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int) -> TieredKVCache:
+    """`reserve_bytes`: GPU memory to leave for weights not yet loaded and activations."""
+    sparse = config.sparse
+    assert sparse is not None and sparse.offloads
+    page_size = config.cache.page_size
+    sparse.check_page_size(page_size)
+    first = sparse.effective_dense_layers
+    if first >= arch.num_layers:
+        raise ValueError(
+            f"dense_layers: {first} leaves none of the model's {arch.num_layers} layers sparse"
+        )
+    device, dtype = torch.device(config.device), config.dtype
+    heads, head_dim = arch.num_kv_heads, arch.head_dim
+    offloaded = arch.num_layers - first
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    page_run = 2 * page_size * heads * head_dim * itemsize  # K+V of one page, one layer
+
+    num_cpu_pages = _cpu_pages(config, offloaded * page_run)
+    host = HostTier(offloaded, num_cpu_pages, heads, page_size, head_dim, dtype, device)
+    dense = None
+    if first:
+        shape = KVCacheShape(first, num_cpu_pages, page_size, heads, head_dim)
+        dense = DenseAttentionBackend(KVCache(shape, dtype, device))
+    geometry = SparseGeometry(
+        num_layers=offloaded,
+        first_layer=first,
+        num_cpu_pages=num_cpu_pages,
+        page_size=page_size,
+        num_kv_heads=heads,
+        num_q_heads=arch.num_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        device=device,
+    )
+    algorithm = build_algorithm(geometry, sparse)
+    budget = PageBudget.from_config(sparse, page_size, algorithm.index_unit_pages)
+
+    tier_layers = offloaded if sparse.retains else 1
+    num_slots = _gpu_slots(config, num_cpu_pages, tier_layers * page_run, reserve_bytes)
+    gpu = DeviceTier(tier_layers, num_slots, heads, page_size, head_dim, dtype, device)
+    residency = ResidencyTable(
+        tier_layers, heads, num_slots, sparse.segment_pages, sparse.lru_buckets, device
+    )
+    manager = TieredCacheManager(num_cpu_pages, num_slots, budget, residency, KVCounters(device))
+    backend = SpinAttentionBackend(
+        manager=manager,
+        host=host,
+        gpu=gpu,
+        algorithm=algorithm,
+        budget=budget,
+        dense=dense,
+        first_layer=first,
+        retains=sparse.retains,
+        index_interval=sparse.index_interval,
+    )
+    capacity = _longest_fitting(budget, num_cpu_pages * page_size, num_slots)
+    if capacity < 2:
+        raise ValueError(
+            f"gpu_cache_tokens: {num_slots * page_size} tokens of HBM slots cannot hold the "
+            "working set of even a short request; raise it"
+        )
+    return TieredKVCache(manager, backend, capacity)
+
+
+def _cpu_pages(config: EngineConfig, page_bytes: int) -> int:
+    sparse, cache = config.sparse, config.cache
+    if sparse.cpu_cache_tokens is not None:
+        return max(1, sparse.cpu_cache_tokens // cache.page_size)
+    if cache.num_pages is not None:
+        return cache.num_pages
+    if not config.device.startswith("cuda"):
+        return cache.cpu_kv_tokens // cache.page_size
+    available = _available_host_bytes()
+    pages = int(available * sparse.host_memory_fraction) // page_bytes
+    if pages < 1:
+        raise ValueError(
+            "cpu_cache_tokens: no host memory left for the CPU tier "
+            f"({available / 2**30:.1f} GiB available); set it explicitly"
+        )
+    return pages
+
+
+def _gpu_slots(config: EngineConfig, num_cpu_pages: int, slot_bytes: int, reserve: int) -> int:
+    sparse, cache = config.sparse, config.cache
+    if sparse.gpu_cache_tokens is not None:
+        return max(1, sparse.gpu_cache_tokens // cache.page_size)
+    if not config.device.startswith("cuda"):
+        return num_cpu_pages
+    free, total = torch.cuda.mem_get_info(torch.device(config.device))
+    budget = int(total * cache.gpu_memory_utilization) - (total - free) - reserve
+    slots = budget // slot_bytes
+    if slots < 1:
+        raise ValueError(
+            "gpu_memory_utilization: no GPU memory left for HBM slots after the weights, the "
+            "dense layers' KV and the summaries; raise it or set a smaller cpu_cache_tokens"
+        )
+    return slots
+
+
+def _available_host_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _longest_fitting(budget: PageBudget, cpu_tokens: int, num_slots: int) -> int:
+    """Largest context whose HBM floor fits the slots (the floor grows with the context)."""
+    lo, hi = 0, cpu_tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if budget.floor_pages(mid) <= num_slots:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,173 @@
+"""The frozen configuration of the sparse, hierarchical KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+ALGORITHMS = ("dense", "quest", "shadowkv", "retroinfer", "seer")
+"""Sparse attention algorithms (`SparseConfig.algorithm`)."""
+
+MODES = ("dense", "dense-offload", "sparse-naive", "spin")
+"""How the engine keeps and reads KV (`SparseConfig.mode`)."""
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Sparse attention over a two-tier (HBM + host memory) KV cache. Token counts are per
+    sequence; the page size is `CacheConfig.page_size`."""
+
+    algorithm: str = "quest"
+    """Which pages each decode step attends to: one of `ALGORITHMS` ("dense" = all of them)."""
+    mode: str = "spin"
+    """"dense": all KV in HBM (the plain dense engine). "dense-offload": KV in host memory,
+    every layer reloads the whole context each step (`algorithm` and `dense_layers` are not
+    used). "sparse-naive": the algorithm with no HBM buffer, every selected page is fetched
+    every step. "spin": the algorithm with the locality-aware HBM buffer."""
+    token_budget: int | float = 2048
+    """Tokens each (layer, KV head) attends per decode step, sink and local window included: an
+    int is a token count, a float in (0, 1] a fraction of the context."""
+    sink_tokens: int = 64
+    """First tokens of every sequence always attended."""
+    local_tokens: int = 256
+    """Last tokens of every sequence always attended (tokens the index does not yet cover are
+    attended too)."""
+    dense_layers: int = 2
+    """The first this many layers attend densely with their KV kept in HBM."""
+    buffer_ratio: float = 5.0
+    """HBM pages a request keeps for reuse, as a multiple of its mandatory pages (this step's
+    selection + sink + local), when HBM is free."""
+    min_buffer_ratio: float = 1.0
+    """Buffer pages a request keeps under memory pressure (multiple of mandatory); admission
+    needs mandatory × (1 + min_buffer_ratio) free HBM pages."""
+    gpu_cache_tokens: int | None = None
+    """Tokens of HBM working-set slots (each holds one page of every offloaded layer and KV
+    head); None: what GPU memory leaves after weights (CUDA), the CPU tier's size (CPU)."""
+    cpu_cache_tokens: int | None = None
+    """Tokens of host-memory KV (whole contexts); None: `host_memory_fraction` of available host
+    memory (CUDA), `CacheConfig.num_pages` or `cpu_kv_tokens` (CPU)."""
+    host_memory_fraction: float = 0.5
+    """Share of available host memory the CPU tier takes when `cpu_cache_tokens` is None."""
+    index_interval: int = 16
+    """Decode steps between index updates; newer tokens are attended as part of the local
+    window until indexed."""
+    lru_buckets: int = 64
+    """Recency buckets of the HBM buffer's LRU (pages older than this many steps tie)."""
+    segment_pages: int = 16
+    """Pages per second-level segment of the residency page tables (a power of two)."""
+    shadowkv_chunk_size: int = 8
+    """ShadowKV: tokens per landmark chunk (divides the page size)."""
+    retroinfer_segment_tokens: int = 8192
+    """RetroInfer: k-means runs within segments of this many tokens."""
+    retroinfer_cluster_tokens: int = 16
+    """RetroInfer: average tokens per cluster (clusters = tokens / this)."""
+    retroinfer_kmeans_iters: int = 10
+    """RetroInfer: k-means iterations."""
+    retroinfer_estimation_fraction: float = 0.232
+    """RetroInfer: share of clusters, ranked after the retrieved ones, whose attention is
+    estimated from centroid and value sum (0 turns the estimation zone off)."""
+    seer_block_size: int = 64
+    """Seer: tokens per gated block (a multiple of the page size)."""
+    seer_gate_path: str | None = None
+    """Seer: safetensors/torch file of gate weights `layers.{i}.q_gate` [Hkv, D, Dg] and
+    `layers.{i}.k_gate` [Hkv, 3D, Dg]; None: the deterministic test gate (see seer.py)."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(
+                f"sparse: unknown algorithm {self.algorithm!r}; use one of {ALGORITHMS}"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"mode: unknown mode {self.mode!r}; use one of {MODES}")
+        budget = self.token_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(f"token_budget: expected an int or a float, got {budget!r}")
+        if isinstance(budget, int) and budget < 1:
+            raise ValueError(f"token_budget: must be >= 1 token, got {budget}")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise ValueError(f"token_budget: a fraction must be in (0, 1], got {budget}")
+        _at_least("sink_tokens", self.sink_tokens, 0)
+        _at_least("local_tokens", self.local_tokens, 1)
+        _at_least("dense_layers", self.dense_layers, 0)
+        _at_least("index_interval", self.index_interval, 1)
+        if self.buffer_ratio < 0:
+            raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
+        if not 0 <= self.min_buffer_ratio <= self.buffer_ratio:
+            raise ValueError(
+                f"min_buffer_ratio: must be in [0, buffer_ratio={self.buffer_ratio}], "
+                f"got {self.min_buffer_ratio}"
+            )
+        for name in ("gpu_cache_tokens", "cpu_cache_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                _at_least(name, value, 1)
+        if not 0.0 < self.host_memory_fraction <= 0.95:
+            raise ValueError(
+                f"host_memory_fraction: must be in (0, 0.95], got {self.host_memory_fraction}"
+            )
+        if not 2 <= self.lru_buckets <= 250:
+            raise ValueError(f"lru_buckets: must be in [2, 250], got {self.lru_buckets}")
+        for name in ("segment_pages", "shadowkv_chunk_size", "seer_block_size"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}: must be a power of two >= 1, got {value}")
+        _at_least("retroinfer_segment_tokens", self.retroinfer_segment_tokens, 1)
+        _at_least("retroinfer_cluster_tokens", self.retroinfer_cluster_tokens, 1)
+        _at_least("retroinfer_kmeans_iters", self.retroinfer_kmeans_iters, 0)
+        if not 0.0 <= self.retroinfer_estimation_fraction < 1.0:
+            raise ValueError(
+                "retroinfer_estimation_fraction: must be in [0, 1), got "
+                f"{self.retroinfer_estimation_fraction}"
+            )
+
+    @property
+    def offloads(self) -> bool:
+        """KV lives in the CPU tier (every mode but "dense")."""
+        return self.mode != "dense"
+
+    @property
+    def retains(self) -> bool:
+        """Fetched pages stay in HBM across steps (the "spin" mode's buffer)."""
+        return self.mode == "spin"
+
+    @property
+    def effective_algorithm(self) -> str:
+        return "dense" if self.mode == "dense-offload" else self.algorithm
+
+    @property
+    def effective_dense_layers(self) -> int:
+        return 0 if self.mode == "dense-offload" else self.dense_layers
+
+    def check_page_size(self, page_size: int) -> None:
+        """Raise `ValueError` naming the field when a partition size does not fit the pages."""
+        chunk = self.shadowkv_chunk_size
+        if self.effective_algorithm == "shadowkv" and page_size % chunk:
+            raise ValueError(f"shadowkv_chunk_size: {chunk} must divide the page size {page_size}")
+        if self.effective_algorithm == "seer" and self.seer_block_size % page_size:
+            raise ValueError(
+                f"seer_block_size: {self.seer_block_size} must be a multiple of the page size "
+                f"{page_size}"
+            )
+        if self.effective_algorithm == "retroinfer" and self.retroinfer_segment_tokens % page_size:
+            raise ValueError(
+                f"retroinfer_segment_tokens: {self.retroinfer_segment_tokens} must be a "
+                f"multiple of the page size {page_size}"
+            )
+
+
+def _at_least(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
+
+
+def sparse_config_from_args(
+    algorithm: str | None, base: SparseConfig | None = None, **fields: object
+) -> SparseConfig | None:
+    """The config that flat keyword arguments (`LLM(sparse=..., token_budget=...)`) describe:
+    `base` (or the defaults) with every non-None field replaced; None when nothing is given,
+    which means the plain dense engine."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    if algorithm is not None:
+        given["algorithm"] = algorithm
+    if base is None and not given:
+        return None
+    return replace(base or SparseConfig(), **given)

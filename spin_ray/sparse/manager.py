@@ -1,0 +1,164 @@
+"""The scheduler's view of the two-tier KV cache, with the same ask-then-act methods as
+`PageTables` (`can_grow` / `grow` / `release` / `table` / `check_integrity`).
+
+Every request holds (1) CPU-tier pages for its whole context — the engine's page ids — and
+(2) GPU-tier slots for its working set: each slot holds one page of every offloaded layer and
+KV head. A request running at context T needs `floor(T)` slots (its mandatory pages plus the
+buffer floor) and grows toward `target(T)` (mandatory × (1 + buffer_ratio)) while slots are
+free. When a request needs slots and none are free, the buffers of others shrink toward their
+floor, the one with the largest excess first, dropping their least recently used pages; a
+request is never left below its floor. If the CPU tier or the floors cannot be met `can_grow`
+says no and the scheduler queues or preempts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spin_ray.cache.page_pool import CacheIntegrityError, PagePool
+from spin_ray.kernels.lru_victims import lru_victims_ref
+from spin_ray.sparse.budget import PageBudget
+from spin_ray.sparse.residency import ResidencyTable
+from spin_ray.sparse.stats import KVCounters
+
+
+class TieredCacheManager:
+    def __init__(
+        self,
+        num_cpu_pages: int,
+        num_gpu_slots: int,
+        budget: PageBudget,
+        residency: ResidencyTable,
+        counters: KVCounters,
+    ):
+        self.pool = PagePool(num_cpu_pages)
+        self.slot_pool = PagePool(num_gpu_slots)
+        self.page_size = budget.page_size
+        self.budget = budget
+        self.residency = residency
+        self.counters = counters
+        self.tables: dict[str, list[int]] = {}
+        self.slots: dict[str, list[int]] = {}
+        self.rows: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
+        self._free_rows: list[int] = []
+
+    # ------------------------------------------------------------------ PageTables interface
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def extra_pages(self, request_id: str, num_tokens: int) -> int:
+        return max(0, self.pages_for(num_tokens) - len(self.tables.get(request_id, ())))
+
+    def can_grow(self, request_id: str, num_tokens: int) -> bool:
+        if not self.pool.can_allocate(self.extra_pages(request_id, num_tokens)):
+            return False
+        need = self.budget.floor_pages(num_tokens) - len(self.slots.get(request_id, ()))
+        return need <= self.slot_pool.num_free + self._reclaimable(request_id)
+
+    def grow(self, request_id: str, num_tokens: int) -> None:
+        """Cover `num_tokens` tokens in the CPU tier and give the request at least its slot
+        floor (ask `can_grow` first), then top its buffer up from free slots."""
+        if not self.can_grow(request_id, num_tokens):
+            raise RuntimeError(f"cannot grow {request_id!r} to {num_tokens} tokens")
+        extra = self.extra_pages(request_id, num_tokens)
+        table = self.tables.setdefault(request_id, [])
+        if extra:
+            table.extend(self.pool.allocate(extra, request_id))
+        if request_id not in self.rows:
+            self.rows[request_id] = self._take_row()
+            self.slots[request_id] = []
+        self.tokens[request_id] = max(self.tokens.get(request_id, 0), num_tokens)
+        self.residency.ensure_pages(len(table))
+        held = len(self.slots[request_id])
+        need = self.budget.floor_pages(num_tokens) - held
+        if need > self.slot_pool.num_free:
+            self._reclaim(need - self.slot_pool.num_free, request_id)
+        want = self.budget.target_pages(num_tokens) - held  # >= need: target >= floor
+        self._give_slots(request_id, min(want, self.slot_pool.num_free))
+
+    def release(self, request_id: str) -> None:
+        """Give back every page and slot of `request_id` (no-op if it holds none)."""
+        pages = self.tables.pop(request_id, None)
+        if pages:
+            self.pool.free(pages, request_id)
+        slots = self.slots.pop(request_id, None)
+        if slots:
+            self.residency.clear_slots(slots)
+            self.slot_pool.free(slots, request_id)
+        row = self.rows.pop(request_id, None)
+        if row is not None:
+            self._free_rows.append(row)
+        self.tokens.pop(request_id, None)
+
+    def table(self, request_id: str) -> list[int]:
+        return self.tables.get(request_id, [])
+
+    def check_integrity(self) -> None:
+        """No leaked or double-owned page in either tier; residency maps consistent."""
+        self.pool.check_integrity(self.tables)
+        self.slot_pool.check_integrity(self.slots)
+        if set(self.slots) != set(self.rows):
+            raise CacheIntegrityError("a request holds slots without a directory row or back")
+        if len(set(self.rows.values())) != len(self.rows):
+            raise CacheIntegrityError("two requests share a directory row")
+        owned = {
+            self.rows[rid]: (slots, len(self.tables.get(rid, ())))
+            for rid, slots in self.slots.items()
+        }
+        self.residency.check(owned)
+
+    # ------------------------------------------------------------------ slots
+
+    def slot_lists(self, request_ids: tuple[str, ...]) -> torch.Tensor:  # [B, n_max] int64
+        """Each request's slot ids, padded with -1."""
+        lists = [self.slots[rid] for rid in request_ids]
+        width = max(1, max(len(s) for s in lists))
+        padded = [s + [-1] * (width - len(s)) for s in lists]
+        return torch.tensor(padded, dtype=torch.int64, device=self.residency.device)
+
+    def _give_slots(self, request_id: str, n: int) -> None:
+        if n <= 0:
+            return
+        new = self.slot_pool.allocate(n, request_id)
+        self.residency.assign_slots(new, self.rows[request_id])
+        self.slots[request_id].extend(new)
+
+    def _excess(self, request_id: str) -> int:
+        return len(self.slots[request_id]) - self.budget.floor_pages(self.tokens[request_id])
+
+    def _reclaimable(self, exclude: str) -> int:
+        return sum(max(0, self._excess(rid)) for rid in self.slots if rid != exclude)
+
+    def _reclaim(self, n: int, exclude: str) -> None:
+        """Free n slots by shrinking other requests' buffers, largest excess first."""
+        while n > 0:
+            rid = max((r for r in self.slots if r != exclude), key=self._excess)
+            take = min(n, self._excess(rid))
+            assert take > 0, "reclaim beyond what can_grow promised"
+            self._shrink(rid, take)
+            n -= take
+
+    def _shrink(self, request_id: str, n: int) -> None:
+        """Give back n of the request's slots: empty ones first, then those whose most recent
+        use (over all layers and heads) is oldest — chosen by the bucketed-LRU histogram."""
+        slots = self.slots[request_id]
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.residency.device)
+        held = self.residency.slot_page[:, :, idx] >= 0  # [L, H, n]
+        newest = torch.where(held, self.residency.slot_bucket[:, :, idx].long() + 1, 0)
+        keys = newest.flatten(0, 1).amax(0)  # [n] 0 = empty everywhere
+        need = torch.tensor([n], device=idx.device)
+        victims = lru_victims_ref(keys[None], need, self.residency.lru_buckets + 1)[0]
+        gone = idx[victims].tolist()
+        self.counters.evictions += self.residency.clear_slots(gone)
+        self.slot_pool.free(gone, request_id)
+        kept = set(slots) - set(gone)
+        self.slots[request_id] = [s for s in slots if s in kept]
+
+    def _take_row(self) -> int:
+        if self._free_rows:
+            return self._free_rows.pop()
+        row = len(self.rows)
+        self.residency.ensure_rows(row + 1)
+        return row

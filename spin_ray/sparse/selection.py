@@ -1,0 +1,81 @@
+"""Per-step page choice of the decode sequences: sink + local window + the top-k scored pages
+in between, for each (sequence, KV head) — the runtime half of `select`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spin_ray.sparse.budget import PageBudget
+
+
+@dataclass(frozen=True)
+class DecodeWindows:
+    """Where each decode sequence's always-attended and selectable pages lie this step."""
+
+    num_pages: torch.Tensor  # [B] int64
+    local_start: torch.Tensor  # [B] int64  first page of the local tail
+    topk: torch.Tensor  # [B] int64  pages to select by score
+    sink_pages: int  # pages of the sink (same for every sequence past its first pages)
+    max_topk: int
+    max_local: int
+
+    @classmethod
+    def build(
+        cls,
+        budget: PageBudget,
+        context_lens: list[int],
+        indexed_pages: list[int],
+        device: torch.device,
+    ) -> DecodeWindows:
+        num_pages = [budget.num_pages(t) for t in context_lens]
+        local_start = [budget.local_start(t, i) for t, i in zip(context_lens, indexed_pages)]
+        sink = [budget.sink_pages(t) for t in context_lens]
+        topk = [
+            min(budget.topk_pages(t), ls - s) for t, ls, s in zip(context_lens, local_start, sink)
+        ]
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(
+            num_pages=tensor(num_pages),
+            local_start=tensor(local_start),
+            topk=tensor(topk),
+            sink_pages=max(sink),
+            max_topk=max(topk),
+            max_local=max(n - ls for n, ls in zip(num_pages, local_start)),
+        )
+
+
+def select_pages(
+    scores: torch.Tensor,  # [B, H, maxp] float  page scores (only the selectable range is read)
+    windows: DecodeWindows,
+) -> torch.Tensor:  # [B, H, K] int64 logical pages, -1 = unused
+    """Sink pages, then the `topk[b]` best pages in [sink, local_start), then the local tail."""
+    b, h, maxp = scores.shape
+    device = scores.device
+    page = torch.arange(maxp, device=device)
+    sink = torch.clamp(windows.num_pages, max=windows.sink_pages)  # [B]
+    selectable = (page >= sink[:, None]) & (page < windows.local_start[:, None])  # [B, maxp]
+    masked = scores.float().masked_fill(~selectable[:, None, :], float("-inf"))
+    kk = min(windows.max_topk, maxp)
+    values, top = masked.topk(kk, dim=-1)  # [B, H, kk]
+    keep = (torch.arange(kk, device=device) < windows.topk[:, None, None]) & (values > -torch.inf)
+    chosen = torch.where(keep, top, -1)
+    sink_pages = torch.arange(windows.sink_pages, device=device).expand(b, h, -1)
+    sink_pages = torch.where(sink_pages < sink[:, None, None], sink_pages, -1)
+    local = windows.local_start[:, None] + torch.arange(windows.max_local, device=device)  # [B, L]
+    local = torch.where(local < windows.num_pages[:, None], local, -1)
+    return torch.cat([sink_pages, chosen, local[:, None, :].expand(b, h, -1)], dim=-1)
+
+
+def page_token_counts(
+    pages: torch.Tensor,  # [B, H, K] int64, -1 = unused
+    context_lens: torch.Tensor,  # [B]
+    page_size: int,
+) -> torch.Tensor:  # [B, H, K] int32
+    """Valid tokens of each listed page (the last page of a sequence may be partial)."""
+    left = context_lens.long()[:, None, None] - pages.clamp(min=0) * page_size
+    return torch.where(pages >= 0, left.clamp(0, page_size), 0).int()

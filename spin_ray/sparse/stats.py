@@ -1,0 +1,94 @@
+"""Cache statistics: a frozen snapshot (`KVStats`, what `LLM.kv_stats()` returns and the
+Prometheus exporter reads) and the running counters behind it."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """Cumulative since the engine started, except the `*_used` gauges. Pages are counted per
+    (layer, KV head): one page is `page_size` tokens of K and V of one head of one layer."""
+
+    lookups: int = 0
+    """Selected pages looked up in the HBM buffer (decode steps, offloaded layers)."""
+    hits: int = 0
+    """Lookups found resident in HBM (no PCIe transfer)."""
+    h2d_bytes: int = 0
+    """Bytes moved host → GPU (page fetches and prefill prefix reads)."""
+    d2h_bytes: int = 0
+    """Bytes moved GPU → host (new KV offloaded to the CPU tier)."""
+    evictions: int = 0
+    """Pages dropped from HBM to make room (bucketed LRU, buffer shrinking)."""
+    gpu_pages_used: int = 0
+    """Pages resident in HBM now."""
+    gpu_pages_total: int = 0
+    cpu_pages_used: int = 0
+    """Pages held in the CPU tier now."""
+    cpu_pages_total: int = 0
+    metadata_bytes: int = 0
+    """Bytes of the residency page tables (two-level)."""
+    select_time_s: float = 0.0
+    """Time scoring and choosing pages."""
+    fetch_time_s: float = 0.0
+    """Time looking up, evicting and fetching pages."""
+    index_time_s: float = 0.0
+    """Time building partition summaries."""
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+class KVCounters:
+    """Running totals. Counts computed on the device stay there until `snapshot` reads them,
+    and phases are timed with CUDA events on the GPU, so counting adds no synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._counts = torch.zeros(2, dtype=torch.int64, device=device)  # lookups, hits
+        self.h2d_bytes = 0
+        self.d2h_bytes = 0
+        self.evictions = 0
+        self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0}
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def add_lookups(self, lookups: torch.Tensor, hits: torch.Tensor) -> None:
+        self._counts[0] += lookups
+        self._counts[1] += hits
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._seconds[name] += time.perf_counter() - t0
+
+    def snapshot(self, **gauges: int) -> KVStats:
+        for name, start, end in self._pending:
+            end.synchronize()
+            self._seconds[name] += start.elapsed_time(end) / 1e3
+        self._pending.clear()
+        lookups, hits = self._counts.tolist()
+        return KVStats(
+            lookups=lookups,
+            hits=hits,
+            h2d_bytes=self.h2d_bytes,
+            d2h_bytes=self.d2h_bytes,
+            evictions=self.evictions,
+            select_time_s=self._seconds["select"],
+            fetch_time_s=self._seconds["fetch"],
+            index_time_s=self._seconds["index"],
+            **gauges,
+        )

@@ -1,0 +1,134 @@
+"""The two tiers of page storage.
+
+CPU tier: K and V of every offloaded layer for every engine page, head-major
+([L, P, Hkv, S, D]: one (page, head) is a contiguous S×D run), in pinned host memory on CUDA
+machines and plain memory on the CPU. New KV is written there straight from the GPU by a store
+kernel through unified virtual addressing, on a side stream, so offload overlaps compute;
+`sync` makes the compute stream wait before the tier is read.
+
+GPU tier: working-set slots, [L, Hkv, Q, S, D]: slot q of (layer, head) holds one page of one
+request. On the CPU it is a bounded pool on the same device, so the same logic runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spin_ray.kernels.sparse_kv_store import store_kv_head_major, store_kv_head_major_ref
+from spin_ray.kernels.uva_gather import gather_pages, gather_pages_ref, uva_device_view
+
+
+class HostTier:
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        num_heads: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.device = device
+        self.on_cuda = device.type == "cuda"
+        shape = (num_layers, num_pages, num_heads, page_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, pin_memory=self.on_cuda)
+        self.v = torch.zeros(shape, dtype=dtype, pin_memory=self.on_cuda)
+        # what kernels address: UVA views of the pinned tensors on CUDA, the tensors on the CPU
+        self.k_dev = uva_device_view(self.k) if self.on_cuda else self.k
+        self.v_dev = uva_device_view(self.v) if self.on_cuda else self.v
+        self.side_stream = torch.cuda.Stream(device) if self.on_cuda else None
+        self.page_bytes = 2 * page_size * head_dim * self.k.element_size()
+        """Bytes of K + V of one (page, head)."""
+
+    def store(
+        self,
+        layer: int,
+        k: torch.Tensor,  # [N, Hkv, D]
+        v: torch.Tensor,  # [N, Hkv, D]
+        slot_mapping: torch.Tensor,  # [N] int64  engine page * S + offset
+    ) -> None:
+        """Write new tokens' K/V (asynchronously on CUDA)."""
+        if not self.on_cuda:
+            store_kv_head_major_ref(self.k[layer], self.v[layer], k, v, slot_mapping)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.side_stream.wait_stream(compute)
+        with torch.cuda.stream(self.side_stream):
+            store_kv_head_major(self.k_dev[layer], self.v_dev[layer], k, v, slot_mapping)
+        for t in (k, v, slot_mapping):
+            t.record_stream(self.side_stream)
+
+    def sync(self) -> None:
+        """Order later reads of the tier after every pending store."""
+        if self.on_cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+
+    def read(
+        self, layer: int, pages: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [Hkv, n, S, D] on the compute device
+        """K/V of whole pages (`pages` [n] int64 engine page ids), every head."""
+        _, _, heads, s, d = self.k.shape
+        n = pages.numel()
+        k = torch.empty((heads, n, s, d), dtype=self.k.dtype, device=self.device)
+        v = torch.empty_like(k)
+        head = torch.arange(heads, device=self.device).repeat_interleave(n)
+        src = pages.to(self.device).long().repeat(heads)
+        dst = torch.arange(n, device=self.device).repeat(heads)
+        self.fetch(layer, k, v, src, head, dst)
+        return k, v
+
+    def fetch(
+        self,
+        layer: int,
+        dst_k: torch.Tensor,  # [Hkv, Q, S, D]
+        dst_v: torch.Tensor,
+        src_pages: torch.Tensor,  # [M] int64 engine page ids
+        heads: torch.Tensor,  # [M] int64
+        dst_slots: torch.Tensor,  # [M] int64
+    ) -> None:
+        """One batched gather of (page, head) runs into GPU-tier slots."""
+        gather = gather_pages if self.on_cuda else gather_pages_ref
+        gather(self.k_dev[layer], self.v_dev[layer], dst_k, dst_v, src_pages, heads, dst_slots)
+
+    def write_pages(
+        self,
+        layer: int,
+        pages: torch.Tensor,  # [n] int64
+        k: torch.Tensor,  # [Hkv, n, S, D]
+        v: torch.Tensor,
+    ) -> None:
+        """Overwrite whole pages (used when an index lays partitions out anew)."""
+        dst_k, dst_v = (self.k_dev, self.v_dev) if self.on_cuda else (self.k, self.v)
+        idx = pages.to(dst_k.device).long()
+        dst_k[layer, idx] = k.transpose(0, 1).to(dst_k.device)
+        dst_v[layer, idx] = v.transpose(0, 1).to(dst_v.device)
+
+
+class DeviceTier:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_heads: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (num_layers, num_heads, num_slots, page_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, Hkv, Q, S, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def store_token(
+        self,
+        layer: int,
+        slots: torch.Tensor,  # [B, Hkv] int64  slot of each sequence's last page, per head
+        offsets: torch.Tensor,  # [B] int64  row of the new token in that page
+        k: torch.Tensor,  # [B, Hkv, D]
+        v: torch.Tensor,
+    ) -> None:
+        """Write each decode token's K/V into its (resident) page."""
+        heads = torch.arange(slots.shape[1], device=slots.device)[None, :]
+        self.k[layer][heads, slots, offsets[:, None]] = k.to(self.k.dtype)
+        self.v[layer][heads, slots, offsets[:, None]] = v.to(self.v.dtype)
