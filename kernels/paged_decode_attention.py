@@ -64,7 +64,7 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [P, S, Hkv, D]
@@ -88,7 +88,8 @@ def _decode_split_kernel(
     stride_os,
     stride_lb,
     stride_lh,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,  # programs per (sequence, KV head); a runtime value, so no recompiles
+    ONE_SPLIT: tl.constexpr,  # num_splits == 1: write the output directly
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_H: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's minimum)
     HEAD_DIM: tl.constexpr,
@@ -123,7 +124,7 @@ def _decode_split_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max (log2 domain)
     l_sum = tl.zeros([BLOCK_H], tl.float32)  # running sum of exp2(s - m)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)  # running sum of p @ v
-    for block in range(split, tl.cdiv(context_len, BLOCK_N), NUM_SPLITS):
+    for block in range(split, tl.cdiv(context_len, BLOCK_N), num_splits):
         tok = block * BLOCK_N + offs_n  # [BLOCK_N]
         t_mask = tok < context_len
         page = tl.load(page_row + tok // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
@@ -151,7 +152,7 @@ def _decode_split_kernel(
     has_keys = l_sum > 0.0  # false only for a split that got no block
     out = acc / tl.where(has_keys, l_sum, 1.0)[:, None]
     out_rows = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    if NUM_SPLITS == 1:
+    if ONE_SPLIT:
         tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
     else:
         tl.store(out_rows + split * stride_os, out, mask=h_mask[:, None] & d_mask[None, :])
@@ -171,8 +172,8 @@ def _merge_splits_kernel(
     stride_lh,
     stride_ob,
     stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    num_splits,
+    BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -180,7 +181,7 @@ def _merge_splits_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(
         lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf")
@@ -326,7 +327,8 @@ def paged_decode_attention(
         page_table.stride(0),
         *part_strides,
         *lse_strides,
-        NUM_SPLITS=num_splits,
+        num_splits,
+        ONE_SPLIT=num_splits == 1,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -347,7 +349,7 @@ def paged_decode_attention(
             *lse.stride()[:2],
             out.stride(0),
             out.stride(1),
-            NUM_SPLITS=num_splits,
+            num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
