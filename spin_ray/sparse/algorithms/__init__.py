@@ -5,11 +5,13 @@ from __future__ import annotations
 from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm, SparseGeometry
 from spin_ray.sparse.algorithms.dense import DenseSelection
 from spin_ray.sparse.algorithms.quest import Quest
+from spin_ray.sparse.algorithms.retroinfer import RetroInfer
+from spin_ray.sparse.algorithms.seer import Seer
 from spin_ray.sparse.algorithms.shadowkv import ShadowKV
 from spin_ray.sparse.config import SparseConfig
 
 ALGORITHM_CLASSES: dict[str, type[SparseAlgorithm]] = {
-    cls.name: cls for cls in (DenseSelection, Quest, ShadowKV)
+    cls.name: cls for cls in (DenseSelection, Quest, ShadowKV, RetroInfer, Seer)
 }
 
 

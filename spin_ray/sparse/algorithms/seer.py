@@ -1,0 +1,110 @@
+"""`seer` (SeerAttention-R style learned block gate): partition = block of `seer_block_size`
+tokens (whole pages); summary = the block's keys pooled three ways (max, min, mean), kept per
+page and combined per block at select time.
+
+Score of block j for KV head h: (q̄ W_q[h]) · (k̃_j W_k[h]) / √Dg, where q̄ is the mean of the
+group's post-RoPE queries and k̃_j = [max_j, min_j, mean_j] ∈ R^{3D} the pooled keys; the top
+blocks are attended (every page of a block shares its score).
+
+Gate weights come from `seer_gate_path` (safetensors or a torch file) with, for each offloaded
+model layer i, `layers.{i}.q_gate` [Hkv, D, Dg] and `layers.{i}.k_gate` [Hkv, 3D, Dg].
+Without a file the gate is the documented deterministic initialisation for testing:
+W_q = I (Dg = D) and W_k = [0; 0; I], i.e. the score is q̄ · mean_j / √D.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from spin_ray.sparse.algorithms.base import SparseAlgorithm
+
+
+def load_gates(path: str, layers: range, heads: int, head_dim: int):
+    """(q_gate [L, Hkv, D, Dg], k_gate [L, Hkv, 3D, Dg]) for the model layers in `layers`."""
+    if not Path(path).is_file():
+        raise ValueError(f"seer_gate_path: no file at {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        weights = load_file(path)
+    else:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    q_gates, k_gates = [], []
+    for i in layers:
+        q_gate, k_gate = weights.get(f"layers.{i}.q_gate"), weights.get(f"layers.{i}.k_gate")
+        if q_gate is None or k_gate is None:
+            raise ValueError(f"seer_gate_path: layers.{i}.q_gate / k_gate missing in {path!r}")
+        if q_gate.shape[:2] != (heads, head_dim) or k_gate.shape[:2] != (heads, 3 * head_dim):
+            raise ValueError(
+                f"seer_gate_path: layer {i} gates have shapes {tuple(q_gate.shape)} and "
+                f"{tuple(k_gate.shape)}; expected [{heads}, {head_dim}, Dg] and "
+                f"[{heads}, {3 * head_dim}, Dg]"
+            )
+        if q_gate.shape[2] != k_gate.shape[2]:
+            raise ValueError(f"seer_gate_path: layer {i} q_gate and k_gate disagree on Dg")
+        q_gates.append(q_gate.float())
+        k_gates.append(k_gate.float())
+    return torch.stack(q_gates), torch.stack(k_gates)
+
+
+def default_gates(num_layers: int, heads: int, head_dim: int):
+    """The deterministic test gate: W_q = I, W_k = [0; 0; I] (score = q̄ · mean / √D)."""
+    eye = torch.eye(head_dim)
+    q_gate = eye.expand(num_layers, heads, head_dim, head_dim).clone()
+    k_gate = torch.cat([torch.zeros(2 * head_dim, head_dim), eye])
+    return q_gate, k_gate.expand(num_layers, heads, 3 * head_dim, head_dim).clone()
+
+
+class Seer(SparseAlgorithm):
+    name = "seer"
+
+    def __init__(self, geometry, config):
+        super().__init__(geometry, config)
+        g = geometry
+        self.block_pages = config.seer_block_size // g.page_size
+        self.index_unit_pages = self.block_pages
+        shape = (g.num_layers, g.num_cpu_pages, g.num_kv_heads, g.head_dim)
+        self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P, Hkv, D]
+        self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        self.ksum = torch.zeros(shape, dtype=torch.float32, device=g.device)
+        if config.seer_gate_path is None:
+            gates = default_gates(g.num_layers, g.num_kv_heads, g.head_dim)
+        else:
+            layers = range(g.first_layer, g.first_layer + g.num_layers)
+            gates = load_gates(config.seer_gate_path, layers, g.num_kv_heads, g.head_dim)
+        self.q_gate, self.k_gate = (w.to(g.device) for w in gates)
+
+    def index(self, layer, request_id, first_page, page_ids, k, v):
+        self.kmax[layer, page_ids] = k.amax(2).transpose(0, 1)  # [n, Hkv, D]
+        self.kmin[layer, page_ids] = k.amin(2).transpose(0, 1)
+        self.ksum[layer, page_ids] = k.float().sum(2).transpose(0, 1)
+        return None
+
+    def page_scores(self, layer, q, batch):
+        b, hq, d = q.shape
+        hkv, bp = self.geometry.num_kv_heads, self.block_pages
+        maxp = batch.page_table.shape[1]
+        blocks = -(-maxp // bp)
+        table = torch.nn.functional.pad(batch.page_table.long(), (0, blocks * bp - maxp))
+
+        def pooled(stat):  # [B, blocks, bp, Hkv, D]
+            return stat[layer][table].float().view(b, blocks, bp, hkv, d)
+
+        block_tokens = self.config.seer_block_size
+        k_pooled = torch.cat(
+            [
+                pooled(self.kmax).amax(2),
+                pooled(self.kmin).amin(2),
+                pooled(self.ksum).sum(2) / block_tokens,
+            ],
+            -1,
+        )  # [B, blocks, Hkv, 3D]
+        k_gated = torch.einsum("bnhe,hef->bnhf", k_pooled, self.k_gate[layer])
+        q_mean = q.float().view(b, hkv, hq // hkv, d).mean(2)  # [B, Hkv, D]
+        q_gated = torch.einsum("bhd,hdf->bhf", q_mean, self.q_gate[layer])
+        dg = q_gated.shape[-1]
+        score = torch.einsum("bhf,bnhf->bhn", q_gated, k_gated) / math.sqrt(dg)
+        return score.repeat_interleave(bp, -1)[..., :maxp]
