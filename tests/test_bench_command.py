@@ -37,12 +37,13 @@ RESULT_FIELDS = {
     "d2h_gbps",
     "select_share",
     "fetch_share",
+    "index_share",
     "attention_share",
     "rest_share",
     "kv_stats_end",
 }
-MODES = ["dense"]
-NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 40, 6
+MODES = ["dense", "dense-offload", "sparse-naive", "spin"]
+NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 200, 6
 
 
 def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
@@ -56,6 +57,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         "--num-prompts", str(NUM_PROMPTS),
         "--input-len", str(INPUT_LEN),
         "--output-len", str(OUTPUT_LEN),
+        "--token-budget", "64",
         "--request-rate", "50,inf",
         "--output", str(out),
         "--plot-dir", str(plots),
@@ -80,13 +82,27 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
         assert 1 <= r["mean_batch"] <= r["max_batch"] <= NUM_PROMPTS
-    offline = next(r for r in results if r["request_rate"] == "inf")
-    assert offline["max_batch"] == NUM_PROMPTS  # all arrive at once, all decode together
+    for r in results:
+        if r["request_rate"] == "inf":
+            assert r["max_batch"] == NUM_PROMPTS  # all arrive at once, all decode together
+        if r["mode"] == "dense":
+            assert r["hbm_hit_rate"] is None and not r["h2d_bytes"]
+        else:  # KV lives in the CPU tier: pages cross PCIe, lookups are counted
+            assert r["h2d_bytes"] > 0 and r["d2h_bytes"] > 0 and r["lookups"] > 0
+            assert r["h2d_gbps"] == pytest.approx(r["h2d_bytes"] / r["duration"] / 1e9)
+            assert r["select_share"] >= 0 and r["fetch_share"] > 0 and r["rest_share"] < 1
+    by_mode = {r["mode"]: r for r in results if r["request_rate"] == "inf"}
+    assert by_mode["sparse-naive"]["hbm_hit_rate"] == 0.0  # no buffer: nothing is reused
+    assert 0 < by_mode["spin"]["hbm_hit_rate"] <= 1
+    assert by_mode["spin"]["h2d_bytes"] < by_mode["sparse-naive"]["h2d_bytes"]
+    assert [c["request_rate"] for c in document["comparisons"]] == [50.0, "inf"]
+    assert all(c["throughput_vs_dense"] > 0 for c in document["comparisons"])
 
     if not document["environment"]["vllm"]:
         assert document["skipped_modes"] == {"vllm": "vllm is not installed"}
         assert "vllm is not installed" in captured.err
-    assert captured.out.count("| dense |") == 2
+    for mode in MODES:
+        assert captured.out.count(f"| {mode} |") == 2
     assert (plots / "throughput.png").stat().st_size > 0
     assert (plots / "latency.png").stat().st_size > 0
 

@@ -32,8 +32,8 @@ def _record(mode="spin", kv_stats=None, step_time=4.0):
 
 
 def test_figures_follow_their_formulas():
-    stats = dict(lookups=200, hits=150, h2d_bytes=2e9, d2h_bytes=1e9, select_time=0.4,
-                 fetch_time=1.0, evictions=7)  # fmt: skip
+    stats = dict(lookups=200, hits=150, h2d_bytes=2e9, d2h_bytes=1e9, select_time_s=0.4,
+                 fetch_time_s=1.0, evictions=7)  # fmt: skip
     r = summarize(_record(kv_stats=stats))
     assert r["completed"] == 3 and r["request_throughput"] == pytest.approx(3 / 5)
     assert r["output_throughput"] == pytest.approx(17 / 5)
@@ -45,7 +45,8 @@ def test_figures_follow_their_formulas():
     assert r["hbm_hit_rate"] == 0.75 and r["evictions"] == 7
     assert r["h2d_gbps"] == pytest.approx(0.4) and r["d2h_gbps"] == pytest.approx(0.2)
     assert r["select_share"] == pytest.approx(0.1) and r["fetch_share"] == pytest.approx(0.25)
-    assert r["attention_share"] is None and r["rest_share"] == pytest.approx(0.65)
+    assert r["attention_share"] is None and r["index_share"] is None
+    assert r["rest_share"] == pytest.approx(0.65)
 
 
 def test_missing_statistics_stay_missing():
@@ -53,7 +54,7 @@ def test_missing_statistics_stay_missing():
     for key in ("hbm_hit_rate", "h2d_bytes", "h2d_gbps", "select_share", "rest_share"):
         assert r[key] is None
     assert "| dense | inf |" in markdown_table([r])
-    assert markdown_table([r]).splitlines()[-1].endswith("| - | - | - | - |")
+    assert markdown_table([r]).splitlines()[-1].endswith("| - | - | - | - | - |")
 
 
 def test_goal_ratios_between_modes():

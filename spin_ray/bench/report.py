@@ -80,6 +80,7 @@ COLUMNS = (
     ("D2H GB/s", "d2h_gbps", "{:.2f}"),
     ("select", "select_share", "{:.0%}"),
     ("fetch", "fetch_share", "{:.0%}"),
+    ("index", "index_share", "{:.0%}"),
     ("attn", "attention_share", "{:.0%}"),
     ("rest", "rest_share", "{:.0%}"),
 )

@@ -26,9 +26,10 @@ COUNTER_STATS = (
     "h2d_bytes",
     "d2h_bytes",
     "evictions",
-    "select_time",
-    "fetch_time",
-    "attention_time",
+    "select_time_s",
+    "fetch_time_s",
+    "index_time_s",
+    "attention_time_s",
 )
 """Cumulative `kv_stats()` fields whose change over a run the summary uses."""
 

@@ -21,7 +21,13 @@ UNITS = {
     "duration": "s",
 }
 
-TIME_SHARES = (("select", "select_time"), ("fetch", "fetch_time"), ("attention", "attention_time"))
+TIME_SHARES = (
+    ("select", "select_time_s"),
+    ("fetch", "fetch_time_s"),
+    ("index", "index_time_s"),
+    ("attention", "attention_time_s"),
+)
+"""(share name, `kv_stats()` field of seconds it is computed from)."""
 
 
 def summarize(record: RunRecord) -> dict:
