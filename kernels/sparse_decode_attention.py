@@ -48,6 +48,7 @@ def sparse_decode_attention_ref(
     v = v_slots[heads, safe].float().flatten(2, 3)
     valid = torch.arange(s, device=q.device) < counts[..., None]  # [B, Hkv, K, S]
     valid = (valid & (slots >= 0)[..., None]).flatten(2, 3)  # [B, Hkv, K*S]
+    v = v.masked_fill(~valid[..., None], 0.0)  # rows past a page's count are never read
     qg = q.float().view(b, hkv, g, d)
     logits = torch.einsum("bhgd,bhtd->bhgt", qg, k) * scale  # [B, Hkv, G, T]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))

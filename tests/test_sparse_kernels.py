@@ -1,0 +1,140 @@
+"""The sparse path's Triton kernels against their torch references, on the CPU with Triton's
+interpreter (conftest.py sets TRITON_INTERPRET=1), plus the references against plain specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
+from spin_ray.kernels.quest_page_scores import quest_page_scores, quest_page_scores_ref
+from spin_ray.kernels.sparse_decode_attention import (
+    sparse_decode_attention,
+    sparse_decode_attention_ref,
+)
+from spin_ray.kernels.sparse_kv_store import store_kv_head_major, store_kv_head_major_ref
+from spin_ray.kernels.uva_gather import gather_pages, gather_pages_ref
+
+
+def _nan_slots(gen, heads, num_slots, page_size, head_dim, slots, counts):
+    """GPU-tier K/V that are NaN everywhere except the valid tokens of the listed slots."""
+    k = torch.full((heads, num_slots, page_size, head_dim), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    b, h, j = (slots >= 0).nonzero(as_tuple=True)
+    for bi, hi, ji in zip(b.tolist(), h.tolist(), j.tolist()):
+        n = int(counts[bi, hi, ji])
+        k[hi, slots[bi, hi, ji], :n] = torch.randn(n, head_dim, generator=gen)
+        v[hi, slots[bi, hi, ji], :n] = torch.randn(n, head_dim, generator=gen)
+    return k, v
+
+
+@pytest.mark.parametrize(
+    "batch,hq,hkv,head_dim,page_size,entries,split",
+    [(2, 4, 2, 16, 16, 9, 4), (3, 6, 3, 8, 4, 7, 16), (1, 8, 1, 32, 16, 33, 8)],
+)
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_sparse_decode_attention_matches_reference(
+    batch, hq, hkv, head_dim, page_size, entries, split, with_extra
+):
+    gen = torch.Generator().manual_seed(batch * 100 + entries)
+    num_slots = batch * entries + 2
+    # distinct slots per (b, h) entry; about a quarter unused (-1), partial counts
+    slots = torch.randperm(num_slots, generator=gen)[: batch * entries].view(batch, 1, entries)
+    slots = slots.expand(batch, hkv, entries).clone()
+    slots[torch.rand(slots.shape, generator=gen) < 0.25] = -1
+    slots[:, :, 0] = torch.arange(batch)[:, None]  # every (b, h) attends at least one page
+    counts = torch.randint(1, page_size + 1, slots.shape, generator=gen, dtype=torch.int32)
+    counts = torch.where(slots >= 0, counts, 0)
+    k, v = _nan_slots(gen, hkv, num_slots, page_size, head_dim, slots, counts)
+    q = torch.randn(batch, hq, head_dim, generator=gen)
+    extra = None
+    if with_extra:
+        extra = (
+            torch.randn(batch, hq, generator=gen),
+            torch.rand(batch, hq, generator=gen) + 0.5,
+            torch.randn(batch, hq, head_dim, generator=gen),
+        )
+    ref = sparse_decode_attention_ref(q, k, v, slots, counts, 0.25, extra)
+    out = sparse_decode_attention(q, k, v, slots, counts, 0.25, extra, entries_per_split=split)
+    assert not ref.isnan().any() and not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_sparse_decode_reference_is_softmax_attention():
+    """The reference equals softmax(q·kᵀ·scale)·v over the listed tokens, written out, and the
+    extra partial is merged as if its (m, l, acc) were more keys."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 4, generator=gen)  # Hq = 2, one KV head (GQA group of 2)
+    k = torch.randn(1, 3, 2, 4, generator=gen)  # 3 slots of 2 tokens
+    v = torch.randn(1, 3, 2, 4, generator=gen)
+    slots = torch.tensor([[[2, -1, 0]]])
+    counts = torch.tensor([[[2, 0, 1]]], dtype=torch.int32)
+    keys = torch.cat([k[0, 2], k[0, 0, :1]])  # [3, 4]
+    values = torch.cat([v[0, 2], v[0, 0, :1]])
+    expected = torch.softmax(q[0] @ keys.T * 0.5, -1) @ values  # [2, 4]
+    out = sparse_decode_attention_ref(q, k, v, slots, counts, 0.5)
+    torch.testing.assert_close(out[0], expected)
+    # an extra partial built from one more key e with value w must equal attending to it too
+    e, w = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    logit = q[0] @ e * 0.5  # [2]
+    extra = (logit[None], torch.ones(1, 2), w.expand(1, 2, 4))
+    expected = torch.softmax(q[0] @ torch.cat([keys, e[None]]).T * 0.5, -1) @ torch.cat(
+        [values, w[None]]
+    )
+    torch.testing.assert_close(
+        sparse_decode_attention_ref(q, k, v, slots, counts, 0.5, extra)[0], expected
+    )
+
+
+def test_lru_victims_kernel_and_reference_match_the_sort_spec():
+    """Victims are the `need` smallest keys of a row, ties taken lowest index first."""
+    gen = torch.Generator().manual_seed(1)
+    num_keys = 9
+    keys = torch.randint(0, num_keys, (12, 37), generator=gen, dtype=torch.uint8)
+    need = torch.randint(0, 38, (12,), generator=gen)
+    for r in range(12):  # the spec, plainly: stable sort by key, take the first need[r]
+        order = sorted(range(37), key=lambda j: (int(keys[r, j]), j))
+        spec = torch.zeros(37, dtype=torch.bool)
+        spec[order[: int(need[r])]] = True
+        assert torch.equal(lru_victims_ref(keys, need, num_keys)[r], spec)
+    assert torch.equal(lru_victims(keys, need, num_keys), lru_victims_ref(keys, need, num_keys))
+
+
+def test_quest_page_scores_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 8, 16, generator=gen)
+    kmin = torch.randn(40, 2, 16, generator=gen)
+    kmax = kmin + torch.rand(40, 2, 16, generator=gen)
+    table = torch.randint(0, 40, (3, 45), generator=gen, dtype=torch.int32)
+    ref = quest_page_scores_ref(q, kmin, kmax, table)
+    torch.testing.assert_close(quest_page_scores(q, kmin, kmax, table), ref)
+
+
+def test_head_major_store_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(3)
+    pages, heads, page_size, head_dim, n = 6, 3, 4, 8, 11
+    ref_k = torch.zeros(pages, heads, page_size, head_dim)
+    ref_v = torch.zeros_like(ref_k)
+    out_k, out_v = ref_k.clone(), ref_v.clone()
+    k = torch.randn(n, heads, head_dim, generator=gen)
+    v = torch.randn(n, heads, head_dim, generator=gen)
+    slot_mapping = torch.randperm(pages * page_size, generator=gen)[:n]
+    store_kv_head_major_ref(ref_k, ref_v, k, v, slot_mapping)
+    store_kv_head_major(out_k, out_v, k, v, slot_mapping)
+    assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
+    page, offset = slot_mapping // page_size, slot_mapping % page_size  # the layout, plainly
+    assert torch.equal(ref_k[page[4], 2, offset[4]], k[4, 2])
+
+
+def test_gather_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(4)
+    src_k = torch.randn(7, 2, 4, 8, generator=gen)
+    src_v = torch.randn(7, 2, 4, 8, generator=gen)
+    ref_k, ref_v = torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 8)
+    out_k, out_v = ref_k.clone(), ref_v.clone()
+    src = torch.tensor([6, 0, 3, 3])
+    head = torch.tensor([1, 0, 0, 1])
+    dst = torch.tensor([4, 4, 0, 2])
+    gather_pages_ref(src_k, src_v, ref_k, ref_v, src, head, dst)
+    gather_pages(src_k, src_v, out_k, out_v, src, head, dst)
+    assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
+    assert torch.equal(ref_k[1, 4], src_k[6, 1]) and torch.equal(ref_v[0, 0], src_v[3, 0])

@@ -1,0 +1,277 @@
+"""Each algorithm's selection against its formula written out plainly (fp32, random inputs,
+tie-tolerant), and the runtime's windows: sink + top-k + local, budgets and mandatory pages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spin_ray.sparse.algorithms import SelectBatch, SparseGeometry, build_algorithm
+from spin_ray.sparse.budget import PageBudget
+from spin_ray.sparse.config import SparseConfig
+from spin_ray.sparse.selection import DecodeWindows, select_pages
+
+PAGE, HKV, HQ, D, CPU_PAGES = 8, 2, 4, 16, 64
+G = HQ // HKV
+
+
+def _geometry() -> SparseGeometry:
+    return SparseGeometry(
+        num_layers=1,
+        first_layer=0,
+        num_cpu_pages=CPU_PAGES,
+        page_size=PAGE,
+        num_kv_heads=HKV,
+        num_q_heads=HQ,
+        head_dim=D,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+
+
+def _indexed(name: str, num_pages: int, seed: int, **fields):
+    """An algorithm that indexed `num_pages` random pages of request "r" (keys with a spread
+    of scales so scores differ); returns it, the stored keys/values [Hkv, n, S, D] (in the
+    laid-out order the runtime would store) and the page ids."""
+    gen = torch.Generator().manual_seed(seed)
+    config = SparseConfig(algorithm=name, **fields)
+    algorithm = build_algorithm(_geometry(), config)
+    k = (
+        torch.randn(HKV, num_pages, PAGE, D, generator=gen)
+        * torch.rand(1, num_pages, 1, 1, generator=gen)
+        * 3
+    )
+    v = torch.randn(HKV, num_pages, PAGE, D, generator=gen)
+    page_ids = torch.randperm(CPU_PAGES, generator=gen)[:num_pages]
+    perm = algorithm.index(0, "r", 0, page_ids, k, v)
+    if perm is not None:  # the runtime stores the tokens in the algorithm's order
+        idx = perm[:, :, None].expand(HKV, num_pages * PAGE, D)
+        k = k.reshape(HKV, -1, D).gather(1, idx).view_as(k)
+        v = v.reshape(HKV, -1, D).gather(1, idx).view_as(v)
+    return algorithm, k, v, page_ids
+
+
+def _batch(page_ids: torch.Tensor, indexed: int) -> SelectBatch:
+    n = page_ids.numel()
+    return SelectBatch(
+        request_ids=("r",),
+        page_table=page_ids[None].int(),
+        num_pages=torch.tensor([n]),
+        indexed_pages=torch.tensor([indexed]),
+        indexed_pages_cpu=(indexed,),
+    )
+
+
+def _budget(token_budget, sink=PAGE, local=2 * PAGE, attend_all=False) -> PageBudget:
+    return PageBudget(
+        page_size=PAGE,
+        token_budget=token_budget,
+        sink_tokens=sink,
+        local_tokens=local,
+        max_unindexed_tokens=PAGE + 4,
+        attend_all=attend_all,
+        retains=True,
+        buffer_ratio=2.0,
+        min_buffer_ratio=1.0,
+    )
+
+
+def _assert_top_pages(algorithm, q, page_ids, formula, budget):
+    """The selected pages between sink and local window are a top-k of `formula` [Hkv, n]."""
+    n = page_ids.numel()
+    windows = DecodeWindows.build(budget, [n * PAGE], [n], torch.device("cpu"))
+    pages = select_pages(algorithm.page_scores(0, q, _batch(page_ids, n)), windows)[0]
+    sink, start = budget.sink_pages(n * PAGE), int(windows.local_start[0])
+    k = int(windows.topk[0])
+    assert 0 < k < start - sink, "the test needs a real choice"
+    for h in range(HKV):
+        chosen = {p for p in pages[h].tolist() if sink <= p < start}
+        assert len(chosen) == k
+        rest = set(range(sink, start)) - chosen
+        worst_chosen = min(formula[h, p].item() for p in chosen)
+        best_rest = max(formula[h, p].item() for p in rest)
+        assert worst_chosen >= best_rest - 1e-5 * max(1.0, abs(best_rest))
+        listed = [p for p in pages[h].tolist() if p >= 0]
+        assert set(range(sink)) | set(range(start, n)) <= set(listed)
+        assert len(listed) == len(set(listed)) == sink + k + (n - start)
+
+
+def test_quest_score_is_the_formula_and_an_upper_bound_of_every_qk():
+    algorithm, k, _, page_ids = _indexed("quest", 20, seed=0)
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(10))
+    scores = algorithm.page_scores(0, q, _batch(page_ids, 20))[0]  # [Hkv, n]
+    formula = torch.zeros(HKV, 20)
+    for h in range(HKV):
+        for p in range(20):
+            kmax, kmin = k[h, p].amax(0), k[h, p].amin(0)
+            per_head = [
+                sum(max(q[0, g, i] * kmax[i], q[0, g, i] * kmin[i]) for i in range(D))
+                for g in range(h * G, (h + 1) * G)
+            ]
+            formula[h, p] = max(per_head)
+            qk = q[0, h * G : (h + 1) * G] @ k[h, p].T  # [G, S] every q·k of the page
+            assert scores[h, p] >= qk.max() - 1e-5
+    torch.testing.assert_close(scores, formula)
+    _assert_top_pages(algorithm, q, page_ids, formula, _budget(8 * PAGE))
+
+
+def test_shadowkv_score_is_max_over_group_of_softmax_over_chunk_landmarks():
+    algorithm, k, _, page_ids = _indexed("shadowkv", 20, seed=1, shadowkv_chunk_size=4)
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(11))
+    chunks = k.view(HKV, 20, 2, 4, D).mean(3)  # [Hkv, n, C, D] landmarks = chunk means
+    formula = torch.zeros(HKV, 20)
+    for h in range(HKV):
+        per_head = []
+        for g in range(h * G, (h + 1) * G):
+            logits = (chunks[h].reshape(-1, D) @ q[0, g]) / math.sqrt(D)
+            per_head.append(torch.softmax(logits, 0).view(20, 2))
+        formula[h] = torch.stack(per_head).amax(0).amax(-1)  # max over heads, chunks of page
+    scores = algorithm.page_scores(0, q, _batch(page_ids, 20))[0]
+    torch.testing.assert_close(scores, formula)
+    _assert_top_pages(algorithm, q, page_ids, formula, _budget(8 * PAGE))
+
+
+def test_seer_default_gate_scores_mean_query_against_mean_block_key():
+    algorithm, k, _, page_ids = _indexed("seer", 24, seed=2, seer_block_size=2 * PAGE)
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(12))
+    formula = torch.zeros(HKV, 24)
+    for h in range(HKV):
+        q_mean = q[0, h * G : (h + 1) * G].mean(0)
+        for block in range(12):
+            mean_key = k[h, 2 * block : 2 * block + 2].reshape(-1, D).mean(0)
+            formula[h, 2 * block : 2 * block + 2] = q_mean @ mean_key / math.sqrt(D)
+    scores = algorithm.page_scores(0, q, _batch(page_ids, 24))[0]
+    torch.testing.assert_close(scores, formula)
+    _assert_top_pages(algorithm, q, page_ids, formula, _budget(9 * PAGE))
+
+
+def test_seer_gate_file_weights_are_used(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    q_gate, k_gate = (
+        torch.randn(HKV, D, 5, generator=gen),
+        torch.randn(HKV, 3 * D, 5, generator=gen),
+    )
+    path = tmp_path / "gate.safetensors"
+    save_file({"layers.0.q_gate": q_gate, "layers.0.k_gate": k_gate}, str(path))
+    algorithm, k, _, page_ids = _indexed(
+        "seer", 16, seed=4, seer_block_size=2 * PAGE, seer_gate_path=str(path)
+    )
+    q = torch.randn(1, HQ, D, generator=gen)
+    formula = torch.zeros(HKV, 16)
+    for h in range(HKV):
+        q_gated = q[0, h * G : (h + 1) * G].mean(0) @ q_gate[h]
+        for block in range(8):
+            keys = k[h, 2 * block : 2 * block + 2].reshape(-1, D)
+            pooled = torch.cat([keys.amax(0), keys.amin(0), keys.mean(0)])
+            formula[h, 2 * block : 2 * block + 2] = q_gated @ (pooled @ k_gate[h]) / math.sqrt(5)
+    torch.testing.assert_close(algorithm.page_scores(0, q, _batch(page_ids, 16))[0], formula)
+    with pytest.raises(ValueError, match="seer_gate_path"):
+        _indexed("seer", 4, seed=5, seer_block_size=2 * PAGE, seer_gate_path=str(tmp_path / "no"))
+
+
+def test_retroinfer_clusters_are_contiguous_with_exact_summaries():
+    algorithm, k, v, page_ids = _indexed(
+        "retroinfer", 24, seed=6, retroinfer_segment_tokens=8 * PAGE, retroinfer_cluster_tokens=8
+    )
+    clusters = algorithm.state["r"][0]
+    tokens = clusters.token_cluster  # [Hkv, T] in the laid-out order
+    for h in range(HKV):
+        ids = tokens[h].tolist()
+        assert ids == sorted(ids), "each cluster's tokens are contiguous"
+        for segment in range(3):  # clusters never cross an 8-page segment
+            inside = set(ids[segment * 64 : (segment + 1) * 64])
+            outside = set(ids[: segment * 64] + ids[(segment + 1) * 64 :])
+            assert not inside & outside
+        keys, values = k[h].reshape(-1, D), v[h].reshape(-1, D)
+        for c in set(ids):
+            members = tokens[h] == c
+            torch.testing.assert_close(clusters.centroids[h, c], keys[members].mean(0))
+            torch.testing.assert_close(clusters.value_sums[h, c], values[members].sum(0))
+            assert clusters.sizes[h, c] == members.sum()
+    assert clusters.sizes.shape[1] == 3 * (64 // 8)
+
+
+def test_retroinfer_scores_and_estimation_zone_follow_the_formula():
+    algorithm, k, v, page_ids = _indexed(
+        "retroinfer",
+        24,
+        seed=7,
+        retroinfer_segment_tokens=8 * PAGE,
+        retroinfer_cluster_tokens=8,
+        retroinfer_estimation_fraction=0.25,
+    )
+    clusters = algorithm.state["r"][0]
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(13))
+    num_clusters = clusters.sizes.shape[1]
+    cluster_score = torch.zeros(HKV, num_clusters)
+    formula = torch.zeros(HKV, 24)
+    for h in range(HKV):
+        for g in range(h * G, (h + 1) * G):
+            logits = clusters.centroids[h] @ q[0, g] / math.sqrt(D)
+            logits[clusters.sizes[h] == 0] = -math.inf
+            cluster_score[h] += torch.softmax(logits, 0)
+        per_token = cluster_score[h][clusters.token_cluster[h]]
+        formula[h] = per_token.view(24, PAGE).amax(-1)  # a page scores as its best cluster
+    batch = _batch(page_ids, 24)
+    torch.testing.assert_close(algorithm.page_scores(0, q, batch)[0], formula)
+    budget = _budget(8 * PAGE)
+    _assert_top_pages(algorithm, q, page_ids, formula, budget)
+
+    windows = DecodeWindows.build(budget, [24 * PAGE], [24], torch.device("cpu"))
+    pages = select_pages(algorithm.page_scores(0, q, batch), windows)
+    m, lsum, acc = algorithm.estimate(0, q, batch, pages, scale=0.3)
+    for h in range(HKV):
+        exact = {p for p in pages[0, h].tolist() if p >= 0}
+        touched = {
+            int(clusters.token_cluster[h, t]) for t in range(24 * PAGE) if t // PAGE in exact
+        }
+        eligible = [c for c in range(num_clusters) if c not in touched and clusters.sizes[h, c] > 0]
+        eligible.sort(key=lambda c: -cluster_score[h, c].item())
+        zone = eligible[: int(0.25 * num_clusters)]
+        assert zone, "the test needs an estimation zone"
+        for g in range(h * G, (h + 1) * G):
+            logits = torch.stack([clusters.centroids[h, c] @ q[0, g] * 0.3 for c in zone])
+            sizes = torch.stack([clusters.sizes[h, c] for c in zone])
+            sums = torch.stack([clusters.value_sums[h, c] for c in zone])
+            # (m, l, acc) stand for Σ size·e^logit and Σ e^logit·value_sum
+            torch.testing.assert_close(lsum[0, g] * m[0, g].exp(), (sizes * logits.exp()).sum())
+            torch.testing.assert_close(acc[0, g] * m[0, g].exp(), logits.exp() @ sums)
+
+
+def test_dense_selects_every_page():
+    algorithm, _, _, page_ids = _indexed("dense", 12, seed=8)
+    budget = _budget(PAGE, attend_all=True)
+    windows = DecodeWindows.build(budget, [12 * PAGE - 3], [11], torch.device("cpu"))
+    q = torch.randn(1, HQ, D)
+    pages = select_pages(algorithm.page_scores(0, q, _batch(page_ids, 11)), windows)[0]
+    for h in range(HKV):
+        assert sorted(p for p in pages[h].tolist() if p >= 0) == list(range(12))
+
+
+@pytest.mark.parametrize("token_budget", [5 * PAGE, 0.3, 1.0])
+def test_windows_respect_budget_and_mandatory_bound(token_budget):
+    """For every context and index state the runtime may meet, the attended pages fit the
+    budget (beyond sink + local), never exceed `mandatory_pages`, and the HBM floor and
+    target are never below mandatory."""
+    budget = _budget(token_budget, sink=PAGE + 3, local=2 * PAGE + 1)
+    for context in range(1, 40 * PAGE):
+        pages = budget.num_pages(context)
+        complete = (context - 1) // PAGE
+        for indexed in {complete, max(0, complete - 1), max(0, complete - 2)}:
+            windows = DecodeWindows.build(budget, [context], [indexed], torch.device("cpu"))
+            scores = torch.randn(1, HKV, pages)
+            listed = select_pages(scores, windows)[0]
+            count = int((listed[0] >= 0).sum())
+            assert count <= budget.mandatory_pages(context)
+            assert budget.mandatory_pages(context) <= budget.floor_pages(context)
+            assert budget.floor_pages(context) <= budget.target_pages(context)
+            if isinstance(token_budget, float):
+                allowed = math.ceil(token_budget * context / PAGE)
+            else:
+                allowed = token_budget // PAGE
+            assert int(windows.topk[0]) <= max(0, allowed)
+            if token_budget == 1.0:
+                assert count == pages, "a budget covering the context attends every page"
