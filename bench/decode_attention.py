@@ -36,6 +36,7 @@ from spin_ray.kernels.paged_decode_attention import (
     paged_decode_attention,
 )
 from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,12 @@ SMOKE = BenchSetup(
     copy_bytes=1 << 20,
 )
 FINE_SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+SIZE_SPLITS = (1, 2, 4, 8, 16, 32, 64)
+_SDPA_BACKENDS = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+)
 
 
 class Bench:
@@ -237,68 +244,72 @@ class Bench:
         self.say(f"- store_kv: {'identical' if store_ok else 'MISMATCH'} to store_kv_ref")
         self.results["correctness"] = {**checks, "store_kv_identical": store_ok}
 
-    def decode_sweep(self, copy_tbps: float) -> DecodeKernelConfig:
+    def main_case(self):
         s = self.setup
         batch, context = s.main
         page_table, lens = self.paged_batch(batch, context)
         q = self.randn(batch, s.num_heads, s.head_dim)
-        nbytes = self.decode_bytes(batch, context)
+        return q, page_table, lens, self.decode_bytes(batch, context)
+
+    def decode_headline(self, copy_tbps: float) -> None:
+        s = self.setup
+        batch, context = s.main
+        q, page_table, lens, nbytes = self.main_case()
+        splits = choose_num_splits(
+            batch, s.num_kv_heads, context, _num_sms(self.device), DecodeKernelConfig()
+        )
         self.say(
             f"\n## Decode, batch {batch} x {context} context, {s.num_heads} q / "
-            f"{s.num_kv_heads} KV heads x {s.head_dim}, bf16, page {s.page_size}\n"
+            f"{s.num_kv_heads} KV heads x {s.head_dim}, bf16, page {s.page_size}, random "
+            f"page table\n\nbytes per call: {nbytes / 1e9:.3f} GB (K+V once, q, out); default "
+            f"config {_label(DecodeKernelConfig())}, heuristic splits {splits}\n"
         )
-        self.say(f"bytes per call: {nbytes / 1e9:.3f} GB (K+V once, q, out)\n")
+        times = [self.time_ms(self.decode_fn(q, page_table, lens), 300) for _ in range(2)]
+        for ms in times:
+            tbps = nbytes / ms / 1e9
+            self.say(
+                f"**{ms:.4f} ms, {tbps:.2f} TB/s = {100 * tbps / copy_tbps:.1f}% of the copy "
+                "bandwidth**"
+            )
+        self.say("\n| splits | ms | TB/s | % of copy |")
+        self.say("|---|---|---|---|")
+        scan = {}
+        for sp in FINE_SPLITS if not self.smoke else (1, 2):
+            ms = self.time_ms(self.decode_fn(q, page_table, lens, None, sp))
+            scan[sp] = ms
+            tbps = nbytes / ms / 1e9
+            self.say(f"| {sp} | {ms:.4f} | {tbps:.2f} | {100 * tbps / copy_tbps:.1f} |")
+        self.results["decode_main"] = {
+            "ms": times,
+            "fraction_of_copy": [nbytes / ms / 1e9 / copy_tbps for ms in times],
+            "splits": splits,
+            "split_scan_ms": scan,
+        }
+
+    def decode_sweep(self, copy_tbps: float) -> None:
+        s = self.setup
+        q, page_table, lens, nbytes = self.main_case()
+        self.say("\n## Decode kernel configurations on the headline case\n")
         self.say("| block_n | warps | stages | splits | ms | TB/s | % of copy |")
         self.say("|---|---|---|---|---|---|---|")
         rows = []
         for config in s.configs:
             for splits in s.splits:
                 ms = self.time_ms(self.decode_fn(q, page_table, lens, config, splits), 50)
-                rows.append((ms, config, splits))
+                rows.append((config.block_n, config.num_warps, config.num_stages, splits, ms))
                 tbps = nbytes / ms / 1e9
                 self.say(
                     f"| {config.block_n} | {config.num_warps} | {config.num_stages} | "
                     f"{splits} | {ms:.4f} | {tbps:.2f} | {100 * tbps / copy_tbps:.1f} |"
                 )
-        _, best, _ = min(rows, key=lambda r: r[0])
-        self.say(f"\nfastest config: {_label(best)}\n")
-        self.say("| config | splits | ms | TB/s | % of copy |")
-        self.say("|---|---|---|---|---|")
-        fine = {}
-        for label, config in (("fastest", best), ("default", DecodeKernelConfig())):
-            for splits in FINE_SPLITS if not self.smoke else (1, 2):
-                ms = self.time_ms(self.decode_fn(q, page_table, lens, config, splits))
-                tbps = nbytes / ms / 1e9
-                fine[f"{label}/{splits}"] = ms
-                self.say(
-                    f"| {label} | {splits} | {ms:.4f} | {tbps:.2f} | {100 * tbps / copy_tbps:.1f} |"
-                )
-        ms = self.time_ms(self.decode_fn(q, page_table, lens), 200)
-        tbps = nbytes / ms / 1e9
-        heuristic = choose_num_splits(
-            batch, s.num_kv_heads, context, _num_sms(self.device), DecodeKernelConfig()
-        )
-        self.say(
-            f"\n**headline: default config, heuristic splits ({heuristic}): {ms:.4f} ms, "
-            f"{tbps:.2f} TB/s = {100 * tbps / copy_tbps:.1f}% of the copy bandwidth**"
-        )
-        self.results["decode_main"] = {
-            "ms": ms,
-            "tbps": tbps,
-            "fraction_of_copy": tbps / copy_tbps,
-            "splits": heuristic,
-            "sweep": [(c.block_n, c.num_warps, c.num_stages, sp, t) for t, c, sp in rows],
-            "fine": fine,
-            "fastest": _label(best),
-        }
-        return best
+        self.results["decode_sweep"] = rows
 
-    def decode_sizes(self, copy_tbps: float, best: DecodeKernelConfig) -> None:
+    def decode_sizes(self, copy_tbps: float) -> None:
         s = self.setup
         scale = s.head_dim**-0.5
         self.say(
-            "\n## Decode across sizes (default config + heuristic splits; best of "
-            f"splits {s.splits} with the sweep's fastest config; torch SDPA on contiguous KV)\n"
+            "\n## Decode across sizes (default config: heuristic splits, and the best of splits "
+            f"{SIZE_SPLITS}; torch SDPA with enable_gqa on contiguous KV)\n"
         )
         self.say(
             "| batch | context | GB | ours ms | ours TB/s | % copy | splits | best ms "
@@ -315,7 +326,8 @@ class Bench:
                 batch, s.num_kv_heads, context, _num_sms(self.device), DecodeKernelConfig()
             )
             best_ms, best_splits = min(
-                (self.time_ms(self.decode_fn(q, page_table, lens, best, sp)), sp) for sp in s.splits
+                (self.time_ms(self.decode_fn(q, page_table, lens, None, sp)), sp)
+                for sp in (SIZE_SPLITS if not self.smoke else (1, 2))
             )
             k = self.randn(batch, s.num_kv_heads, context, s.head_dim)  # [B, Hkv, T, D]
             v = self.randn(batch, s.num_kv_heads, context, s.head_dim)
@@ -434,6 +446,108 @@ class Bench:
                 report(case, "previous backend: fp32 reference", ms, flops)
         self.results["prefill"] = rows
 
+    def prefill_probe(self) -> None:
+        """Which SDPA backend runs what, and whether splitting a chunk-over-prefix into a
+        non-causal part over the prefix and a causal square part, merged by log-sum-exp,
+        runs faster than the lower-right causal flash call (experiment, not the engine path)."""
+        s = self.setup
+        scale = s.head_dim**-0.5
+        n, prefix = s.chunk, s.prefixes[0]
+        q = self.randn(1, s.num_heads, n, s.head_dim)  # [1, Hq, n, D]
+        k = self.randn(1, s.num_kv_heads, prefix + n, s.head_dim)  # [1, Hkv, T, D]
+        v = self.randn(1, s.num_kv_heads, prefix + n, s.head_dim)
+        self.say("\n## Prefill probe: SDPA backends (bf16, GQA)\n")
+        backends = {int(b): b.name for b in SDPBackend.__members__.values()}
+        for label, kk, causal in (
+            ("square causal", k[:, :, :n], True),
+            ("chunk over prefix, no mask", k[:, :, :prefix], False),
+            ("decode q_len 1", k[:, :, :prefix], False),
+        ):
+            qq = q[:, :, :1] if label.startswith("decode") else q
+            choice = torch._fused_sdp_choice(qq, kk, kk, is_causal=causal, enable_gqa=True)
+            self.say(f"- default choice for {label}: {backends.get(choice, choice)}")
+        self.say("\n| case | backend | ms | TFLOP/s |")
+        self.say("|---|---|---|---|")
+        square = 4 * s.num_heads * s.head_dim * n * (n + 1) / 2
+        full = 4 * s.num_heads * s.head_dim * n * prefix
+        for backend in (None, *_SDPA_BACKENDS):
+            for case, kk, vv, causal, flops in (
+                (f"{n} square causal", k[:, :, :n], v[:, :, :n], True, square),
+                (f"{n} over {prefix}, no mask", k[:, :, :prefix], v[:, :, :prefix], False, full),
+            ):
+                name = "default" if backend is None else backend.name
+                try:
+                    with sdpa_kernel(backend or list(_SDPA_BACKENDS)):
+                        ms = self.time_ms(
+                            lambda kk=kk, vv=vv, causal=causal: F.scaled_dot_product_attention(
+                                q, kk, vv, is_causal=causal, scale=scale, enable_gqa=True
+                            )
+                        )
+                    self.say(f"| {case} | {name} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
+                except Exception as exc:
+                    self.say(f"| {case} | {name} | failed: {type(exc).__name__} | |")
+        self.say("\n| chunk over prefix | split + LSE merge via | ms | TFLOP/s | rel err |")
+        self.say("|---|---|---|---|---|")
+        for prefix in s.prefixes:
+            ctx = prefix + n
+            pages, _ = self.paged_batch(1, ctx)
+            pages = pages[0]
+            qn = self.randn(n, s.num_heads, s.head_dim)  # [n, Hq, D]
+            kg = gather_pages(self.k_cache, pages, ctx)  # [T, Hkv, D]
+            vg = gather_pages(self.v_cache, pages, ctx)
+            ref = None
+            if prefix <= 32 * K:
+                ref = paged_prefill_attention_ref(qn, self.k_cache, self.v_cache, pages, ctx, scale)
+            flops = 4 * s.num_heads * s.head_dim * n * (prefix + (n + 1) / 2)
+            for op in ("flash", "cudnn"):
+                for expand in (False, True):
+                    label = f"{op}{' (K/V repeated per q head)' if expand else ''}"
+                    try:
+                        fn = lambda op=op, expand=expand, qn=qn, kg=kg, vg=vg, prefix=prefix: (  # noqa: E731
+                            _split_merge(op, qn, kg, vg, prefix, scale, expand)
+                        )
+                        err = "" if ref is None else f"{_rel_err(fn(), ref):.2e}"
+                        ms = self.time_ms(fn)
+                        self.say(
+                            f"| {n} over {prefix} | {label} | {ms:.3f} | "
+                            f"{flops / ms / 1e9:.0f} | {err} |"
+                        )
+                    except Exception as exc:
+                        self.say(f"| {n} over {prefix} | {label} | failed: {exc!r:.120} | | |")
+            del kg, vg, ref
+
+
+def _attend_with_lse(op, q, k, v, causal, scale):
+    """(out [1, Hq, n, D], natural-log LSE) from a private SDPA op (experiment only)."""
+    if op == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+    else:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
+    return res[0], res[1]
+
+
+def _split_merge(op, q, k, v, prefix, scale, expand):
+    """Chunk q [n, Hq, D] over k/v [T, Hkv, D] whose first `prefix` tokens are the prefix:
+    non-causal attention over the prefix and causal over the chunk, merged by LSE."""
+    n, num_heads, _ = q.shape
+    qt = q.transpose(0, 1)[None]  # [1, Hq, n, D]
+    kt = k.transpose(0, 1)[None]  # [1, Hkv, T, D]
+    vt = v.transpose(0, 1)[None]
+    if expand:
+        kt = kt.repeat_interleave(num_heads // k.shape[1], 1)
+        vt = vt.repeat_interleave(num_heads // k.shape[1], 1)
+    o1, l1 = _attend_with_lse(op, qt, kt[:, :, :prefix], vt[:, :, :prefix], False, scale)
+    o2, l2 = _attend_with_lse(op, qt, kt[:, :, prefix:], vt[:, :, prefix:], True, scale)
+    l1 = l1.reshape(1, num_heads, n, 1).float()
+    l2 = l2.reshape(1, num_heads, n, 1).float()
+    lse = torch.logaddexp(l1, l2)
+    out = o1.float() * (l1 - lse).exp() + o2.float() * (l2 - lse).exp()  # [1, Hq, n, D]
+    return out[0].transpose(0, 1).to(q.dtype)
+
 
 def _label(config: DecodeKernelConfig) -> str:
     return f"block_n {config.block_n} / {config.num_warps} warps / {config.num_stages} stages"
@@ -455,7 +569,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("sweep", "sizes", "prefill"))
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=(),
+        choices=("headline", "sweep", "sizes", "prefill", "prefill-probe"),
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     bench = Bench(SMOKE if args.smoke else H200, device, args.smoke)
@@ -466,19 +585,22 @@ def main() -> None:
     )
     copy_tbps = bench.copy_bandwidth()
     bench.check_correctness()
-    best = DecodeKernelConfig()
-    for section in ("sweep", "sizes", "prefill"):
-        if section in args.skip:
+    sections = {
+        "headline": lambda: bench.decode_headline(copy_tbps),
+        "sweep": lambda: bench.decode_sweep(copy_tbps),
+        "sizes": lambda: bench.decode_sizes(copy_tbps),
+        "prefill": bench.prefill,
+        "prefill-probe": bench.prefill_probe,
+    }
+    for name, run in sections.items():
+        if name in args.skip:
             continue
         try:
-            if section == "sweep":
-                best = bench.decode_sweep(copy_tbps)
-            elif section == "sizes":
-                bench.decode_sizes(copy_tbps, best)
-            else:
-                bench.prefill()
+            run()
         except Exception as exc:  # keep the other sections' numbers
-            bench.say(f"\n**{section} failed: {exc!r}**")
+            bench.say(f"\n**{name} failed: {exc!r}**")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_attention.md").write_text("\n".join(bench.log) + "\n")

@@ -21,6 +21,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 _LOG2E = 1.4426950408889634
 _FALLBACK_NUM_SMS = 132  # H200; used when the tensors are not on a CUDA device (interpreter)
+_PROGRAM_COST_IN_BLOCKS = 2  # a split program's fixed cost (q, partial output, merge) in KV blocks
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class DecodeKernelConfig:
     num_stages: int = 3
     """Software-pipelining depth of the K/V loads."""
     programs_per_sm: int = 4
-    """The num_splits heuristic aims at this many split programs per multiprocessor."""
+    """Programs resident at once on one multiprocessor, for the num_splits heuristic (the
+    default kernel takes 128 registers x 128 threads on Hopper: 4 fit in 64K registers)."""
     min_blocks_per_split: int = 4
     """The heuristic never gives a split fewer KV blocks than this (on the longest sequence)."""
     max_splits: int = 64
@@ -222,13 +224,21 @@ def choose_num_splits(
     num_sms: int,
     config: DecodeKernelConfig,
 ) -> int:
-    """Enough splits to give every multiprocessor `programs_per_sm` programs, but no split
-    smaller than `min_blocks_per_split` blocks of the longest sequence."""
+    """The split count of least modelled time. The batch x KV heads x splits programs run in
+    waves of `num_sms * programs_per_sm`; each streams ceil(blocks / splits) KV blocks of the
+    longest sequence plus a fixed cost, so the time goes as waves x (blocks per program + fixed
+    cost): a last wave only partly full costs as much as a full one. Ties go to fewer splits;
+    no split gets fewer than `min_blocks_per_split` blocks."""
     programs = batch * num_kv_heads
-    to_fill = -(-config.programs_per_sm * num_sms // programs)
     blocks = -(-max_context_len // config.block_n)
-    longest_allows = -(-blocks // config.min_blocks_per_split)
-    return max(1, min(to_fill, longest_allows, config.max_splits))
+    slots = num_sms * config.programs_per_sm
+    most = max(1, min(config.max_splits, blocks // config.min_blocks_per_split))
+
+    def modelled_time(splits: int) -> tuple[int, int]:
+        waves = -(-programs * splits // slots)
+        return waves * (-(-blocks // splits) + _PROGRAM_COST_IN_BLOCKS), splits
+
+    return min(range(1, most + 1), key=modelled_time)
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

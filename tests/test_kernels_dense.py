@@ -147,13 +147,14 @@ def test_decode_rejects_bad_input(kernels):
 def test_num_splits_heuristic(kernels):
     decode = kernels[0]
     config = decode.DecodeKernelConfig(block_n=64, programs_per_sm=4, min_blocks_per_split=4)
-    # 16 x 8 = 128 programs per split; 4 x 132 SMs wants ceil(528 / 128) = 5 splits
-    assert decode.choose_num_splits(16, 8, 32768, 132, config) == 5
+    # 16 x 8 = 128 programs per split, 132 x 4 = 528 slots: 4 splits fill one wave exactly
+    assert decode.choose_num_splits(16, 8, 32768, 132, config) == 4
     # a short context caps it: 256 tokens = 4 blocks = one split's minimum
     assert decode.choose_num_splits(16, 8, 256, 132, config) == 1
     # a big batch fills the GPU by itself
-    assert decode.choose_num_splits(128, 8, 32768, 132, config) == 1
-    assert decode.choose_num_splits(1, 8, 131072, 132, config) == 64
+    assert decode.choose_num_splits(64, 8, 32768, 132, config) == 1
+    # one long sequence: as many splits as allowed
+    assert decode.choose_num_splits(1, 8, 131072, 132, config) == config.max_splits
 
 
 @pytest.mark.parametrize(
