@@ -12,6 +12,7 @@ RESULT_FIELDS = {
     "request_rate",
     "num_requests",
     "completed",
+    "truncated",
     "duration",
     "input_tokens",
     "output_tokens",
@@ -44,6 +45,7 @@ RESULT_FIELDS = {
 }
 MODES = ["dense", "dense-offload", "sparse-naive", "spin"]
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 200, 6
+GPU_CACHE_TOKENS = 1024
 
 
 def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
@@ -58,6 +60,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         "--input-len", str(INPUT_LEN),
         "--output-len", str(OUTPUT_LEN),
         "--token-budget", "64",
+        "--gpu-cache-tokens", str(GPU_CACHE_TOKENS),
         "--request-rate", "50,inf",
         "--output", str(out),
         "--plot-dir", str(plots),
@@ -76,7 +79,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
     ]
     for r in results:
         assert set(r) == RESULT_FIELDS
-        assert r["completed"] == NUM_PROMPTS
+        assert r["completed"] == NUM_PROMPTS and not r["truncated"]
         assert r["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
         assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN
         assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])
@@ -87,6 +90,8 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
             assert r["max_batch"] == NUM_PROMPTS  # all arrive at once, all decode together
         if r["mode"] == "dense":
             assert r["hbm_hit_rate"] is None and not r["h2d_bytes"]
+            # --gpu-cache-tokens sizes dense's KV pool too (pages count per layer and KV head)
+            assert r["kv_stats_end"]["gpu_pages_total"] == GPU_CACHE_TOKENS // 16 * 4 * 2
         else:  # KV lives in the CPU tier: pages cross PCIe, lookups are counted
             assert r["h2d_bytes"] > 0 and r["d2h_bytes"] > 0 and r["lookups"] > 0
             assert r["h2d_gbps"] == pytest.approx(r["h2d_bytes"] / r["duration"] / 1e9)

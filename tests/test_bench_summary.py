@@ -104,6 +104,9 @@ class _RecordingEngine:
     def has_unfinished(self):
         return bool(self.left)
 
+    def abort(self, request_id):
+        del self.left[request_id]
+
     def kv_stats(self):
         return None
 
@@ -120,3 +123,16 @@ def test_requests_join_no_earlier_than_their_arrival():
     for t in record.timings:
         assert t.arrival <= t.first_token <= t.finished <= record.duration
     assert sum(record.batch_sizes) == 9
+
+
+def test_time_limit_aborts_and_marks_the_run_truncated():
+    engine = _RecordingEngine()
+    requests = [BenchRequest(f"r{i}", [1], output_len=10**9) for i in range(2)]
+    requests.append(BenchRequest("late", [1], output_len=1))
+    record = drive(engine, requests, [0.0, 0.0, 60.0], math.inf, False, time_limit=0.05)
+    assert record.truncated and record.duration == 0.05
+    assert not engine.has_unfinished() and "late" not in engine.added_at
+    r = summarize(record)
+    assert r["completed"] == 0 and r["truncated"]
+    assert r["output_throughput"] == pytest.approx(r["output_tokens"] / 0.05)
+    assert r["ttft_p50"] is not None and r["tpot_p50"] is None

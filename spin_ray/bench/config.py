@@ -40,7 +40,8 @@ class BenchConfig:
     buffer_ratio: float | None = None
     """HBM buffer pages per mandatory page in `spin` mode; None: the default."""
     gpu_cache_tokens: int | None = None
-    """GPU-tier KV capacity in tokens for the offloading modes; None: from free memory."""
+    """HBM KV capacity in tokens, the same for every spin-ray mode: the KV pool of `dense`
+    (`num_pages`), the working-set slots of the tiered modes; None: from free memory."""
     cpu_cache_tokens: int | None = None
     """CPU-tier KV capacity in tokens for the offloading modes; None: from free memory."""
     max_num_seqs: int = 64
@@ -53,6 +54,9 @@ class BenchConfig:
     """Tokens per KV page."""
     seed: int = 0
     """Seed of the workload and of the engines."""
+    time_limit: float | None = None
+    """Seconds one mode may run at one rate; past it, unfinished requests are aborted and the
+    result is marked truncated. None: no limit."""
     warmup: bool = True
     """Run one short request through each engine before timing (compilation, graph capture)."""
     progress: bool = True
@@ -86,6 +90,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit: must be > 0 seconds, got {self.time_limit}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
 

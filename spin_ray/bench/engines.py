@@ -31,6 +31,9 @@ class BenchEngine(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free what it holds."""
+
     def kv_stats(self) -> dict[str, float] | None:
         """Numeric cache statistics (cumulative counters and times), or None if the engine
         keeps none."""
@@ -75,6 +78,8 @@ class SpinBenchEngine:
         )
         if mode != "dense":
             kwargs.update(mode=mode, **config.cache_kwargs())
+        elif config.gpu_cache_tokens is not None:  # the same HBM KV capacity as the tiered modes
+            kwargs.update(num_pages=-(-config.gpu_cache_tokens // config.page_size))
         self.mode = mode
         self.llm = LLM(**kwargs)
         self.engine = self.llm.llm_engine
@@ -93,6 +98,9 @@ class SpinBenchEngine:
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished_requests()
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
 
     def kv_stats(self) -> dict[str, float] | None:
         if not hasattr(self.engine, "kv_stats"):
@@ -140,6 +148,9 @@ class VllmBenchEngine:
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished_requests()
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_request([request_id])
 
     def kv_stats(self) -> None:
         return None

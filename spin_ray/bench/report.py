@@ -66,6 +66,7 @@ def write_json(document: dict, path: str | Path) -> None:
 COLUMNS = (
     ("mode", "mode", "{}"),
     ("rate", "request_rate", "{}"),
+    ("done", "completed", "{}"),
     ("req/s", "request_throughput", "{:.3f}"),
     ("out tok/s", "output_throughput", "{:.1f}"),
     ("TTFT p50 ms", "ttft_p50", "{:.1f}"),
@@ -116,6 +117,12 @@ def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[
     parts = [markdown_table(results)]
     if comparisons:
         parts.append(markdown_table(comparisons, COMPARISON_COLUMNS))
+    parts += [
+        f"{r['mode']} at rate {r['request_rate']}: stopped by the time limit after "
+        f"{r['duration']:g} s, {r['completed']}/{r['num_requests']} requests finished"
+        for r in results
+        if r["truncated"]
+    ]
     parts += [f"{mode}: not run ({why})" for mode, why in skipped.items()]
     return "\n\n".join(parts)
 

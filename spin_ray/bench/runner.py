@@ -68,6 +68,8 @@ class RunRecord:
     """Change of the `COUNTER_STATS` over the run; None where the engine keeps none."""
     kv_stats_end: dict[str, float] | None
     """Every numeric `kv_stats()` field at the end of the run."""
+    truncated: bool = False
+    """The time limit stopped the run; unfinished requests were aborted."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,10 @@ def drive(
     arrivals: list[float],
     request_rate: float,
     progress: bool = True,
+    time_limit: float | None = None,
 ) -> RunRecord:
-    """Send `requests` at `arrivals` (seconds from now) and step `engine` until all finish."""
+    """Send `requests` at `arrivals` (seconds from now) and step `engine` until all finish, or
+    until `time_limit` seconds have passed (then the unfinished requests are aborted)."""
     order = sorted(range(len(requests)), key=lambda i: arrivals[i])
     first_token: dict[str, float] = {}
     finished: dict[str, float] = {}
@@ -101,9 +105,16 @@ def drive(
     )
     start = time.monotonic()
     next_index = 0
+    truncated = False
     try:
         while next_index < len(order) or engine.has_unfinished():
             now = time.monotonic() - start
+            if time_limit is not None and now > time_limit:
+                truncated = True
+                for i in order[:next_index]:
+                    if requests[i].request_id not in finished:
+                        engine.abort(requests[i].request_id)
+                break
             while next_index < len(order) and arrivals[order[next_index]] <= now:
                 i = order[next_index]
                 engine.add(requests[i], arrival_time=start + arrivals[i])
@@ -144,12 +155,13 @@ def drive(
     return RunRecord(
         mode=engine.mode,
         request_rate=request_rate,
-        duration=max(ends) if ends else time.monotonic() - start,
+        duration=time_limit if truncated else max(ends, default=time.monotonic() - start),
         step_time=step_time,
         batch_sizes=tuple(batch_sizes),
         timings=timings,
         kv_stats=_counter_change(stats_before, stats_after),
         kv_stats_end=stats_after,
+        truncated=truncated,
     )
 
 
@@ -162,8 +174,13 @@ def warm_up(engine: BenchEngine, request: BenchRequest) -> None:
         engine.step()
 
 
-def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> BenchRun:
-    """Every mode, one engine at a time (its memory freed before the next), at every rate."""
+def run_benchmark(
+    config: BenchConfig,
+    log: Callable[[str], None] = print,
+    on_record: Callable[[RunRecord], None] | None = None,
+) -> BenchRun:
+    """Every mode, one engine at a time (its memory freed before the next), at every rate;
+    `on_record` sees each record as soon as it is made."""
     input_lens, output_lens = sample_lengths(config.workload)
     longest = int((input_lens + output_lens).max())
     max_model_len = config.max_model_len or -(-longest // config.page_size) * config.page_size
@@ -186,8 +203,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
                 warm_up(engine, requests[0])
             for rate in config.request_rates:
                 arrivals = poisson_arrivals(len(requests), rate, config.workload.seed).tolist()
-                records.append(drive(engine, requests, arrivals, rate, config.progress))
-                log(f"[{mode}] request rate {_rate_label(rate)}: {records[-1].duration:.2f} s")
+                record = drive(engine, requests, arrivals, rate, config.progress, config.time_limit)
+                records.append(record)
+                cut = " (time limit: truncated)" if record.truncated else ""
+                log(f"[{mode}] request rate {_rate_label(rate)}: {record.duration:.2f} s{cut}")
+                if on_record is not None:
+                    on_record(record)
         finally:
             engine.close()
     return BenchRun(records=records, skipped=skipped)

@@ -13,12 +13,12 @@ UNITS = {
     "request_throughput": "requests/s",
     "output_throughput": "output tokens/s",
     "total_token_throughput": "input + output tokens/s",
-    "ttft_*": "ms, planned arrival to first token",
+    "ttft_*": "ms, planned arrival to first token (every request that got one)",
     "tpot_*": "ms, (finish - first token) / (output tokens - 1), per request",
     "*_bytes": "bytes",
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
     "*_share": "fraction of the time spent inside step()",
-    "duration": "s",
+    "duration": "s, first arrival to last finish (or the time limit when truncated)",
 }
 
 TIME_SHARES = (
@@ -33,7 +33,7 @@ TIME_SHARES = (
 def summarize(record: RunRecord) -> dict:
     """Per-mode figures of `record`; a figure the engine cannot supply is None, never a guess."""
     done = [t for t in record.timings if t.finished is not None]
-    ttfts = [(t.first_token - t.arrival) * 1e3 for t in done]
+    ttfts = [(t.first_token - t.arrival) * 1e3 for t in record.timings if t.first_token is not None]
     tpots = [
         (t.finished - t.first_token) / (t.output_len - 1) * 1e3 for t in done if t.output_len > 1
     ]
@@ -47,6 +47,7 @@ def summarize(record: RunRecord) -> dict:
         "request_rate": "inf" if math.isinf(record.request_rate) else record.request_rate,
         "num_requests": len(record.timings),
         "completed": len(done),
+        "truncated": record.truncated,
         "duration": duration,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,

@@ -55,6 +55,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--cpu-cache-tokens", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the JSON results here")
     parser.add_argument("--plot-dir", default=None, help="write PNG plots here (needs 2+ rates)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds per mode and rate; past it, unfinished requests are aborted (truncated)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
@@ -91,6 +97,7 @@ def bench_config(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         page_size=args.page_size,
         seed=args.seed,
+        time_limit=args.time_limit,
         warmup=not args.no_warmup,
         progress=not args.no_progress,
     )
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         build_document,
         environment,
         markdown_report,
+        markdown_table,
         write_json,
         write_plots,
     )
@@ -111,8 +119,17 @@ def run(args: argparse.Namespace) -> int:
     config = bench_config(args)
     env = environment(resolve_device(config.device))
     log = lambda message: print(message, file=sys.stderr, flush=True)
-    run = run_benchmark(config, log=log)
-    results = [summarize(record) for record in run.records]
+    results: list[dict] = []
+
+    def on_record(record) -> None:  # print and save each result as it comes
+        results.append(summarize(record))
+        log(markdown_table(results[-1:]))
+        if args.output:
+            write_json(
+                build_document(config, results, compare_modes(results), {}, env), args.output
+            )
+
+    run = run_benchmark(config, log=log, on_record=on_record)
     comparisons = compare_modes(results)
     print(markdown_report(results, comparisons, run.skipped))
     if args.output:
