@@ -1,0 +1,225 @@
+"""The two-tier cache manager and its two-level residency tables: ownership in both tiers under
+random arrivals, growth, aborts and finishes (hypothesis); bucketed-LRU shrinking; HBM floors;
+metadata that follows the resident working set."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spin_ray.cache.page_pool import CacheIntegrityError
+from spin_ray.sparse.budget import PageBudget
+from spin_ray.sparse.manager import TieredCacheManager
+from spin_ray.sparse.residency import ResidencyTable
+from spin_ray.sparse.stats import KVCounters
+
+PAGE = 4
+LAYERS, HEADS, BUCKETS = 2, 2, 8
+
+
+def _budget(**overrides) -> PageBudget:
+    fields = dict(
+        page_size=PAGE,
+        token_budget=16,
+        sink_tokens=4,
+        local_tokens=4,
+        max_unindexed_tokens=8,
+        attend_all=False,
+        retains=True,
+        buffer_ratio=2.0,
+        min_buffer_ratio=0.5,
+    )
+    fields.update(overrides)
+    return PageBudget(**fields)
+
+
+def _manager(cpu_pages=64, slots=40, **budget) -> TieredCacheManager:
+    residency = ResidencyTable(LAYERS, HEADS, slots, 4, BUCKETS, "cpu")
+    return TieredCacheManager(
+        cpu_pages, slots, _budget(**budget), residency, KVCounters(torch.device("cpu"))
+    )
+
+
+def _populate(manager: TieredCacheManager, request_id: str, rng: random.Random) -> None:
+    """Make some of the request's pages resident (or not) in random (layer, head)s, with
+    random recency, the way decode steps would."""
+    residency = manager.residency
+    slots = manager.slots[request_id]
+    num_pages = len(manager.tables[request_id])
+    row = torch.tensor([manager.rows[request_id]])
+    for _ in range(3):
+        layer, head = rng.randrange(LAYERS), rng.randrange(HEADS)
+        page = rng.randrange(num_pages)
+        pages = torch.full((1, HEADS, 1), -1)
+        pages[0, head, 0] = page
+        found = int(residency.lookup(row, layer, pages)[0, head, 0])
+        idx = torch.tensor(slots)
+        empty = idx[residency.slot_page[layer, head, idx] < 0].tolist()
+        if found >= 0 and rng.random() < 0.4:
+            residency.remove(layer, torch.tensor([head]), torch.tensor([found]))
+        elif found < 0 and empty:
+            slot = torch.tensor([rng.choice(empty)])
+            residency.insert(layer, torch.tensor([head]), slot, torch.tensor([page]))
+            residency.slot_bucket[layer, head, slot] = rng.randrange(BUCKETS)
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["arrive", "grow", "finish", "abort", "populate", "age"]),
+        st.integers(0, 7),
+        st.integers(1, 90),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=operations, seed=st.integers(0, 2**16))
+def test_no_page_leaked_or_double_owned_in_either_tier(ops, seed):
+    """Random arrivals, growth, aborts and finishes, with scheduler semantics (ask
+    `can_grow` before `grow`; a request that cannot grow is preempted, i.e. released): after
+    every operation both tiers and the residency maps are consistent, and every request holds
+    at least its HBM floor."""
+    rng = random.Random(seed)
+    manager = _manager()
+    tokens: dict[str, int] = {}
+    for op, who, amount in ops:
+        live = sorted(tokens)
+        if op == "arrive":
+            rid = f"r{who}"
+            if rid not in tokens and manager.can_grow(rid, amount):
+                manager.grow(rid, amount)
+                tokens[rid] = amount
+        elif op == "grow" and live:
+            rid = live[who % len(live)]
+            target = tokens[rid] + amount
+            if manager.can_grow(rid, target):
+                manager.grow(rid, target)
+                tokens[rid] = target
+            else:  # preempted for recompute
+                manager.release(rid)
+                del tokens[rid]
+        elif op in ("finish", "abort") and live:
+            rid = live[who % len(live)]
+            manager.release(rid)
+            del tokens[rid]
+        elif op == "populate" and live:
+            _populate(manager, live[who % len(live)], rng)
+        elif op == "age":
+            manager.residency.age()
+        manager.check_integrity()
+        for rid, n in tokens.items():
+            assert len(manager.table(rid)) == manager.pages_for(n)
+            assert len(manager.slots[rid]) >= manager.budget.floor_pages(n)
+            assert manager.budget.floor_pages(n) >= manager.budget.mandatory_pages(n)
+    for rid in list(tokens):
+        manager.release(rid)
+    manager.check_integrity()
+    assert manager.pool.num_free == manager.pool.num_pages
+    assert manager.slot_pool.num_free == manager.slot_pool.num_pages
+    assert manager.residency.segments_in_use == 0
+
+
+def test_integrity_check_catches_a_stale_residency_entry():
+    manager = _manager()
+    manager.grow("a", 40)
+    _populate(manager, "a", random.Random(0))
+    manager.check_integrity()
+    slot = manager.slots["a"][0]
+    manager.residency.slot_page[0, 0, slot] = 9  # claims a page the forward map never saw
+    try:
+        manager.check_integrity()
+    except CacheIntegrityError:
+        return
+    raise AssertionError("a slot/page-table disagreement went unnoticed")
+
+
+def test_buffer_shrinks_oldest_first_and_never_below_the_floor():
+    """A newcomer that needs HBM takes it from the buffer of a running request: the slots
+    given back are the ones whose newest page is oldest (bucketed LRU), and the running request
+    keeps at least its floor."""
+    manager = _manager(slots=30, buffer_ratio=3.0)
+    manager.grow("old", 100)  # 25 pages; takes its target from 30 free slots
+    slots = list(manager.slots["old"])
+    assert len(slots) == manager.budget.target_pages(100) < 30
+    residency = manager.residency
+    for i, slot in enumerate(slots):  # slot i holds page i in (layer 0, head 1), recency by i
+        residency.insert(0, torch.tensor([1]), torch.tensor([slot]), torch.tensor([i]))
+        residency.slot_bucket[0, 1, slot] = min(i // 3, BUCKETS - 1)
+    free_before = manager.slot_pool.num_free
+    floor_new = manager.budget.floor_pages(60)
+    assert floor_new > free_before, "the newcomer must take slots from the running request"
+    assert manager.can_grow("new", 60)
+    manager.grow("new", 60)
+    manager.check_integrity()
+    taken = floor_new - free_before
+    kept = manager.slots["old"]
+    assert len(kept) == len(slots) - taken >= manager.budget.floor_pages(100)
+    assert sorted(kept) == sorted(slots[taken:]), "the oldest pages' slots went first"
+    assert manager.counters.evictions == taken
+    assert len(manager.slots["new"]) == floor_new
+
+
+def test_can_grow_refuses_when_cpu_tier_or_hbm_floor_cannot_be_met():
+    manager = _manager(cpu_pages=10, slots=40)
+    assert manager.can_grow("a", 40) and not manager.can_grow("a", 41)  # 10 pages of 4
+    manager = _manager(cpu_pages=100, slots=8)
+    big = next(t for t in range(1, 400) if manager.budget.floor_pages(t) > 8)
+    assert manager.can_grow("a", big - 1) and not manager.can_grow("a", big)
+    manager.grow("a", big - 1)
+    assert not manager.can_grow("b", 40), "a's floor leaves too little for b"
+
+
+def test_two_level_lookup_insert_remove_and_directory_growth():
+    table = ResidencyTable(2, 2, 16, 4, BUCKETS, "cpu")
+    table.ensure_rows(2)
+    table.assign_slots([0, 1, 2], row=1)
+    table.ensure_pages(8)
+    table.insert(1, torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2]), torch.tensor([5, 5, 7]))
+    table.ensure_pages(100)  # the directory grows; existing entries stay reachable
+    pages = torch.tensor([[[5, 7, 99, -1], [5, 7, 6, -1]]])
+    found = table.lookup(torch.tensor([1]), 1, pages)
+    assert found.tolist() == [[[0, -1, -1, -1], [1, 2, -1, -1]]]
+    assert table.lookup(torch.tensor([1]), 0, pages).eq(-1).all()  # other layer: nothing
+    assert table.segments_in_use == 2  # pages 5 and 7 share a segment per (layer, head)
+    table.remove(1, torch.tensor([1]), torch.tensor([1]))
+    assert table.segments_in_use == 2
+    table.remove(1, torch.tensor([1]), torch.tensor([2]))
+    assert table.segments_in_use == 1, "an emptied segment goes back to the pool"
+    table.check({1: ([0, 1, 2], 100)})
+
+
+def test_metadata_bytes_follow_the_working_set_not_max_batch_times_context():
+    """The same request set with a small, then a large resident working set: the two-level
+    tables grow with what is resident; a flat table is fixed by max_batch × max_context."""
+    manager = _manager(cpu_pages=4096, slots=420, token_budget=400, buffer_ratio=0.0,
+                       min_buffer_ratio=0.0)  # fmt: skip
+    for r in range(4):
+        manager.grow(f"r{r}", 4000)  # 1000 pages each
+    residency = manager.residency
+
+    def make_resident(pages_per_request: int) -> int:
+        for r in range(4):
+            rid = f"r{r}"
+            idx = torch.tensor(manager.slots[rid][:pages_per_request])
+            for layer in range(LAYERS):
+                for head in range(HEADS):
+                    fresh = residency.slot_page[layer, head, idx] < 0
+                    slots = idx[fresh]
+                    pages = torch.arange(pages_per_request)[fresh]
+                    residency.insert(layer, torch.full_like(slots, head), slots, pages)
+        manager.check_integrity()
+        return residency.metadata_bytes
+
+    def second_level(total: int) -> int:
+        return total - residency.directory.numel() * 4
+
+    small = make_resident(8)
+    large = make_resident(100)
+    assert second_level(large) > 8 * second_level(small)
+    flat = 64 * LAYERS * HEADS * (131072 // PAGE) * 4  # int32 table: 64 requests × 128K tokens
+    assert large < flat / 100
