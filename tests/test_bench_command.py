@@ -143,3 +143,17 @@ def test_rates_and_budget_parse():
     assert config.workload.name == "longgenbench" and config.workload.input_len is None
     args = build_parser().parse_args(["bench", "--token-budget", "2048"])
     assert bench_config(args).token_budget == 2048
+
+
+def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--device", "cpu", "--modes", "spin,dense", "--num-prompts", "1",
+            "--input-len", "40", "--output-len", "2", "--buffer-ratio", "0.5",
+            "--no-progress", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 1  # spin's buffer floor (min_buffer_ratio 1) exceeds buffer_ratio
+    captured = capsys.readouterr()
+    assert "[spin] failed" in captured.err
+    assert "spin: not run (failed: ValueError: min_buffer_ratio" in captured.out
+    document = json.loads(out.read_text())
+    assert [r["mode"] for r in document["results"]] == ["dense"]
+    assert document["skipped_modes"]["spin"].startswith("failed: ValueError")

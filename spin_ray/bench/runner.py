@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,8 @@ class BenchRun:
     records: list[RunRecord]
     skipped: dict[str, str]
     """Mode → why it did not run."""
+    failed: dict[str, str]
+    """Mode → the error that stopped it (the other modes still ran)."""
 
 
 def drive(
@@ -187,13 +190,18 @@ def run_benchmark(
     requests: list[BenchRequest] | None = None
     records: list[RunRecord] = []
     skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
     for mode in config.modes:
         if mode == "vllm" and not vllm_installed():
             skipped[mode] = "vllm is not installed"
             log("vllm is not installed: skipping mode vllm")
             continue
         log(f"[{mode}] building the engine")
-        engine = build_engine(mode, config, max_model_len)
+        try:
+            engine = build_engine(mode, config, max_model_len)
+        except Exception as err:  # a mode that cannot start must not cost the others their run
+            failed[mode] = _failure(mode, err, log)
+            continue
         try:
             if requests is None:
                 requests = build_requests(
@@ -209,9 +217,16 @@ def run_benchmark(
                 log(f"[{mode}] request rate {_rate_label(rate)}: {record.duration:.2f} s{cut}")
                 if on_record is not None:
                     on_record(record)
+        except Exception as err:
+            failed[mode] = _failure(mode, err, log)
         finally:
             engine.close()
-    return BenchRun(records=records, skipped=skipped)
+    return BenchRun(records=records, skipped=skipped, failed=failed)
+
+
+def _failure(mode: str, err: Exception, log: Callable[[str], None]) -> str:
+    log(f"[{mode}] failed:\n{traceback.format_exc()}")
+    return f"{type(err).__name__}: {err}"
 
 
 def _counter_change(

@@ -131,14 +131,15 @@ def run(args: argparse.Namespace) -> int:
 
     run = run_benchmark(config, log=log, on_record=on_record)
     comparisons = compare_modes(results)
-    print(markdown_report(results, comparisons, run.skipped))
+    not_run = {**run.skipped, **{mode: f"failed: {why}" for mode, why in run.failed.items()}}
+    print(markdown_report(results, comparisons, not_run))
     if args.output:
-        write_json(build_document(config, results, comparisons, run.skipped, env), args.output)
+        write_json(build_document(config, results, comparisons, not_run, env), args.output)
         log(f"results written to {args.output}")
     if args.plot_dir:
         written = write_plots(results, args.plot_dir)
         log(f"plots: {', '.join(map(str, written))}" if written else "plots need 2+ rates")
-    return 0
+    return 1 if run.failed else 0
 
 
 def _parse_rates(text: str) -> tuple[float, ...]:
