@@ -36,7 +36,7 @@ from spin_ray.kernels.paged_decode_attention import (
     paged_decode_attention,
 )
 from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,6 @@ SMOKE = BenchSetup(
 )
 FINE_SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 SIZE_SPLITS = (1, 2, 4, 8, 16, 32, 64)
-_SDPA_BACKENDS = (
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-)
 
 
 class Bench:
@@ -398,7 +393,7 @@ class Bench:
                 else None
             )
             flops = 4 * s.num_heads * s.head_dim * n * (n + 1) / 2
-            report(f"{n} tokens, no prefix", "SDPA is_causal (flash)", self.time_ms(fn), flops, err)
+            report(f"{n} tokens, no prefix", "ours: SDPA is_causal", self.time_ms(fn), flops, err)
         for prefix in s.prefixes:
             n, ctx = s.chunk, prefix + s.chunk
             pages, _ = self.paged_batch(1, ctx)
@@ -409,14 +404,24 @@ class Bench:
             new = lambda q=q, pages=pages, ctx=ctx: paged_prefill_attention(  # noqa: E731
                 q, self.k_cache, self.v_cache, pages, ctx, scale
             )
-            err = None
-            if prefix <= 32 * K:
-                ref = paged_prefill_attention_ref(q, self.k_cache, self.v_cache, pages, ctx, scale)
-                err = _rel_err(new(), ref)
-                del ref
-            report(case, "gather + SDPA causal_lower_right (ours)", self.time_ms(new), flops, err)
+            ref = paged_prefill_attention_ref(q, self.k_cache, self.v_cache, pages, ctx, scale)
+            err = _rel_err(new(), ref)
+            del ref
+            path = "ours: gather, cuDNN prefix + causal chunk, LSE merge"
+            report(case, path, self.time_ms(new), flops, err)
             k = gather_pages(self.k_cache, pages, ctx)  # [T, Hkv, D]
             v = gather_pages(self.v_cache, pages, ctx)
+            qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, len, D]
+            bias = causal_lower_right(n, ctx)
+            lower_right = lambda qt=qt, kt=kt, vt=vt, bias=bias: F.scaled_dot_product_attention(  # noqa: E731
+                qt, kt, vt, attn_mask=bias, scale=scale, enable_gqa=True
+            )
+            report(
+                case,
+                "SDPA causal_lower_right (FA2; our fallback)",
+                self.time_ms(lower_right),
+                flops,
+            )
             gather_ms = self.time_ms(
                 lambda pages=pages, ctx=ctx: (
                     gather_pages(self.k_cache, pages, ctx),
@@ -426,16 +431,11 @@ class Bench:
             self.say(f"| {case} | (of which the K/V gather) | {gather_ms:.3f} | | |")
             rows_ = torch.arange(n, device=self.device)[:, None] + prefix
             mask = torch.arange(ctx, device=self.device)[None, :] <= rows_  # [n, T]
-            masked = lambda q=q, k=k, v=v, mask=mask: F.scaled_dot_product_attention(  # noqa: E731
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=True,
+            masked = lambda qt=qt, kt=kt, vt=vt, mask=mask: F.scaled_dot_product_attention(  # noqa: E731
+                qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True
             )
             report(case, "SDPA explicit bool mask (bf16)", self.time_ms(masked), flops)
-            del k, v, mask
+            del k, v, qt, kt, vt, mask
             if prefix <= 32 * K:
                 ms = self.time_ms(
                     lambda q=q, pages=pages, ctx=ctx: paged_prefill_attention_ref(
@@ -445,108 +445,6 @@ class Bench:
                 )
                 report(case, "previous backend: fp32 reference", ms, flops)
         self.results["prefill"] = rows
-
-    def prefill_probe(self) -> None:
-        """Which SDPA backend runs what, and whether splitting a chunk-over-prefix into a
-        non-causal part over the prefix and a causal square part, merged by log-sum-exp,
-        runs faster than the lower-right causal flash call (experiment, not the engine path)."""
-        s = self.setup
-        scale = s.head_dim**-0.5
-        n, prefix = s.chunk, s.prefixes[0]
-        q = self.randn(1, s.num_heads, n, s.head_dim)  # [1, Hq, n, D]
-        k = self.randn(1, s.num_kv_heads, prefix + n, s.head_dim)  # [1, Hkv, T, D]
-        v = self.randn(1, s.num_kv_heads, prefix + n, s.head_dim)
-        self.say("\n## Prefill probe: SDPA backends (bf16, GQA)\n")
-        backends = {int(b): b.name for b in SDPBackend.__members__.values()}
-        for label, kk, causal in (
-            ("square causal", k[:, :, :n], True),
-            ("chunk over prefix, no mask", k[:, :, :prefix], False),
-            ("decode q_len 1", k[:, :, :prefix], False),
-        ):
-            qq = q[:, :, :1] if label.startswith("decode") else q
-            choice = torch._fused_sdp_choice(qq, kk, kk, is_causal=causal, enable_gqa=True)
-            self.say(f"- default choice for {label}: {backends.get(choice, choice)}")
-        self.say("\n| case | backend | ms | TFLOP/s |")
-        self.say("|---|---|---|---|")
-        square = 4 * s.num_heads * s.head_dim * n * (n + 1) / 2
-        full = 4 * s.num_heads * s.head_dim * n * prefix
-        for backend in (None, *_SDPA_BACKENDS):
-            for case, kk, vv, causal, flops in (
-                (f"{n} square causal", k[:, :, :n], v[:, :, :n], True, square),
-                (f"{n} over {prefix}, no mask", k[:, :, :prefix], v[:, :, :prefix], False, full),
-            ):
-                name = "default" if backend is None else backend.name
-                try:
-                    with sdpa_kernel(backend or list(_SDPA_BACKENDS)):
-                        ms = self.time_ms(
-                            lambda kk=kk, vv=vv, causal=causal: F.scaled_dot_product_attention(
-                                q, kk, vv, is_causal=causal, scale=scale, enable_gqa=True
-                            )
-                        )
-                    self.say(f"| {case} | {name} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
-                except Exception as exc:
-                    self.say(f"| {case} | {name} | failed: {type(exc).__name__} | |")
-        self.say("\n| chunk over prefix | split + LSE merge via | ms | TFLOP/s | rel err |")
-        self.say("|---|---|---|---|---|")
-        for prefix in s.prefixes:
-            ctx = prefix + n
-            pages, _ = self.paged_batch(1, ctx)
-            pages = pages[0]
-            qn = self.randn(n, s.num_heads, s.head_dim)  # [n, Hq, D]
-            kg = gather_pages(self.k_cache, pages, ctx)  # [T, Hkv, D]
-            vg = gather_pages(self.v_cache, pages, ctx)
-            ref = None
-            if prefix <= 32 * K:
-                ref = paged_prefill_attention_ref(qn, self.k_cache, self.v_cache, pages, ctx, scale)
-            flops = 4 * s.num_heads * s.head_dim * n * (prefix + (n + 1) / 2)
-            for op in ("flash", "cudnn"):
-                for expand in (False, True):
-                    label = f"{op}{' (K/V repeated per q head)' if expand else ''}"
-                    try:
-                        fn = lambda op=op, expand=expand, qn=qn, kg=kg, vg=vg, prefix=prefix: (  # noqa: E731
-                            _split_merge(op, qn, kg, vg, prefix, scale, expand)
-                        )
-                        err = "" if ref is None else f"{_rel_err(fn(), ref):.2e}"
-                        ms = self.time_ms(fn)
-                        self.say(
-                            f"| {n} over {prefix} | {label} | {ms:.3f} | "
-                            f"{flops / ms / 1e9:.0f} | {err} |"
-                        )
-                    except Exception as exc:
-                        self.say(f"| {n} over {prefix} | {label} | failed: {exc!r:.120} | | |")
-            del kg, vg, ref
-
-
-def _attend_with_lse(op, q, k, v, causal, scale):
-    """(out [1, Hq, n, D], natural-log LSE) from a private SDPA op (experiment only)."""
-    if op == "cudnn":
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=scale
-        )
-    else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale
-        )
-    return res[0], res[1]
-
-
-def _split_merge(op, q, k, v, prefix, scale, expand):
-    """Chunk q [n, Hq, D] over k/v [T, Hkv, D] whose first `prefix` tokens are the prefix:
-    non-causal attention over the prefix and causal over the chunk, merged by LSE."""
-    n, num_heads, _ = q.shape
-    qt = q.transpose(0, 1)[None]  # [1, Hq, n, D]
-    kt = k.transpose(0, 1)[None]  # [1, Hkv, T, D]
-    vt = v.transpose(0, 1)[None]
-    if expand:
-        kt = kt.repeat_interleave(num_heads // k.shape[1], 1)
-        vt = vt.repeat_interleave(num_heads // k.shape[1], 1)
-    o1, l1 = _attend_with_lse(op, qt, kt[:, :, :prefix], vt[:, :, :prefix], False, scale)
-    o2, l2 = _attend_with_lse(op, qt, kt[:, :, prefix:], vt[:, :, prefix:], True, scale)
-    l1 = l1.reshape(1, num_heads, n, 1).float()
-    l2 = l2.reshape(1, num_heads, n, 1).float()
-    lse = torch.logaddexp(l1, l2)
-    out = o1.float() * (l1 - lse).exp() + o2.float() * (l2 - lse).exp()  # [1, Hq, n, D]
-    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def _label(config: DecodeKernelConfig) -> str:
@@ -573,7 +471,7 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=(),
-        choices=("headline", "sweep", "sizes", "prefill", "prefill-probe"),
+        choices=("headline", "sweep", "sizes", "prefill"),
     )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -590,7 +488,6 @@ def main() -> None:
         "sweep": lambda: bench.decode_sweep(copy_tbps),
         "sizes": lambda: bench.decode_sizes(copy_tbps),
         "prefill": bench.prefill,
-        "prefill-probe": bench.prefill_probe,
     }
     for name, run in sections.items():
         if name in args.skip:

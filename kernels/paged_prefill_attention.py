@@ -1,11 +1,18 @@
-"""Prefill attention of one sequence's chunk over its paged KV, on the FlashAttention path.
+"""Prefill attention of one sequence's chunk over its paged KV, on FlashAttention-class kernels.
 
-A chunk of n new tokens at the end of a context of T tokens attends causally with the query
-rows aligned to the bottom right: query i sees keys j <= i + (T - n). torch SDPA runs that
-alignment on its FlashAttention kernel through `causal_lower_right` (an explicit boolean mask
-would drop it to a kernel about half as fast, see DESIGN.md §5). The prefix is gathered from its
-pages into one contiguous [T, Hkv, D] copy first: T * Hkv * D * 2 elements of copying against
-4 * n * T * Hq * D flops of attention, under 1% of the time for chunks of a few thousand tokens.
+A chunk of n new tokens at the end of a context of T = prefix + n tokens attends causally with
+the query rows aligned to the bottom right: query i sees keys j <= i + prefix.
+
+- No prefix: torch SDPA with is_causal on the chunk's own K/V (cuDNN's kernel on Hopper).
+- A prefix, on CUDA in fp16/bf16: the prefix part needs no mask and the chunk part is a square
+  causal block, so each runs on cuDNN's fast path; both return their log-sum-exp and are merged
+  like the decode kernel's splits (measured on an H200: 1.7x the rate of the next option).
+- Otherwise: SDPA with `causal_lower_right`, which runs FlashAttention-2 (an explicit boolean
+  mask would drop to a kernel about half as fast, see DESIGN.md §5).
+
+The context is first gathered from its pages into one contiguous [T, Hkv, D] copy: 2 T Hkv D
+elements of copying against 4 n T Hq D flops of attention, under 1% of the time for chunks of
+a few thousand tokens.
 
 Reference: `paged_prefill_attention_ref` in paged_attention_ref.py.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from spin_ray.kernels.paged_attention_ref import gather_pages
+from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
 from torch.nn.attention.bias import causal_lower_right
 
 
@@ -29,7 +37,7 @@ def paged_prefill_attention(
     v_new: torch.Tensor | None = None,  # [n, Hkv, D]  when there is no prefix
 ) -> torch.Tensor:  # [n, Hq, D]
     """Causal attention of a chunk of n new tokens over the sequence's whole stored KV; same
-    semantics as `paged_prefill_attention_ref`, computed in the input dtype by SDPA."""
+    semantics as `paged_prefill_attention_ref`, computed in the input dtype."""
     n, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1:3]
     if not 1 <= n <= context_len:
@@ -43,21 +51,70 @@ def paged_prefill_attention(
         )
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
-    no_prefix = context_len == n and k_new is not None and v_new is not None
-    if no_prefix and (k_new.dtype != q.dtype or v_new.dtype != q.dtype):
-        raise ValueError(f"k_new/v_new dtype {k_new.dtype}/{v_new.dtype} != q dtype {q.dtype}")
-    if no_prefix:
+    prefix = context_len - n
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    if prefix == 0 and k_new is not None and v_new is not None:
+        if k_new.dtype != q.dtype or v_new.dtype != q.dtype:
+            raise ValueError(f"k_new/v_new dtype {k_new.dtype}/{v_new.dtype} != q dtype {q.dtype}")
         k, v = k_new, v_new  # [n, Hkv, D]
     else:
         k = gather_pages(k_cache, pages, context_len)  # [T, Hkv, D]
         v = gather_pages(v_cache, pages, context_len)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),  # [1, Hq, n, D]
-        k.transpose(0, 1).unsqueeze(0),  # [1, Hkv, T, D]
-        v.transpose(0, 1).unsqueeze(0),
-        attn_mask=None if context_len == n else causal_lower_right(n, context_len),
-        is_causal=context_len == n,
-        scale=scale,
-        enable_gqa=num_heads != num_kv_heads,
-    )  # [1, Hq, n, D]
-    return out[0].transpose(0, 1)
+    kt = k.transpose(0, 1).unsqueeze(0)  # [1, Hkv, T, D]
+    vt = v.transpose(0, 1).unsqueeze(0)
+    gqa = num_heads != num_kv_heads
+    if prefix == 0:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    elif _cudnn_takes(qt, kt[:, :, :prefix], vt[:, :, :prefix], gqa):
+        out = _prefix_and_chunk(qt, kt, vt, prefix, scale)
+    else:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=causal_lower_right(n, context_len), scale=scale, enable_gqa=gqa
+        )
+    return out[0].transpose(0, 1)  # [n, Hq, D]
+
+
+def merge_by_lse(
+    out_a: torch.Tensor,  # [..., n, D]  attention over one part of the keys
+    lse_a: torch.Tensor,  # [..., n]     its natural-log log-sum-exp of the scores
+    out_b: torch.Tensor,  # [..., n, D]  over the other part
+    lse_b: torch.Tensor,  # [..., n]
+) -> torch.Tensor:  # [..., n, D] in out_a's dtype: attention over both parts
+    """Combine two softmax-attention results over disjoint key sets (computed in fp32)."""
+    lse_a, lse_b = lse_a.float().unsqueeze(-1), lse_b.float().unsqueeze(-1)
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.float() * (lse_a - lse).exp() + out_b.float() * (lse_b - lse).exp()
+    return out.to(out_a.dtype)
+
+
+def _cudnn_takes(q, k, v, gqa: bool) -> bool:
+    """cuDNN's SDPA kernel accepts these (CUDA, fp16/bf16, supported head size, enabled)."""
+    return q.is_cuda and can_use_cudnn_attention(SDPAParams(q, k, v, None, 0.0, False, gqa))
+
+
+def _prefix_and_chunk(
+    q: torch.Tensor,  # [1, Hq, n, D]
+    k: torch.Tensor,  # [1, Hkv, T, D]  prefix, then the chunk's own n keys
+    v: torch.Tensor,  # [1, Hkv, T, D]
+    prefix: int,
+    scale: float,
+) -> torch.Tensor:  # [1, Hq, n, D]
+    """Attention over the prefix (no mask) and over the chunk (square causal), both on cuDNN,
+    merged by log-sum-exp."""
+    n = q.shape[2]
+    out_prefix, lse_prefix = _cudnn_attention(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
+    out_chunk, lse_chunk = _cudnn_attention(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
+    return merge_by_lse(
+        out_prefix, lse_prefix.reshape(1, -1, n), out_chunk, lse_chunk.reshape(1, -1, n)
+    )
+
+
+def _cudnn_attention(q, k, v, causal: bool, scale: float):
+    """(out [1, Hq, n, D], LSE) from cuDNN's SDPA kernel, which F.scaled_dot_product_attention
+    runs without returning the LSE (GQA: cuDNN takes Hkv < Hq heads as they are)."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale
+    )
+    return res[0], res[1]

@@ -12,7 +12,7 @@ from spin_ray.kernels.paged_attention_ref import (
     paged_prefill_attention_ref,
     store_kv_ref,
 )
-from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
+from spin_ray.kernels.paged_prefill_attention import merge_by_lse, paged_prefill_attention
 
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata
@@ -210,6 +210,22 @@ def test_prefill_matches_reference(n, context_len, group):
     )
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, pages, context_len, 0.2)
     assert _rel_err(out, ref) < 1e-5
+
+
+def test_merge_by_lse_equals_attention_over_all_keys():
+    """Attention over two disjoint key sets, merged by their log-sum-exps (the GPU prefill's
+    prefix + chunk split) equals attention over all keys at once."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 5, 8, generator=gen)  # [H, n, D]
+    k = torch.randn(3, 11, 8, generator=gen)  # [H, T, D]
+    v = torch.randn(3, 11, 8, generator=gen)
+    scores = q @ k.transpose(1, 2) * 0.4  # [H, n, T]
+    parts = []
+    for keys in (slice(0, 7), slice(7, 11)):
+        s = scores[..., keys]
+        parts += [s.softmax(-1) @ v[:, keys], s.logsumexp(-1)]
+    merged = merge_by_lse(*parts)
+    torch.testing.assert_close(merged, scores.softmax(-1) @ v, rtol=1e-5, atol=1e-6)
 
 
 def _mixed_step(gen, page_size=4, num_kv_heads=2, num_heads=4, head_dim=16):
