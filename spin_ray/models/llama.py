@@ -13,29 +13,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from spin_ray.attention.backend import AttentionBackend
+from spin_ray.kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from spin_ray.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from spin_ray.models.arch import ModelArch
-from spin_ray.models.rope import RotaryEmbedding, apply_rope
+from spin_ray.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in fp32 like transformers' LlamaRMSNorm."""
+    """x / rms(x) * weight, normalised in fp32 like transformers' LlamaRMSNorm; on CUDA one
+    fused Triton launch (with the residual add before it, for `add_forward`)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., size]
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, size]
+        if x.is_cuda:
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm_ref(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [N, size] each
+        """(norm(x + residual), x + residual); on CUDA `residual` is updated in place."""
+        if x.is_cuda:
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm_ref(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int):
+    def __init__(self, arch: ModelArch, layer_idx: int, rope: RotaryEmbedding):
         super().__init__()
         self.arch = arch
         self.layer_idx = layer_idx
+        self.rope = rope
         self.scale = arch.head_dim**-0.5
         self.qkv_proj = nn.Linear(
             arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.attention_bias
@@ -48,8 +60,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [N, H]
-        cos: torch.Tensor,  # [N, D/2]
-        sin: torch.Tensor,  # [N, D/2]
+        positions: torch.Tensor,  # [N]
         backend: AttentionBackend,
     ) -> torch.Tensor:  # [N, H]
         a = self.arch
@@ -58,9 +69,10 @@ class Attention(nn.Module):
         q = q.view(n, a.num_heads, a.head_dim)  # [N, Hq, D]
         k = k.view(n, a.num_kv_heads, a.head_dim)  # [N, Hkv, D]
         v = v.view(n, a.num_kv_heads, a.head_dim)  # [N, Hkv, D]
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if a.qk_norm:  # per head: [N * H, D] rows
+            q = self.q_norm(q.reshape(-1, a.head_dim)).view(n, a.num_heads, a.head_dim)
+            k = self.k_norm(k.reshape(-1, a.head_dim)).view(n, a.num_kv_heads, a.head_dim)
+        q, k = self.rope.rotate(q, positions), self.rope.rotate(k, positions)
         out = backend.forward(self.layer_idx, q, k, v, self.scale)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, a.q_size))
 
@@ -70,35 +82,48 @@ class GatedMLP(nn.Module):
 
     def __init__(self, arch: ModelArch):
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [N, I] each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [N, 2I]
+        act = silu_and_mul(gate_up) if gate_up.is_cuda else silu_and_mul_ref(gate_up)  # [N, I]
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int):
+    def __init__(self, arch: ModelArch, layer_idx: int, rope: RotaryEmbedding):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Attention(arch, layer_idx)
+        self.self_attn = Attention(arch, layer_idx, rope)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = GatedMLP(arch)
 
-    def forward(self, h, cos, sin, backend):  # h: [N, H] -> [N, H]
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self,
+        h: torch.Tensor,  # [N, H] the previous layer's output (not yet added to the residual)
+        residual: torch.Tensor | None,  # [N, H] the residual stream so far; None: first layer
+        positions: torch.Tensor,  # [N]
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # ([N, H] this layer's output, [N, H] residual)
+        """The usual h + attn(norm(h)), h + mlp(norm(h)), with each residual add fused into
+        the norm after it."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(x, positions, backend)
+        x, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(x), residual
 
 
 class DecoderStack(nn.Module):
     """Embedding, layers and final norm (Hugging Face's `model.` prefix)."""
 
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding):
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, rope) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
 
@@ -114,13 +139,13 @@ class CausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.backend = backend
-        self.model = DecoderStack(arch)
+        self.rope = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+        self.model = DecoderStack(arch, self.rope)
         self.lm_head = (
             None
             if arch.tie_word_embeddings
             else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         )
-        self.rope = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
 
     def forward(
         self,
@@ -128,11 +153,11 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,  # [N] int  position of each token in its sequence
     ) -> torch.Tensor:  # [N, H]  final-normed hidden states
         assert self.backend is not None, "attach an attention backend before forward()"
-        cos, sin = self.rope.cos_sin(positions)  # [N, D/2] each
         h = self.model.embed_tokens(input_ids)  # [N, H]
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, self.backend)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, positions, self.backend)
+        return self.model.norm.add_forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, H] -> [M, V] fp32
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -1,9 +1,8 @@
 """Rotary position embedding in Hugging Face Llama's rotate-half convention, with Llama 3.1's
 long-context frequency scaling.
 
-cos/sin are computed in fp32 for exactly the positions of the batch, once per forward pass and
-shared by all layers: no table to size or grow, no host sync, and the same values as
-transformers (`position * inv_freq` in fp32).
+Angles are computed in fp32 for exactly the positions of the batch (`position * inv_freq`, the
+same values as transformers): no table to size or grow, no host sync.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from spin_ray.kernels.rope import rope_, rope_ref
 
 
 @dataclass(frozen=True)
@@ -63,27 +64,19 @@ def rope_inv_freq(
 
 
 class RotaryEmbedding:
-    """Holds the inverse frequencies (fp32, moved once to the device of the first batch)."""
+    """Rotates q and k by their positions: the fused Triton kernel on CUDA (in place), its
+    torch reference (`spin_ray.kernels.rope.rope_ref`) elsewhere."""
 
     def __init__(self, head_dim: int, theta: float, scaling: Llama3RopeScaling | None):
-        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # [D/2]
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # [D/2] fp32
 
-    def cos_sin(
+    def rotate(
         self,
+        x: torch.Tensor,  # [N, H, D]
         positions: torch.Tensor,  # [N] int
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # ([N, D/2], [N, D/2]) fp32
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, D/2]
-        return freqs.cos(), freqs.sin()
-
-
-def apply_rope(
-    x: torch.Tensor,  # [N, H, D]
-    cos: torch.Tensor,  # [N, D/2] fp32
-    sin: torch.Tensor,  # [N, D/2] fp32
-) -> torch.Tensor:  # [N, H, D]
-    """Rotate the pairs (x[..., i], x[..., i + D/2]) by position-dependent angles (in fp32)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # [N, H, D/2] each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, D/2]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    ) -> torch.Tensor:  # [N, H, D]
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        if x.is_cuda:
+            return rope_(x, positions, self.inv_freq)
+        return rope_ref(x, positions, self.inv_freq)
