@@ -3,6 +3,7 @@ request from a `SpinEngine` replica chosen by the KV working-set router."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 
 from ray import serve
@@ -22,9 +23,10 @@ class RayEngineClient:
         self.handle = handle.options(stream=True)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
-        response = self.handle.generate.remote(request)
+        response = None
         finished = False
         try:
+            response = self.handle.generate.remote(request)
             async for output in response:
                 finished = output.finished
                 yield output
@@ -35,8 +37,10 @@ class RayEngineClient:
                 raise ValueError(str(err.cause)) from err
             raise
         finally:
-            if not finished:
-                response.cancel()
+            if response is not None and not finished:
+                # Best effort; it raises the call's own error if the call never got a replica.
+                with contextlib.suppress(Exception):
+                    response.cancel()
 
 
 @serve.deployment(name="OpenAIIngress")

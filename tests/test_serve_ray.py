@@ -1,0 +1,389 @@
+"""The Ray Serve application end to end on a local Ray (CPU): real Ray, real engines (spin-tiny),
+the official `openai` client and raw HTTP.
+
+One application serves every test: two engine replicas, one per logical GPU, each with a KV
+cache of 256 pages × 16 tokens, so that a long request's working set fits only on a replica
+that does not already hold one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from spin_ray.serve import build_app  # noqa: E402
+from spin_ray.serve.replica_stats import engine_replica_stats  # noqa: E402
+
+APP = "spin-test"
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PAGE = 16
+NUM_PAGES = 256
+MAX_MODEL_LEN = 4096
+MAX_ONGOING = 4
+MAX_QUEUED = 1
+MAX_BODY = 200_000
+STATS_PERIOD_S = 0.2
+
+ARGS = {
+    "model": "spin-tiny",
+    "api_key": KEY,
+    "max_body_bytes": MAX_BODY,
+    "retry_after_s": 2,
+    "engine_args": {
+        "device": "cpu",
+        "max_model_len": MAX_MODEL_LEN,
+        "num_pages": NUM_PAGES,
+        "page_size": PAGE,
+        "max_num_seqs": 8,
+    },
+    "engine": {
+        "num_gpus": 1,  # logical GPUs: one replica per GPU
+        "num_cpus": 0,
+        "num_replicas": 2,
+        "max_ongoing_requests": MAX_ONGOING,
+        "max_queued_requests": MAX_QUEUED,
+        "routing_stats_period_s": STATS_PERIOD_S,
+        "stale_after_s": 2.0,
+    },
+    "ingress": {"num_cpus": 0},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(ARGS), name=APP, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
+
+
+def _wait_idle(timeout_s: float = 60.0) -> dict:
+    """Wait until no replica holds a request or a page, and until the router has had their
+    idle reports (a few stats periods); return the stats."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = engine_replica_stats(APP)
+        busy = sum(s.num_running + s.num_waiting + s.hbm_pages_used for s in stats.values())
+        if len(stats) == 2 and busy == 0:
+            time.sleep(3 * STATS_PERIOD_S)
+            return stats
+        assert time.monotonic() < deadline, f"replicas did not go idle: {stats}"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _streams():
+    """Open completion streams with `open_stream(base_url, body)`, each read up to its first
+    chunk; they stay open (a dropped line iterator would close its connection) until exit,
+    when the client disconnects from all of them."""
+    held = []
+    with contextlib.ExitStack() as stack, httpx.Client(timeout=120) as http:
+
+        def open_stream(base_url: str, body: dict):
+            response = stack.enter_context(
+                http.stream("POST", f"{base_url}/v1/completions", json=body, headers=AUTH)
+            )
+            assert response.status_code == 200, response.read()
+            lines = response.iter_lines()
+            held.append(lines)
+            first = next(line for line in lines if line.startswith("data: "))
+            return lines, json.loads(first.removeprefix("data: "))
+
+        yield open_stream
+
+
+def _long_body(prompt_tokens: int, max_tokens: int) -> dict:
+    # spin-tiny's tokenizer is byte-level: one token per byte plus BOS.
+    return {
+        "model": "spin-tiny",
+        "prompt": "a" * (prompt_tokens - 1),
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+
+
+# ------------------------------------------------------------------ OpenAI client
+
+
+def test_models_completion_and_streamed_chat(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["spin-tiny"]
+
+    completion = client.completions.create(
+        model="spin-tiny",
+        prompt="Hello",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert completion.object == "text_completion"
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 5
+    assert completion.usage.prompt_tokens == len("Hello") + 1  # bytes + BOS
+
+    # Greedy is deterministic: the same request gives the same text.
+    again = client.completions.create(
+        model="spin-tiny",
+        prompt="Hello",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert again.choices[0].text == completion.choices[0].text
+
+    chunks = list(
+        client.chat.completions.create(
+            model="spin-tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    whole = client.chat.completions.create(
+        model="spin-tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert whole.choices[0].message.content == streamed
+    assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+
+
+def test_sse_framing_is_openai_s(http):
+    body = {
+        "model": "spin-tiny",
+        "prompt": "Hi",
+        "max_tokens": 3,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = http.post("/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert [p["usage"] for p in payloads[:-1]] == [None] * (len(payloads) - 1)
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 3
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_logprobs(client):
+    chat = client.chat.completions.create(
+        model="spin-tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.logprob <= 0 and entry.logprob <= max(t.logprob for t in entry.top_logprobs)
+
+    completion = client.completions.create(
+        model="spin-tiny",
+        prompt="Hello",
+        max_tokens=4,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 4 and all(len(t) == 2 for t in logprobs.top_logprobs)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "x", "bogus": 1}, "bogus"),
+        ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
+        ("/v1/completions", {"prompt": "x", "sparse": "quest"}, "sparse"),
+        ("/v1/completions", {"prompt": "x", "token_budget": 512}, "token_budget"),
+        ("/v1/completions", {"prompt": [1] * MAX_MODEL_LEN}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+        ("/v1/completions", {"prompt": [5, 10**6]}, "prompt_token_ids"),  # found by the engine
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ],
+)
+def test_invalid_fields_get_400_naming_the_field(http, path, body, param):
+    error = _error(http.post(path, json={"model": "spin-tiny", **body}, headers=AUTH), 400)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_statuses(http, client):
+    body = {"model": "nope", "prompt": "x"}
+    assert _error(http.post("/v1/completions", json=body, headers=AUTH), 404)["param"] == "model"
+
+    huge = {"model": "spin-tiny", "prompt": "x" * (MAX_BODY + 1)}
+    _error(http.post("/v1/completions", json=huge, headers=AUTH), 413)
+
+    _error(http.get("/v1/models"), 401)
+    _error(http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert http.get("/health").status_code == 200
+
+    response = http.post("/v1/completions", content=b"{not json", headers=AUTH)
+    _error(response, 400)
+
+    # ... and the server keeps serving.
+    assert client.completions.create(model="spin-tiny", prompt="ok", max_tokens=2).choices
+
+
+def test_overload_gets_503_with_retry_after(base_url, http):
+    _wait_idle()
+    short = {"model": "spin-tiny", "prompt": "x", "max_tokens": 2}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with _streams() as open_stream:
+            for _ in range(2 * MAX_ONGOING):  # every slot of both replicas taken
+                open_stream(base_url, _long_body(4, 300))
+            queued = pool.submit(_status, base_url, short)  # waits in the ingress's queue
+            time.sleep(1.0)
+            response = http.post("/v1/completions", json=short, headers=AUTH)
+            error = _error(response, 503)
+            assert error["code"] == "overloaded"
+            assert response.headers["retry-after"] == "2"
+        # The streams are gone: the queued request runs, the server keeps serving.
+        assert queued.result() == 200
+    assert http.post("/v1/completions", json=short, headers=AUTH).status_code == 200
+
+
+def _status(base_url: str, body: dict) -> int:
+    return httpx.post(
+        f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=120
+    ).status_code
+
+
+# ------------------------------------------------------------------ disconnect
+
+
+def test_client_disconnect_frees_pages_within_a_second(base_url):
+    _wait_idle()
+    with _streams() as open_stream:
+        lines, _ = open_stream(base_url, _long_body(200, 3000))
+        for _ in range(3):
+            next(lines)
+        held = engine_replica_stats(APP)
+        assert sum(s.hbm_pages_used for s in held.values()) > 0
+        assert sum(s.num_running for s in held.values()) == 1
+    closed = time.monotonic()
+    while True:
+        stats = engine_replica_stats(APP)
+        if sum(s.hbm_pages_used + s.num_running for s in stats.values()) == 0:
+            break
+        assert time.monotonic() - closed < 1.0, f"pages still held after 1 s: {stats}"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ router
+
+
+def _replica_holding(stats: dict, pages: int) -> str:
+    [replica] = [rid for rid, s in stats.items() if s.hbm_pages_committed == pages]
+    return replica
+
+
+def test_router_places_a_long_request_where_its_working_set_fits(base_url):
+    _wait_idle()
+    long_pages = -(-(100 + 2400) // PAGE)  # 157 of 256 pages: one per replica at most
+    short_pages = -(-(4 + 396) // PAGE)  # 25
+    with _streams() as open_stream:
+        open_stream(base_url, _long_body(100, 2400))
+        open_stream(base_url, _long_body(4, 396))
+        open_stream(base_url, _long_body(4, 396))
+        before = engine_replica_stats(APP)
+        x = _replica_holding(before, long_pages)
+        [y] = set(before) - {x}
+        # x holds one request, y two: least-loaded routing would pick x, which cannot hold it.
+        assert (before[x].num_running, before[y].num_running) == (1, 2)
+        assert before[y].hbm_pages_committed == 2 * short_pages
+
+        open_stream(base_url, _long_body(100, 2400))
+        after = engine_replica_stats(APP)
+        assert after[x].num_running == 1
+        assert after[y].num_running == 3
+        assert after[y].hbm_pages_committed == 2 * short_pages + long_pages
+
+
+def test_router_balances_requests_of_equal_fit(base_url):
+    _wait_idle()
+    with _streams() as open_stream:
+        for _ in range(4):
+            open_stream(base_url, _long_body(8, 300))
+        stats = engine_replica_stats(APP)
+        assert sorted(s.num_running for s in stats.values()) == [2, 2]
+
+
+def test_router_routes_around_a_dead_replica(client):
+    stats = _wait_idle()
+    victim = sorted(stats)[0]
+    actor = ray.get_actor(f"SERVE_REPLICA::{APP}#SpinEngine#{victim}", namespace="serve")
+    ray.kill(actor, no_restart=True)
+    for i in range(4):
+        completion = client.completions.create(
+            model="spin-tiny",
+            prompt=f"after {i}",
+            max_tokens=2,
+        )
+        assert completion.choices[0].finish_reason in ("length", "stop")
