@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
 from spin_ray.kernels.quest_page_scores import quest_page_scores, quest_page_scores_ref
 from spin_ray.kernels.sparse_decode_attention import (

@@ -127,9 +127,9 @@ class SpinAttentionBackend(AttentionBackend):
         rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
         page_table = meta.page_table[rows].long()
         slot_lists = self.manager.slot_lists(request_ids)
-        self._slot_pos[slot_lists.clamp(min=0)] = torch.arange(
-            slot_lists.shape[1], device=device
-        ).expand_as(slot_lists)
+        owned = slot_lists >= 0
+        positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
+        self._slot_pos[slot_lists[owned]] = positions[owned]
         windows = DecodeWindows.build(self.budget, contexts, indexed, device)
         return _DecodeStep(
             tokens=tensor(tokens),

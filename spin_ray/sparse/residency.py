@@ -49,6 +49,10 @@ class ResidencyTable:
 
     # ------------------------------------------------------------------ rows and slots
 
+    # Growth allocates with inference mode off: the engine steps under torch.inference_mode,
+    # but the tables are also updated outside it (aborts), which inference tensors forbid.
+
+    @torch.inference_mode(False)
     def ensure_rows(self, num_rows: int) -> None:
         """Make directory rows 0..num_rows-1 exist (new rows are empty)."""
         have = self.directory.shape[0]
@@ -59,6 +63,7 @@ class ResidencyTable:
             )
             self.directory = torch.cat([self.directory, extra])
 
+    @torch.inference_mode(False)
     def ensure_pages(self, num_pages: int) -> None:
         """Make the directory reach logical page num_pages - 1 (grows by doubling)."""
         need = -(-num_pages // self.segment_pages)
@@ -168,19 +173,22 @@ class ResidencyTable:
     def _take_segments(self, n: int) -> torch.Tensor:  # [n] int64
         free = (self.seg_home < 0).nonzero().flatten()
         if free.numel() < n:
-            have = self.seg_home.numel()
-            grown = max(2 * have, have + n - free.numel())
-            extra = grown - have
-            self.segments = torch.cat(
-                [self.segments, self.segments.new_full((extra, self.segment_pages), -1)]
-            )
-            self.seg_count = torch.cat([self.seg_count, self.seg_count.new_zeros(extra)])
-            self.seg_home = torch.cat([self.seg_home, self.seg_home.new_full((extra,), -1)])
+            self._grow_segments(n - free.numel())
             free = (self.seg_home < 0).nonzero().flatten()
         new = free[:n]
         self.segments[new] = -1
         self.seg_count[new] = 0
         return new
+
+    @torch.inference_mode(False)
+    def _grow_segments(self, missing: int) -> None:
+        have = self.seg_home.numel()
+        extra = max(have, missing)  # at least double
+        self.segments = torch.cat(
+            [self.segments, self.segments.new_full((extra, self.segment_pages), -1)]
+        )
+        self.seg_count = torch.cat([self.seg_count, self.seg_count.new_zeros(extra)])
+        self.seg_home = torch.cat([self.seg_home, self.seg_home.new_full((extra,), -1)])
 
     # ------------------------------------------------------------------ accounting
 

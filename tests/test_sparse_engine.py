@@ -1,0 +1,181 @@
+"""The sparse, two-tier KV cache inside the engine, on spin-tiny (CPU): with a budget covering
+the whole context every algorithm and mode generates exactly the dense tokens, also when both
+tiers are smaller than the batch's KV (queueing and preemption); with a small budget every
+request finishes, pages cross the tiers and the HBM buffer hits."""
+
+from __future__ import annotations
+
+import pytest
+
+from spin_ray import SamplingParams
+from spin_ray.attention.dense import DenseAttentionBackend
+from spin_ray.sparse import ALGORITHMS, KVStats, SparseConfig
+from spin_ray.sparse.backend import SpinAttentionBackend
+
+PAGE = 8
+PROMPT_LENS = (90, 140, 200)
+MAX_TOKENS = 10
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def _prompts(lengths=PROMPT_LENS):
+    return [
+        {"prompt_token_ids": [(i * 31 + j * 17) % 250 + 3 for j in range(n)]}
+        for i, n in enumerate(lengths)
+    ]
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def dense_tokens():
+    from spin_ray import LLM
+
+    llm = LLM(model="spin-tiny", device="cpu", page_size=PAGE, progress=False)
+    assert isinstance(llm.llm_engine.backend, DenseAttentionBackend)
+    return _tokens(llm.generate(_prompts(), GREEDY, use_tqdm=False))
+
+
+def _sparse_llm(make_llm, **kwargs):
+    kwargs.setdefault("page_size", PAGE)
+    kwargs.setdefault("dense_layers", 1)
+    llm = make_llm(model="spin-tiny", **kwargs)
+    assert isinstance(llm.llm_engine.backend, SpinAttentionBackend)
+    return llm
+
+
+def _assert_tiers_empty(llm):
+    manager = llm.llm_engine.page_tables
+    assert manager.slot_pool.num_free == manager.slot_pool.num_pages
+    assert manager.residency.segments_in_use == 0
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_full_budget_equals_dense_with_tiers_smaller_than_the_batch(
+    make_llm, dense_tokens, algorithm
+):
+    """Budget = the whole context, both tiers too small for the batch (the prompts alone need
+    55 of the 56 HBM slots and of the 57 CPU pages): requests queue and get preempted, pages
+    are fetched from the CPU tier, and the tokens are still exactly dense's."""
+    kv_pages = sum(-(-(n + MAX_TOKENS) // PAGE) for n in PROMPT_LENS)
+    llm = _sparse_llm(
+        make_llm,
+        sparse=algorithm,
+        token_budget=1.0,
+        gpu_cache_tokens=56 * PAGE,
+        cpu_cache_tokens=57 * PAGE,
+        sparse_config=SparseConfig(
+            seer_block_size=2 * PAGE, retroinfer_segment_tokens=8 * PAGE, index_interval=4
+        ),
+    )
+    assert kv_pages > 57
+    outputs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    assert _tokens(outputs) == dense_tokens
+    assert sum(o.metrics.num_preemptions for o in outputs) > 0
+    stats = llm.kv_stats()
+    assert stats.lookups > 0 and stats.hits > 0
+    assert stats.h2d_bytes > 0 and stats.d2h_bytes > 0
+    _assert_tiers_empty(llm)
+
+
+@pytest.mark.parametrize("mode", ["sparse-naive", "dense-offload"])
+def test_baseline_modes_equal_dense_at_full_budget(make_llm, dense_tokens, mode):
+    llm = _sparse_llm(make_llm, sparse="quest", mode=mode, token_budget=1.0)
+    assert _tokens(llm.generate(_prompts(), GREEDY, use_tqdm=False)) == dense_tokens
+    stats = llm.kv_stats()
+    assert stats.lookups > 0 and stats.hits == 0, "no buffer: every page is fetched"
+    assert stats.h2d_bytes >= stats.lookups * llm.llm_engine.backend.host.page_bytes
+
+
+@pytest.mark.parametrize("algorithm", ["quest", "retroinfer"])
+def test_small_budget_finishes_crosses_tiers_and_hits_the_buffer(make_llm, algorithm):
+    """A 32-token budget over 300–400-token contexts: every request finishes, pages cross both
+    ways, the buffer both hits and evicts; without the buffer (sparse-naive) the same pages
+    are chosen, so the tokens agree, but every one is fetched again each step."""
+    prompts = _prompts((300, 360, 410))
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    common = dict(
+        sparse=algorithm,
+        token_budget=32,
+        sink_tokens=PAGE,
+        local_tokens=2 * PAGE,
+        sparse_config=SparseConfig(
+            buffer_ratio=1.0, retroinfer_segment_tokens=16 * PAGE, index_interval=4
+        ),
+    )
+    spin = _sparse_llm(make_llm, **common)
+    outputs = spin.generate(prompts, params, use_tqdm=False)
+    assert all(o.finished and len(o.outputs[0].token_ids) == 16 for o in outputs)
+    stats = spin.kv_stats()
+    assert isinstance(stats, KVStats)
+    assert 0 < stats.hits < stats.lookups
+    assert stats.h2d_bytes > 0 and stats.d2h_bytes > 0 and stats.evictions > 0
+    assert stats.cpu_pages_used == 0 and stats.gpu_pages_used == 0  # all released
+    assert stats.cpu_pages_total > 0 and stats.gpu_pages_total > 0
+    _assert_tiers_empty(spin)
+
+    naive = _sparse_llm(make_llm, mode="sparse-naive", **common)
+    assert _tokens(naive.generate(prompts, params, use_tqdm=False)) == _tokens(outputs)
+    assert naive.kv_stats().lookups == stats.lookups
+    assert naive.kv_stats().h2d_bytes > stats.h2d_bytes
+
+
+def test_abort_mid_decode_frees_both_tiers(make_llm):
+    llm = _sparse_llm(make_llm, sparse="shadowkv", token_budget=48)
+    engine = llm.llm_engine
+    for i, prompt in enumerate(_prompts()):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    for _ in range(4):
+        engine.step()
+    assert engine.kv_stats().gpu_pages_used > 0
+    engine.abort_request("r1")
+    engine.check_integrity()
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()
+    _assert_tiers_empty(llm)
+
+
+def test_flat_keyword_arguments_build_the_config(make_llm):
+    llm = _sparse_llm(
+        make_llm, sparse="quest", token_budget=0.25, sink_tokens=16, local_tokens=24,
+        buffer_ratio=3.0, gpu_cache_tokens=4096, cpu_cache_tokens=8192,
+    )  # fmt: skip
+    config = llm.llm_engine.config.sparse
+    assert (config.algorithm, config.mode, config.token_budget) == ("quest", "spin", 0.25)
+    assert (config.sink_tokens, config.local_tokens, config.dense_layers) == (16, 24, 1)
+    assert (config.buffer_ratio, config.gpu_cache_tokens, config.cpu_cache_tokens) == (
+        3.0,
+        4096,
+        8192,
+    )
+    dense = make_llm(model="spin-tiny", sparse="quest", mode="dense")
+    assert isinstance(dense.llm_engine.backend, DenseAttentionBackend)
+    assert dense.kv_stats().lookups == 0
+
+
+@pytest.mark.parametrize(
+    "fields,name",
+    [
+        (dict(algorithm="nope"), "sparse"),
+        (dict(mode="offload"), "mode"),
+        (dict(token_budget=0), "token_budget"),
+        (dict(token_budget=1.5), "token_budget"),
+        (dict(buffer_ratio=-1.0), "buffer_ratio"),
+        (dict(min_buffer_ratio=9.0), "min_buffer_ratio"),
+        (dict(local_tokens=0), "local_tokens"),
+        (dict(segment_pages=3), "segment_pages"),
+    ],
+)
+def test_bad_sparse_settings_raise_value_error_naming_the_field(fields, name):
+    with pytest.raises(ValueError, match=name):
+        SparseConfig(**fields)
+
+
+def test_partition_sizes_must_fit_the_page_size(make_llm):
+    with pytest.raises(ValueError, match="seer_block_size"):
+        make_llm(model="spin-tiny", sparse="seer", sparse_config=SparseConfig(seer_block_size=8))
+    with pytest.raises(ValueError, match="dense_layers"):
+        make_llm(model="spin-tiny", sparse="quest", dense_layers=4)
