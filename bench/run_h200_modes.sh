@@ -5,6 +5,9 @@
 #
 #     OUT=/some/dir bash bench/run_h200_modes.sh [budget_seconds]
 #
+# MODES (default: all four), TIME_LIMIT (seconds per mode, default 45) and SCALING (0 skips
+# the input-length sweep) adjust it.
+#
 # Everything printed also lands in $OUT (*.log, *.json). The HBM KV capacity is the same for
 # every mode (--gpu-cache-tokens: dense's KV pool, the tiered modes' working-set slots) and is
 # deliberately small, so the scaled-down workload keeps the regime the issue is about: far
@@ -33,12 +36,15 @@ bench() {  # name, then the bench arguments
         --no-progress --output "$OUT/$name.json" "$@") 2>&1 | tee "$OUT/$name.log"
 }
 
-bench modes --modes dense,spin,sparse-naive,dense-offload --sparse quest \
+bench modes --modes "${MODES:-dense,spin,sparse-naive,dense-offload}" --sparse quest \
     --workload longbench-v2 --scale 0.125 --output-len 256 --num-prompts 16 \
     --request-rate inf --token-budget 512 --gpu-cache-tokens 49152 --cpu-cache-tokens 131072 \
-    --time-limit 45
+    --time-limit "${TIME_LIMIT:-45}"
 
 for len in 16000 32000 64000 128000; do  # 128000 + 64 fits Llama-3.1's 131072 positions
+    if [[ ${SCALING:-1} == 0 ]]; then
+        break
+    fi
     if ((SECONDS > BUDGET - 60)); then
         echo "=== scaling at $len skipped: ${SECONDS}s of ${BUDGET}s used" | tee -a "$OUT/commands.txt"
         continue

@@ -14,10 +14,10 @@ from spin_ray.bench.workloads import BenchRequest
 
 def _record(mode="spin", kv_stats=None, step_time=4.0):
     timings = (
-        # id, input, output, arrival, first token, finished
-        RequestTiming("a", 100, 11, 0.0, 0.5, 2.5),  # TTFT 500 ms, TPOT 200 ms
-        RequestTiming("b", 300, 1, 1.0, 1.25, 1.25),  # TTFT 250 ms, no TPOT (one token)
-        RequestTiming("c", 200, 5, 2.0, 3.0, 5.0),  # TTFT 1000 ms, TPOT 500 ms
+        # id, input, output, arrival, first token, last token, finished
+        RequestTiming("a", 100, 11, 0.0, 0.5, 2.5, 2.5),  # TTFT 500 ms, TPOT 200 ms
+        RequestTiming("b", 300, 1, 1.0, 1.25, 1.25, 1.25),  # TTFT 250 ms, no TPOT (one token)
+        RequestTiming("c", 200, 5, 2.0, 3.0, 5.0, 5.0),  # TTFT 1000 ms, TPOT 500 ms
     )
     return RunRecord(
         mode=mode,
@@ -121,7 +121,7 @@ def test_requests_join_no_earlier_than_their_arrival():
         assert engine.added_at[request.request_id] - start >= arrival
     assert [t.output_len for t in record.timings] == [3, 3, 3]
     for t in record.timings:
-        assert t.arrival <= t.first_token <= t.finished <= record.duration
+        assert t.arrival <= t.first_token <= t.last_token == t.finished <= record.duration
     assert sum(record.batch_sizes) == 9
 
 
@@ -135,4 +135,11 @@ def test_time_limit_aborts_and_marks_the_run_truncated():
     r = summarize(record)
     assert r["completed"] == 0 and r["truncated"]
     assert r["output_throughput"] == pytest.approx(r["output_tokens"] / 0.05)
-    assert r["ttft_p50"] is not None and r["tpot_p50"] is None
+    assert r["ttft_p50"] is not None
+    # unfinished requests' TPOT runs to their latest token
+    for t in record.timings[:2]:
+        assert t.finished is None and t.output_len >= 2 and t.last_token > t.first_token
+    tpots = sorted(
+        (t.last_token - t.first_token) / (t.output_len - 1) * 1e3 for t in record.timings[:2]
+    )
+    assert r["tpot_p50"] == pytest.approx(sum(tpots) / 2)

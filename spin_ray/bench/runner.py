@@ -49,6 +49,8 @@ class RequestTiming:
     arrival: float
     """Planned arrival (TTFT counts from here, queueing included)."""
     first_token: float | None
+    last_token: float | None
+    """When its latest token came (its finish, unless a time limit cut it short)."""
     finished: float | None
 
 
@@ -94,6 +96,7 @@ def drive(
     until `time_limit` seconds have passed (then the unfinished requests are aborted)."""
     order = sorted(range(len(requests)), key=lambda i: arrivals[i])
     first_token: dict[str, float] = {}
+    last_token: dict[str, float] = {}
     finished: dict[str, float] = {}
     generated: dict[str, int] = {}
     batch_sizes: list[int] = []
@@ -134,7 +137,9 @@ def drive(
             for output in outputs:
                 rid = output.request_id
                 count = len(output.outputs[0].token_ids)
-                bar.update(count - generated.get(rid, 0))
+                if count > generated.get(rid, 0):
+                    bar.update(count - generated.get(rid, 0))
+                    last_token[rid] = step_end - start
                 generated[rid] = count
                 if count and rid not in first_token:
                     first_token[rid] = step_end - start
@@ -150,6 +155,7 @@ def drive(
             output_len=generated.get(r.request_id, 0),
             arrival=float(arrivals[i]),
             first_token=first_token.get(r.request_id),
+            last_token=last_token.get(r.request_id),
             finished=finished.get(r.request_id),
         )
         for i, r in enumerate(requests)

@@ -14,7 +14,7 @@ UNITS = {
     "output_throughput": "output tokens/s",
     "total_token_throughput": "input + output tokens/s",
     "ttft_*": "ms, planned arrival to first token (every request that got one)",
-    "tpot_*": "ms, (finish - first token) / (output tokens - 1), per request",
+    "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
     "*_bytes": "bytes",
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
     "*_share": "fraction of the time spent inside step()",
@@ -34,8 +34,10 @@ def summarize(record: RunRecord) -> dict:
     """Per-mode figures of `record`; a figure the engine cannot supply is None, never a guess."""
     done = [t for t in record.timings if t.finished is not None]
     ttfts = [(t.first_token - t.arrival) * 1e3 for t in record.timings if t.first_token is not None]
-    tpots = [
-        (t.finished - t.first_token) / (t.output_len - 1) * 1e3 for t in done if t.output_len > 1
+    tpots = [  # unfinished requests of a truncated run count up to their latest token
+        (t.last_token - t.first_token) / (t.output_len - 1) * 1e3
+        for t in record.timings
+        if t.output_len > 1
     ]
     duration = record.duration
     output_tokens = sum(t.output_len for t in record.timings)
