@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from spin_ray.serve.placement import (
@@ -18,18 +16,29 @@ from spin_ray.serve.placement import (
     predict_working_set,
     rank_replicas,
 )
+from spin_ray.sparse.budget import PageBudget
 
 DENSE = KVLayout(page_size=16)
-SPARSE = KVLayout(
-    page_size=16,
-    sparse=True,
-    token_budget=256,
-    sink_tokens=64,
-    local_tokens=64,
-    buffer_ratio=5.0,
-    dense_layers=0,
-    num_layers=32,
-)
+
+
+def _budget(**overrides) -> PageBudget:
+    fields = dict(
+        page_size=16,
+        token_budget=2048,
+        sink_tokens=64,
+        local_tokens=256,
+        max_unindexed_tokens=32,
+        attend_all=False,
+        retains=True,
+        buffer_ratio=5.0,
+        min_buffer_ratio=1.0,
+    )
+    return PageBudget(**{**fields, **overrides})
+
+
+SPARSE = KVLayout(page_size=16, budget=_budget())
+# Per step: 4 sink pages (64 tokens) + 17 local pages (256 tokens, +1 for a partial page) +
+# top-k pages ceil(2048 / 16) − 4 − 16 = 108 → M = 129 when the context has that many.
 
 
 @pytest.mark.parametrize(
@@ -38,37 +47,32 @@ SPARSE = KVLayout(
         # dense: the whole context in HBM, nothing in the host tier
         (WorkingSetDemand(100, 28), DENSE, WorkingSet(8, 8, 0)),  # 128 tokens = 8 pages
         (WorkingSetDemand(100, 29), DENSE, WorkingSet(9, 9, 0)),  # 129 tokens → 9 pages
-        # sparse, long context: M = (256+64+64)/16 = 24 pages, wanted 24×6 = 144, host = all
-        (WorkingSetDemand(32000, 768), SPARSE, WorkingSet(144, 24, 2048)),
-        # sparse, short context: the budget covers it all, HBM never exceeds the context
-        (WorkingSetDemand(100, 60), SPARSE, WorkingSet(10, 10, 10)),
-        # sparse, M×(1+r) capped at the context: M = 24, 6M = 144 > P = 100
-        (WorkingSetDemand(1500, 100), SPARSE, WorkingSet(100, 24, 100)),
+        # sparse, 32K context (P = 2048): wanted ceil(129 × 6) = 774, floor 129 × 2 = 258
+        (WorkingSetDemand(32000, 768), SPARSE, WorkingSet(774, 258, 2048)),
+        # sparse, short context (P = 63 < M): the whole context, never more
+        (WorkingSetDemand(900, 100), SPARSE, WorkingSet(63, 63, 63)),
+        # a fraction: B = ceil(0.02 × 64000) = 1280 tokens = 80 pages → top-k 60, M = 81
+        (
+            WorkingSetDemand(60000, 4000),
+            KVLayout(16, _budget(token_budget=0.02)),
+            WorkingSet(486, 162, 4000),
+        ),
+        # no buffer (sparse-naive): wanted = floor = M
+        (
+            WorkingSetDemand(32000, 768),
+            KVLayout(16, _budget(retains=False)),
+            WorkingSet(129, 129, 2048),
+        ),
+        # dense-offload: every page attended, none kept
+        (
+            WorkingSetDemand(32000, 768),
+            KVLayout(16, _budget(attend_all=True, retains=False)),
+            WorkingSet(2048, 2048, 2048),
+        ),
     ],
 )
 def test_predict_working_set(demand, layout, expected):
     assert predict_working_set(demand, layout) == expected
-
-
-def test_predict_working_set_fraction_and_dense_layers():
-    layout = KVLayout(
-        page_size=16,
-        sparse=True,
-        token_budget=0.02,
-        sink_tokens=0,
-        local_tokens=0,
-        buffer_ratio=1.0,
-        dense_layers=2,
-        num_layers=8,
-    )
-    demand = WorkingSetDemand(60000, 4000)  # C = 64000 tokens, P = 4000 pages
-    budget = math.ceil(0.02 * 64000)  # 1280 tokens → M = 80 pages
-    m, p, d = budget // 16, 4000, 2 / 8
-    assert predict_working_set(demand, layout) == WorkingSet(
-        hbm_pages=math.ceil(d * p + (1 - d) * min(p, 2 * m)),
-        hbm_floor_pages=math.ceil(d * p + (1 - d) * m),
-        host_pages=p,
-    )
 
 
 def _stats(
@@ -182,13 +186,23 @@ LONG = WorkingSetDemand(500, 300)  # 50 pages
         ),
         (
             "full buffer beats floor-only fit, whatever the load",
-            WorkingSetDemand(31000, 1000),  # 2000 pages; wanted 144, floor 24
+            WorkingSetDemand(32000, 768),  # wanted 774, floor 258, host 2048
             {
-                "a": _stats(hbm_total=100, host_total=4000, layout=SPARSE),
+                "a": _stats(hbm_total=500, host_total=4000, layout=SPARSE),
                 "b": _stats(hbm_total=1000, host_total=4000, running=5, layout=SPARSE),
             },
             {},
             [["b"], ["a"]],
+        ),
+        (
+            "the host tier must hold the whole context",
+            WorkingSetDemand(32000, 768),
+            {
+                "a": _stats(hbm_total=5000, host_total=2047, layout=SPARSE),
+                "b": _stats(hbm_total=500, host_total=2048, running=5, layout=SPARSE),
+            },
+            {},
+            [["b"]],
         ),
         (
             "stale and missing stats: after the fitting replicas, before the others",
@@ -241,15 +255,8 @@ def test_demand_rejects_bad_values(kwargs, field):
         WorkingSetDemand(**kwargs)
 
 
-@pytest.mark.parametrize(
-    "kwargs, field",
-    [
-        (dict(page_size=0), "page_size"),
-        (dict(page_size=16, token_budget=0), "token_budget"),
-        (dict(page_size=16, buffer_ratio=-1), "buffer_ratio"),
-        (dict(page_size=16, dense_layers=3, num_layers=2), "dense_layers"),
-    ],
-)
-def test_layout_rejects_bad_values(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        KVLayout(**kwargs)
+def test_layout_rejects_bad_values():
+    with pytest.raises(ValueError, match="page_size"):
+        KVLayout(page_size=0)
+    with pytest.raises(ValueError, match="budget"):
+        KVLayout(page_size=32, budget=_budget())

@@ -11,6 +11,7 @@ its request, so its pages are free by the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -125,15 +126,16 @@ class AsyncEngine:
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue
-                for output in self.engine.step():
-                    self._deliver(output)
-                self._publish_load()
+                deliveries = [self._delta_for(output) for output in self.engine.step()]
+                self._publish_load()  # before the callers hear of this step
+                for stream, delta in filter(None, deliveries):
+                    _send(stream, delta)
         except BaseException as err:  # the loop is dead: tell every waiting caller
             logger.exception("engine step loop failed")
             self._error = err
             dead = EngineDeadError(f"engine step loop failed: {err!r}")
             for stream in self._streams.values():
-                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, dead)
+                _send(stream, dead)
             self._streams.clear()
         finally:
             with self._lock:
@@ -154,8 +156,9 @@ class AsyncEngine:
                 self.engine.abort_request(command[1])
                 self._streams.pop(command[1], None)
             else:  # stop
-                for request_id in list(self._streams):
+                for request_id, stream in self._streams.items():
                     self.engine.abort_request(request_id)
+                    _send(stream, EngineDeadError("engine is shut down"))
                 self._streams.clear()
                 return False
 
@@ -163,19 +166,18 @@ class AsyncEngine:
         try:
             self.engine.add_request(request_id, prompt, params, arrival_time=time.monotonic())
         except Exception as err:  # bad input: hand the error to the caller
-            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, err)
+            _send(stream, err)
             return
         stream.num_tokens = len(self.engine.requests[request_id].prompt_token_ids)
         self._streams[request_id] = stream
 
-    def _deliver(self, output: RequestOutput) -> None:
+    def _delta_for(self, output: RequestOutput) -> tuple[_Stream, RequestOutput] | None:
         stream = self._streams.get(output.request_id)
         if stream is None:  # aborted while this step ran
-            return
-        delta = _delta(output, stream)
+            return None
         if output.finished:
             del self._streams[output.request_id]
-        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, delta)
+        return stream, _delta(output, stream)
 
     def _publish_load(self) -> None:
         self._load = EngineLoad(
@@ -192,10 +194,14 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                stream = command[4]
-                stream.loop.call_soon_threadsafe(
-                    stream.outputs.put_nowait, EngineDeadError("engine is shut down")
-                )
+                _send(command[4], EngineDeadError("engine is shut down"))
+
+
+def _send(stream: _Stream, item: RequestOutput | BaseException) -> None:
+    """Hand `item` to the stream's caller; a caller whose event loop has closed is gone (its
+    generator's cleanup aborts the request)."""
+    with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
 
 
 def _delta(output: RequestOutput, stream: _Stream) -> RequestOutput:

@@ -19,12 +19,17 @@ from spin_ray.serve.placement import KVLayout, ReplicaStats, WorkingSet, predict
 class SpinEngine:
     def __init__(self, llm_kwargs: dict[str, Any]):
         from spin_ray.llm import LLM
+        from spin_ray.sparse.manager import TieredCacheManager
 
         engine = LLM(**llm_kwargs).llm_engine
         self.engine = AsyncEngine(engine)
-        self.pool = engine.page_tables.pool
-        # The engine keeps every token's KV in one device pool: a dense layout.
-        self.layout = KVLayout(page_size=engine.page_tables.page_size)
+        capacity = engine.page_tables
+        if isinstance(capacity, TieredCacheManager):  # context in host memory, slots in HBM
+            self.hbm_pool, self.host_pool = capacity.slot_pool, capacity.pool
+            self.layout = KVLayout(capacity.page_size, capacity.budget)
+        else:  # every page in the device pool
+            self.hbm_pool, self.host_pool = capacity.pool, None
+            self.layout = KVLayout(capacity.page_size)
         self.info = ModelInfo(max_model_len=engine.config.scheduler.max_model_len)
         self.working_sets: dict[str, WorkingSet] = {}
 
@@ -44,18 +49,22 @@ class SpinEngine:
     def record_routing_stats(self) -> dict[str, Any]:
         """`ReplicaStats` as a dict, polled by Ray Serve for the router."""
         load = self.engine.load()
-        committed = sum(w.hbm_pages for w in self.working_sets.values())
+        hbm_used = self.hbm_pool.num_used
+        host_used = self.host_pool.num_used if self.host_pool is not None else 0
         return ReplicaStats(
             timestamp=time.time(),
             layout=self.layout,
-            hbm_pages_total=self.pool.num_pages,
-            hbm_pages_committed=max(committed, self.pool.num_used),
-            host_pages_total=0,
-            host_pages_committed=0,
+            hbm_pages_total=self.hbm_pool.num_pages,
+            hbm_pages_committed=max(sum(w.hbm_pages for w in self.working_sets.values()), hbm_used),
+            host_pages_total=self.host_pool.num_pages if self.host_pool is not None else 0,
+            host_pages_committed=max(
+                sum(w.host_pages for w in self.working_sets.values()), host_used
+            ),
             num_running=load.num_running,
             num_waiting=load.num_waiting,
             running_tokens=load.num_tokens,
-            hbm_pages_used=self.pool.num_used,
+            hbm_pages_used=hbm_used,
+            host_pages_used=host_used,
         ).to_dict()
 
     def check_health(self) -> None:

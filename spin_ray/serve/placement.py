@@ -4,28 +4,30 @@ Pure functions over frozen dataclasses. Replicas report `ReplicaStats` (router.p
 Ray Serve's routing stats); the router adds what it sent each replica since that report and asks
 `rank_replicas` for an order. Tests drive these functions with tables.
 
-Unit: a *page* is `page_size` tokens of KV across all layers and KV heads. Each replica states
-its tiers' capacity in these pages.
+Units are the engine's own: a host page holds `page_size` tokens of a sequence's KV (every
+offloaded layer and KV head); an HBM page is a page of the dense pool, or on a sparse replica a
+working-set slot (one page of every offloaded layer and KV head).
 
 Working set of a request whose context is C = prompt_tokens + max_tokens tokens,
-P = ceil(C / page_size) pages:
+P = ceil(C / page_size):
 
-- dense replica (no host tier): HBM wanted = HBM floor = P, host = 0.
-- sparse replica (the context lives in the host tier, HBM holds what attention uses):
+- dense replica (all KV in HBM):  HBM wanted = HBM floor = P, host = 0.
+- sparse replica (the context in the host tier, HBM slots for what attention reads), with the
+  engine's own `PageBudget` (spin_ray/sparse/budget.py):
       host   = P
-      B      = token_budget tokens, or ceil(token_budget × C) when token_budget < 1 (a fraction)
-      M      = ceil(min(C, B + sink_tokens + local_tokens) / page_size)   pages attended per step
-      d      = dense_layers / num_layers                                  share of layers that
-                                                                          attend to everything
-      wanted = ceil(d × P + (1 − d) × min(P, M × (1 + buffer_ratio)))     selection + LRU buffer
-      floor  = ceil(d × P + (1 − d) × M)                                  buffer shrunk to zero
+      M      = min(P, sink pages + local-window pages + top-k pages)   attended per step, where
+               top-k pages = ceil(B / page_size) − sink − local pages and B = token_budget
+               tokens (or ceil(token_budget × C) for a fraction); M = P for attend-all modes
+      wanted = min(P, ceil(M × (1 + buffer_ratio)))                     selection + LRU buffer
+      floor  = min(P, ceil(M × (1 + min_buffer_ratio)))                 what admission needs
+  (modes without a buffer: wanted = floor = M).
 
 Free capacity of a replica, per tier: total − committed (the working sets of the requests it
 holds, as of its report) − the working sets of requests this router sent it after the report.
 
 Fit level of a request on a replica:
     2  wanted HBM ≤ free HBM and host ≤ free host      (fits with its full buffer)
-    1  floor HBM ≤ free HBM and host ≤ free host       (fits; the buffer shrinks)
+    1  floor HBM ≤ free HBM and host ≤ free host       (fits; buffers shrink toward floors)
     0  otherwise                                       (it would wait or preempt)
 
 Load of a replica: (requests running + waiting + sent since the report,
@@ -50,6 +52,8 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
+from spin_ray.sparse.budget import PageBudget
+
 
 @dataclass(frozen=True)
 class WorkingSetDemand:
@@ -73,39 +77,20 @@ class WorkingSetDemand:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """How a replica keeps KV: everything in HBM (dense) or the context in host memory with a
-    sparse working set in HBM."""
+    """How a replica keeps KV: all in HBM (dense), or the context in the host tier with HBM
+    working sets sized by `budget`."""
 
     page_size: int
     """Tokens per page."""
-    sparse: bool = False
-    """True when the context lives in the host tier and attention reads a selected subset."""
-    token_budget: float = 2048
-    """Selected tokens per step: a count (>= 1) or a fraction of the context (< 1)."""
-    sink_tokens: int = 0
-    """First tokens always attended."""
-    local_tokens: int = 0
-    """Most recent tokens always attended."""
-    buffer_ratio: float = 5.0
-    """HBM buffer pages per mandatory page, kept for reuse across steps."""
-    dense_layers: int = 0
-    """Leading layers that attend to the whole context."""
-    num_layers: int = 1
-    """Layers of the model."""
+    budget: PageBudget | None = None
+    """The sparse engine's page budget; None for a dense engine."""
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
             raise ValueError(f"page_size: must be >= 1, got {self.page_size}")
-        if self.token_budget <= 0:
-            raise ValueError(f"token_budget: must be > 0, got {self.token_budget}")
-        if self.sink_tokens < 0 or self.local_tokens < 0:
-            raise ValueError("sink_tokens/local_tokens: must be >= 0")
-        if self.buffer_ratio < 0:
-            raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
-        if not 0 <= self.dense_layers <= self.num_layers or self.num_layers < 1:
+        if self.budget is not None and self.budget.page_size != self.page_size:
             raise ValueError(
-                f"dense_layers: must be in [0, num_layers={self.num_layers}], "
-                f"got {self.dense_layers}"
+                f"budget: its page_size {self.budget.page_size} differs from {self.page_size}"
             )
 
 
@@ -151,7 +136,10 @@ class ReplicaStats:
     def from_dict(cls, d: Mapping[str, Any]) -> ReplicaStats:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in fields}
-        values["layout"] = KVLayout(**values["layout"])
+        layout = dict(values["layout"])
+        if layout.get("budget") is not None:
+            layout["budget"] = PageBudget(**layout["budget"])
+        values["layout"] = KVLayout(**layout)
         return cls(**values)
 
 
@@ -169,17 +157,12 @@ def predict_working_set(demand: WorkingSetDemand, layout: KVLayout) -> WorkingSe
     """The pages `demand` needs on a replica with `layout` (formula in the module docstring)."""
     context = demand.context_tokens
     pages = math.ceil(context / layout.page_size)
-    if not layout.sparse:
+    budget = layout.budget
+    if budget is None:
         return WorkingSet(hbm_pages=pages, hbm_floor_pages=pages, host_pages=0)
-    budget = layout.token_budget
-    budget_tokens = math.ceil(budget * context) if budget < 1 else int(budget)
-    attended = min(context, budget_tokens + layout.sink_tokens + layout.local_tokens)
-    mandatory = math.ceil(attended / layout.page_size)
-    dense_share = layout.dense_layers / layout.num_layers
-    wanted = min(pages, mandatory * (1 + layout.buffer_ratio))
     return WorkingSet(
-        hbm_pages=math.ceil(dense_share * pages + (1 - dense_share) * wanted),
-        hbm_floor_pages=math.ceil(dense_share * pages + (1 - dense_share) * mandatory),
+        hbm_pages=budget.target_pages(context),
+        hbm_floor_pages=budget.floor_pages(context),
         host_pages=pages,
     )
 
