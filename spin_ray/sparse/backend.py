@@ -250,12 +250,13 @@ class SpinAttentionBackend(AttentionBackend):
                 slots = self._stage(layer, pages, step)
             current = torch.where(pages == step.last_page[:, None, None], slots, 0).sum(-1)
             self.gpu.store_token(tier_layer, current, step.last_offset, k, v)
-        extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
-        counts = page_token_counts(pages, step.context_lens, self.page_size)
-        attend = sparse_decode_attention if self.on_cuda else sparse_decode_attention_ref
-        return attend(
-            q, self.gpu.k[tier_layer], self.gpu.v[tier_layer], slots, counts, scale, extra
-        )
+        with self.counters.phase("attention"):
+            extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
+            counts = page_token_counts(pages, step.context_lens, self.page_size)
+            attend = sparse_decode_attention if self.on_cuda else sparse_decode_attention_ref
+            return attend(
+                q, self.gpu.k[tier_layer], self.gpu.v[tier_layer], slots, counts, scale, extra
+            )
 
     def _stage(self, layer, pages, step):  # [B, Hkv, K] slots
         """No buffer: every listed page is fetched into the request's slots, in list order."""

@@ -39,6 +39,8 @@ class KVStats:
     """Time looking up, evicting and fetching pages."""
     index_time_s: float = 0.0
     """Time building partition summaries."""
+    attention_time_s: float = 0.0
+    """Time in sparse decode attention (offloaded layers)."""
 
     @property
     def hit_rate(self) -> float:
@@ -55,7 +57,7 @@ class KVCounters:
         self.h2d_bytes = 0
         self.d2h_bytes = 0
         self.evictions = 0
-        self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0}
+        self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0, "attention": 0.0}
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def add_lookups(self, lookups: torch.Tensor, hits: torch.Tensor) -> None:
@@ -90,5 +92,6 @@ class KVCounters:
             select_time_s=self._seconds["select"],
             fetch_time_s=self._seconds["fetch"],
             index_time_s=self._seconds["index"],
+            attention_time_s=self._seconds["attention"],
             **gauges,
         )

@@ -32,8 +32,9 @@ class HostTier:
         self.device = device
         self.on_cuda = device.type == "cuda"
         shape = (num_layers, num_pages, num_heads, page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, pin_memory=self.on_cuda)
-        self.v = torch.zeros(shape, dtype=dtype, pin_memory=self.on_cuda)
+        # never zeroed (pinning tens of GB is slow enough): every read is masked to tokens written
+        self.k = torch.empty(shape, dtype=dtype, pin_memory=self.on_cuda)
+        self.v = torch.empty(shape, dtype=dtype, pin_memory=self.on_cuda)
         # what kernels address: UVA views of the pinned tensors on CUDA, the tensors on the CPU
         self.k_dev = uva_device_view(self.k) if self.on_cuda else self.k
         self.v_dev = uva_device_view(self.v) if self.on_cuda else self.v
