@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from torch.nn.attention.bias import causal_lower_right
+
 from spin_ray.kernels.kv_store import store_kv
 from spin_ray.kernels.paged_attention_ref import (
     gather_pages,
@@ -36,7 +38,6 @@ from spin_ray.kernels.paged_decode_attention import (
     paged_decode_attention,
 )
 from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
-from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -404,9 +405,11 @@ class Bench:
             new = lambda q=q, pages=pages, ctx=ctx: paged_prefill_attention(  # noqa: E731
                 q, self.k_cache, self.v_cache, pages, ctx, scale
             )
-            ref = paged_prefill_attention_ref(q, self.k_cache, self.v_cache, pages, ctx, scale)
-            err = _rel_err(new(), ref)
-            del ref
+            err = None
+            if prefix <= 32 * K:  # the fp32 reference's mask path needs ~140 GB at 128K
+                ref = paged_prefill_attention_ref(q, self.k_cache, self.v_cache, pages, ctx, scale)
+                err = _rel_err(new(), ref)
+                del ref
             path = "ours: gather, cuDNN prefix + causal chunk, LSE merge"
             report(case, path, self.time_ms(new), flops, err)
             k = gather_pages(self.k_cache, pages, ctx)  # [T, Hkv, D]

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from spin_ray.kernels.paged_attention_ref import gather_pages
 from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
 from torch.nn.attention.bias import causal_lower_right
+
+from spin_ray.kernels.paged_attention_ref import gather_pages
 
 
 def paged_prefill_attention(

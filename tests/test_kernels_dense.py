@@ -7,16 +7,16 @@ import importlib
 
 import pytest
 import torch
+
+from spin_ray.attention.dense import DenseAttentionBackend
+from spin_ray.attention.metadata import AttentionMetadata
+from spin_ray.cache.kv_cache import KVCache, KVCacheShape
 from spin_ray.kernels.paged_attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     store_kv_ref,
 )
 from spin_ray.kernels.paged_prefill_attention import merge_by_lse, paged_prefill_attention
-
-from spin_ray.attention.dense import DenseAttentionBackend
-from spin_ray.attention.metadata import AttentionMetadata
-from spin_ray.cache.kv_cache import KVCache, KVCacheShape
 
 
 @pytest.fixture(scope="module")
