@@ -17,8 +17,9 @@ from spin_ray.kernels.paged_attention_ref import (
 class DenseAttentionBackend(AttentionBackend):
     """Stores K/V in the paged cache. All sequences with one new token (decode) go through the
     paged decode kernel in one launch; each longer chunk (prefill) attends causally over its
-    pages on its own. On CUDA: the Triton store and decode kernels and SDPA's FlashAttention
-    path for prefill; on the CPU: the torch references."""
+    pages on its own. On CUDA: the Triton store and decode kernels, and FlashAttention-class
+    SDPA kernels for prefill (kernels/paged_prefill_attention.py); on the CPU: the torch
+    references."""
 
     def __init__(self, kv_cache: KVCache):
         self.kv_cache = kv_cache
