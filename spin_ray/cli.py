@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "bench")
+COMMANDS = ("generate", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

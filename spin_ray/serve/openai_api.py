@@ -97,13 +97,9 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: bodies over `max_bytes` (by Content-Length, or counted as they arrive)
-    get 413."""
+    """ASGI middleware: bodies over `max_bytes` get 413, whether Content-Length says so or the
+    bytes arrive chunked. The body is read here, then handed on unchanged."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -111,21 +107,29 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = _too_large(self.max_bytes).response()
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _too_large(self.max_bytes).response()(scope, receive, send)
-        received = 0
-
-        async def counted_receive():
-            nonlocal received
+            return await too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await too_large(scope, receive, send)
+        replayed = False
 
-        await self.app(scope, counted_receive, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:  # later calls wait for the client to disconnect
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _too_large(max_bytes: int) -> ApiError:
@@ -143,10 +147,6 @@ def create_openai_app(
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError):
         return err.response()
-
-    @app.exception_handler(_BodyTooLarge)
-    async def _body_too_large(_: Request, err: _BodyTooLarge):
-        return _too_large(settings.max_body_bytes).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError):

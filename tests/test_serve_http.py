@@ -1,0 +1,152 @@
+"""HTTP shapes of the OpenAI API that need no engine: a small fake engine client streams fixed
+deltas (the end-to-end tests in test_serve_ray.py use the real engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from spin_ray.models.byte_tokenizer import build_byte_tokenizer
+from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from spin_ray.serve.engine_client import EngineRequest, ModelInfo
+from spin_ray.serve.openai_api import API_KEY_ENV, ApiSettings, create_openai_app
+
+
+class FakeEngine:
+    """Streams the tokens "h", "i", "!" as three deltas, with logprobs when asked."""
+
+    def __init__(self):
+        self.requests: list[EngineRequest] = []
+        self.closed: list[str] = []
+
+    async def generate(self, request: EngineRequest):
+        self.requests.append(request)
+        try:
+            for i, ch in enumerate("hi!"):
+                logprobs = None
+                if request.params.logprobs is not None:
+                    top = {ord("a") + k: -1.0 - k for k in range(request.params.logprobs)}
+                    logprobs = [TokenLogprob(ord(ch), -0.5, top)]
+                last = i == 2
+                yield RequestOutput(
+                    request_id=request.request_id,
+                    prompt=None,
+                    prompt_token_ids=request.prompt_token_ids,
+                    outputs=[
+                        CompletionOutput(
+                            0, ch, [ord(ch)], "stop" if last else None, logprobs=logprobs
+                        )
+                    ],
+                    finished=last,
+                    metrics=RequestMetrics(0.0, None, None, None, i + 1),
+                )
+        finally:
+            self.closed.append(request.request_id)
+
+
+@pytest.fixture
+def served():
+    engine = FakeEngine()
+    app = create_openai_app(
+        engine,
+        build_byte_tokenizer(),
+        ModelInfo(max_model_len=64),
+        ApiSettings(served_model_name="m", max_body_bytes=1000),
+    )
+    with TestClient(app) as client:
+        yield engine, client
+
+
+def _events(text: str) -> list:
+    events = text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+
+
+def test_streamed_chat_chunks_are_openai_s(served):
+    engine, client = served
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "yo"}],
+        "stream": True,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "max_completion_tokens": 3,
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    chunks = _events(response.text)
+    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 5
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"] for c in chunks[1:4]] == [
+        {"content": "h"},
+        {"content": "i"},
+        {"content": "!"},
+    ]
+    assert chunks[4]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    entry = chunks[1]["choices"][0]["logprobs"]["content"][0]
+    assert entry["token"] == "h" and entry["bytes"] == [ord("h")] and entry["logprob"] == -0.5
+    assert [t["token"] for t in entry["top_logprobs"]] == ["a", "b"]
+    assert "usage" not in chunks[0]  # only with stream_options.include_usage
+    assert engine.requests[0].params.max_tokens == 3 and engine.requests[0].params.logprobs == 2
+
+
+def test_completion_logprobs_and_text_offsets(served):
+    _, client = served
+    body = {"model": "m", "prompt": "ab", "logprobs": 1, "max_tokens": 3}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == "hi!"
+    assert choice["logprobs"] == {
+        "tokens": ["h", "i", "!"],
+        "token_logprobs": [-0.5] * 3,
+        "top_logprobs": [{"a": -1.0}] * 3,
+        "text_offset": [0, 1, 2],
+    }
+
+
+def test_chunked_body_over_the_limit_gets_413(served):
+    _, client = served
+
+    def body():  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"model": "m", "prompt": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}'
+
+    response = client.post(
+        "/v1/completions", content=body(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, "k")
+    app = create_openai_app(
+        FakeEngine(),
+        build_byte_tokenizer(),
+        ModelInfo(max_model_len=64),
+        ApiSettings(served_model_name="m"),
+    )
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+        assert client.get("/health").status_code == 200  # health needs no key
+
+
+def test_default_max_tokens_fill_the_context(served):
+    engine, client = served
+    messages = [{"role": "user", "content": "yo"}]
+    client.post("/v1/chat/completions", json={"model": "m", "messages": messages})
+    prompt = len(engine.requests[0].prompt_token_ids)
+    assert engine.requests[0].params.max_tokens == 64 - prompt  # chat: the rest of the context
+    client.post("/v1/completions", json={"model": "m", "prompt": "ab"})
+    assert engine.requests[1].params.max_tokens == 16  # completions: OpenAI's default
