@@ -145,15 +145,24 @@ def test_rates_and_budget_parse():
     assert bench_config(args).token_budget == 2048
 
 
-def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys):
+def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    from spin_ray.bench import runner
+
+    def build_engine(mode, config, max_model_len):
+        if mode == "spin":
+            raise RuntimeError("out of pinned memory")
+        return real_build_engine(mode, config, max_model_len)
+
+    real_build_engine = runner.build_engine
+    monkeypatch.setattr(runner, "build_engine", build_engine)
     out = tmp_path / "r.json"
     argv = ["bench", "--device", "cpu", "--modes", "spin,dense", "--num-prompts", "1",
-            "--input-len", "40", "--output-len", "2", "--buffer-ratio", "0.5",
-            "--no-progress", "--output", str(out)]  # fmt: skip
-    assert main(argv) == 1  # spin's buffer floor (min_buffer_ratio 1) exceeds buffer_ratio
+            "--input-len", "40", "--output-len", "2", "--no-progress",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 1
     captured = capsys.readouterr()
-    assert "[spin] failed" in captured.err
-    assert "spin: not run (failed: ValueError: min_buffer_ratio" in captured.out
+    assert "[spin] failed" in captured.err and "out of pinned memory" in captured.err
+    assert "spin: not run (failed: RuntimeError: out of pinned memory)" in captured.out
     document = json.loads(out.read_text())
     assert [r["mode"] for r in document["results"]] == ["dense"]
-    assert document["skipped_modes"]["spin"].startswith("failed: ValueError")
+    assert document["skipped_modes"] == {"spin": "failed: RuntimeError: out of pinned memory"}
