@@ -125,9 +125,12 @@ def test_full_budget_equals_dense_attention_every_layer(mode, algorithm):
     assert stats.lookups > 0
 
 
-@pytest.mark.parametrize("mode", ["spin", "sparse-naive"])
-@pytest.mark.parametrize("algorithm", ["quest", "shadowkv", "seer", "retroinfer"])
-def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, mode, algorithm):
+@pytest.mark.parametrize(
+    "algorithm,mode",
+    [("quest", "spin"), ("quest", "sparse-naive"), ("shadowkv", "spin"), ("seer", "spin"),
+     ("retroinfer", "spin")],
+)  # fmt: skip
+def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm, mode):
     """Each decode token's output = softmax attention over the tokens of the pages selected
     for its KV head (read from the dense cache, the ground truth), under real evictions."""
     selected = {}
@@ -184,10 +187,11 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, mode, algo
         seer_block_size=2 * PAGE,
         retroinfer_segment_tokens=8 * PAGE,
         retroinfer_cluster_tokens=4,
+        retroinfer_kmeans_iters=3,
         shadowkv_chunk_size=2,
         **fields,
     )
-    stats = _run(sparse, PROMPTS, decodes=20, check=check, seed=1, holder=holder)
+    stats = _run(sparse, PROMPTS, decodes=14, check=check, seed=1, holder=holder)
     assert stats.h2d_bytes > 0
     if mode == "spin":
         assert 0 < stats.hits < stats.lookups and stats.evictions > 0

@@ -67,7 +67,10 @@ def test_full_budget_equals_dense_with_tiers_smaller_than_the_batch(
         gpu_cache_tokens=56 * PAGE,
         cpu_cache_tokens=57 * PAGE,
         sparse_config=SparseConfig(
-            seer_block_size=2 * PAGE, retroinfer_segment_tokens=8 * PAGE, index_interval=4
+            seer_block_size=2 * PAGE,
+            retroinfer_segment_tokens=8 * PAGE,
+            retroinfer_kmeans_iters=3,
+            index_interval=4,
         ),
     )
     assert kv_pages > 57
@@ -102,7 +105,10 @@ def test_small_budget_finishes_crosses_tiers_and_hits_the_buffer(make_llm, algor
         sink_tokens=PAGE,
         local_tokens=2 * PAGE,
         sparse_config=SparseConfig(
-            buffer_ratio=1.0, retroinfer_segment_tokens=16 * PAGE, index_interval=4
+            buffer_ratio=1.0,
+            index_interval=4,
+            retroinfer_segment_tokens=16 * PAGE,
+            retroinfer_kmeans_iters=3,
         ),
     )
     spin = _sparse_llm(make_llm, **common)
@@ -164,7 +170,7 @@ def test_flat_keyword_arguments_build_the_config(make_llm):
         (dict(token_budget=0), "token_budget"),
         (dict(token_budget=1.5), "token_budget"),
         (dict(buffer_ratio=-1.0), "buffer_ratio"),
-        (dict(min_buffer_ratio=9.0), "min_buffer_ratio"),
+        (dict(min_buffer_ratio=-1.0), "min_buffer_ratio"),
         (dict(local_tokens=0), "local_tokens"),
         (dict(segment_pages=3), "segment_pages"),
     ],

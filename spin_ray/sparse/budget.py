@@ -39,7 +39,7 @@ class PageBudget:
             attend_all=config.effective_algorithm == "dense",
             retains=config.retains,
             buffer_ratio=config.buffer_ratio,
-            min_buffer_ratio=config.min_buffer_ratio,
+            min_buffer_ratio=min(config.min_buffer_ratio, config.buffer_ratio),
         )
 
     def num_pages(self, num_tokens: int) -> int:
