@@ -209,7 +209,7 @@ def measure_bandwidth(device: str) -> list[dict]:
     return rows
 
 
-def measure_hit_rate(device: str, quick: bool, deadline: float) -> list[dict]:
+def measure_hit_rate(device: str, quick: bool, deadline: float, workload: tuple) -> list[dict]:
     """Decode a long-context batch with Quest at several `buffer_ratio`s (and sparse-naive,
     no buffer); hit rate and PCIe bytes over the decode steps after the first."""
     from spin_ray import SamplingParams
@@ -217,7 +217,7 @@ def measure_hit_rate(device: str, quick: bool, deadline: float) -> list[dict]:
     from spin_ray.llm import LLM
 
     model = "spin-tiny" if quick else "llama-3.2-1b"
-    num, prompt_len, steps = (3, 600, 24) if quick else (8, 32768, 96)
+    num, prompt_len, steps = (3, 600, 24) if quick else workload
     budget = 128 if quick else 2048
     ratios = (1.0, 4.0) if quick else (1.0, 2.0, 4.0, 5.0, 8.0)
     gen = torch.Generator().manual_seed(0)
