@@ -306,6 +306,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
     parser.add_argument("--time-limit", type=float, default=330.0, help="seconds for it all")
     parser.add_argument(
+        "--hit-workload", type=int, nargs=3, default=[8, 16384, 64],
+        metavar=("REQUESTS", "PROMPT", "STEPS"), help="hit-rate decode workload",
+    )  # fmt: skip
+    parser.add_argument(
         "--sections", nargs="+", default=["kernels", "tokens", "bandwidth", "hitrate"]
     )
     args = parser.parse_args()
@@ -318,7 +322,7 @@ def main() -> None:
         "kernels": lambda: check_kernels(device),
         "tokens": lambda: check_engine_tokens(device, args.quick),
         "bandwidth": lambda: measure_bandwidth(device) if device == "cuda" else [],
-        "hitrate": lambda: measure_hit_rate(device, args.quick, deadline),
+        "hitrate": lambda: measure_hit_rate(device, args.quick, deadline, tuple(args.hit_workload)),
     }
     for name in args.sections:
         t0 = time.monotonic()
