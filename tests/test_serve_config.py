@@ -87,3 +87,14 @@ def test_serve_command_overrides_the_config_file():
 
     default = resolve(build_parser().parse_args(["serve"]))
     assert default.args == {} and default.port == 8000
+
+
+def test_cluster_yaml_passes_the_cluster_launcher_checks():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((APP_YAML.parent / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` checks first
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] >= 1
+    assert config["available_node_types"]["head"]["resources"]["GPU"] == 0
+    assert any("spin-ray" in command for command in config["setup_commands"])

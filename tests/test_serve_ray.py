@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -31,7 +32,7 @@ PAGE = 16
 NUM_PAGES = 256
 MAX_MODEL_LEN = 4096
 MAX_ONGOING = 4
-MAX_QUEUED = 1
+MAX_QUEUED = 4
 MAX_BODY = 200_000
 STATS_PERIOD_S = 0.2
 
@@ -110,15 +111,18 @@ def _streams():
     chunk; they stay open (a dropped line iterator would close its connection) until exit,
     when the client disconnects from all of them."""
     held = []
+    lock = threading.Lock()  # open_stream may be called from several threads at once
     with contextlib.ExitStack() as stack, httpx.Client(timeout=120) as http:
 
         def open_stream(base_url: str, body: dict):
-            response = stack.enter_context(
-                http.stream("POST", f"{base_url}/v1/completions", json=body, headers=AUTH)
-            )
+            request = http.stream("POST", f"{base_url}/v1/completions", json=body, headers=AUTH)
+            response = request.__enter__()
+            with lock:
+                stack.push(request.__exit__)
             assert response.status_code == 200, response.read()
             lines = response.iter_lines()
-            held.append(lines)
+            with lock:
+                held.append(lines)
             first = next(line for line in lines if line.startswith("data: "))
             return lines, json.loads(first.removeprefix("data: "))
 
@@ -294,18 +298,20 @@ def test_statuses(http, client):
 def test_overload_gets_503_with_retry_after(base_url, http):
     _wait_idle()
     short = {"model": "spin-tiny", "prompt": "x", "max_tokens": 2}
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(MAX_QUEUED) as pool:
         with _streams() as open_stream:
             for _ in range(2 * MAX_ONGOING):  # every slot of both replicas taken
                 open_stream(base_url, _long_body(4, 300))
-            queued = pool.submit(_status, base_url, short)  # waits in the ingress's queue
+            # these wait in the ingress's queue (max_queued_requests) ...
+            queued = [pool.submit(_status, base_url, short) for _ in range(MAX_QUEUED)]
             time.sleep(1.0)
+            # ... and the next one is turned away.
             response = http.post("/v1/completions", json=short, headers=AUTH)
             error = _error(response, 503)
             assert error["code"] == "overloaded"
             assert response.headers["retry-after"] == "2"
-        # The streams are gone: the queued request runs, the server keeps serving.
-        assert queued.result() == 200
+        # The streams are gone: the queued requests run, the server keeps serving.
+        assert [q.result() for q in queued] == [200] * MAX_QUEUED
     assert http.post("/v1/completions", json=short, headers=AUTH).status_code == 200
 
 
@@ -366,11 +372,13 @@ def test_router_places_a_long_request_where_its_working_set_fits(base_url):
         assert after[y].hbm_pages_committed == 2 * short_pages + long_pages
 
 
-def test_router_balances_requests_of_equal_fit(base_url):
+def test_router_balances_a_burst_of_requests_of_equal_fit(base_url):
     _wait_idle()
-    with _streams() as open_stream:
-        for _ in range(4):
-            open_stream(base_url, _long_body(8, 300))
+    with _streams() as open_stream, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # All at once: before any replica reports them, the router counts its own picks.
+        opened = [pool.submit(open_stream, base_url, _long_body(8, 300)) for _ in range(4)]
+        for future in opened:
+            future.result()
         stats = engine_replica_stats(APP)
         assert sorted(s.num_running for s in stats.values()) == [2, 2]
 

@@ -5,9 +5,11 @@ Each engine replica reports `ReplicaStats` from `record_routing_stats`; Ray Serv
 polls it every `request_routing_stats_period_s` and hands it to every router as
 `RunningReplica.routing_stats`. For each request (an `EngineRequest`, whose `demand` is its
 prompt length and max_tokens) the router ranks the replicas with `placement.rank_replicas`:
-fit first (free HBM and host pages, predicted working set), then load. It remembers what it
-sent each replica since its last report, so a burst of requests does not all land on the replica
-that looked emptiest. Requests without an `EngineRequest` (e.g. `model_info`) go to the least
+fit first (free HBM and host pages, predicted working set), then load. Replicas with fresh stats
+are offered to Ray Serve one at a time in that order (Ray takes the first whose queue is not
+full). The router counts each request on its pick at once and on the replica Ray Serve reports
+when it routes it, until it completes; requests counted after a replica's last report add to
+that report, so a burst does not all land on the replica that looked emptiest. Requests without an `EngineRequest` (e.g. `model_info`) go to the least
 loaded replica by queue length, as do all requests while no replica has fresh stats.
 
 Timestamps of reports (replica clock) are compared with send times (router clock); keep the
@@ -19,6 +21,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 
 from ray.serve.request_router import (
     PendingRequest,
@@ -39,6 +43,16 @@ from spin_ray.serve.placement import (
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class _Placement:
+    """Where this router put (or is about to put) a request."""
+
+    replica: str
+    sent: SentRequest
+    confirmed: bool
+    """Ray Serve reported it routed there; unconfirmed entries are this router's own pick."""
+
+
 class KVWorkingSetRouter(RequestRouter):
     """Routes each request to a replica where its predicted KV working set fits, least loaded
     first (see `spin_ray.serve.placement` for the formula)."""
@@ -48,7 +62,8 @@ class KVWorkingSetRouter(RequestRouter):
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s: must be > 0, got {stale_after_s}")
         self.stale_after_s = stale_after_s
-        self.sent: dict[ReplicaID, dict[str, SentRequest]] = {}
+        self.placements: dict[str, _Placement] = {}
+        """Internal request id → its replica, until the request completes."""
 
     async def choose_replicas(
         self,
@@ -61,18 +76,30 @@ class KVWorkingSetRouter(RequestRouter):
         demand = request_demand(pending_request)
         if demand is None or not candidate_replicas:
             return [candidate_replicas]
+        now = time.time()
+        self._forget_unconfirmed(now)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        stats = {r.replica_id.unique_id: replica_stats(r) for r in candidate_replicas}
-        sent = {
-            r.replica_id.unique_id: list(self.sent.get(r.replica_id, {}).values())
-            for r in candidate_replicas
+        stats = {rid: replica_stats(r) for rid, r in by_id.items()}
+        sent = defaultdict(list)
+        for placement in self.placements.values():
+            sent[placement.replica].append(placement.sent)
+        ranks = rank_replicas(demand, stats, sent, now, self.stale_after_s)
+        fresh = {
+            rid
+            for rid, s in stats.items()
+            if s is not None and s.timestamp >= now - self.stale_after_s
         }
-        ranks = rank_replicas(demand, stats, sent, time.time(), self.stale_after_s)
-        chosen = []
+        chosen: list[list[RunningReplica]] = []
         for rank in ranks:
-            replicas = [by_id[rid] for rid in rank]
-            random.shuffle(replicas)  # Ray Serve takes the first of equal queue lengths
-            chosen.append(replicas)
+            random.shuffle(rank)  # equals in random order
+            if set(rank) <= fresh:  # one at a time, in our order
+                chosen.extend([by_id[rid]] for rid in rank)
+            else:  # no stats: Ray Serve picks the shortest queue
+                chosen.append([by_id[rid] for rid in rank])
+        best = ranks[0][0]
+        if best in fresh:
+            # Count it there now, so requests routed before the next report see it.
+            self._place(pending_request, best, demand, stats[best], now, confirmed=False)
         return chosen
 
     def on_request_routed(
@@ -81,22 +108,34 @@ class KVWorkingSetRouter(RequestRouter):
         demand = request_demand(pending_request)
         replica = self.curr_replicas.get(replica_id)
         stats = replica_stats(replica) if replica is not None else None
-        if demand is None or stats is None:
+        if demand is None:
             return
-        self.sent.setdefault(replica_id, {})[pending_request.metadata.internal_request_id] = (
-            SentRequest(
-                sent_at=time.time(),
-                working_set=predict_working_set(demand, stats.layout),
-                context_tokens=demand.context_tokens,
-            )
+        if stats is None:  # no layout to size it with
+            self.placements.pop(pending_request.metadata.internal_request_id, None)
+            return
+        self._place(
+            pending_request, replica_id.unique_id, demand, stats, time.time(), confirmed=True
         )
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        sent = self.sent.get(replica_id)
-        if sent is not None:
-            sent.pop(internal_request_id, None)
-            if not sent:
-                del self.sent[replica_id]
+        self.placements.pop(internal_request_id, None)
+
+    def _place(self, pending_request, replica: str, demand, stats, now, confirmed) -> None:
+        self.placements[pending_request.metadata.internal_request_id] = _Placement(
+            replica=replica,
+            sent=SentRequest(
+                sent_at=now,
+                working_set=predict_working_set(demand, stats.layout),
+                context_tokens=demand.context_tokens,
+            ),
+            confirmed=confirmed,
+        )
+
+    def _forget_unconfirmed(self, now: float) -> None:
+        """Drop picks never confirmed (the request was cancelled, or went nowhere yet)."""
+        for request_id, placement in list(self.placements.items()):
+            if not placement.confirmed and placement.sent.sent_at < now - self.stale_after_s:
+                del self.placements[request_id]
 
 
 def request_demand(pending_request: PendingRequest | None) -> WorkingSetDemand | None:
