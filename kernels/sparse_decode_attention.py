@@ -92,6 +92,7 @@ def _partial_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -118,7 +119,8 @@ def _partial_kernel(
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
             if USE_DOT:
-                s = tl.dot(q.to(k.dtype), tl.trans(k)).to(tl.float32) * scale  # [BG, S]
+                s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION)
+                s = s.to(tl.float32) * scale  # [BG, S]
             else:
                 s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
             s = tl.where((t < count)[None, :], s, float("-inf"))
@@ -127,7 +129,7 @@ def _partial_kernel(
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if USE_DOT:
-                pv = tl.dot(p.to(v.dtype), v).to(tl.float32)
+                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
             else:
                 pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             acc = acc * alpha[:, None] + pv
@@ -192,6 +194,7 @@ def sparse_decode_attention(
         BLOCK_G=block_g,
         BLOCK_D=block_d,
         USE_DOT=use_dot,
+        DOT_PRECISION="ieee" if k_slots.dtype == torch.float32 else "tf32",  # no TF32 for fp32
     )
     if extra is not None:
         em, el, eacc = extra

@@ -294,9 +294,7 @@ class SpinAttentionBackend(AttentionBackend):
         protect[hb, hh, self._slot_pos[slots[hb, hh, hj]]] = True
         protect |= (cand < 0)[:, None, :]
         keys = keys.masked_fill(protect, self.lru_keys - 1)
-        need = miss.sum(-1)  # [B, Hkv]
-        if (need > (~protect).sum(-1)).any():
-            raise RuntimeError("a request holds fewer GPU slots than its mandatory pages")
+        need = miss.sum(-1)  # [B, Hkv]  <= unprotected slots: slots >= floor >= mandatory
         victims = self._victims(keys.flatten(0, 1), need.flatten()).view_as(keys)
 
         vb, vh, vj = victims.nonzero(as_tuple=True)  # sorted by (b, h), as are the misses
@@ -304,7 +302,7 @@ class SpinAttentionBackend(AttentionBackend):
         dst = cand[vb, vj]
         held = occupant[vb, vh, vj] >= 0
         residency.remove(layer, vh[held], dst[held])
-        self.counters.evictions += int(held.sum())
+        self.counters.add_evictions(held.sum())
         new_pages = pages[mb, mh, mk]
         residency.insert(layer, mh, dst, new_pages)
         slots[mb, mh, mk] = dst

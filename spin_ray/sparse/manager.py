@@ -151,7 +151,7 @@ class TieredCacheManager:
         need = torch.tensor([n], device=idx.device)
         victims = lru_victims_ref(keys[None], need, self.residency.lru_buckets + 1)[0]
         gone = idx[victims].tolist()
-        self.counters.evictions += self.residency.clear_slots(gone)
+        self.counters.add_evictions(self.residency.clear_slots(gone))
         self.slot_pool.free(gone, request_id)
         kept = set(slots) - set(gone)
         self.slots[request_id] = [s for s in slots if s in kept]

@@ -53,16 +53,18 @@ class KVCounters:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._counts = torch.zeros(2, dtype=torch.int64, device=device)  # lookups, hits
+        self._counts = torch.zeros(3, dtype=torch.int64, device=device)  # lookups, hits, evictions
         self.h2d_bytes = 0
         self.d2h_bytes = 0
-        self.evictions = 0
         self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0, "attention": 0.0}
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def add_lookups(self, lookups: torch.Tensor, hits: torch.Tensor) -> None:
+    def add_lookups(self, lookups: torch.Tensor | int, hits: torch.Tensor | int) -> None:
         self._counts[0] += lookups
         self._counts[1] += hits
+
+    def add_evictions(self, evictions: torch.Tensor | int) -> None:
+        self._counts[2] += evictions
 
     @contextmanager
     def phase(self, name: str):
@@ -82,13 +84,13 @@ class KVCounters:
             end.synchronize()
             self._seconds[name] += start.elapsed_time(end) / 1e3
         self._pending.clear()
-        lookups, hits = self._counts.tolist()
+        lookups, hits, evictions = self._counts.tolist()
         return KVStats(
             lookups=lookups,
             hits=hits,
             h2d_bytes=self.h2d_bytes,
             d2h_bytes=self.d2h_bytes,
-            evictions=self.evictions,
+            evictions=evictions,
             select_time_s=self._seconds["select"],
             fetch_time_s=self._seconds["fetch"],
             index_time_s=self._seconds["index"],
