@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import http.client
 import json
 import random
 import socket
@@ -23,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import ray
 from ray import serve
 
@@ -66,11 +66,10 @@ def main() -> None:
     rng = random.Random(0)
     requests = [("long", args.long_len)] * args.long + [("short", args.short_len)] * args.short
     rng.shuffle(requests)
-    base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         futures = [
-            pool.submit(_stream, base, args.model, kind, _text(rng, length), args, t0)
+            pool.submit(_stream, port, args.model, kind, _text(rng, length), args, t0)
             for kind, length in requests
         ]
         results = [f.result() for f in futures]
@@ -121,7 +120,7 @@ def _text(rng: random.Random, tokens: int) -> str:
     return "".join(rng.choices(string.ascii_letters + " ", k=tokens - 1))
 
 
-def _stream(base: str, model: str, kind: str, prompt: str, args, t0: float) -> dict:
+def _stream(port: int, model: str, kind: str, prompt: str, args, t0: float) -> dict:
     body = {
         "model": model,
         "prompt": prompt,
@@ -129,30 +128,38 @@ def _stream(base: str, model: str, kind: str, prompt: str, args, t0: float) -> d
         "stream": True,
         "ignore_eos": True,
         "temperature": 0,
+        "stream_options": {"include_usage": True},
     }
     sent = time.monotonic()
     first = None
     tokens = 0
     status = None
+    # http.client (standard library) streams the server-sent events line by line.
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=args.time_limit)
     try:
-        with httpx.stream(
-            "POST", f"{base}/v1/completions", json=body, timeout=args.time_limit
-        ) as response:
-            status = response.status_code
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    chunk = json.loads(line.removeprefix("data: "))
-                    if chunk["choices"] and first is None:
-                        first = time.monotonic()
-                    tokens += 1
-    except httpx.HTTPError as err:
+        connection.request(
+            "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        status = response.status
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                if chunk["choices"] and first is None:
+                    first = time.monotonic()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except OSError as err:
         status = f"error: {err!r}"
+    finally:
+        connection.close()
     done = time.monotonic()
     return {
         "kind": kind,
         "prompt_tokens": len(prompt) + 1,
         "status": status,
-        "chunks": tokens,
+        "tokens": tokens,
         "sent_s": sent - t0,
         "ttft_s": None if first is None else first - sent,
         "latency_s": done - sent,
@@ -161,9 +168,22 @@ def _stream(base: str, model: str, kind: str, prompt: str, args, t0: float) -> d
 
 def _sample(samples: list, stop: threading.Event, period: float) -> None:
     t0 = time.monotonic()
+    last_print = -10.0
     while not stop.is_set():
         t = time.monotonic() - t0
-        for replica, s in sorted(engine_replica_stats(APP).items()):
+        stats = sorted(engine_replica_stats(APP).items())
+        if t - last_print >= 2.0:  # a trace in the log, should the run be cut short
+            last_print = t
+            print(
+                f"t={t:5.1f}s "
+                + " | ".join(
+                    f"{r}: run {s.num_running} wait {s.num_waiting} hbm {s.hbm_pages_used}/"
+                    f"{s.hbm_pages_total} host {s.host_pages_used}/{s.host_pages_total}"
+                    for r, s in stats
+                ),
+                flush=True,
+            )
+        for replica, s in stats:
             samples.append(
                 {
                     "t": round(t, 3),
@@ -219,13 +239,13 @@ def _summarize(results, samples, wall_s, deploy_s, args, app_args) -> dict:
             "host_total": rows[0]["host_total"],
             "host_used_max": max(s["host_used"] for s in rows),
         }
-    chunks = sum(r["chunks"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
     return {
         "args": vars(args),
         "app_args": app_args,
         "deploy_s": deploy_s,
         "wall_s": wall_s,
-        "output_chunks_per_s": chunks / wall_s,
+        "output_tokens_per_s": tokens / wall_s,
         "classes": classes,
         "replicas": replicas,
         "results": results,
@@ -238,7 +258,7 @@ def _fmt(x, digits=2) -> str:
 
 def _print_tables(summary: dict) -> None:
     print(
-        f"\nwall {summary['wall_s']:.1f} s, {summary['output_chunks_per_s']:.1f} output "
+        f"\nwall {summary['wall_s']:.1f} s, {summary['output_tokens_per_s']:.1f} output "
         f"tokens/s over all requests; deploy {summary['deploy_s']:.1f} s\n"
     )
     print("| requests | sent | ok | TTFT p50 s | TTFT max s | latency p50 s | latency max s |")
