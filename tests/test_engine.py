@@ -238,3 +238,22 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
     code = cli_main(["generate", "--device", "cpu", "--prompt", "Hi", "--max-tokens", "0"])
     assert code == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+def test_cli_sparse_flags_reach_the_engine(capsys):
+    """The generate command's sparse flags build the two-tier engine; with a budget covering
+    the whole context quest gives dense's tokens."""
+    from spin_ray.cli import build_parser
+    from spin_ray.commands.engine_args import engine_kwargs, sparse_kwargs
+
+    base = ["generate", "--device", "cpu", "--prompt", "Hello there", "--max-tokens", "6", "--json"]
+    sparse = ["--sparse", "quest", "--token-budget", "1.0", "--dense-layers", "0"]
+    args = build_parser().parse_args(base + sparse)
+    kwargs = {**engine_kwargs(args), **sparse_kwargs(args)}
+    assert (kwargs["sparse"], kwargs["token_budget"], kwargs["dense_layers"]) == ("quest", 1.0, 0)
+
+    assert cli_main(base) == 0
+    dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli_main(base + sparse) == 0
+    quest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert quest["token_ids"] == dense["token_ids"]

@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 
-from spin_ray.commands.engine_args import add_engine_args
+from spin_ray.commands.engine_args import add_engine_args, parse_token_budget
 
 
 def add_parser(subparsers) -> None:
@@ -88,7 +88,7 @@ def bench_config(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         sparse=args.sparse,
-        token_budget=_parse_budget(args.token_budget),
+        token_budget=parse_token_budget(args.token_budget),
         buffer_ratio=args.buffer_ratio,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
@@ -150,12 +150,3 @@ def _parse_rates(text: str) -> tuple[float, ...]:
         except ValueError:
             raise ValueError(f"request_rate: {part!r} is not a number or inf") from None
     return tuple(rates)
-
-
-def _parse_budget(text: str | None) -> int | float | None:
-    if text is None:
-        return None
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise ValueError(f"token_budget: {text!r} is not a token count or fraction") from None

@@ -30,3 +30,50 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
     )
+
+
+def add_sparse_args(parser: argparse.ArgumentParser) -> None:
+    """Sparse attention over the two-tier KV cache (`spin_ray.sparse.SparseConfig`); without
+    --sparse the engine is dense, all KV in HBM."""
+    group = parser.add_argument_group("sparse attention (two-tier KV cache)")
+    group.add_argument("--sparse", default=None, help="dense, quest, shadowkv, retroinfer or seer")
+    group.add_argument(
+        "--sparse-mode", default=None, help="spin (default), sparse-naive or dense-offload"
+    )
+    group.add_argument(
+        "--token-budget",
+        type=parse_token_budget,
+        default=None,
+        help="selected tokens per step: a count (2048) or a fraction of the context (0.02)",
+    )
+    group.add_argument("--sink-tokens", type=int, default=None)
+    group.add_argument("--local-tokens", type=int, default=None)
+    group.add_argument("--dense-layers", type=int, default=None)
+    group.add_argument("--buffer-ratio", type=float, default=None)
+    group.add_argument("--gpu-cache-tokens", type=int, default=None)
+    group.add_argument("--cpu-cache-tokens", type=int, default=None)
+
+
+def sparse_kwargs(args: argparse.Namespace) -> dict:
+    """The `LLM(...)` sparse keyword arguments named by `add_sparse_args`."""
+    return dict(
+        sparse=args.sparse,
+        mode=args.sparse_mode,
+        token_budget=args.token_budget,
+        sink_tokens=args.sink_tokens,
+        local_tokens=args.local_tokens,
+        dense_layers=args.dense_layers,
+        buffer_ratio=args.buffer_ratio,
+        gpu_cache_tokens=args.gpu_cache_tokens,
+        cpu_cache_tokens=args.cpu_cache_tokens,
+    )
+
+
+def parse_token_budget(text: str | None) -> int | float | None:
+    """ "2048" → 2048 tokens; "0.02" → a fraction of the context."""
+    if text is None:
+        return None
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ValueError(f"token_budget: {text!r} is not a token count or fraction") from None

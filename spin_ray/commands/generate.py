@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from spin_ray.commands.engine_args import add_engine_args, engine_kwargs
+from spin_ray.commands.engine_args import (
+    add_engine_args,
+    add_sparse_args,
+    engine_kwargs,
+    sparse_kwargs,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -15,6 +20,7 @@ def add_parser(subparsers) -> None:
         description="Generate text for one or more prompts with the offline engine.",
     )
     add_engine_args(parser)
+    add_sparse_args(parser)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(**engine_kwargs(args), **sparse_kwargs(args))
     if args.chat:
         conversations = [[{"role": "user", "content": p}] for p in args.prompt]
         outputs = llm.chat(conversations, params)
