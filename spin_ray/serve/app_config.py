@@ -78,7 +78,9 @@ class IngressDeploymentConfig:
     """How the OpenAI ingress deployment runs (it tokenizes and streams; no GPU)."""
 
     num_replicas: int = 1
+    """Ingress replicas (each tokenizes and streams; each routes with its own router)."""
     num_cpus: float = 1.0
+    """CPUs reserved per ingress replica."""
     max_ongoing_requests: int = 1024
     """HTTP requests one ingress replica handles at once."""
 

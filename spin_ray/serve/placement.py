@@ -121,8 +121,12 @@ class ReplicaStats:
     host_pages_total: int
     """Host-tier capacity in pages (0 when the engine has no host tier)."""
     host_pages_committed: int
+    """Host pages of the requests the replica holds (whole contexts), or the pages in use if
+    more."""
     num_running: int
+    """Requests the engine is running."""
     num_waiting: int
+    """Requests queued in the engine (admitted when their pages fit)."""
     running_tokens: int
     """Prompt + generated tokens of the requests the replica holds."""
     hbm_pages_used: int = 0

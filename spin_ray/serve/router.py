@@ -9,8 +9,9 @@ fit first (free HBM and host pages, predicted working set), then load. Replicas 
 are offered to Ray Serve one at a time in that order (Ray takes the first whose queue is not
 full). The router counts each request on its pick at once and on the replica Ray Serve reports
 when it routes it, until it completes; requests counted after a replica's last report add to
-that report, so a burst does not all land on the replica that looked emptiest. Requests without an `EngineRequest` (e.g. `model_info`) go to the least
-loaded replica by queue length, as do all requests while no replica has fresh stats.
+that report, so a burst does not all land on the replica that looked emptiest. Requests
+without an `EngineRequest` (e.g. `model_info`) go to the least loaded replica by queue length,
+as do all requests while no replica has fresh stats.
 
 Timestamps of reports (replica clock) are compared with send times (router clock); keep the
 cluster's clocks in sync (NTP) so "sent since the report" is right.
