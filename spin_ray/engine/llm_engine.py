@@ -8,7 +8,6 @@ import time
 from collections.abc import Mapping
 
 import torch
-from transformers import AutoTokenizer
 
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
@@ -22,7 +21,13 @@ from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler
 from spin_ray.models.arch import ModelArch
-from spin_ray.models.loader import load_arch, load_model, load_random_model, resolve_model_path
+from spin_ray.models.loader import (
+    load_arch,
+    load_model,
+    load_random_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from spin_ray.models.named_shapes import is_named_shape, named_shape_arch
 from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from spin_ray.sampling_params import SamplingParams
@@ -79,7 +84,8 @@ class LLMEngine:
             self.kv_cache = KVCache(shape, config.dtype, config.device)
             self.page_tables = PageTables(PagePool(num_pages), page_size)
             self.backend = DenseAttentionBackend(self.kv_cache)
-        self.model, self.tokenizer = _load_model_and_tokenizer(config, self.backend, progress)
+        self.model = _load_model(config, self.backend, progress)
+        self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         self.scheduler = Scheduler(sched, self.page_tables)
         self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = Sampler(self.default_generator)
@@ -289,25 +295,20 @@ def _load_arch(model: str) -> ModelArch:
     return load_arch(resolve_model_path(model))
 
 
-def _load_model_and_tokenizer(config: EngineConfig, backend, progress: bool):
-    """A checkpoint's weights and tokenizer, or for a named shape random weights on the device
-    and spin-tiny's byte-level tokenizer (for speed work without a checkpoint)."""
+def _load_model(config: EngineConfig, backend, progress: bool):
+    """A checkpoint's weights, or for a named shape random weights made on the device (for
+    speed work without a checkpoint)."""
     if is_named_shape(config.model):
         arch = named_shape_arch(config.model)
-        model = load_random_model(arch, backend, config.dtype, config.device, seed=config.seed)
-        tokenizer_path = config.tokenizer or resolve_model_path("spin-tiny")
-    else:
-        path = resolve_model_path(config.model)
-        model = load_model(
-            path,
-            backend,
-            config.dtype,
-            config.device,
-            max_model_len=config.scheduler.max_model_len,
-            progress=progress,
-        )
-        tokenizer_path = config.tokenizer or path
-    return model, AutoTokenizer.from_pretrained(str(tokenizer_path))
+        return load_random_model(arch, backend, config.dtype, config.device, seed=config.seed)
+    return load_model(
+        resolve_model_path(config.model),
+        backend,
+        config.dtype,
+        config.device,
+        max_model_len=config.scheduler.max_model_len,
+        progress=progress,
+    )
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -212,3 +212,15 @@ def _safetensors_device(device: str | torch.device) -> str:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return str(device)
+
+
+def load_tokenizer(model: str, tokenizer: str | None = None):
+    """The tokenizer served with `model`: `tokenizer` (a folder or hub id) if given, spin-tiny's
+    byte-level tokenizer for a named random-weight shape, else the checkpoint's own."""
+    from transformers import AutoTokenizer
+
+    from spin_ray.models.named_shapes import is_named_shape
+
+    if tokenizer is None:
+        tokenizer = str(resolve_model_path("spin-tiny" if is_named_shape(model) else model))
+    return AutoTokenizer.from_pretrained(tokenizer)

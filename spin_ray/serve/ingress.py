@@ -11,6 +11,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from spin_ray.models.loader import load_tokenizer
 from spin_ray.outputs import RequestOutput
 from spin_ray.serve.engine_client import EngineOverloadedError, EngineRequest, ModelInfo
 from spin_ray.serve.openai_api import ApiSettings, create_openai_app
@@ -57,16 +58,3 @@ class OpenAIIngress:
         info: ModelInfo = await self.engine.model_info.remote()
         tokenizer = load_tokenizer(self.model, self.tokenizer)
         return create_openai_app(RayEngineClient(self.engine), tokenizer, info, self.settings)
-
-
-def load_tokenizer(model: str, tokenizer: str | None):
-    """The tokenizer the engine uses for `model` (same rules as `LLMEngine`): `tokenizer` if
-    given, spin-tiny's for a named shape, else the checkpoint's."""
-    from transformers import AutoTokenizer
-
-    from spin_ray.models.loader import resolve_model_path
-    from spin_ray.models.named_shapes import is_named_shape
-
-    if tokenizer is None:
-        tokenizer = str(resolve_model_path("spin-tiny" if is_named_shape(model) else model))
-    return AutoTokenizer.from_pretrained(tokenizer)
