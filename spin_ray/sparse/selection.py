@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spin_ray.kernels.partition_topk import partition_topk, partition_topk_ref
 from spin_ray.sparse.budget import PageBudget
 
 
@@ -60,10 +61,9 @@ def select_pages(
     sink = torch.clamp(windows.num_pages, max=windows.sink_pages)  # [B]
     selectable = (page >= sink[:, None]) & (page < windows.local_start[:, None])  # [B, maxp]
     masked = scores.float().masked_fill(~selectable[:, None, :], float("-inf"))
-    kk = min(windows.max_topk, maxp)
-    values, top = masked.topk(kk, dim=-1)  # [B, H, kk]
-    keep = (torch.arange(kk, device=device) < windows.topk[:, None, None]) & (values > -torch.inf)
-    chosen = torch.where(keep, top, -1)
+    top_partitions = partition_topk if masked.is_cuda else partition_topk_ref
+    k = windows.topk[:, None].expand(b, h)  # [B, H]
+    chosen = top_partitions(masked, k, min(windows.max_topk, maxp))  # [B, H, <= max_topk]
     sink_pages = torch.arange(windows.sink_pages, device=device).expand(b, h, -1)
     sink_pages = torch.where(sink_pages < sink[:, None, None], sink_pages, -1)
     local = windows.local_start[:, None] + torch.arange(windows.max_local, device=device)  # [B, L]
