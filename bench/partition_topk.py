@@ -36,7 +36,10 @@ def engine_check() -> bool:
         {"prompt_token_ids": [(5 * i + j) % 250 for j in range(700 + 90 * i)]} for i in range(3)
     ]
     kw = dict(model="spin-tiny", device="cuda", dtype="float32", progress=False)
-    dense = LLM(**kw).generate(prompts, params, use_tqdm=False)
+    llm = LLM(**kw, num_pages=512)  # a small pool: the second engine needs the GPU memory
+    dense = llm.generate(prompts, params, use_tqdm=False)
+    del llm
+    torch.cuda.empty_cache()
     spin = LLM(**kw, sparse="quest", token_budget=1.0, dense_layers=0).generate(
         prompts, params, use_tqdm=False
     )
