@@ -5,6 +5,10 @@ and V in one launch. On CUDA, `src` is a device view of pinned host memory (see
 `uva_device_view`): the kernel reads host memory directly over PCIe through unified virtual
 addressing, so one launch moves every miss of a layer with no staging buffer and no per-page
 copies.
+
+Items whose `dst_slot` is negative are skipped (inside the kernel), so callers pass fixed-shape
+lists — e.g. every selected (sequence, head, page) with -1 where nothing is to be fetched — and
+the launch needs no host-side count.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ def gather_pages_ref(
     dst_v: torch.Tensor,  # [Hkv, Q, S, D]
     src_page: torch.Tensor,  # [M] int64
     head: torch.Tensor,  # [M] int64
-    dst_slot: torch.Tensor,  # [M] int64
+    dst_slot: torch.Tensor,  # [M] int64, < 0 = skip the item
 ) -> None:
-    """dst[head[i], dst_slot[i]] = src[src_page[i], head[i]] for K and V."""
+    """dst[head[i], dst_slot[i]] = src[src_page[i], head[i]] for K and V, where dst_slot[i] >= 0."""
+    todo = dst_slot >= 0
+    src_page, head, dst_slot = src_page[todo], head[todo], dst_slot[todo]
     dst_k[head, dst_slot] = src_k[src_page, head].to(dst_k.device)
     dst_v[head, dst_slot] = src_v[src_page, head].to(dst_v.device)
 
@@ -71,7 +77,7 @@ def _gather_kernel(
     head = tl.load(head_ptr + item).to(tl.int64)
     dst_slot = tl.load(dst_slot_ptr + item).to(tl.int64)
     offs = part * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < RUN
+    mask = offs < tl.where(dst_slot >= 0, RUN, 0)  # a negative slot: nothing to fetch
     src_off = (src_page * NUM_HEADS + head) * RUN + offs
     dst_off = (head * NUM_SLOTS + dst_slot) * RUN + offs
     if which == 0:
@@ -87,7 +93,7 @@ def gather_pages(
     dst_v: torch.Tensor,
     src_page: torch.Tensor,  # [M] int64
     head: torch.Tensor,  # [M] int64
-    dst_slot: torch.Tensor,  # [M] int64
+    dst_slot: torch.Tensor,  # [M] int64, < 0 = skip
 ) -> None:
     """Triton version of `gather_pages_ref`: one launch for every (page, head) of K and V."""
     num_pages, num_heads, page_size, head_dim = src_k.shape

@@ -223,3 +223,57 @@ def test_metadata_bytes_follow_the_working_set_not_max_batch_times_context():
     assert second_level(large) > 8 * second_level(small)
     flat = 64 * LAYERS * HEADS * (131072 // PAGE) * 4  # int32 table: 64 requests × 128K tokens
     assert large < flat / 100
+
+
+def test_masked_replace_and_touch_match_a_plain_model():
+    """The decode path's fixed-shape updates (`replace` with a work mask, entries without work
+    carrying garbage slots; `touch`) against a dictionary of (row, layer, head, page) -> slot,
+    over random rounds that evict, insert and reuse segments; no host-side count is needed."""
+    gen = torch.Generator().manual_seed(5)
+    rows, slots_per_row, pages_per_row = 3, 6, 40
+    table = ResidencyTable(LAYERS, HEADS, rows * slots_per_row, 4, BUCKETS, "cpu")
+    table.ensure_rows(rows)
+    table.ensure_pages(pages_per_row)
+    owned = {r: list(range(r * slots_per_row, (r + 1) * slots_per_row)) for r in range(rows)}
+    for r, slots in owned.items():
+        table.assign_slots(slots, r)
+    model: dict[tuple[int, int, int], dict[int, int]] = {}  # (row, layer, head) -> page -> slot
+    for _ in range(25):
+        layer = int(torch.randint(LAYERS, (1,), generator=gen))
+        table.reserve(rows * HEADS * slots_per_row)
+        heads, slots, pages, work = [], [], [], []
+        for r in range(rows):
+            for h in range(HEADS):
+                held = model.setdefault((r, layer, h), {})
+                chosen = torch.randperm(slots_per_row, generator=gen)[:4].tolist()
+                for j in chosen:
+                    slot = owned[r][j]
+                    do = bool(torch.rand(1, generator=gen) < 0.7)
+                    fresh = [p for p in range(pages_per_row) if p not in held]
+                    page = fresh[int(torch.randint(len(fresh), (1,), generator=gen))]
+                    heads.append(h)
+                    slots.append(slot if do else -1)  # garbage where there is no work
+                    pages.append(page if do else 123)
+                    work.append(do)
+                    if do:
+                        for p, s in list(held.items()):
+                            if s == slot:
+                                del held[p]
+                        held[page] = slot
+        as_tensor = dict(dtype=torch.int64)
+        table.replace(layer, torch.tensor(heads, **as_tensor), torch.tensor(slots, **as_tensor),
+                      torch.tensor(pages, **as_tensor), torch.tensor(work))  # fmt: skip
+        table.touch(layer, torch.tensor(heads, **as_tensor), torch.tensor(slots, **as_tensor),
+                    torch.tensor(work))  # fmt: skip
+        for (r, lt, h), held in model.items():
+            query = torch.full((1, HEADS, pages_per_row), -1)
+            query[0, h] = torch.arange(pages_per_row)
+            found = table.lookup(torch.tensor([r]), lt, query)[0, h].tolist()
+            assert found == [held.get(p, -1) for p in range(pages_per_row)]
+        touched = [s for s, w in zip(slots, work) if w]
+        assert (table.slot_bucket[layer].flatten(0)[
+            torch.tensor(heads)[torch.tensor(work)] * rows * slots_per_row + torch.tensor(touched)
+        ] == BUCKETS - 1).all()  # fmt: skip
+        table.check({r: (s, pages_per_row) for r, s in owned.items()})
+        table.age()
+    assert table.segments_in_use > 0

@@ -132,10 +132,11 @@ def test_gather_kernel_matches_reference():
     src_v = torch.randn(7, 2, 4, 8, generator=gen)
     ref_k, ref_v = torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 8)
     out_k, out_v = ref_k.clone(), ref_v.clone()
-    src = torch.tensor([6, 0, 3, 3])
-    head = torch.tensor([1, 0, 0, 1])
-    dst = torch.tensor([4, 4, 0, 2])
+    src = torch.tensor([6, 0, 3, 3, 5])
+    head = torch.tensor([1, 0, 0, 1, 1])
+    dst = torch.tensor([4, 4, 0, 2, -1])  # -1: skipped
     gather_pages_ref(src_k, src_v, ref_k, ref_v, src, head, dst)
     gather_pages(src_k, src_v, out_k, out_v, src, head, dst)
     assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
     assert torch.equal(ref_k[1, 4], src_k[6, 1]) and torch.equal(ref_v[0, 0], src_v[3, 0])
+    assert ref_k[1, [0, 1, 3]].eq(0).all() and ref_k[0, [1, 2, 3]].eq(0).all(), "-1 skipped"

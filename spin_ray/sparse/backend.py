@@ -12,10 +12,19 @@ up to date, and lay out the decode batch (windows, slot lists). Per layer (`forw
 
 With `retains=False` (sparse-naive, dense-offload) nothing stays resident between steps: the
 request's slots are a staging area refilled for every layer, and the GPU tier has one layer.
+
+The per-layer decode path runs on fixed-shape tensors — selected pages [B, Hkv, K] (-1 padded)
+and request slots [B, n] — and never synchronises with the host: misses are paired with LRU
+victims by rank (the r-th miss of a (sequence, head) row takes its r-th victim), residency
+updates are masked scatters, the gather kernel skips entries with nothing to fetch and the
+statistics count on the device. Invariants a sync would check (a request holds at least its
+mandatory pages; enough free residency segments) are kept by the manager and by `reserve` once
+per step; `SPIN_RAY_SPARSE_CHECKS=1` checks them per layer (tests; it synchronises).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +63,7 @@ class _DecodeStep:
     last_offset: torch.Tensor  # [Bd] int64 its row in that page
     page_table: torch.Tensor  # [Bd, maxp] int64 CPU-tier page ids
     slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
+    batch_heads: torch.Tensor  # [Bd, Hkv, 1] int64 the head of each (sequence, head) row
     windows: DecodeWindows
     batch: SelectBatch
 
@@ -91,9 +101,11 @@ class SpinAttentionBackend(AttentionBackend):
         self._index: dict[str, _IndexState] = {}
         self._step: _DecodeStep | None = None
         self._prefills: list[tuple[int, int, int, int]] = []  # (seq, first row, n, context)
-        self._slot_pos = torch.full(
-            (gpu.k.shape[2],), -1, dtype=torch.int64, device=self.device
-        )  # position of each slot in its owner's list (this step)
+        num_slots = gpu.k.shape[2]
+        # position of each slot in its owner's list (this step); entry num_slots: a spare
+        self._slot_pos = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
+        self.debug_checks = os.environ.get("SPIN_RAY_SPARSE_CHECKS") == "1"
+        """Check per layer what the manager guarantees (synchronises: for tests)."""
 
     # ------------------------------------------------------------------ per step
 
@@ -120,17 +132,23 @@ class SpinAttentionBackend(AttentionBackend):
         contexts = [meta.context_lens_cpu[b] for b in decode]
         indexed = [self._update_index(rid, ctx) for rid, ctx in zip(request_ids, contexts)]
         device = self.device
+        seg = self.residency.segment_pages
 
         def tensor(values):
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
         page_table = meta.page_table[rows].long()
-        slot_lists = self.manager.slot_lists(request_ids)
-        owned = slot_lists >= 0
+        slot_lists = self.manager.slot_lists(request_ids)  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
-        self._slot_pos[slot_lists[owned]] = positions[owned]
+        spare = self._slot_pos.numel() - 1
+        self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
         windows = DecodeWindows.build(self.budget, contexts, indexed, device)
+        if self.retains:  # segments the step's inserts may take: one per row and page at most
+            width = windows.sink_pages + windows.max_topk + windows.max_local
+            per_row = sum(min(width, -(-self.budget.num_pages(t) // seg)) for t in contexts)
+            self.residency.reserve(self.residency.num_layers * self.residency.num_heads * per_row)
+        heads = self.gpu.k.shape[1]
         return _DecodeStep(
             tokens=tensor(tokens),
             rows=tensor([self.manager.rows[rid] for rid in request_ids]),
@@ -139,6 +157,9 @@ class SpinAttentionBackend(AttentionBackend):
             last_offset=tensor([(t - 1) % self.page_size for t in contexts]),
             page_table=page_table,
             slot_lists=slot_lists,
+            batch_heads=torch.arange(heads, device=device)[None, :, None].expand(
+                len(decode), -1, 1
+            ),
             windows=windows,
             batch=SelectBatch(
                 request_ids=request_ids,
@@ -188,8 +209,8 @@ class SpinAttentionBackend(AttentionBackend):
             row = torch.tensor([self.manager.rows[request_id]], device=self.device)
             pages = torch.arange(first, first + n, device=self.device).expand(1, hkv, n)
             slots = self.residency.lookup(row, layer, pages)[0]  # [Hkv, n]
-            head, j = (slots >= 0).nonzero(as_tuple=True)
-            self.residency.remove(layer, head, slots[head, j])
+            heads = torch.arange(hkv, device=self.device)[:, None].expand_as(slots)
+            self.residency.drop(layer, heads.flatten(), slots.flatten(), slots.flatten() >= 0)
 
     # ------------------------------------------------------------------ per layer
 
@@ -261,22 +282,19 @@ class SpinAttentionBackend(AttentionBackend):
     def _stage(self, layer, pages, step):  # [B, Hkv, K] slots
         """No buffer: every listed page is fetched into the request's slots, in list order."""
         valid = pages >= 0
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        batch = torch.arange(pages.shape[0], device=self.device)[:, None, None]
-        slots = torch.where(valid, step.slot_lists[batch, pos], -1)
-        b, h, j = valid.nonzero(as_tuple=True)
-        dst = slots[b, h, j]
-        if (dst < 0).any():
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, Hkv, K]
+        b, h, k = pages.shape
+        slots = torch.where(valid, step.slot_lists.gather(1, pos.view(b, h * k)).view(b, h, k), -1)
+        if self.debug_checks and bool((valid & (slots < 0)).any()):
             raise RuntimeError("a request holds fewer GPU slots than its mandatory pages")
-        src = step.page_table[b, pages[b, h, j]]
-        self.host.fetch(layer, self.gpu.k[0], self.gpu.v[0], src, h, dst)
-        self.counters.add_lookups(b.numel(), 0)
-        self.counters.h2d_bytes += b.numel() * self.host.page_bytes
+        self._fetch(layer, 0, pages, slots, step)
+        self.counters.add_lookups(valid.sum(), 0)
         return slots
 
     def _retrieve(self, layer, pages, step):  # [B, Hkv, K] slots
         """Look the pages up in the buffer; evict (bucketed LRU) and fetch the misses."""
         residency = self.residency
+        b, h, k = pages.shape
         valid = pages >= 0
         slots = residency.lookup(step.rows, layer, pages)  # [B, Hkv, K]
         hit = slots >= 0
@@ -285,34 +303,46 @@ class SpinAttentionBackend(AttentionBackend):
 
         # candidates: the request's slots in this (layer, head), keyed for the LRU
         cand = step.slot_lists  # [B, n]
+        n = cand.shape[1]
         safe = cand.clamp(min=0)
         occupant = residency.slot_page[layer][:, safe].permute(1, 0, 2)  # [B, Hkv, n]
-        bucket = residency.slot_bucket[layer][:, safe].permute(1, 0, 2).long()
-        keys = torch.where(occupant < 0, 0, bucket + 1)
-        protect = torch.zeros_like(keys, dtype=torch.bool)
-        hb, hh, hj = hit.nonzero(as_tuple=True)
-        protect[hb, hh, self._slot_pos[slots[hb, hh, hj]]] = True
-        protect |= (cand < 0)[:, None, :]
+        bucket = residency.slot_bucket[layer][:, safe].permute(1, 0, 2)
+        keys = torch.where(occupant < 0, 0, bucket.long() + 1)
+        hit_pos = torch.where(hit, self._slot_pos[slots.clamp(min=0)], n)  # [B, Hkv, K]; n: none
+        protect = torch.zeros(b, h, n + 1, dtype=torch.bool, device=self.device)
+        protect = protect.scatter_(2, hit_pos, True)[..., :n] | (cand < 0)[:, None, :]
         keys = keys.masked_fill(protect, self.lru_keys - 1)
         need = miss.sum(-1)  # [B, Hkv]  <= unprotected slots: slots >= floor >= mandatory
-        victims = self._victims(keys.flatten(0, 1), need.flatten()).view_as(keys)
+        if self.debug_checks and bool((need > (~protect).sum(-1)).any()):
+            raise RuntimeError("a request holds fewer GPU slots than its mandatory pages")
+        victims = self._victims(keys.flatten(0, 1), need.flatten()).view(b, h, n)
+        self.counters.add_evictions((victims & (occupant >= 0)).sum())
 
-        vb, vh, vj = victims.nonzero(as_tuple=True)  # sorted by (b, h), as are the misses
-        mb, mh, mk = miss.nonzero(as_tuple=True)
-        dst = cand[vb, vj]
-        held = occupant[vb, vh, vj] >= 0
-        residency.remove(layer, vh[held], dst[held])
-        self.counters.add_evictions(held.sum())
-        new_pages = pages[mb, mh, mk]
-        residency.insert(layer, mh, dst, new_pages)
-        slots[mb, mh, mk] = dst
-        self.host.fetch(
-            layer, self.gpu.k[layer], self.gpu.v[layer], step.page_table[mb, new_pages], mh, dst
-        )
-        self.counters.h2d_bytes += mb.numel() * self.host.page_bytes
-        ab, ah, aj = valid.nonzero(as_tuple=True)
-        residency.touch(layer, ah, slots[ab, ah, aj])
+        # the r-th miss of each (sequence, head) row takes the row's r-th victim
+        ranks = torch.arange(n, device=self.device).expand(b, h, n)
+        victim_rank = torch.where(victims, victims.long().cumsum(-1) - 1, n)  # [B, Hkv, n]
+        victim_at = torch.zeros(b, h, n + 1, dtype=torch.int64, device=self.device)
+        victim_at.scatter_(2, victim_rank, ranks)  # [B, Hkv, n+1] list position of rank r
+        miss_rank = torch.where(miss, miss.long().cumsum(-1) - 1, n)  # [B, Hkv, K]
+        at = victim_at.gather(2, miss_rank)  # [B, Hkv, K]
+        dst = torch.where(miss, cand.gather(1, at.view(b, h * k)).view(b, h, k), -1)
+        heads = step.batch_heads.expand(b, h, k)
+        residency.replace(layer, heads.flatten(), dst.flatten(), pages.flatten(), miss.flatten())
+        self._fetch(layer, layer, pages, dst, step)
+        slots = torch.where(miss, dst, slots)
+        residency.touch(layer, heads.flatten(), slots.flatten(), valid.flatten())
+        if self.debug_checks and int(residency.free_top) < 0:
+            raise RuntimeError("residency segments were not reserved for this step")
         return slots
+
+    def _fetch(self, layer, tier_layer, pages, dst, step) -> None:
+        """Copy page pages[b, h, j] of K/V head h into GPU slot dst[b, h, j] where dst >= 0."""
+        b, h, k = pages.shape
+        src = step.page_table.gather(1, pages.clamp(min=0).view(b, h * k)).view(b, h, k)
+        heads = step.batch_heads.expand(b, h, k)
+        gpu_k, gpu_v = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
+        self.host.fetch(layer, gpu_k, gpu_v, src.flatten(), heads.flatten(), dst.flatten())
+        self.counters.add_fetched_bytes((dst >= 0).sum() * self.host.page_bytes)
 
     def _victims(self, keys, need):
         if self.on_cuda:

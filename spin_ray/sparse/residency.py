@@ -11,6 +11,12 @@ Reverse map, per slot: `slot_page[layer, head, slot]` (the logical page held, -1
 `slot_bucket[layer, head, slot]` (recency: `lru_buckets - 1` = used this step, aged by one
 each step, 0 = oldest). `slot_row[slot]` is the directory row of the request owning the slot
 (a slot id is owned in every layer and head at once).
+
+Free segments sit on a stack (`free_stack[:free_top]`, the top kept on the device). The decode
+path updates the maps with `replace` / `touch`: fixed-shape tensors with a mask of the entries
+that have work, no data-dependent shapes and no host synchronisation — allocation pops the
+stack, emptied segments are pushed back. `reserve` (host, once per step) makes sure the stack
+holds enough segments for what the step may allocate.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class ResidencyTable:
         self.segments = torch.full((1, segment_pages), -1, **i32)  # [C, SEG]
         self.seg_count = torch.zeros(1, **i32)  # [C] resident pages in each segment
         self.seg_home = torch.full((1,), -1, dtype=torch.int64, device=self.device)  # [C]
+        self.free_stack = torch.zeros(1, dtype=torch.int64, device=self.device)  # [C]
+        self.free_top = torch.ones(1, dtype=torch.int64, device=self.device)  # free_stack[:top]
         self.slot_page = torch.full((num_layers, num_heads, num_slots), -1, **i32)
         self.slot_bucket = torch.zeros(
             (num_layers, num_heads, num_slots), dtype=torch.uint8, device=self.device
@@ -83,18 +91,16 @@ class ResidencyTable:
         """Slots (empty in every layer and head) now belong to directory row `row`."""
         self.slot_row[torch.tensor(slots, dtype=torch.int64, device=self.device)] = row
 
-    def clear_slots(self, slots: list[int]) -> int:
+    def clear_slots(self, slots: list[int]) -> torch.Tensor:
         """Drop every page held by `slots` in every layer and head and disown the slots;
-        returns how many pages left the GPU tier."""
+        returns how many pages left the GPU tier (a 0-dim device tensor: no host sync)."""
         idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
         held = self.slot_page[:, :, idx] >= 0  # [L, H, n]
-        layer, head, j = held.nonzero(as_tuple=True)
+        heads = torch.arange(self.num_heads, device=self.device)[:, None].expand_as(held[0])
         for lt in range(self.num_layers):
-            here = layer == lt
-            if here.any():
-                self.remove(lt, head[here], idx[j[here]])
+            self.drop(lt, heads.flatten(), idx.expand_as(held[lt]).flatten(), held[lt].flatten())
         self.slot_row[idx] = -1
-        return int(held.sum())
+        return held.sum()
 
     # ------------------------------------------------------------------ lookups
 
@@ -127,20 +133,9 @@ class ResidencyTable:
         slots: torch.Tensor,  # [M] int64  empty slots (in this layer and head)
         pages: torch.Tensor,  # [M] int64  logical pages of the slot's owner
     ) -> None:
-        """Record that `slots` now hold `pages`."""
-        if slots.numel() == 0:
-            return
-        flat = self._dir_index(layer, heads, slots, pages)
-        directory = self.directory.view(-1)
-        missing = torch.unique(flat[directory[flat] < 0])
-        if missing.numel():
-            new = self._take_segments(missing.numel())
-            directory[missing] = new.int()
-            self.seg_home[new] = missing
-        seg = directory[flat].long()
-        self.segments[seg, pages % self.segment_pages] = slots.int()
-        self.seg_count.index_add_(0, seg, torch.ones_like(seg, dtype=torch.int32))
-        self.slot_page[layer, heads, slots] = pages.int()
+        """Record that `slots` now hold `pages` (host-side use: reserves segments first)."""
+        self.reserve(torch.unique(self._dir_index(layer, heads, slots, pages)).numel())
+        self.replace(layer, heads, slots, pages, torch.ones_like(slots, dtype=torch.bool))
 
     def remove(
         self,
@@ -149,46 +144,115 @@ class ResidencyTable:
         slots: torch.Tensor,  # [M] int64  slots holding a page (in this layer and head)
     ) -> None:
         """Empty `slots`: their pages are no longer resident."""
-        if slots.numel() == 0:
-            return
-        pages = self.slot_page[layer, heads, slots].long()
-        flat = self._dir_index(layer, heads, slots, pages)
-        directory = self.directory.view(-1)
-        seg = directory[flat].long()
-        self.segments[seg, pages % self.segment_pages] = -1
-        self.seg_count.index_add_(0, seg, torch.full_like(seg, -1, dtype=torch.int32))
-        emptied = torch.unique(seg[self.seg_count[seg] == 0])
-        directory[self.seg_home[emptied]] = -1
-        self.seg_home[emptied] = -1
-        self.slot_page[layer, heads, slots] = -1
+        self.drop(layer, heads, slots, torch.ones_like(slots, dtype=torch.bool))
 
-    def touch(self, layer: int, heads: torch.Tensor, slots: torch.Tensor) -> None:
+    def replace(
+        self,
+        layer: int,
+        heads: torch.Tensor,  # [M] int64
+        slots: torch.Tensor,  # [M] int64  (any value where ~work)
+        pages: torch.Tensor,  # [M] int64  pages of the slots' owner, not resident in this head
+        work: torch.Tensor,  # [M] bool  entries to apply; their slots are distinct
+    ) -> None:
+        """Where `work`: drop whatever the slot holds, then record that it holds the page.
+        Fixed shapes, no host synchronisation; `reserve` must cover the segments allocated."""
+        slots = torch.where(work, slots, 0)
+        self.drop(layer, heads, slots, work)
+        self._add(layer, heads, slots, pages, work)
+
+    def touch(
+        self,
+        layer: int,
+        heads: torch.Tensor,  # [M] int64
+        slots: torch.Tensor,  # [M] int64  (any value where ~work)
+        work: torch.Tensor | None = None,  # [M] bool, distinct slots per head; None = all
+    ) -> None:
         """Mark `slots` used this step (newest bucket)."""
-        self.slot_bucket[layer, heads, slots] = self.lru_buckets - 1
+        if work is None:
+            work = torch.ones_like(slots, dtype=torch.bool)
+        flat = heads * self.slot_page.shape[2] + torch.where(work, slots, 0)
+        newest = torch.full_like(flat, self.lru_buckets - 1)
+        _masked_set(self.slot_bucket[layer].view(-1), flat, newest, work)
 
     def age(self) -> None:
         """One step passes: every bucket moves one toward the oldest (0)."""
         self.slot_bucket.sub_((self.slot_bucket > 0).to(torch.uint8))
 
-    def _take_segments(self, n: int) -> torch.Tensor:  # [n] int64
-        free = (self.seg_home < 0).nonzero().flatten()
-        if free.numel() < n:
-            self._grow_segments(n - free.numel())
-            free = (self.seg_home < 0).nonzero().flatten()
-        new = free[:n]
-        self.segments[new] = -1
-        self.seg_count[new] = 0
-        return new
+    def drop(
+        self,
+        layer: int,
+        heads: torch.Tensor,  # [M] int64
+        slots: torch.Tensor,  # [M] int64
+        work: torch.Tensor,  # [M] bool
+    ) -> None:
+        """Empty the slots (where `work` and they hold a page; fixed shapes, no host sync);
+        emptied segments go back on the free stack."""
+        slots = torch.where(work, slots, 0)
+        num_slots = self.slot_page.shape[2]
+        slot_page = self.slot_page[layer].view(-1)  # [H*Q]
+        at = heads * num_slots + slots
+        old = slot_page[at].long()
+        gone = work & (old >= 0)
+        old = old.clamp(min=0)
+        flat = torch.where(gone, self._dir_index(layer, heads, slots, old), 0)
+        directory = self.directory.view(-1)
+        seg = directory[flat].long().clamp(min=0)  # [M] meaningful where gone
+        minus = torch.full_like(old, -1)
+        _masked_set(self.segments.view(-1), seg * self.segment_pages + old % self.segment_pages,
+                    minus, gone)  # fmt: skip
+        self.seg_count.index_add_(0, seg, -gone.to(torch.int32))
+        emptied = _first_of(seg, gone & (self.seg_count[seg] == 0), self.seg_home.numel())
+        _masked_set(directory, self.seg_home[seg].clamp(min=0), minus, emptied)
+        _masked_set(self.seg_home, seg, minus, emptied)
+        rank = emptied.long().cumsum(0) - 1
+        _masked_set(self.free_stack, self.free_top + rank, seg, emptied)
+        self.free_top += emptied.sum()
+        _masked_set(slot_page, at, minus, gone)
+
+    def _add(self, layer, heads, slots, pages, work) -> None:
+        """Record `pages` in the (empty) slots where `work`, taking segments off the stack."""
+        pages = pages.clamp(min=0)
+        rows = self.slot_row[slots].clamp(min=0)
+        seg_no = pages // self.segment_pages
+        flat = torch.where(work, self._dir_index(layer, heads, slots, pages), 0)
+        directory = self.directory.view(-1)
+        seg = directory[flat].long()  # [M]
+        need = work & (seg < 0)
+        # one new segment per distinct (row, head, segment number) of this layer
+        local = (rows * self.num_heads + heads) * self.dir_len + seg_no
+        size = self.directory.shape[0] * self.num_heads * self.dir_len
+        first = _first_index(local, need, size)  # [M] entry that allocates for this one
+        win = need & (first == torch.arange(first.numel(), device=self.device))
+        rank = win.long().cumsum(0) - 1
+        new = self.free_stack[(self.free_top - 1 - rank).clamp(min=0)]  # [M] meaningful at win
+        self.free_top -= win.sum()
+        _masked_set(directory, flat, new, win)
+        _masked_set(self.seg_home, torch.where(win, new, 0), flat, win)
+        seg = torch.where(need, new[first.clamp(min=0)], seg).clamp(min=0)
+        _masked_set(self.segments.view(-1), seg * self.segment_pages + pages % self.segment_pages,
+                    slots, work)  # fmt: skip
+        self.seg_count.index_add_(0, seg, work.to(torch.int32))
+        _masked_set(self.slot_page[layer].view(-1), heads * self.slot_page.shape[2] + slots,
+                    pages, work)  # fmt: skip
+
+    def reserve(self, num_segments: int) -> None:
+        """Make the free stack hold at least `num_segments` segments (reads its top: one host
+        synchronisation; call once per step, not per layer)."""
+        free = int(self.free_top)
+        if free < num_segments:
+            self._grow_segments(max(num_segments - free, self.seg_home.numel()))
 
     @torch.inference_mode(False)
-    def _grow_segments(self, missing: int) -> None:
-        have = self.seg_home.numel()
-        extra = max(have, missing)  # at least double
+    def _grow_segments(self, extra: int) -> None:
         self.segments = torch.cat(
             [self.segments, self.segments.new_full((extra, self.segment_pages), -1)]
         )
         self.seg_count = torch.cat([self.seg_count, self.seg_count.new_zeros(extra)])
         self.seg_home = torch.cat([self.seg_home, self.seg_home.new_full((extra,), -1)])
+        free = (self.seg_home < 0).nonzero().flatten()
+        self.free_stack = torch.zeros_like(self.seg_home)
+        self.free_stack[: free.numel()] = free
+        self.free_top = torch.tensor([free.numel()], dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ accounting
 
@@ -236,6 +300,9 @@ class ResidencyTable:
             raise CacheIntegrityError("a segment is empty but allocated, or used but free")
         if int((self.directory >= 0).sum()) != int(live.sum()):
             raise CacheIntegrityError("directory entries disagree with allocated segments")
+        stacked = self.free_stack[: int(self.free_top)]
+        if not torch.equal(stacked.sort().values, (~live).nonzero().flatten()):
+            raise CacheIntegrityError("the free-segment stack disagrees with the free segments")
 
     def lookup_flat(self, layer, heads, slots, pages) -> torch.Tensor:  # [M] int64
         """Slot the forward map gives for (owner of slot, layer, head, page)."""
@@ -243,3 +310,34 @@ class ResidencyTable:
         return torch.where(
             seg >= 0, self.segments[seg.clamp(min=0), pages % self.segment_pages].long(), -1
         )
+
+
+def _masked_set(
+    flat: torch.Tensor,  # [N] a flat table (view), any dtype
+    index: torch.Tensor,  # [M] int64 (any value where ~work)
+    values: torch.Tensor,  # [M]
+    work: torch.Tensor,  # [M] bool; the indices where True are distinct
+) -> None:
+    """flat[index[i]] = values[i] for every i with work[i], with fixed shapes and no host
+    synchronisation: every entry adds (new - old) to its element, entries without work add 0 to
+    element 0 (integer tables: exact, also when uint8 wraps around)."""
+    idx = torch.where(work, index, 0)
+    delta = torch.where(work, values.to(flat.dtype) - flat[idx], 0).to(flat.dtype)
+    flat.index_add_(0, idx, delta)
+
+
+def _first_index(
+    key: torch.Tensor,  # [M] int64 in [0, size) where mask
+    mask: torch.Tensor,  # [M] bool
+    size: int,
+) -> torch.Tensor:  # [M] int64: lowest entry with mask and the same key; -1 where ~mask
+    ids = torch.arange(key.numel(), device=key.device)
+    claim = torch.full((size + 1,), key.numel(), dtype=torch.int64, device=key.device)
+    slot = torch.where(mask, key, size)  # size: a spare element for the entries without work
+    claim.scatter_reduce_(0, slot, ids, "amin")
+    return torch.where(mask, claim[slot], -1)
+
+
+def _first_of(key: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:  # [M] bool
+    """One entry per distinct key among the masked ones (the lowest index)."""
+    return mask & (_first_index(key, mask, size) == torch.arange(key.numel(), device=key.device))

@@ -53,8 +53,9 @@ class KVCounters:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._counts = torch.zeros(3, dtype=torch.int64, device=device)  # lookups, hits, evictions
-        self.h2d_bytes = 0
+        # lookups, hits, evictions, h2d bytes of page fetches
+        self._counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self.h2d_bytes = 0  # host-counted transfers (prefix reads, indexing)
         self.d2h_bytes = 0
         self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0, "attention": 0.0}
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
@@ -65,6 +66,10 @@ class KVCounters:
 
     def add_evictions(self, evictions: torch.Tensor | int) -> None:
         self._counts[2] += evictions
+
+    def add_fetched_bytes(self, num_bytes: torch.Tensor) -> None:
+        """Bytes of page fetches counted on the device (`h2d_bytes` adds them up)."""
+        self._counts[3] += num_bytes
 
     @contextmanager
     def phase(self, name: str):
@@ -84,11 +89,11 @@ class KVCounters:
             end.synchronize()
             self._seconds[name] += start.elapsed_time(end) / 1e3
         self._pending.clear()
-        lookups, hits, evictions = self._counts.tolist()
+        lookups, hits, evictions, fetched = self._counts.tolist()
         return KVStats(
             lookups=lookups,
             hits=hits,
-            h2d_bytes=self.h2d_bytes,
+            h2d_bytes=self.h2d_bytes + fetched,
             d2h_bytes=self.d2h_bytes,
             evictions=evictions,
             select_time_s=self._seconds["select"],
