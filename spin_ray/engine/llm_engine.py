@@ -190,7 +190,6 @@ class LLMEngine:
         self.backend.plan(inputs.attention)
         hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [N, H]
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [M, V]
-        now = time.monotonic()
         for chunk in scheduled.chunks:
             chunk.request.num_computed_tokens += chunk.num_new_tokens
         if not inputs.sample_request_ids:
@@ -201,6 +200,7 @@ class LLMEngine:
             [r.sampling_params for r in sampled_requests],
             [self.generators.get(r.request_id) for r in sampled_requests],
         )
+        now = time.monotonic()  # the sampled ids are on the host: the step is done
         outputs = []
         for row, request in enumerate(sampled_requests):
             logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
