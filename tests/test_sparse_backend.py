@@ -77,7 +77,7 @@ def _steps(prompts: dict[str, int], decodes: int, chunk: int):
     return steps
 
 
-def _run(sparse: SparseConfig, prompts, decodes, check, seed=0, holder=None):
+def _run(sparse: SparseConfig, prompts, decodes, check, seed=0, holder=None, fused=False):
     config = EngineConfig(
         model="test",
         cache=CacheConfig(page_size=PAGE),
@@ -87,6 +87,8 @@ def _run(sparse: SparseConfig, prompts, decodes, check, seed=0, holder=None):
     )
     tiered = build_tiered_cache(config, ARCH, reserve_bytes=0)
     manager, spin = tiered.manager, tiered.backend
+    spin.fused_retrieve = fused
+    spin.debug_checks = True
     if holder is not None:
         holder["backend"] = spin
     shape = KVCacheShape(LAYERS, manager.pool.num_pages, PAGE, HKV, D)
@@ -197,3 +199,41 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm,
         assert 0 < stats.hits < stats.lookups and stats.evictions > 0
     else:
         assert stats.hits == 0
+
+
+def test_fused_retrieval_kernels_match_the_torch_path(monkeypatch):
+    """The same steps retrieved by the fused Triton kernels (interpreter) and by the torch path
+    they replace: after every layer the same outputs, slot contents and recency, the same page
+    found in the same slot for every (request, layer, head, page), the same number of free
+    segments and the same counters — under evictions with a small buffer."""
+    sparse = SparseConfig(
+        algorithm="quest", token_budget=5 * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
+        dense_layers=1, buffer_ratio=1.0, index_interval=3,
+    )  # fmt: skip
+    launches = []
+    real = backend_module.spin_retrieve
+    monkeypatch.setattr(backend_module, "spin_retrieve", lambda *a: launches.append(1) or real(*a))
+    traces = []
+    for fused in (False, True):
+        holder, trace = {}, []
+
+        def check(layer, meta, q, out, expected, dense, trace=trace, holder=holder):
+            spin = holder["backend"]
+            residency = spin.residency
+            rows = sorted(spin.manager.rows.values())
+            pages = torch.arange(residency.dir_len * residency.segment_pages)
+            query = pages.expand(len(rows), HKV, -1)
+            found = [residency.lookup(torch.tensor(rows), lt, query) for lt in range(LAYERS - 1)]
+            counts = spin.counters.device_counts.tolist()
+            trace.append((out.clone(), residency.slot_page.clone(), residency.slot_bucket.clone(),
+                          found, int(residency.free_top), counts))  # fmt: skip
+
+        stats = _run(sparse, PROMPTS, decodes=8, check=check, seed=2, holder=holder, fused=fused)
+        traces.append(trace)
+    assert stats.evictions > 0 and 0 < stats.hits < stats.lookups
+    assert len(launches) >= 8 * (LAYERS - 1), "the fused kernels ran on every sparse decode layer"
+    for ref, got in zip(*traces, strict=True):
+        torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-6)
+        assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+        assert all(torch.equal(a, b) for a, b in zip(got[3], ref[3]))
+        assert got[4:] == ref[4:]

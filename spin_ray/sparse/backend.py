@@ -38,6 +38,7 @@ from spin_ray.kernels.sparse_decode_attention import (
     sparse_decode_attention,
     sparse_decode_attention_ref,
 )
+from spin_ray.kernels.spin_retrieve import fits, spin_retrieve
 from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
@@ -106,6 +107,9 @@ class SpinAttentionBackend(AttentionBackend):
         self._slot_pos = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
         self.debug_checks = os.environ.get("SPIN_RAY_SPARSE_CHECKS") == "1"
         """Check per layer what the manager guarantees (synchronises: for tests)."""
+        self.fused_retrieve = self.on_cuda and os.environ.get("SPIN_RAY_FUSED_RETRIEVE") != "0"
+        """Retrieve with the fused Triton kernels (two launches per layer) instead of the torch
+        path (which the CPU runs; SPIN_RAY_FUSED_RETRIEVE=0 selects it on CUDA too)."""
 
     # ------------------------------------------------------------------ per step
 
@@ -293,6 +297,25 @@ class SpinAttentionBackend(AttentionBackend):
 
     def _retrieve(self, layer, pages, step):  # [B, Hkv, K] slots
         """Look the pages up in the buffer; evict (bucketed LRU) and fetch the misses."""
+        if not (self.fused_retrieve and fits(pages.shape[2], step.slot_lists.shape[1])):
+            return self._retrieve_torch(layer, pages, step)
+        residency = self.residency
+        slots, dst = spin_retrieve(
+            pages, step.rows, step.slot_lists, layer,
+            residency.directory, residency.segments, residency.seg_count, residency.seg_home,
+            residency.free_stack, residency.free_top,
+            residency.slot_page[layer], residency.slot_bucket[layer],
+            self.counters.device_counts, self.lru_keys, residency.lru_buckets - 1,
+            self.host.page_bytes,
+        )  # fmt: skip
+        self._fetch(layer, layer, pages, dst, step, counted=True)
+        if self.debug_checks and int(residency.free_top) < 0:
+            raise RuntimeError("residency segments were not reserved for this step")
+        return slots
+
+    def _retrieve_torch(self, layer, pages, step):  # [B, Hkv, K] slots
+        """`_retrieve` in torch operations (fixed shapes, no host sync): the reference of the
+        fused kernels."""
         residency = self.residency
         b, h, k = pages.shape
         valid = pages >= 0
@@ -335,14 +358,16 @@ class SpinAttentionBackend(AttentionBackend):
             raise RuntimeError("residency segments were not reserved for this step")
         return slots
 
-    def _fetch(self, layer, tier_layer, pages, dst, step) -> None:
-        """Copy page pages[b, h, j] of K/V head h into GPU slot dst[b, h, j] where dst >= 0."""
+    def _fetch(self, layer, tier_layer, pages, dst, step, counted=False) -> None:
+        """Copy page pages[b, h, j] of K/V head h into GPU slot dst[b, h, j] where dst >= 0
+        (`counted`: the bytes are already counted)."""
         b, h, k = pages.shape
         src = step.page_table.gather(1, pages.clamp(min=0).view(b, h * k)).view(b, h, k)
         heads = step.batch_heads.expand(b, h, k)
         gpu_k, gpu_v = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
         self.host.fetch(layer, gpu_k, gpu_v, src.flatten(), heads.flatten(), dst.flatten())
-        self.counters.add_fetched_bytes((dst >= 0).sum() * self.host.page_bytes)
+        if not counted:
+            self.counters.add_fetched_bytes((dst >= 0).sum() * self.host.page_bytes)
 
     def _victims(self, keys, need):
         if self.on_cuda:

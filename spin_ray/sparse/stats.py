@@ -67,6 +67,12 @@ class KVCounters:
     def add_evictions(self, evictions: torch.Tensor | int) -> None:
         self._counts[2] += evictions
 
+    @property
+    def device_counts(self) -> torch.Tensor:  # [4] int64
+        """The device-side totals (lookups, hits, evictions, fetched bytes), for kernels that
+        add to them in place."""
+        return self._counts
+
     def add_fetched_bytes(self, num_bytes: torch.Tensor) -> None:
         """Bytes of page fetches counted on the device (`h2d_bytes` adds them up)."""
         self._counts[3] += num_bytes

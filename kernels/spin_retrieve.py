@@ -1,0 +1,252 @@
+"""Fused HBM-buffer retrieval of one layer: lookup, bucketed-LRU victims, miss/victim pairing
+and the residency update, one program per (sequence, KV head) row, two launches in all.
+
+Row work is independent: a row's pages, slots, directory entries and segments belong to one
+(request, layer, head) and no other row touches them. The only shared state is the stack of
+free residency segments, taken and given with atomics; freeing (launch 1) and taking (launch 2)
+are separate launches, so a segment given back is always written before anyone takes it.
+
+Launch 1 (`_lookup_evict_kernel`), per row: look the K selected pages up in the two-level map
+(directory -> segment -> slot); key the request's n slots for the LRU (0 empty, 1 + bucket,
+protected: the slots of this step's hits and padding); take as many victims as there are misses
+with the histogram (smallest keys, lowest index first); pair the r-th miss with the r-th victim;
+forget the pages the victims held (segments emptied go back on the stack); count lookups, hits,
+evictions and fetched bytes.
+Launch 2 (`_insert_touch_kernel`), per row: record each miss's page in its victim slot (a
+segment off the stack for each directory entry still empty, one per distinct entry of the row);
+mark every attended slot newest.
+
+Reference: the torch path these kernels replace, `SpinAttentionBackend._retrieve_torch` with
+`ResidencyTable.replace` / `touch` and `lru_victims_ref` (same pairing, same victims); tests
+compare the resulting maps (lookups of every page, slot contents, recency, free segments).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lookup_evict_kernel(
+    pages_ptr,  # [B, H, K] int64, -1 = none
+    rows_ptr,  # [B] int64 directory rows
+    cand_ptr,  # [B, N] int64 the request's slots, -1 padded
+    dir_ptr,  # [R, L, H, DL] int32
+    seg_ptr,  # [C, SEG] int32
+    count_ptr,  # [C] int32
+    home_ptr,  # [C] int64
+    stack_ptr,  # [C] int64
+    top_ptr,  # [1] int64
+    slot_page_ptr,  # [H, Q] int32 (this layer)
+    bucket_ptr,  # [H, Q] uint8 (this layer)
+    slots_ptr,  # out [B, H, K] int64 resident slot of each hit, victim slot of each miss
+    dst_ptr,  # out [B, H, K] int64 victim slot of each miss, -1 otherwise
+    counters_ptr,  # [4] int64 lookups, hits, evictions, fetched bytes
+    layer,
+    num_layers,
+    num_heads,
+    dir_len,
+    num_slots,
+    K,
+    N,
+    page_bytes,
+    SEG: tl.constexpr,
+    NUM_KEYS: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kk = tl.arange(0, BLOCK_K)
+    k_in = kk < K
+    page = tl.load(pages_ptr + (b * num_heads + h) * K + kk, mask=k_in, other=-1)
+    valid = page >= 0
+    safe = tl.where(valid, page, 0)
+    row = tl.load(rows_ptr + b)
+    dir_base = ((row * num_layers + layer) * num_heads + h) * dir_len
+    seg = tl.load(dir_ptr + dir_base + safe // SEG, mask=valid, other=-1).to(tl.int64)
+    found = valid & (seg >= 0)
+    slot = tl.load(seg_ptr + tl.where(found, seg, 0) * SEG + safe % SEG, mask=found, other=-1)
+    slot = slot.to(tl.int64)
+    hit = valid & (slot >= 0)
+    miss = valid & (slot < 0)
+
+    nn = tl.arange(0, BLOCK_N)
+    n_in = nn < N
+    cand = tl.load(cand_ptr + b * N + nn, mask=n_in, other=-1)
+    own = cand >= 0
+    at = h * num_slots + tl.where(own, cand, 0)
+    occupant = tl.load(slot_page_ptr + at, mask=own, other=-1)
+    bucket = tl.load(bucket_ptr + at, mask=own, other=0).to(tl.int32)
+    keys = tl.where(occupant < 0, 0, bucket + 1)
+    held_by_hit = (slot[:, None] == cand[None, :]) & hit[:, None]  # [BK, BN]
+    protected = (tl.sum(held_by_hit.to(tl.int32), 0) > 0) | (~own)
+    keys = tl.where(protected, NUM_KEYS - 1, keys)
+
+    # victims: the `need` smallest keys, lowest index first (histogram, no sort)
+    need = tl.sum(miss.to(tl.int32), 0)
+    hist = tl.histogram(keys, NUM_BINS)
+    upto = tl.cumsum(hist, 0)
+    threshold = tl.sum((upto < need).to(tl.int32), 0)
+    bins = tl.arange(0, NUM_BINS)
+    before = tl.sum(tl.where(bins < threshold, hist, 0), 0)
+    at_threshold = (keys == threshold) & n_in
+    rank = tl.cumsum(at_threshold.to(tl.int32), 0) - 1
+    victim = ((keys < threshold) | (at_threshold & (rank < need - before))) & n_in
+
+    # the r-th miss takes the r-th victim
+    victim_rank = tl.cumsum(victim.to(tl.int32), 0) - 1
+    miss_rank = tl.cumsum(miss.to(tl.int32), 0) - 1
+    pair = (miss_rank[:, None] == victim_rank[None, :]) & miss[:, None] & victim[None, :]
+    dst = tl.sum(tl.where(pair, cand[None, :], 0), 1)
+    dst = tl.where(miss, dst, -1)
+    out = (b * num_heads + h) * K + kk
+    tl.store(dst_ptr + out, dst, mask=k_in)
+    tl.store(slots_ptr + out, tl.where(hit, slot, dst), mask=k_in)
+
+    # forget the pages the victims held; emptied segments go back on the stack
+    gone = victim & (occupant >= 0)
+    old = tl.where(gone, occupant, 0).to(tl.int64)
+    old_seg = tl.load(dir_ptr + dir_base + old // SEG, mask=gone, other=0).to(tl.int64)
+    tl.store(seg_ptr + old_seg * SEG + old % SEG, tl.full([BLOCK_N], -1, tl.int32), mask=gone)
+    left = tl.atomic_add(count_ptr + old_seg, tl.full([BLOCK_N], -1, tl.int32), mask=gone)
+    emptied = gone & (left == 1)
+    home = tl.load(home_ptr + old_seg, mask=emptied, other=0)
+    tl.store(dir_ptr + home, tl.full([BLOCK_N], -1, tl.int32), mask=emptied)
+    tl.store(home_ptr + old_seg, tl.full([BLOCK_N], -1, tl.int64), mask=emptied)
+    ones = tl.full([BLOCK_N], 1, tl.int64)
+    pos = tl.atomic_add(top_ptr + tl.zeros([BLOCK_N], tl.int32), ones, mask=emptied)
+    tl.store(stack_ptr + tl.where(emptied, pos, 0), old_seg, mask=emptied)
+
+    tl.atomic_add(counters_ptr + 0, tl.sum(valid.to(tl.int64), 0))
+    tl.atomic_add(counters_ptr + 1, tl.sum(hit.to(tl.int64), 0))
+    tl.atomic_add(counters_ptr + 2, tl.sum(gone.to(tl.int64), 0))
+    tl.atomic_add(counters_ptr + 3, need.to(tl.int64) * page_bytes)
+
+
+@triton.jit
+def _insert_touch_kernel(
+    pages_ptr,
+    rows_ptr,
+    dir_ptr,
+    seg_ptr,
+    count_ptr,
+    home_ptr,
+    stack_ptr,
+    top_ptr,
+    slot_page_ptr,
+    bucket_ptr,
+    slots_ptr,  # [B, H, K] int64 from launch 1
+    dst_ptr,  # [B, H, K] int64 from launch 1
+    layer,
+    num_layers,
+    num_heads,
+    dir_len,
+    num_slots,
+    K,
+    SEG: tl.constexpr,
+    NEWEST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kk = tl.arange(0, BLOCK_K)
+    k_in = kk < K
+    out = (b * num_heads + h) * K + kk
+    page = tl.load(pages_ptr + out, mask=k_in, other=-1)
+    valid = page >= 0
+    safe = tl.where(valid, page, 0)
+    dst = tl.load(dst_ptr + out, mask=k_in, other=-1)
+    miss = dst >= 0
+    row = tl.load(rows_ptr + b)
+    entry = ((row * num_layers + layer) * num_heads + h) * dir_len + safe // SEG
+    seg = tl.load(dir_ptr + entry, mask=miss, other=0).to(tl.int64)
+    need = miss & (seg < 0)
+    # one new segment per distinct directory entry: the lowest entry of each group takes it
+    same = (entry[:, None] == entry[None, :]) & need[:, None] & need[None, :]  # [BK, BK]
+    earlier = tl.sum((same & (kk[None, :] < kk[:, None])).to(tl.int32), 1)
+    win = need & (earlier == 0)
+    minus = tl.full([BLOCK_K], -1, tl.int64)
+    pos = tl.atomic_add(top_ptr + tl.zeros([BLOCK_K], tl.int32), minus, mask=win) - 1
+    new = tl.load(stack_ptr + tl.where(win, pos, 0), mask=win, other=0)
+    tl.store(dir_ptr + entry, new.to(tl.int32), mask=win)
+    tl.store(home_ptr + tl.where(win, new, 0), entry, mask=win)
+    shared = tl.sum(tl.where(same & win[None, :], new[None, :], 0), 1)
+    seg = tl.where(need, shared, seg)
+    tl.store(seg_ptr + seg * SEG + safe % SEG, dst.to(tl.int32), mask=miss)
+    tl.atomic_add(count_ptr + seg, tl.full([BLOCK_K], 1, tl.int32), mask=miss)
+    tl.store(slot_page_ptr + h * num_slots + tl.where(miss, dst, 0), page.to(tl.int32), mask=miss)
+    slot = tl.load(slots_ptr + out, mask=k_in, other=-1)
+    newest = tl.full([BLOCK_K], NEWEST, tl.uint8)
+    tl.store(bucket_ptr + h * num_slots + tl.where(valid, slot, 0), newest, mask=valid)
+
+
+def fits(num_pages: int, num_candidates: int) -> bool:
+    """Whether a row's [K, N] work fits one program (else use the torch path)."""
+    return triton.next_power_of_2(num_pages) * triton.next_power_of_2(num_candidates) <= 1 << 16
+
+
+def spin_retrieve(
+    pages: torch.Tensor,  # [B, H, K] int64 logical pages, -1 = none (distinct per row)
+    rows: torch.Tensor,  # [B] int64 directory rows
+    cand: torch.Tensor,  # [B, N] int64 each request's slots, -1 padded
+    layer: int,
+    directory: torch.Tensor,  # [R, L, H, DL] int32
+    segments: torch.Tensor,  # [C, SEG] int32
+    seg_count: torch.Tensor,  # [C] int32
+    seg_home: torch.Tensor,  # [C] int64
+    free_stack: torch.Tensor,  # [C] int64
+    free_top: torch.Tensor,  # [1] int64 (enough segments reserved for this call)
+    slot_page: torch.Tensor,  # [H, Q] int32 this layer's slot contents
+    slot_bucket: torch.Tensor,  # [H, Q] uint8 this layer's recency
+    counters: torch.Tensor,  # [4] int64 lookups, hits, evictions, fetched bytes (added to)
+    num_keys: int,  # LRU keys: 0 empty, 1 + bucket, num_keys - 1 protected
+    newest_bucket: int,  # recency of a slot used this step
+    page_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [B, H, K] int64: slots, fetch destinations
+    """Fused retrieval of one layer (see the module docstring). Returns the slot of every
+    selected page (-1 = none) and, for misses, the slot their page must be fetched into (-1
+    elsewhere); the residency maps and counters are updated in place."""
+    b, h, k = pages.shape
+    n = cand.shape[1]
+    assert rows.shape == (b,) and cand.shape[0] == b
+    assert directory.dim() == 4 and directory.shape[2] == h and slot_page.shape[0] == h
+    assert slot_bucket.shape == slot_page.shape and slot_bucket.dtype == torch.uint8
+    assert directory.dtype == segments.dtype == seg_count.dtype == slot_page.dtype == torch.int32
+    assert pages.dtype == rows.dtype == cand.dtype == seg_home.dtype == torch.int64
+    assert free_stack.dtype == free_top.dtype == counters.dtype == torch.int64
+    for t in (pages, rows, cand, directory, segments, seg_count, seg_home, free_stack,
+              slot_page, slot_bucket, counters):  # fmt: skip
+        assert t.is_contiguous()
+    assert 0 < num_keys <= 256 and fits(k, n)
+    slots = torch.empty_like(pages)
+    dst = torch.empty_like(pages)
+    if pages.numel() == 0:
+        return slots, dst
+    common = dict(
+        layer=layer,
+        num_layers=directory.shape[1],
+        num_heads=h,
+        dir_len=directory.shape[3],
+        num_slots=slot_page.shape[1],
+        K=k,
+        SEG=segments.shape[1],
+        BLOCK_K=triton.next_power_of_2(k),
+    )
+    _lookup_evict_kernel[(b, h)](
+        pages, rows, cand, directory, segments, seg_count, seg_home, free_stack, free_top,
+        slot_page, slot_bucket, slots, dst, counters,
+        N=n, page_bytes=page_bytes, NUM_KEYS=num_keys,
+        NUM_BINS=triton.next_power_of_2(num_keys + 1), BLOCK_N=triton.next_power_of_2(n),
+        **common,
+    )  # fmt: skip
+    _insert_touch_kernel[(b, h)](
+        pages, rows, directory, segments, seg_count, seg_home, free_stack, free_top,
+        slot_page, slot_bucket, slots, dst,
+        NEWEST=newest_bucket,
+        **common,
+    )  # fmt: skip
+    return slots, dst
