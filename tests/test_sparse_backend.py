@@ -19,6 +19,7 @@ from spin_ray.config import CacheConfig, EngineConfig
 from spin_ray.models.arch import ModelArch
 from spin_ray.sparse.build import build_tiered_cache
 from spin_ray.sparse.config import SparseConfig
+from spin_ray.sparse.manager import TieredCacheManager
 
 PAGE, LAYERS, HQ, HKV, D = 4, 3, 4, 2, 8
 ARCH = ModelArch(
@@ -237,3 +238,16 @@ def test_fused_retrieval_kernels_match_the_torch_path(monkeypatch):
         assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
         assert all(torch.equal(a, b) for a, b in zip(got[3], ref[3]))
         assert got[4:] == ref[4:]
+
+
+@pytest.mark.parametrize("mode", ["spin", "sparse-naive"])
+def test_debug_checks_catch_a_request_below_its_mandatory_slots(monkeypatch, mode):
+    """The manager never leaves a request fewer slots than its mandatory pages, so the decode
+    path does not check it (a check would synchronise); the debug checks do: give every request
+    only 2 slots and the first decode layer must refuse."""
+    real = TieredCacheManager.slot_lists
+    monkeypatch.setattr(TieredCacheManager, "slot_lists", lambda self, ids: real(self, ids)[:, :2])
+    sparse = SparseConfig(algorithm="quest", mode=mode, token_budget=5 * PAGE, sink_tokens=PAGE,
+                          local_tokens=PAGE, dense_layers=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="fewer GPU slots than its mandatory pages"):
+        _run(sparse, PROMPTS, decodes=2, check=lambda *args: None)

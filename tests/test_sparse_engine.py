@@ -29,6 +29,12 @@ def _tokens(outputs):
     return [o.outputs[0].token_ids for o in outputs]
 
 
+@pytest.fixture(autouse=True)
+def _sparse_checks(monkeypatch):
+    """Per-layer checks of what the manager guarantees (off in production: they synchronise)."""
+    monkeypatch.setenv("SPIN_RAY_SPARSE_CHECKS", "1")
+
+
 @pytest.fixture(scope="module")
 def dense_tokens():
     from spin_ray import LLM

@@ -286,9 +286,11 @@ class SpinAttentionBackend(AttentionBackend):
     def _stage(self, layer, pages, step):  # [B, Hkv, K] slots
         """No buffer: every listed page is fetched into the request's slots, in list order."""
         valid = pages >= 0
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, Hkv, K]
+        pos = valid.long().cumsum(-1) - 1  # [B, Hkv, K]
         b, h, k = pages.shape
-        slots = torch.where(valid, step.slot_lists.gather(1, pos.view(b, h * k)).view(b, h, k), -1)
+        n = step.slot_lists.shape[1]
+        listed = step.slot_lists.gather(1, pos.clamp(0, n - 1).view(b, h * k)).view(b, h, k)
+        slots = torch.where(valid & (pos < n), listed, -1)
         if self.debug_checks and bool((valid & (slots < 0)).any()):
             raise RuntimeError("a request holds fewer GPU slots than its mandatory pages")
         self._fetch(layer, 0, pages, slots, step)

@@ -266,8 +266,9 @@ class ResidencyTable:
 
     @property
     def metadata_bytes(self) -> int:
-        """Bytes of the forward map: directory plus the segment pool (segments, counts, homes)."""
-        per_segment = self.segments.shape[1] * 4 + 4 + 8
+        """Bytes of the forward map: directory plus the segment pool (segments, counts, homes,
+        free-stack entries)."""
+        per_segment = self.segments.shape[1] * 4 + 4 + 8 + 8
         return self.directory.numel() * 4 + self.seg_home.numel() * per_segment
 
     def check(self, owned: dict[int, tuple[list[int], int]]) -> None:
