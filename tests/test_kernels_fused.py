@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from spin_ray.kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from spin_ray.kernels.rope import rope_, rope_ref
 from spin_ray.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
-
 from spin_ray.models.rope import Llama3RopeScaling, rope_inv_freq
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
