@@ -346,7 +346,9 @@ def test_client_disconnect_frees_pages_within_a_second(base_url):
 
 
 def _replica_holding(stats: dict, pages: int) -> str:
-    [replica] = [rid for rid, s in stats.items() if s.hbm_pages_committed == pages]
+    """The one replica with at least `pages` HBM pages committed (a replica commits what its
+    requests are predicted to need, or more once their buffers have grown)."""
+    [replica] = [rid for rid, s in stats.items() if s.hbm_pages_committed >= pages]
     return replica
 
 
@@ -363,13 +365,13 @@ def test_router_places_a_long_request_where_its_working_set_fits(base_url):
         [y] = set(before) - {x}
         # x holds one request, y two: least-loaded routing would pick x, which cannot hold it.
         assert (before[x].num_running, before[y].num_running) == (1, 2)
-        assert before[y].hbm_pages_committed == 2 * short_pages
+        assert 2 * short_pages <= before[y].hbm_pages_committed < long_pages
 
         open_stream(base_url, _long_body(100, 2400))
         after = engine_replica_stats(APP)
         assert after[x].num_running == 1
         assert after[y].num_running == 3
-        assert after[y].hbm_pages_committed == 2 * short_pages + long_pages
+        assert after[y].hbm_pages_committed >= 2 * short_pages + long_pages
 
 
 def test_router_balances_a_burst_of_requests_of_equal_fit(base_url):
