@@ -33,14 +33,5 @@ class AttentionMetadata:
     """Host copy: the request id of each sequence, in batch order (for per-request state)."""
 
     @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens_cpu)
-
-    @property
-    def is_decode_only(self) -> bool:
-        """Every sequence brings exactly one new token (a pure decode step)."""
-        return all(n == 1 for n in self.query_lens_cpu)
-
-    @property
     def max_context_len(self) -> int:
         return max(self.context_lens_cpu)

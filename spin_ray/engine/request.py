@@ -54,10 +54,6 @@ class Request:
         self.finished_time: float | None = None
         self.num_preemptions = 0
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the two lists."""
         num_prompt = len(self.prompt_token_ids)
