@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from spin_ray.attention.backend import AttentionBackend
-from spin_ray.attention.metadata import AttentionMetadata
+from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
 from spin_ray.cache.kv_cache import KVCache
 from spin_ray.kernels.paged_attention_ref import (
     paged_decode_attention_ref,
@@ -27,24 +27,17 @@ class DenseAttentionBackend(AttentionBackend):
         self.on_cuda = kv_cache.k[0].is_cuda
         self._decode_rows: torch.Tensor | None = None  # [B_dec] int64: decode sequences
         self._decode_tokens: torch.Tensor | None = None  # [B_dec] int64: their packed rows
-        self._prefills: list[tuple[int, int, int, int]] = []  # (seq, first row, n, context)
+        self._prefills: list[PrefillChunk] = []
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.meta = meta
-        decode_rows, decode_tokens, self._prefills = [], [], []
-        start = 0
-        for b, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu, strict=True)):
-            if n == 1:
-                decode_rows.append(b)
-                decode_tokens.append(start)
-            else:
-                self._prefills.append((b, start, n, ctx))
-            start += n
+        split = StepSplit.of(meta)
+        self._prefills = split.prefills
         self._decode_rows = self._decode_tokens = None
-        if decode_rows and self._prefills:  # mixed step: gather the decode sequences
+        if split.decode_seqs and split.prefills:  # mixed step: gather the decode sequences
             device = meta.page_table.device
-            self._decode_rows = torch.tensor(decode_rows, device=device)
-            self._decode_tokens = torch.tensor(decode_tokens, device=device)
+            self._decode_rows = torch.tensor(split.decode_seqs, device=device)
+            self._decode_tokens = torch.tensor(split.decode_rows, device=device)
 
     def forward(self, layer_idx, q, k, v, scale):
         meta = self.meta

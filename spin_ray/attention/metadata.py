@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -35,3 +36,38 @@ class AttentionMetadata:
     @property
     def max_context_len(self) -> int:
         return max(self.context_lens_cpu)
+
+
+class PrefillChunk(NamedTuple):
+    """A sequence of the batch with more than one new token."""
+
+    seq: int
+    """Its index in the batch."""
+    first_row: int
+    """Its first token's row in the packed q/k/v."""
+    num_tokens: int
+    context_len: int
+
+
+@dataclass(frozen=True)
+class StepSplit:
+    """A step's sequences split into decodes (one new token each) and prefill chunks."""
+
+    decode_seqs: list[int] = field(default_factory=list)
+    """Batch indices of the decoding sequences."""
+    decode_rows: list[int] = field(default_factory=list)
+    """Their rows in the packed q/k/v."""
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata) -> StepSplit:
+        split = cls()
+        start = 0
+        for b, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu, strict=True)):
+            if n == 1:
+                split.decode_seqs.append(b)
+                split.decode_rows.append(start)
+            else:
+                split.prefills.append(PrefillChunk(b, start, n, ctx))
+            start += n
+        return split

@@ -31,7 +31,7 @@ import torch
 
 from spin_ray.attention.backend import AttentionBackend
 from spin_ray.attention.dense import DenseAttentionBackend
-from spin_ray.attention.metadata import AttentionMetadata
+from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
 from spin_ray.kernels.paged_attention_ref import paged_prefill_attention_ref
 from spin_ray.kernels.sparse_decode_attention import (
@@ -101,7 +101,7 @@ class SpinAttentionBackend(AttentionBackend):
         self.meta: AttentionMetadata | None = None
         self._index: dict[str, _IndexState] = {}
         self._step: _DecodeStep | None = None
-        self._prefills: list[tuple[int, int, int, int]] = []  # (seq, first row, n, context)
+        self._prefills: list[PrefillChunk] = []
         num_slots = gpu.k.shape[2]
         # position of each slot in its owner's list (this step); entry num_slots: a spare
         self._slot_pos = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
@@ -118,16 +118,13 @@ class SpinAttentionBackend(AttentionBackend):
         if self.dense is not None:
             self.dense.plan(meta)
         self.host.sync()
-        decode, tokens, self._prefills = [], [], []
-        start = 0
-        for b, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu, strict=True)):
-            if n == 1:
-                decode.append(b)
-                tokens.append(start)
-            else:
-                self._prefills.append((b, start, n, ctx))
-            start += n
-        self._step = self._plan_decode(meta, decode, tokens) if decode else None
+        split = StepSplit.of(meta)
+        self._prefills = split.prefills
+        self._step = (
+            self._plan_decode(meta, split.decode_seqs, split.decode_rows)
+            if split.decode_seqs
+            else None
+        )
 
     def _plan_decode(self, meta, decode: list[int], tokens: list[int]) -> _DecodeStep:
         if self.retains:
