@@ -103,8 +103,6 @@ class SpinBenchEngine:
         self.engine.abort_request(request_id)
 
     def kv_stats(self) -> dict[str, float] | None:
-        if not hasattr(self.engine, "kv_stats"):
-            return None
         stats = dataclasses.asdict(self.engine.kv_stats())
         return {k: v for k, v in stats.items() if isinstance(v, numbers.Real)}
 
