@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -33,8 +34,9 @@ class AttentionMetadata:
     request_ids: tuple[str, ...] = ()
     """Host copy: the request id of each sequence, in batch order (for per-request state)."""
 
-    @property
+    @functools.cached_property
     def max_context_len(self) -> int:
+        """Computed once per step, read by every layer."""
         return max(self.context_lens_cpu)
 
 
