@@ -32,14 +32,19 @@ def num_kv_pages(
         return config.num_pages
     if not device.startswith("cuda"):
         return config.cpu_kv_tokens // config.page_size
-    free, total = torch.cuda.mem_get_info(torch.device(device))
-    used = total - free
-    budget = int(total * config.gpu_memory_utilization) - used - activation_reserve
-    pages = budget // (bytes_per_token * config.page_size)
+    pages = gpu_kv_budget_bytes(device, config.gpu_memory_utilization, activation_reserve) // (
+        bytes_per_token * config.page_size
+    )
     if pages < 1:
         raise ValueError(
-            "gpu_memory_utilization: no memory left for the KV cache after the weights "
-            f"({used / 2**30:.1f} GiB in use of {total / 2**30:.1f} GiB); raise it or use a "
-            "smaller model"
+            "gpu_memory_utilization: no memory left for the KV cache after the weights; raise "
+            "it or use a smaller model"
         )
     return pages
+
+
+def gpu_kv_budget_bytes(device: str, utilization: float, reserve: int) -> int:
+    """Bytes the KV cache may take on a CUDA device: `utilization × total`, less what is
+    allocated now and `reserve` (weights not yet loaded, activations); may be <= 0."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return int(total * utilization) - (total - free) - reserve

@@ -10,6 +10,7 @@ import torch
 
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
+from spin_ray.cache.sizing import gpu_kv_budget_bytes
 from spin_ray.config import EngineConfig
 from spin_ray.models.arch import ModelArch
 from spin_ray.sparse.algorithms import SparseGeometry, build_algorithm
@@ -118,8 +119,7 @@ def _gpu_slots(config: EngineConfig, num_cpu_pages: int, slot_bytes: int, reserv
         return max(1, sparse.gpu_cache_tokens // cache.page_size)
     if not config.device.startswith("cuda"):
         return num_cpu_pages
-    free, total = torch.cuda.mem_get_info(torch.device(config.device))
-    budget = int(total * cache.gpu_memory_utilization) - (total - free) - reserve
+    budget = gpu_kv_budget_bytes(config.device, cache.gpu_memory_utilization, reserve)
     slots = budget // slot_bytes
     if slots < 1:
         raise ValueError(
