@@ -144,6 +144,9 @@ class EngineConfig:
     """Tokenizer folder or hub id; defaults to `model`."""
     sparse: SparseConfig | None = None
     """Sparse attention over a two-tier KV cache (spin_ray.sparse); None: dense, all KV in HBM."""
+    enforce_eager: bool = False
+    """Run every step eagerly. Otherwise, on CUDA, decode-only steps replay CUDA graphs
+    captured per padded batch size (engine/decode_graphs.py); the CPU always runs eagerly."""
 
     def __post_init__(self) -> None:
         if not self.model:

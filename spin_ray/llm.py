@@ -47,6 +47,7 @@ class LLM:
         gpu_memory_utilization: float = 0.90,
         cpu_kv_tokens: int = 65536,
         seed: int = 0,
+        enforce_eager: bool = False,
         progress: bool = True,
         sparse: str | None = None,
         mode: str | None = None,
@@ -96,6 +97,7 @@ class LLM:
             cache=cache,
             scheduler=scheduler,
             sparse=sparse_cfg,
+            enforce_eager=enforce_eager,
         )
         self.llm_engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()
