@@ -16,7 +16,7 @@ def _store_kv_kernel(
     v_cache_ptr,  # [P, S, Hkv, D]
     k_ptr,  # [N, Hkv, D]
     v_ptr,  # [N, Hkv, D]
-    slot_mapping_ptr,  # [N] int64: page_id * S + offset
+    slot_mapping_ptr,  # [N] int64: page_id * S + offset; < 0: skip
     stride_kn,
     stride_kh,
     stride_vn,
@@ -36,8 +36,9 @@ def _store_kv_kernel(
     token = tl.program_id(0)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    live_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)  # a negative slot writes nothing
+    mask = (offs_h < live_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
     page = slot // PAGE_SIZE
     in_page = slot % PAGE_SIZE
     rows = offs_h[:, None]
@@ -57,10 +58,11 @@ def store_kv(
     v_cache: torch.Tensor,  # [P, S, Hkv, D]
     k: torch.Tensor,  # [N, Hkv, D]
     v: torch.Tensor,  # [N, Hkv, D]
-    slot_mapping: torch.Tensor,  # [N] int64, each in [0, P * S)
+    slot_mapping: torch.Tensor,  # [N] int64, each in [0, P * S), or -1: skip (padding)
 ) -> None:
     """Write k[i], v[i] into slot `slot_mapping[i]` of the caches (cast to the cache dtype);
-    same semantics as `store_kv_ref`."""
+    tokens with a negative slot are skipped (padded rows of a CUDA-graph batch); same
+    semantics as `store_kv_ref`."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must both be [P, S, Hkv, D], got {tuple(k_cache.shape)} "

@@ -20,11 +20,13 @@ def store_kv_ref(
     v_cache: torch.Tensor,  # [P, S, Hkv, D]
     k: torch.Tensor,  # [N, Hkv, D]
     v: torch.Tensor,  # [N, Hkv, D]
-    slot_mapping: torch.Tensor,  # [N] int64  page_id * S + offset
+    slot_mapping: torch.Tensor,  # [N] int64  page_id * S + offset; < 0: skip (padding)
 ) -> None:
-    """Write each new token's K/V into its slot."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+    """Write each new token's K/V into its slot; tokens with a negative slot are skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
 def paged_decode_attention_ref(

@@ -17,9 +17,12 @@ def store_kv_head_major_ref(
     v_pages: torch.Tensor,  # [P, Hkv, S, D]
     k: torch.Tensor,  # [N, Hkv, D]
     v: torch.Tensor,  # [N, Hkv, D]
-    slot_mapping: torch.Tensor,  # [N] int64  page_id * S + offset
+    slot_mapping: torch.Tensor,  # [N] int64  page_id * S + offset; < 0: skip (padding)
 ) -> None:
-    """Write token i's K/V for every head into page slot_mapping[i] // S, row % S."""
+    """Write token i's K/V for every head into page slot_mapping[i] // S, row % S; tokens with
+    a negative slot are skipped."""
+    keep = slot_mapping >= 0
+    slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     page_size = k_pages.shape[2]
     page = slot_mapping // page_size
     offset = slot_mapping % page_size
@@ -49,7 +52,7 @@ def _store_kernel(
     page = slot // PAGE_SIZE
     offset = slot % PAGE_SIZE
     d = tl.arange(0, BLOCK_D)
-    mask = d < HEAD_DIM
+    mask = d < tl.where(slot >= 0, HEAD_DIM, 0)  # a negative slot writes nothing
     dst = ((page * NUM_HEADS + head) * PAGE_SIZE + offset) * HEAD_DIM + d
     k_row = tl.load(k_ptr + token * stride_kn + head * stride_kh + d, mask=mask)
     v_row = tl.load(v_ptr + token * stride_vn + head * stride_vh + d, mask=mask)
@@ -62,7 +65,7 @@ def store_kv_head_major(
     v_pages: torch.Tensor,  # [P, Hkv, S, D] contiguous
     k: torch.Tensor,  # [N, Hkv, D]  last dim contiguous
     v: torch.Tensor,  # [N, Hkv, D]
-    slot_mapping: torch.Tensor,  # [N] int64
+    slot_mapping: torch.Tensor,  # [N] int64; < 0: skip
 ) -> None:
     """Triton version of `store_kv_head_major_ref`."""
     num_pages, num_heads, page_size, head_dim = k_pages.shape

@@ -157,6 +157,24 @@ def test_num_splits_heuristic(kernels):
     assert decode.choose_num_splits(1, 8, 131072, 132, config) == config.max_splits
 
 
+def test_store_kv_skips_negative_slots(kernels):
+    """Padded rows of a CUDA-graph batch carry slot -1: nothing of theirs is written."""
+    store = kernels[1]
+    gen = torch.Generator().manual_seed(12)
+    shape = (3, 4, 2, 8)  # [P, S, Hkv, D]
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k, v = torch.randn(4, 2, 8, generator=gen), torch.randn(4, 2, 8, generator=gen)
+    slots = torch.tensor([5, -1, 9, -1])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k.view(-1, 2, 8)[[5, 9]] = k[[0, 2]]  # the written-out result
+    expected_v.view(-1, 2, 8)[[5, 9]] = v[[0, 2]]
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    store_kv_ref(ref_k, ref_v, k, v, slots)
+    store.store_kv(k_cache, v_cache, k, v, slots)
+    for got in ((ref_k, ref_v), (k_cache, v_cache)):
+        assert torch.equal(got[0], expected_k) and torch.equal(got[1], expected_v)
+
+
 @pytest.mark.parametrize(
     ("dtype", "cache_dtype"),
     [

@@ -126,6 +126,22 @@ def test_head_major_store_kernel_matches_reference():
     assert torch.equal(ref_k[page[4], 2, offset[4]], k[4, 2])
 
 
+def test_head_major_store_skips_negative_slots():
+    """Padded rows of a CUDA-graph batch carry slot -1: nothing of theirs is written."""
+    gen = torch.Generator().manual_seed(4)
+    k_pages = torch.randn(3, 2, 4, 8, generator=gen)  # [P, Hkv, S, D]
+    v_pages = torch.randn(3, 2, 4, 8, generator=gen)
+    k, v = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)
+    slots = torch.tensor([-1, 6, -1])  # page 1, row 2
+    expected_k, expected_v = k_pages.clone(), v_pages.clone()
+    expected_k[1, :, 2], expected_v[1, :, 2] = k[1], v[1]
+    ref_k, ref_v = k_pages.clone(), v_pages.clone()
+    store_kv_head_major_ref(ref_k, ref_v, k, v, slots)
+    store_kv_head_major(k_pages, v_pages, k, v, slots)
+    for got_k, got_v in ((ref_k, ref_v), (k_pages, v_pages)):
+        assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
+
+
 def test_gather_kernel_matches_reference():
     gen = torch.Generator().manual_seed(4)
     src_k = torch.randn(7, 2, 4, 8, generator=gen)
