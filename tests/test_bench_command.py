@@ -129,6 +129,32 @@ def test_bad_arguments_name_the_field(extra, field, capsys):
     assert f"error: {field}" in capsys.readouterr().err
 
 
+def test_enforce_eager_reaches_every_engine_and_the_json(tmp_path, monkeypatch):
+    import spin_ray.llm
+
+    flags = []
+
+    class RecordingLLM(spin_ray.llm.LLM):
+        def __init__(self, *args, enforce_eager, **kwargs):
+            flags.append(enforce_eager)
+            super().__init__(*args, enforce_eager=enforce_eager, **kwargs)
+
+    monkeypatch.setattr(spin_ray.llm, "LLM", RecordingLLM)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--device", "cpu", "--modes", "dense,spin", "--num-prompts", "1",
+            "--input-len", "40", "--output-len", "2", "--no-progress", "--no-warmup",
+            "--output", str(out)]  # fmt: skip
+    assert main([*argv, "--enforce-eager"]) == 0
+    assert flags == [True, True]
+    document = json.loads(out.read_text())
+    assert document["config"]["enforce_eager"] is True
+    # on the CPU every step runs eagerly, so the phases are timed either way
+    assert all(r["rest_share"] is not None for r in document["results"])
+    assert main(argv) == 0
+    assert flags == [True, True, False, False]
+    assert json.loads(out.read_text())["config"]["enforce_eager"] is False
+
+
 def test_rates_and_budget_parse():
     from spin_ray.cli import build_parser
     from spin_ray.commands.bench import bench_config

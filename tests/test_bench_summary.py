@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spin_ray.bench.report import markdown_table
+from spin_ray.bench.report import markdown_report, markdown_table
 from spin_ray.bench.runner import RequestTiming, RunRecord, drive
 from spin_ray.bench.summary import compare_modes, summarize
 from spin_ray.bench.workloads import BenchRequest
@@ -55,6 +55,24 @@ def test_missing_statistics_stay_missing():
         assert r[key] is None
     assert "| dense | inf |" in markdown_table([r])
     assert markdown_table([r]).splitlines()[-1].endswith("| - | - | - | - | - |")
+
+
+def test_untimed_phases_give_no_shares_and_a_note():
+    # under CUDA graphs the engine reports its counters but None seconds (dropped by
+    # SpinBenchEngine.kv_stats): the shares stay None and the report says why
+    counters = dict(lookups=200, hits=150, h2d_bytes=2e9, d2h_bytes=1e9, evictions=7)
+    untimed = summarize(_record(kv_stats=counters))
+    assert untimed["hbm_hit_rate"] == 0.75
+    for key in ("select_share", "fetch_share", "index_share", "attention_share", "rest_share"):
+        assert untimed[key] is None
+    timed = summarize(_record(mode="dense", kv_stats=dict(counters, select_time_s=0.0)))
+    assert timed["select_share"] == 0.0 and timed["rest_share"] == 1.0
+    no_stats = summarize(_record(mode="vllm"))
+    report = markdown_report([timed, untimed, no_stats], [], {})
+    notes = [line for line in report.splitlines() if "--enforce-eager" in line]
+    assert notes == ["spin: no time shares; they need --enforce-eager (CUDA graphs replay the "
+                     "decode steps untimed)"]  # fmt: skip
+    assert "--enforce-eager" not in markdown_report([timed, no_stats], [], {})
 
 
 def test_goal_ratios_between_modes():

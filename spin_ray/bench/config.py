@@ -54,6 +54,10 @@ class BenchConfig:
     """Tokens per KV page."""
     seed: int = 0
     """Seed of the workload and of the engines."""
+    enforce_eager: bool = False
+    """Run every step eagerly (spin-ray and vLLM alike). Otherwise, on CUDA, decode-only steps
+    replay CUDA graphs, and spin-ray's cache phases (select, fetch, index, attention) go
+    untimed: their time shares are None."""
     time_limit: float | None = None
     """Seconds one mode may run at one rate; past it, unfinished requests are aborted and the
     result is marked truncated. None: no limit."""

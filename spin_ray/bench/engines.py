@@ -74,6 +74,7 @@ class SpinBenchEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             seed=config.seed,
+            enforce_eager=config.enforce_eager,
             progress=False,
         )
         if mode != "dense":
@@ -104,6 +105,7 @@ class SpinBenchEngine:
 
     def kv_stats(self) -> dict[str, float] | None:
         stats = dataclasses.asdict(self.engine.kv_stats())
+        # None fields (phase times under CUDA graphs) are left out: the summary reports None
         return {k: v for k, v in stats.items() if isinstance(v, numbers.Real)}
 
     def close(self) -> None:
@@ -127,6 +129,7 @@ class VllmBenchEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             seed=config.seed,
+            enforce_eager=config.enforce_eager,
             enable_prefix_caching=False,
         )
         self.engine = self.llm.llm_engine

@@ -115,6 +115,12 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[str, str]) -> str:
     parts = [markdown_table(results)]
+    untimed = [r["mode"] for r in results if r["lookups"] is not None and r["rest_share"] is None]
+    if untimed:  # the engine keeps cache statistics but could not time its phases
+        parts.append(
+            f"{', '.join(dict.fromkeys(untimed))}: no time shares; they need --enforce-eager "
+            "(CUDA graphs replay the decode steps untimed)"
+        )
     if comparisons:
         parts.append(markdown_table(comparisons, COMPARISON_COLUMNS))
     parts += [

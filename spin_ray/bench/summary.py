@@ -17,7 +17,8 @@ UNITS = {
     "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
     "*_bytes": "bytes",
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
-    "*_share": "fraction of the time spent inside step()",
+    "*_share": "fraction of the time spent inside step(); None where the phases went untimed "
+    "(CUDA-graph decode: measure with --enforce-eager)",
     "duration": "s, first arrival to last finish (or the time limit when truncated)",
 }
 

@@ -97,6 +97,7 @@ def bench_config(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         page_size=args.page_size,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
         time_limit=args.time_limit,
         warmup=not args.no_warmup,
         progress=not args.no_progress,
