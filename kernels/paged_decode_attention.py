@@ -241,6 +241,18 @@ def choose_num_splits(
     return min(range(1, most + 1), key=modelled_time)
 
 
+def decode_num_splits(
+    batch: int,
+    num_kv_heads: int,
+    max_context_len: int,
+    device: torch.device,
+    config: DecodeKernelConfig | None = None,
+) -> int:
+    """`choose_num_splits` for the multiprocessors of `device` (the kernel's default)."""
+    config = config or DecodeKernelConfig()
+    return choose_num_splits(batch, num_kv_heads, max_context_len, _num_sms(device), config)
+
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -304,9 +316,7 @@ def paged_decode_attention(
     if num_splits is None:
         if max_context_len is None:
             max_context_len = page_table.shape[1] * page_size
-        num_splits = choose_num_splits(
-            batch, num_kv_heads, max_context_len, _num_sms(q.device), config
-        )
+        num_splits = decode_num_splits(batch, num_kv_heads, max_context_len, q.device, config)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 

@@ -9,14 +9,30 @@ plan-once / run-per-layer shape).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
 
 
+class GraphKey(NamedTuple):
+    """What a CUDA graph of a planned decode step bakes in, beyond the batch's own shapes."""
+
+    generation: int
+    """Bumped whenever the backend reallocates a tensor its layers read: graphs of an older
+    generation read freed memory and must be dropped."""
+    shapes: tuple
+    """Shapes and launch parameters of the backend's step tensors and kernels."""
+
+
 class AttentionBackend(ABC):
     """Stores each layer's new K/V into the cache and computes causal attention over it."""
+
+    supports_cuda_graphs: bool = False
+    """Whether a decode step planned from `graph_batch` metadata may be captured in a CUDA
+    graph: its layers read only persistent tensors, never synchronise with the host, and keep
+    no host-side per-layer state."""
 
     @abstractmethod
     def plan(self, meta: AttentionMetadata) -> None:
@@ -33,6 +49,12 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [N, Hq, D]
         """Write k/v at the planned slots, then attend each new token to its sequence's KV
         (prefix and new tokens up to itself)."""
+
+    def graph_key(self) -> GraphKey:
+        """The key of the step just planned (from `graph_batch` metadata): steps with equal
+        keys (and equal batch shapes) can replay one graph. Only called when
+        `supports_cuda_graphs`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     def release(self, request_id: str) -> None:
         """Forget `request_id`'s per-request state (it finished, was preempted or aborted).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spin_ray.attention.backend import AttentionBackend
+from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
 from spin_ray.cache.kv_cache import KVCache
 from spin_ray.kernels.paged_attention_ref import (
@@ -21,6 +21,8 @@ class DenseAttentionBackend(AttentionBackend):
     SDPA kernels for prefill (kernels/paged_prefill_attention.py); on the CPU: the torch
     references."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, kv_cache: KVCache):
         self.kv_cache = kv_cache
         self.meta: AttentionMetadata | None = None
@@ -28,6 +30,7 @@ class DenseAttentionBackend(AttentionBackend):
         self._decode_rows: torch.Tensor | None = None  # [B_dec] int64: decode sequences
         self._decode_tokens: torch.Tensor | None = None  # [B_dec] int64: their packed rows
         self._prefills: list[PrefillChunk] = []
+        self._num_splits = 1  # split-K programs of the decode kernel (CUDA)
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.meta = meta
@@ -38,6 +41,18 @@ class DenseAttentionBackend(AttentionBackend):
             device = meta.page_table.device
             self._decode_rows = torch.tensor(split.decode_seqs, device=device)
             self._decode_tokens = torch.tensor(split.decode_rows, device=device)
+        if self.on_cuda and split.decode_seqs:
+            from spin_ray.kernels.paged_decode_attention import decode_num_splits
+
+            longest = max(meta.context_lens_cpu[b] for b in split.decode_seqs)
+            # from a power-of-two bound, so that graphs of similar steps share a split count
+            self._num_splits = decode_num_splits(
+                len(split.decode_seqs), self.kv_cache.shape.num_kv_heads,
+                1 << (longest - 1).bit_length(), self.meta.page_table.device,
+            )  # fmt: skip
+
+    def graph_key(self) -> GraphKey:
+        return GraphKey(generation=0, shapes=(self._num_splits,))
 
     def forward(self, layer_idx, q, k, v, scale):
         meta = self.meta
@@ -79,7 +94,7 @@ class DenseAttentionBackend(AttentionBackend):
                 page_table,
                 context_lens,
                 scale,
-                max_context_len=self.meta.max_context_len,
+                num_splits=self._num_splits,
             )
         return paged_decode_attention_ref(q, k_cache, v_cache, page_table, context_lens, scale)
 

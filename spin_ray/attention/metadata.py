@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,12 +31,15 @@ class AttentionMetadata:
     """Host copy of `context_lens`."""
     page_size: int
     request_ids: tuple[str, ...] = ()
-    """Host copy: the request id of each sequence, in batch order (for per-request state)."""
-
-    @functools.cached_property
-    def max_context_len(self) -> int:
-        """Computed once per step, read by every layer."""
-        return max(self.context_lens_cpu)
+    """Host copy: the request id of each sequence, in batch order (for per-request state);
+    padding sequences have none."""
+    graph_batch: bool = False
+    """Planned for a CUDA graph (engine/decode_graphs.py): every sequence decodes one token,
+    the page table's width is bucketed, and backends keep the tensors their layers read in
+    persistent buffers with bucketed shapes (`AttentionBackend.graph_key`)."""
+    num_padded: int = 0
+    """The last `num_padded` sequences are padding up to a graph's batch size: one token each,
+    slot -1 (nothing stored), context 1, page 0; nothing reads their outputs."""
 
 
 class PrefillChunk(NamedTuple):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
+from spin_ray.attention.step_buffers import StepBuffers
 from spin_ray.engine.scheduler import SchedulerOutput
 
 
@@ -24,8 +25,13 @@ def build_batch_inputs(
     page_tables: dict[str, list[int]],
     page_size: int,
     device: torch.device | str,
+    graph: GraphBatch | None = None,
 ) -> BatchInputs:
-    """Pack the step's chunks in order; `page_tables` maps request id → its page ids."""
+    """Pack the step's chunks in order; `page_tables` maps request id → its page ids.
+
+    With `graph` (a decode-only step run as a CUDA graph), the batch is padded to
+    `graph.batch_size` sequences (see `AttentionMetadata.num_padded`), the page table to a
+    power-of-two width, and every tensor lands in `graph.buffers`."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -52,26 +58,53 @@ def build_batch_inputs(
             sample_rows.append(query_start[-1] - 1)
             sample_ids.append(request.request_id)
 
+    num_padded = 0
     max_pages = max(len(t) for t in tables)
+    if graph is not None:
+        num_padded = graph.batch_size - len(tables)
+        assert num_padded >= 0 and len(input_ids) == len(tables), "a graph batch is decode-only"
+        input_ids.extend([0] * num_padded)
+        positions.extend([0] * num_padded)
+        slots.extend([-1] * num_padded)
+        query_start.extend(range(query_start[-1] + 1, query_start[-1] + 1 + num_padded))
+        query_lens.extend([1] * num_padded)
+        context_lens.extend([1] * num_padded)
+        tables.extend([[0]] * num_padded)
+        max_pages = 1 << (max_pages - 1).bit_length()
     padded = [t + [0] * (max_pages - len(t)) for t in tables]
 
-    def tensor(values, dtype):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    def tensor(values, dtype, name):
+        host = torch.tensor(values, dtype=dtype)
+        if graph is not None:
+            return graph.buffers.put(name, host)
+        return host.to(device, non_blocking=True)
 
     meta = AttentionMetadata(
-        query_start_loc=tensor(query_start, torch.int32),
-        context_lens=tensor(context_lens, torch.int32),
-        page_table=tensor(padded, torch.int32),
-        slot_mapping=tensor(slots, torch.int64),
+        query_start_loc=tensor(query_start, torch.int32, "query_start_loc"),
+        context_lens=tensor(context_lens, torch.int32, "context_lens"),
+        page_table=tensor(padded, torch.int32, "page_table"),
+        slot_mapping=tensor(slots, torch.int64, "slot_mapping"),
         query_lens_cpu=tuple(query_lens),
         context_lens_cpu=tuple(context_lens),
         page_size=page_size,
         request_ids=tuple(c.request.request_id for c in step.chunks),
+        graph_batch=graph is not None,
+        num_padded=num_padded,
     )
     return BatchInputs(
-        input_ids=tensor(input_ids, torch.int64),
-        positions=tensor(positions, torch.int64),
+        input_ids=tensor(input_ids, torch.int64, "input_ids"),
+        positions=tensor(positions, torch.int64, "positions"),
         attention=meta,
-        sample_rows=tensor(sample_rows, torch.int64),
+        sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(device, non_blocking=True),
         sample_request_ids=tuple(sample_ids),
     )
+
+
+@dataclass(frozen=True)
+class GraphBatch:
+    """How to lay out a decode-only step for a CUDA graph."""
+
+    batch_size: int
+    """Sequences of the graph (>= the step's; the rest are padding)."""
+    buffers: StepBuffers
+    """Where the step's tensors go (the addresses the graph reads)."""

@@ -16,6 +16,7 @@ from spin_ray.cache.page_table import PageTables
 from spin_ray.cache.sizing import activation_reserve_bytes, num_kv_pages
 from spin_ray.config import EngineConfig
 from spin_ray.engine.batch_inputs import build_batch_inputs
+from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
@@ -85,6 +86,16 @@ class LLMEngine:
             self.page_tables = PageTables(PagePool(num_pages), page_size)
             self.backend = DenseAttentionBackend(self.kv_cache)
         self.model = _load_model(config, self.backend, progress)
+        self.decode_graphs: DecodeGraphs | None = None
+        """Replays decode-only steps as CUDA graphs (CUDA, unless `enforce_eager`)."""
+        if (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.backend.supports_cuda_graphs
+        ):
+            self.decode_graphs = DecodeGraphs(self.model, sched.max_num_seqs, self.device)
+            if isinstance(self.backend, SpinAttentionBackend):  # replays are not timed
+                self.backend.counters.timed = False
         self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         self.scheduler = Scheduler(sched, self.page_tables)
         self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -184,12 +195,18 @@ class LLMEngine:
             self.backend.release(request_id)
         if scheduled.is_empty:
             return []
+        graph = None
+        if self.decode_graphs is not None and all(c.num_new_tokens == 1 for c in scheduled.chunks):
+            graph = self.decode_graphs.layout(len(scheduled.chunks))
         inputs = build_batch_inputs(
-            scheduled, self.page_tables.tables, self.page_tables.page_size, self.device
+            scheduled, self.page_tables.tables, self.page_tables.page_size, self.device, graph
         )
         self.backend.plan(inputs.attention)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [N, H]
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [M, V]
+        if graph is not None:  # [Bp, V] -> [M, V]
+            logits = self.decode_graphs.run(inputs, self.backend.graph_key())[inputs.sample_rows]
+        else:
+            hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [N, H]
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [M, V]
         for chunk in scheduled.chunks:
             chunk.request.num_computed_tokens += chunk.num_new_tokens
         if not inputs.sample_request_ids:

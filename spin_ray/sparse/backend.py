@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from spin_ray.attention.backend import AttentionBackend
+from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
+from spin_ray.attention.step_buffers import StepBuffers
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
 from spin_ray.kernels.paged_attention_ref import paged_prefill_attention_ref
 from spin_ray.kernels.sparse_decode_attention import (
@@ -62,6 +63,7 @@ class _DecodeStep:
     context_lens: torch.Tensor  # [Bd] int64
     last_page: torch.Tensor  # [Bd] int64 logical page of the new token
     last_offset: torch.Tensor  # [Bd] int64 its row in that page
+    store_default: torch.Tensor  # [Bd] int64 0; padding rows: the GPU tier's scratch slot
     page_table: torch.Tensor  # [Bd, maxp] int64 CPU-tier page ids
     slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
     batch_heads: torch.Tensor  # [Bd, Hkv, 1] int64 the head of each (sequence, head) row
@@ -105,6 +107,10 @@ class SpinAttentionBackend(AttentionBackend):
         num_slots = gpu.k.shape[2]
         # position of each slot in its owner's list (this step); entry num_slots: a spare
         self._slot_pos = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
+        self.buffers = StepBuffers(self.device)
+        """Persistent step tensors of CUDA-graph batches."""
+        heads, page_size = host.k.shape[2], host.k.shape[3]
+        self._offload_bytes_per_token = host.k.shape[0] * heads * host.page_bytes // page_size
         self.debug_checks = os.environ.get("SPIN_RAY_SPARSE_CHECKS") == "1"
         """Check per layer what the manager guarantees (synchronises: for tests)."""
         self.fused_retrieve = self.on_cuda and os.environ.get("SPIN_RAY_FUSED_RETRIEVE") != "0"
@@ -118,6 +124,8 @@ class SpinAttentionBackend(AttentionBackend):
         if self.dense is not None:
             self.dense.plan(meta)
         self.host.sync()
+        new_tokens = sum(meta.query_lens_cpu) - meta.num_padded
+        self.counters.d2h_bytes += new_tokens * self._offload_bytes_per_token
         split = StepSplit.of(meta)
         self._prefills = split.prefills
         self._step = (
@@ -127,49 +135,81 @@ class SpinAttentionBackend(AttentionBackend):
         )
 
     def _plan_decode(self, meta, decode: list[int], tokens: list[int]) -> _DecodeStep:
+        """Lay out the decode sequences; for a CUDA-graph batch (`meta.graph_batch`: decode
+        only, the last `num_padded` rows padding) in persistent buffers with bucketed widths,
+        the padding rows selecting nothing and storing into the scratch slot."""
         if self.retains:
             self.residency.age()
-        request_ids = tuple(meta.request_ids[b] for b in decode)
-        contexts = [meta.context_lens_cpu[b] for b in decode]
+        pad = meta.num_padded
+        real = decode[: len(decode) - pad]
+        request_ids = tuple(meta.request_ids[b] for b in real)
+        contexts = [meta.context_lens_cpu[b] for b in real]
         indexed = [self._update_index(rid, ctx) for rid, ctx in zip(request_ids, contexts)]
         device = self.device
         seg = self.residency.segment_pages
+        buffers = self.buffers if meta.graph_batch else None
 
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.int64, device=device)
+        def tensor(name, values, fill=0):  # [Bd] int64: the real rows, then the padding
+            host = torch.tensor(values + [fill] * pad, dtype=torch.int64)
+            return host.to(device) if buffers is None else buffers.put(name, host)
 
-        rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
-        page_table = meta.page_table[rows].long()
-        slot_lists = self.manager.slot_lists(request_ids)  # [Bd, n]
+        def placed(name, values):
+            return values if buffers is None else buffers.put(name, values)
+
+        if meta.graph_batch:  # decode only: every row is a decode row
+            page_table = placed("page_table", meta.page_table.long())
+        else:
+            rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
+            page_table = meta.page_table[rows].long()
+        slot_lists = self.manager.slot_lists(request_ids, pad, round_width=meta.graph_batch)
+        slot_lists = placed("slot_lists", slot_lists.to(device))  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
         spare = self._slot_pos.numel() - 1
         self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
-        windows = DecodeWindows.build(self.budget, contexts, indexed, device)
+        windows = DecodeWindows.build(
+            self.budget, contexts, indexed, device, buffers=buffers, num_padded=pad
+        )
         if self.retains:  # segments the step's inserts may take: one per row and page at most
             width = windows.sink_pages + windows.max_topk + windows.max_local
             per_row = sum(min(width, -(-self.budget.num_pages(t) // seg)) for t in contexts)
             self.residency.reserve(self.residency.num_layers * self.residency.num_heads * per_row)
         heads = self.gpu.k.shape[1]
+        batch_heads = torch.arange(heads, device=device)[None, :, None].expand(len(decode), -1, 1)
         return _DecodeStep(
-            tokens=tensor(tokens),
-            rows=tensor([self.manager.rows[rid] for rid in request_ids]),
-            context_lens=tensor(contexts),
-            last_page=tensor([(t - 1) // self.page_size for t in contexts]),
-            last_offset=tensor([(t - 1) % self.page_size for t in contexts]),
+            tokens=placed("tokens", torch.tensor(tokens, dtype=torch.int64, device=device)),
+            rows=tensor("rows", [self.manager.rows[rid] for rid in request_ids]),
+            context_lens=tensor("context_lens", contexts),
+            last_page=tensor("last_page", [(t - 1) // self.page_size for t in contexts], -2),
+            last_offset=tensor("last_offset", [(t - 1) % self.page_size for t in contexts]),
+            store_default=tensor("store_default", [0] * len(real), self.gpu.scratch_slot),
             page_table=page_table,
             slot_lists=slot_lists,
-            batch_heads=torch.arange(heads, device=device)[None, :, None].expand(
-                len(decode), -1, 1
-            ),
+            batch_heads=placed("batch_heads", batch_heads.contiguous()),
             windows=windows,
             batch=SelectBatch(
                 request_ids=request_ids,
-                page_table=page_table.int(),
+                page_table=placed("page_table_i32", page_table.int()),
                 num_pages=windows.num_pages,
-                indexed_pages=tensor(indexed),
+                indexed_pages=tensor("indexed_pages", indexed),
                 indexed_pages_cpu=tuple(indexed),
             ),
         )
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """The decode path is capturable when the algorithm scores from device tensors alone
+        and no per-layer check synchronises."""
+        return self.algorithm.graph_safe and not self.debug_checks
+
+    def graph_key(self) -> GraphKey:
+        step = self._step
+        windows = step.windows
+        shapes = (
+            tuple(step.slot_lists.shape),
+            (windows.sink_pages, windows.max_topk, windows.max_local),
+            self.dense.graph_key().shapes if self.dense is not None else None,
+        )
+        return GraphKey(generation=self.residency.generation, shapes=shapes)
 
     def _update_index(self, request_id: str, context_len: int) -> int:
         """Index the request's complete pages if due (first decode, then every
@@ -222,7 +262,6 @@ class SpinAttentionBackend(AttentionBackend):
             return self.dense.forward(layer_idx, q, k, v, scale)
         layer = layer_idx - self.first_layer
         self.host.store(layer, k, v, meta.slot_mapping)
-        self.counters.d2h_bytes += k.shape[0] * k.shape[1] * self.host.page_bytes // self.page_size
         step = self._step
         if not self._prefills:
             return self._decode(layer, q, k, v, scale)
@@ -270,7 +309,8 @@ class SpinAttentionBackend(AttentionBackend):
                 slots = self._retrieve(layer, pages, step)
             else:
                 slots = self._stage(layer, pages, step)
-            current = torch.where(pages == step.last_page[:, None, None], slots, 0).sum(-1)
+            last = pages == step.last_page[:, None, None]  # the page of the new token
+            current = torch.where(last, slots, 0).sum(-1) + step.store_default[:, None]
             self.gpu.store_token(tier_layer, current, step.last_offset, k, v)
         with self.counters.phase("attention"):
             extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)

@@ -111,12 +111,17 @@ class TieredCacheManager:
 
     # ------------------------------------------------------------------ slots
 
-    def slot_lists(self, request_ids: tuple[str, ...]) -> torch.Tensor:  # [B, n_max] int64
-        """Each request's slot ids, padded with -1."""
+    def slot_lists(
+        self, request_ids: tuple[str, ...], num_padded: int = 0, round_width: bool = False
+    ) -> torch.Tensor:  # [B + num_padded, n_max] int64 on the host
+        """Each request's slot ids, padded with -1 (and `num_padded` rows of -1 after them);
+        `round_width`: the width rounded up to a power of two."""
         lists = [self.slots[rid] for rid in request_ids]
         width = max(1, max(len(s) for s in lists))
-        padded = [s + [-1] * (width - len(s)) for s in lists]
-        return torch.tensor(padded, dtype=torch.int64, device=self.residency.device)
+        if round_width:
+            width = 1 << (width - 1).bit_length()
+        padded = [s + [-1] * (width - len(s)) for s in lists] + [[-1] * width] * num_padded
+        return torch.tensor(padded, dtype=torch.int64)
 
     def _give_slots(self, request_id: str, n: int) -> None:
         if n <= 0:

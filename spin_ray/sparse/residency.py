@@ -54,6 +54,9 @@ class ResidencyTable:
             (num_layers, num_heads, num_slots), dtype=torch.uint8, device=self.device
         )
         self.slot_row = torch.full((num_slots,), -1, dtype=torch.int64, device=self.device)
+        self.generation = 0
+        """Bumped whenever a table is reallocated (growth): CUDA graphs that read the old
+        tensors are stale."""
 
     # ------------------------------------------------------------------ rows and slots
 
@@ -70,6 +73,7 @@ class ResidencyTable:
                 (grown - have, *self.directory.shape[1:]), -1, dtype=torch.int32, device=self.device
             )
             self.directory = torch.cat([self.directory, extra])
+            self.generation += 1
 
     @torch.inference_mode(False)
     def ensure_pages(self, num_pages: int) -> None:
@@ -86,6 +90,7 @@ class ResidencyTable:
         home = self.seg_home[live]
         self.seg_home[live] = home // self.dir_len * new_len + home % self.dir_len
         self.directory, self.dir_len = grown, new_len
+        self.generation += 1
 
     def assign_slots(self, slots: list[int], row: int) -> None:
         """Slots (empty in every layer and head) now belong to directory row `row`."""
@@ -253,6 +258,7 @@ class ResidencyTable:
         self.free_stack = torch.zeros_like(self.seg_home)
         self.free_stack[: free.numel()] = free
         self.free_top = torch.tensor([free.numel()], dtype=torch.int64, device=self.device)
+        self.generation += 1
 
     # ------------------------------------------------------------------ accounting
 

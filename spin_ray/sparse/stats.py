@@ -33,13 +33,14 @@ class KVStats:
     cpu_pages_total: int = 0
     metadata_bytes: int = 0
     """Bytes of the residency page tables (two-level)."""
-    select_time_s: float = 0.0
-    """Time scoring and choosing pages."""
-    fetch_time_s: float = 0.0
+    select_time_s: float | None = 0.0
+    """Time scoring and choosing pages (this and the other times: None when decode steps ran
+    in CUDA graphs, which cannot be timed per phase)."""
+    fetch_time_s: float | None = 0.0
     """Time looking up, evicting and fetching pages."""
-    index_time_s: float = 0.0
+    index_time_s: float | None = 0.0
     """Time building partition summaries."""
-    attention_time_s: float = 0.0
+    attention_time_s: float | None = 0.0
     """Time in sparse decode attention (offloaded layers)."""
 
     @property
@@ -59,6 +60,9 @@ class KVCounters:
         self.d2h_bytes = 0
         self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0, "attention": 0.0}
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.timed = True
+        """Time the phases. The engine turns this off when decode steps replay CUDA graphs
+        (a replay cannot be timed per phase); `KVStats` then reports no phase times."""
 
     def add_lookups(self, lookups: torch.Tensor | int, hits: torch.Tensor | int) -> None:
         self._counts[0] += lookups
@@ -79,7 +83,11 @@ class KVCounters:
 
     @contextmanager
     def phase(self, name: str):
-        if self.device.type == "cuda":
+        if not self.timed or (
+            self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        ):
+            yield
+        elif self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
@@ -96,15 +104,16 @@ class KVCounters:
             self._seconds[name] += start.elapsed_time(end) / 1e3
         self._pending.clear()
         lookups, hits, evictions, fetched = self._counts.tolist()
+        seconds = self._seconds if self.timed else dict.fromkeys(self._seconds)
         return KVStats(
             lookups=lookups,
             hits=hits,
             h2d_bytes=self.h2d_bytes + fetched,
             d2h_bytes=self.d2h_bytes,
             evictions=evictions,
-            select_time_s=self._seconds["select"],
-            fetch_time_s=self._seconds["fetch"],
-            index_time_s=self._seconds["index"],
-            attention_time_s=self._seconds["attention"],
+            select_time_s=seconds["select"],
+            fetch_time_s=seconds["fetch"],
+            index_time_s=seconds["index"],
+            attention_time_s=seconds["attention"],
             **gauges,
         )

@@ -6,8 +6,9 @@ machines and plain memory on the CPU. New KV is written there straight from the 
 kernel through unified virtual addressing, on a side stream, so offload overlaps compute;
 `sync` makes the compute stream wait before the tier is read.
 
-GPU tier: working-set slots, [L, Hkv, Q, S, D]: slot q of (layer, head) holds one page of one
-request. On the CPU it is a bounded pool on the same device, so the same logic runs.
+GPU tier: working-set slots, [L, Hkv, Q + 1, S, D]: slot q of (layer, head) holds one page of
+one request; the last slot is scratch. On the CPU it is a bounded pool on the same device, so
+the same logic runs.
 """
 
 from __future__ import annotations
@@ -49,9 +50,13 @@ class HostTier:
         v: torch.Tensor,  # [N, Hkv, D]
         slot_mapping: torch.Tensor,  # [N] int64  engine page * S + offset
     ) -> None:
-        """Write new tokens' K/V (asynchronously on CUDA)."""
+        """Write new tokens' K/V (on CUDA asynchronously, on a side stream, except inside a
+        CUDA graph capture, where the few decode tokens go on the captured stream)."""
         if not self.on_cuda:
             store_kv_head_major_ref(self.k[layer], self.v[layer], k, v, slot_mapping)
+            return
+        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: keep it on one stream
+            store_kv_head_major(self.k_dev[layer], self.v_dev[layer], k, v, slot_mapping)
             return
         compute = torch.cuda.current_stream(self.device)
         self.side_stream.wait_stream(compute)
@@ -117,9 +122,11 @@ class DeviceTier:
         dtype: torch.dtype,
         device: torch.device,
     ):
-        shape = (num_layers, num_heads, num_slots, page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, Hkv, Q, S, D]
+        shape = (num_layers, num_heads, num_slots + 1, page_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, Hkv, Q + 1, S, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.scratch_slot = num_slots
+        """A slot no request owns: padding rows of a CUDA-graph batch store their token here."""
 
     def store_token(
         self,

@@ -61,6 +61,10 @@ class SparseAlgorithm(ABC):
     name: str
     index_unit_pages: int = 1
     """The index covers whole multiples of this many pages."""
+    graph_safe: bool = False
+    """`page_scores` and `estimate` read only device tensors of fixed addresses (the batch's
+    and the algorithm's own, never reallocated) and never synchronise: decode steps may run
+    in CUDA graphs."""
 
     def __init__(self, geometry: SparseGeometry, config: SparseConfig):
         self.geometry = geometry

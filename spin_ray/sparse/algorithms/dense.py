@@ -9,6 +9,7 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 class DenseSelection(SparseAlgorithm):
     name = "dense"
+    graph_safe = True
 
     def index(self, layer, request_id, first_page, page_ids, k, v):
         return None

@@ -13,6 +13,7 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 class Quest(SparseAlgorithm):
     name = "quest"
+    graph_safe = True
 
     def __init__(self, geometry, config):
         super().__init__(geometry, config)

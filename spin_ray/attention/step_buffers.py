@@ -1,0 +1,27 @@
+"""Device buffers that keep their addresses from step to step, for CUDA graphs.
+
+A CUDA graph replays kernels on the addresses it captured, so whatever a captured step reads
+must sit in the same tensor at every replay. `StepBuffers.put` copies a step's values into the
+buffer named for them and returns it; each (name, shape, dtype) gets one buffer for good, so
+two steps with the same shapes read the same memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StepBuffers:
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def put(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """`values` (host or device) copied into the buffer for (name, shape, dtype)."""
+        key = (name, tuple(values.shape), values.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = torch.empty(key[1], dtype=values.dtype, device=self.device)
+            self._buffers[key] = buffer
+        buffer.copy_(values, non_blocking=True)
+        return buffer

@@ -1,0 +1,84 @@
+"""CUDA graphs of decode-only steps.
+
+A decode step launches a few hundred small kernels (per layer: norms, projections, RoPE, the
+KV write, attention, and for the sparse cache page selection and retrieval); launched one by
+one from Python, the step costs far more host time than GPU time. Capturing the step's
+`model.forward` + `compute_logits` in a CUDA graph replays all of them with one launch.
+
+A graph bakes in its tensors' addresses and shapes, so a decode batch is padded to one of a
+few batch sizes (`AttentionMetadata.num_padded`), the step's inputs are copied into persistent
+buffers (`StepBuffers`, one per shape), and the backend names the shapes and launch parameters
+its layers use (`AttentionBackend.graph_key`). The first step of a key runs eagerly (it also
+warms up compilation and autotuning) and then captures the graph; later steps with that key
+replay it. A key carries the backend's buffer generation: when the backend reallocates a table
+its graphs read, every graph is dropped and recaptured on demand.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from spin_ray.attention.backend import GraphKey
+from spin_ray.attention.step_buffers import StepBuffers
+from spin_ray.engine.batch_inputs import BatchInputs, GraphBatch
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8, up to and including max_num_seqs."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
+    sizes += range(8, max_num_seqs, 8)
+    return [*sizes, max_num_seqs]
+
+
+class DecodeGraphs:
+    """Runs the model on padded decode batches, replaying one CUDA graph per key.
+
+    `capture=False` runs the same padded, persistent-buffer steps eagerly (what the CPU can
+    check of the graph path; nothing is captured)."""
+
+    def __init__(self, model, max_num_seqs: int, device: torch.device, capture: bool = True):
+        self.model = model
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.buffers = StepBuffers(device)
+        self.capture = capture
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.generation = 0
+        self._pool = None
+
+    def layout(self, num_seqs: int) -> GraphBatch | None:
+        """The padded layout of a decode batch of `num_seqs`; None above the largest size."""
+        i = bisect.bisect_left(self.sizes, num_seqs)
+        return GraphBatch(self.sizes[i], self.buffers) if i < len(self.sizes) else None
+
+    def run(self, inputs: BatchInputs, backend_key: GraphKey) -> torch.Tensor:  # [Bp, V] fp32
+        """Logits of every (padded) row of a step laid out by `layout` and planned by the
+        backend."""
+        if backend_key.generation != self.generation:  # tables moved: old graphs are stale
+            self.graphs.clear()
+            self._pool = None
+            self.generation = backend_key.generation
+        key = (tuple(inputs.input_ids.shape), tuple(inputs.attention.page_table.shape),
+               backend_key.shapes)  # fmt: skip
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, logits = entry
+            graph.replay()
+            return logits
+        logits = self._forward(inputs)  # this step's result; warms up what the capture records
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                captured = self._forward(inputs)
+            self._pool = graph.pool()
+            self.graphs[key] = (graph, captured)
+            logger.debug("captured a decode graph for %s (%d graphs)", key, len(self.graphs))
+        return logits
+
+    def _forward(self, inputs: BatchInputs) -> torch.Tensor:
+        hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [Bp, H]
+        return self.model.compute_logits(hidden)  # [Bp, V]

@@ -1,0 +1,95 @@
+"""Decode steps laid out for CUDA graphs — batch padded to a graph size, inputs in persistent
+buffers, bucketed widths — run eagerly on the CPU (`DecodeGraphs(capture=False)`): the same
+tokens, logprobs and cache statistics as the plain eager engine, dense and sparse. Capturing
+and replaying needs CUDA: bench/decode_graphs_check.py compares the two on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from spin_ray import SamplingParams
+from spin_ray.engine.decode_graphs import DecodeGraphs, graph_batch_sizes
+
+PAGE = 8
+PROMPT_LENS = (90, 140, 200, 60, 170)  # 5 sequences: padded to 8, then fewer as they finish
+MAX_TOKENS = (6, 9, 12, 4, 10)
+
+
+def _prompts():
+    return [
+        {"prompt_token_ids": [(i * 31 + j * 17) % 250 + 3 for j in range(n)]}
+        for i, n in enumerate(PROMPT_LENS)
+    ]
+
+
+def _params():
+    return [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
+        for n in MAX_TOKENS
+    ]
+
+
+def _generate(llm):
+    outputs = llm.generate(_prompts(), _params(), use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    logprobs = [[lp.logprob for lp in o.outputs[0].logprobs] for o in outputs]
+    return tokens, logprobs
+
+
+def _graph_layout(llm) -> DecodeGraphs:
+    """Give the engine the graph path, without capturing (the CPU cannot)."""
+    engine = llm.llm_engine
+    engine.decode_graphs = DecodeGraphs(
+        engine.model, engine.config.scheduler.max_num_seqs, engine.device, capture=False
+    )
+    return engine.decode_graphs
+
+
+def test_graph_batch_sizes():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(3) == [1, 2, 3]
+    assert graph_batch_sizes(8) == [1, 2, 4, 8]
+    assert graph_batch_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+
+
+def test_layout_pads_to_the_smallest_graph_size(make_llm):
+    graphs = _graph_layout(make_llm(model="spin-tiny", page_size=PAGE, max_num_seqs=30))
+    assert [graphs.layout(n).batch_size for n in (1, 2, 3, 5, 8, 9, 25, 30)] == [
+        1, 2, 4, 8, 8, 16, 30, 30,
+    ]  # fmt: skip
+    assert graphs.layout(31) is None
+
+
+def _assert_same(eager, graph):
+    assert graph[0] == eager[0]
+    for a, b in zip(eager[1], graph[1]):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_dense_graph_layout_matches_eager(make_llm):
+    eager = _generate(make_llm(model="spin-tiny", page_size=PAGE))
+    llm = make_llm(model="spin-tiny", page_size=PAGE)
+    graphs = _graph_layout(llm)
+    _assert_same(eager, _generate(llm))
+    assert graphs.generation == 0
+
+
+def test_sparse_graph_layout_matches_eager(make_llm, monkeypatch):
+    """Quest with a small budget and buffer (evictions every step), one dense layer: padding
+    rows select, fetch and store nothing a real row sees, so tokens and every cache counter
+    agree."""
+    monkeypatch.setenv("SPIN_RAY_SPARSE_CHECKS", "1")
+    kwargs = dict(model="spin-tiny", page_size=PAGE, sparse="quest", token_budget=4 * PAGE,
+                  sink_tokens=PAGE, local_tokens=PAGE, buffer_ratio=1.0,
+                  dense_layers=1)  # fmt: skip
+    eager_llm = make_llm(**kwargs)
+    eager = _generate(eager_llm)
+    llm = make_llm(**kwargs)
+    graphs = _graph_layout(llm)
+    _assert_same(eager, _generate(llm))
+    want, got = eager_llm.kv_stats(), llm.kv_stats()
+    for field in ("lookups", "hits", "evictions", "h2d_bytes", "d2h_bytes"):
+        assert getattr(got, field) == getattr(want, field), field
+    assert want.evictions > 0 and 0 < want.hits < want.lookups
+    assert graphs.generation == llm.llm_engine.backend.residency.generation > 0
