@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 4 on one H200 with CUDA-graph decode: the Llama-3.1-8B shape (random weights), bf16.
+# Run from the repository root, naming the stages to run (in order):
+#
+#     OUT=/some/dir bash bench/run_h200_long.sh check scaling longbench
+#
+#   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
+#   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
+#   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs, the same 4 requests at once
+#   longbench  dense, spin, sparse-naive on the LongBench-v2-like workload at half scale, with
+#              the same HBM KV capacity for every mode (so dense is capacity-bound)
+#
+# Everything printed also lands in $OUT (*.log, *.json); commands.txt lists every command.
+set -u
+OUT=${OUT:?set OUT to a folder for logs and results}
+export PYTHONUNBUFFERED=1
+
+# spin_ray.kernels lives in kernels/ (pyproject's package-dir): assemble the package in /tmp
+PKG=/tmp/spin_ray_pkg
+rm -rf "$PKG" && mkdir -p "$PKG" && cp -r spin_ray "$PKG"/ && cp -r kernels "$PKG"/spin_ray/kernels
+export PYTHONPATH=$PKG
+REPO=$PWD
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
+    | tee -a "$OUT/gpu.txt"
+
+bench() {  # name, then the bench arguments
+    local name=$1
+    shift
+    echo "=== $name (t=${SECONDS}s): spin-ray bench $*" | tee -a "$OUT/commands.txt"
+    (cd "$PKG" && python3 -m spin_ray.cli bench --model llama-3.1-8b --device cuda --dtype bfloat16 \
+        --no-progress --output "$OUT/$name.json" "$@") 2>&1 | tee "$OUT/$name.log"
+}
+
+for stage in "$@"; do
+    case $stage in
+    check)
+        echo "=== check (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
+        (cd "$PKG" && python3 "$REPO/bench/decode_graphs_check.py" --device cuda \
+            --model llama-3.1-8b --output "$OUT/check.json") 2>&1 | tee "$OUT/check.log"
+        ;;
+    modes)
+        bench modes --modes dense,spin,sparse-naive --sparse quest --workload longbench-v2 \
+            --scale 0.125 --output-len 256 --num-prompts 8 --request-rate inf --token-budget 512 \
+            --gpu-cache-tokens 49152 --cpu-cache-tokens 131072 --time-limit 40
+        ;;
+    scaling)
+        for len in 16000 32000 64000 128000; do  # 128000 + 128 fits Llama-3.1's 131072
+            bench "scaling-$len" --modes dense,spin --sparse quest --input-len "$len" \
+                --output-len 128 --num-prompts 4 --max-num-seqs 4 --request-rate inf \
+                --token-budget 2048 --cpu-cache-tokens $((4 * len + 8192)) --time-limit 100
+        done
+        ;;
+    longbench)
+        bench longbench --modes dense,spin,sparse-naive --sparse quest --workload longbench-v2 \
+            --scale 0.5 --output-len 256 --num-prompts 24 --request-rate inf --token-budget 2048 \
+            --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 --time-limit 150
+        ;;
+    *) echo "unknown stage $stage" >&2 ;;
+    esac
+done
+echo "=== done at ${SECONDS}s" | tee -a "$OUT/commands.txt"
