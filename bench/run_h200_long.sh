@@ -5,8 +5,9 @@
 #     OUT=/some/dir bash bench/run_h200_long.sh check scaling longbench
 #
 #   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
+#   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
-#   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs, the same 4 requests at once
+#   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
 #   longbench  dense, spin, sparse-naive on the LongBench-v2-like workload at half scale, with
 #              the same HBM KV capacity for every mode (so dense is capacity-bound)
 #
@@ -38,7 +39,15 @@ for stage in "$@"; do
     check)
         echo "=== check (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
         (cd "$PKG" && python3 "$REPO/bench/decode_graphs_check.py" --device cuda \
-            --model llama-3.1-8b --output "$OUT/check.json") 2>&1 | tee "$OUT/check.log"
+            --model llama-3.1-8b --modes "${CHECK_MODES:-dense,spin}" --output "$OUT/check.json") \
+            2>&1 | tee "$OUT/check.log"
+        ;;
+    profile)
+        for mode in spin sparse-naive dense; do
+            echo "=== profile $mode (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
+            (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --mode $mode) 2>&1 \
+                | tee "$OUT/profile-$mode.log"
+        done
         ;;
     modes)
         bench modes --modes dense,spin,sparse-naive --sparse quest --workload longbench-v2 \
@@ -46,7 +55,7 @@ for stage in "$@"; do
             --gpu-cache-tokens 49152 --cpu-cache-tokens 131072 --time-limit 40
         ;;
     scaling)
-        for len in 16000 32000 64000 128000; do  # 128000 + 128 fits Llama-3.1's 131072
+        for len in ${SCALING_LENS:-16000 32000 64000 128000}; do  # 128000 + 128 fits 131072
             bench "scaling-$len" --modes dense,spin --sparse quest --input-len "$len" \
                 --output-len 128 --num-prompts 4 --max-num-seqs 4 --request-rate inf \
                 --token-budget 2048 --cpu-cache-tokens $((4 * len + 8192)) --time-limit 100

@@ -135,9 +135,10 @@ class SpinAttentionBackend(AttentionBackend):
         )
 
     def _plan_decode(self, meta, decode: list[int], tokens: list[int]) -> _DecodeStep:
-        """Lay out the decode sequences; for a CUDA-graph batch (`meta.graph_batch`: decode
-        only, the last `num_padded` rows padding) in persistent buffers with bucketed widths,
-        the padding rows selecting nothing and storing into the scratch slot."""
+        """Lay out the decode sequences, with bucketed widths (slot lists, windows: the same
+        shapes eagerly as in a CUDA graph, so the same numbers); for a CUDA-graph batch
+        (`meta.graph_batch`: decode only, the last `num_padded` rows padding) in persistent
+        buffers, the padding rows selecting nothing and storing into the scratch slot."""
         if self.retains:
             self.residency.age()
         pad = meta.num_padded
@@ -161,7 +162,7 @@ class SpinAttentionBackend(AttentionBackend):
         else:
             rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
             page_table = meta.page_table[rows].long()
-        slot_lists = self.manager.slot_lists(request_ids, pad, round_width=meta.graph_batch)
+        slot_lists = self.manager.slot_lists(request_ids, pad)
         slot_lists = placed("slot_lists", slot_lists.to(device))  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
         spare = self._slot_pos.numel() - 1

@@ -112,14 +112,12 @@ class TieredCacheManager:
     # ------------------------------------------------------------------ slots
 
     def slot_lists(
-        self, request_ids: tuple[str, ...], num_padded: int = 0, round_width: bool = False
-    ) -> torch.Tensor:  # [B + num_padded, n_max] int64 on the host
-        """Each request's slot ids, padded with -1 (and `num_padded` rows of -1 after them);
-        `round_width`: the width rounded up to a power of two."""
+        self, request_ids: tuple[str, ...], num_padded: int = 0
+    ) -> torch.Tensor:  # [B + num_padded, n] int64 on the host
+        """Each request's slot ids, padded with -1 to a power-of-two width n (steps share
+        shapes), then `num_padded` rows of -1."""
         lists = [self.slots[rid] for rid in request_ids]
-        width = max(1, max(len(s) for s in lists))
-        if round_width:
-            width = 1 << (width - 1).bit_length()
+        width = 1 << (max(1, max(len(s) for s in lists)) - 1).bit_length()
         padded = [s + [-1] * (width - len(s)) for s in lists] + [[-1] * width] * num_padded
         return torch.tensor(padded, dtype=torch.int64)
 

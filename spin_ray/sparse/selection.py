@@ -35,21 +35,17 @@ class DecodeWindows:
         num_padded: int = 0,
     ) -> DecodeWindows:
         """The windows of sequences with these contexts and indexed pages, then `num_padded`
-        padding rows that select nothing. With `buffers` (a CUDA-graph batch) the tensors go
-        to persistent buffers and the widths are fixed by the budget (sink, local) or rounded
-        up to a power of two (top-k), so that similar steps share a graph."""
+        padding rows that select nothing; with `buffers` (a CUDA-graph batch) the tensors go to
+        persistent buffers. The widths are the budget's bounds (sink, local) and the top-k
+        rounded up to a power of two, so that steps share CUDA graphs, and a step computes the
+        same numbers eagerly as in a graph (the attention kernel splits by width)."""
         num_pages = [budget.num_pages(t) for t in context_lens]
         local_start = [budget.local_start(t, i) for t, i in zip(context_lens, indexed_pages)]
         sink = [budget.sink_pages(t) for t in context_lens]
         topk = [
             min(budget.topk_pages(t), ls - s) for t, ls, s in zip(context_lens, local_start, sink)
         ]
-        sink_pages, max_topk = max(sink), max(topk)
-        max_local = max(n - ls for n, ls in zip(num_pages, local_start))
-        if buffers is not None:
-            sink_pages = -(-budget.sink_tokens // budget.page_size)
-            max_topk = 1 << (max_topk - 1).bit_length() if max_topk else 0
-            max_local = budget.max_local_pages()
+        max_topk = max(topk)
 
         def tensor(name: str, values: list[int]) -> torch.Tensor:
             host = torch.tensor(values + [0] * num_padded, dtype=torch.int64)
@@ -59,9 +55,9 @@ class DecodeWindows:
             num_pages=tensor("windows.num_pages", num_pages),
             local_start=tensor("windows.local_start", local_start),
             topk=tensor("windows.topk", topk),
-            sink_pages=sink_pages,
-            max_topk=max_topk,
-            max_local=max_local,
+            sink_pages=-(-budget.sink_tokens // budget.page_size),
+            max_topk=1 << (max_topk - 1).bit_length() if max_topk else 0,
+            max_local=budget.max_local_pages(),
         )
 
 

@@ -1,0 +1,73 @@
+"""Where a decode step's GPU time goes: the kernels of a few eager decode steps under
+torch.profiler, summed per kernel name.
+
+    python bench/spin_kernel_profile.py [--model llama-3.1-8b] [--mode spin] [--batch 16] \\
+        [--prompt-len 2048] [--steps 8] [--token-budget 512]
+
+Builds `LLM(enforce_eager=True)` (eager, so each kernel is seen on its own; a CUDA graph runs
+the same kernels), prefills `--batch` random prompts, runs 2 decode steps to warm up, then
+`--steps` decode steps under the profiler. Prints, per kernel name, its GPU time per step and
+launches per step (top 30), and the GPU time per step in all. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--mode", default="spin", help="dense, spin or sparse-naive")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--token-budget", type=int, default=512)
+    args = parser.parse_args()
+
+    from spin_ray import LLM, SamplingParams
+
+    tokens = args.batch * (args.prompt_len + args.steps + 8)
+    sparse = {}
+    if args.mode != "dense":
+        sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
+                      gpu_cache_tokens=tokens, cpu_cache_tokens=tokens)  # fmt: skip
+    llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=True,
+              max_num_seqs=args.batch, max_model_len=args.prompt_len + args.steps + 8,
+              max_num_batched_tokens=args.batch * args.prompt_len, progress=False,
+              **sparse)  # fmt: skip
+    engine = llm.llm_engine
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=args.steps + 4, temperature=0.0, ignore_eos=True)
+    for i in range(args.batch):
+        prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    for _ in range(3):  # prefill, then two decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:
+            us = event.self_cuda_time_total
+        if us > 0:
+            rows.append((us / args.steps, event.count / args.steps, event.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"{args.mode}, {args.model}, batch {args.batch} x {args.prompt_len}: "
+          f"{total / 1e3:.2f} ms GPU per decode step")  # fmt: skip
+    print("| kernel | us/step | share | launches/step |")
+    print("|---|---:|---:|---:|")
+    for us, count, name in rows[:30]:
+        print(f"| {name[:90]} | {us:.0f} | {us / total:.1%} | {count:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
