@@ -6,6 +6,7 @@
 #
 #   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
+#   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
 #   longbench  dense, spin, sparse-naive on the LongBench-v2-like workload at half scale, with
@@ -48,6 +49,18 @@ for stage in "$@"; do
             (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --mode $mode) 2>&1 \
                 | tee "$OUT/profile-$mode.log"
         done
+        ;;
+    hostprofile)
+        prof() {  # name, then spin_kernel_profile.py arguments
+            local name=$1
+            shift
+            echo "=== $name (t=${SECONDS}s): spin_kernel_profile.py $*" | tee -a "$OUT/commands.txt"
+            (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" "$@") 2>&1 \
+                | tee "$OUT/$name.log"
+        }
+        prof host-16x2k --graphs --batch 16 --prompt-len 2048 --token-budget 512
+        prof host-4x16k --graphs --batch 4 --prompt-len 16000 --token-budget 2048
+        prof kernels-4x16k --batch 4 --prompt-len 16000 --token-budget 2048
         ;;
     modes)
         bench modes --modes dense,spin,sparse-naive --sparse quest --workload longbench-v2 \

@@ -1,13 +1,15 @@
-"""Where a decode step's GPU time goes: the kernels of a few eager decode steps under
-torch.profiler, summed per kernel name.
+"""Where a decode step's time goes: the kernels of a few eager decode steps under
+torch.profiler, summed per kernel name; with --graphs, the host side of CUDA-graph steps.
 
     python bench/spin_kernel_profile.py [--model llama-3.1-8b] [--mode spin] [--batch 16] \\
-        [--prompt-len 2048] [--steps 8] [--token-budget 512]
+        [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs]
 
 Builds `LLM(enforce_eager=True)` (eager, so each kernel is seen on its own; a CUDA graph runs
 the same kernels), prefills `--batch` random prompts, runs 2 decode steps to warm up, then
 `--steps` decode steps under the profiler. Prints, per kernel name, its GPU time per step and
-launches per step (top 30), and the GPU time per step in all. Needs CUDA.
+launches per step (top 30), and the GPU time per step in all. With --graphs the engine replays
+CUDA graphs and the steps run under cProfile instead: wall time per step and the host
+functions with the most cumulative time. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=512)
+    parser.add_argument("--graphs", action="store_true", help="profile the host of graph steps")
     args = parser.parse_args()
 
     from spin_ray import LLM, SamplingParams
@@ -35,7 +38,7 @@ def main() -> None:
     if args.mode != "dense":
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=tokens, cpu_cache_tokens=tokens)  # fmt: skip
-    llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=True,
+    llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
               max_num_seqs=args.batch, max_model_len=args.prompt_len + args.steps + 8,
               max_num_batched_tokens=args.batch * args.prompt_len, progress=False,
               **sparse)  # fmt: skip
@@ -48,6 +51,9 @@ def main() -> None:
     for _ in range(3):  # prefill, then two decode steps
         engine.step()
     torch.cuda.synchronize()
+    if args.graphs:
+        _profile_host(engine, args.steps)
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             engine.step()
@@ -67,6 +73,22 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for us, count, name in rows[:30]:
         print(f"| {name[:90]} | {us:.0f} | {us / total:.1%} | {count:.0f} |")
+
+
+def _profile_host(engine, steps: int) -> None:
+    import cProfile
+    import pstats
+    import time
+
+    engine.step()  # capture any graph this batch shape still lacks
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    for _ in range(steps):
+        engine.step()
+    profile.disable()
+    print(f"graph steps: {(time.perf_counter() - start) / steps * 1e3:.2f} ms per step (wall)")
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":

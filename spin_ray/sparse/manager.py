@@ -55,7 +55,8 @@ class TieredCacheManager:
         if not self.pool.can_allocate(self.extra_pages(request_id, num_tokens)):
             return False
         need = self.budget.floor_pages(num_tokens) - len(self.slots.get(request_id, ()))
-        return need <= self.slot_pool.num_free + self._reclaimable(request_id)
+        free = self.slot_pool.num_free  # enough free slots: skip the O(requests) reclaim sum
+        return need <= free or need <= free + self._reclaimable(request_id)
 
     def grow(self, request_id: str, num_tokens: int) -> None:
         """Cover `num_tokens` tokens in the CPU tier and give the request at least its slot
