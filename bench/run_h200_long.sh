@@ -6,6 +6,7 @@
 #
 #   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
+#   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
@@ -50,6 +51,12 @@ for stage in "$@"; do
                 | tee "$OUT/profile-$mode.log"
         done
         ;;
+    kernels)
+        echo "=== kernels (t=${SECONDS}s): sparse_gpu.py --sections kernels bandwidth" \
+            | tee -a "$OUT/commands.txt"
+        (cd "$PKG" && python3 "$REPO/bench/sparse_gpu.py" --out "$OUT/sparse_gpu" \
+            --sections kernels bandwidth) 2>&1 | tee "$OUT/kernels.log"
+        ;;
     hostprofile)
         prof() {  # name, then spin_kernel_profile.py arguments
             local name=$1
@@ -58,8 +65,10 @@ for stage in "$@"; do
             (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" "$@") 2>&1 \
                 | tee "$OUT/$name.log"
         }
-        prof host-16x2k --graphs --batch 16 --prompt-len 2048 --token-budget 512
-        prof host-4x16k --graphs --batch 4 --prompt-len 16000 --token-budget 2048
+        if [[ ${HOST:-1} == 1 ]]; then
+            prof host-16x2k --graphs --batch 16 --prompt-len 2048 --token-budget 512
+            prof host-4x16k --graphs --batch 4 --prompt-len 16000 --token-budget 2048
+        fi
         prof kernels-4x16k --batch 4 --prompt-len 16000 --token-budget 2048
         ;;
     modes)

@@ -7,14 +7,19 @@ free residency segments, taken and given with atomics; freeing (launch 1) and ta
 are separate launches, so a segment given back is always written before anyone takes it.
 
 Launch 1 (`_lookup_evict_kernel`), per row: look the K selected pages up in the two-level map
-(directory -> segment -> slot); key the request's n slots for the LRU (0 empty, 1 + bucket,
-protected: the slots of this step's hits and padding); take as many victims as there are misses
-with the histogram (smallest keys, lowest index first); pair the r-th miss with the r-th victim;
-forget the pages the victims held (segments emptied go back on the stack); count lookups, hits,
-evictions and fetched bytes.
+(directory -> segment -> slot); mark the hits' slots newest; key the request's n slots for the
+LRU (0 empty, 1 + bucket, padding protected: since `age` ran this step, only this step's hits
+hold the newest bucket, so they key above every other slot of the request and, as a request
+holds at least as many slots as it selects pages, are never victims); take as many victims as
+there are misses with the histogram (smallest keys, lowest index first); pair the r-th miss
+with the r-th victim (through a per-row scratch list); forget the pages the victims held
+(segments emptied go back on the stack); count lookups, hits, evictions and fetched bytes.
 Launch 2 (`_insert_touch_kernel`), per row: record each miss's page in its victim slot (a
-segment off the stack for each directory entry still empty, one per distinct entry of the row);
-mark every attended slot newest.
+segment off the stack for each directory entry still empty: the first miss of an entry claims
+it with a compare-and-swap, the others read the segment it took); mark the misses' slots newest.
+
+Every per-row structure is a vector of K or N entries (no K x N or K x K matrices), so rows of
+thousands of candidate slots fit one program.
 
 Reference: the torch path these kernels replace, `SpinAttentionBackend._retrieve_torch` with
 `ResidencyTable.replace` / `touch` and `lru_victims_ref` (same pairing, same victims); tests
@@ -43,6 +48,7 @@ def _lookup_evict_kernel(
     bucket_ptr,  # [H, Q] uint8 (this layer)
     slots_ptr,  # out [B, H, K] int64 resident slot of each hit, victim slot of each miss
     dst_ptr,  # out [B, H, K] int64 victim slot of each miss, -1 otherwise
+    victims_ptr,  # scratch [B, H, K] int64 the row's victim slots in rank order
     counters_ptr,  # [4] int64 lookups, hits, evictions, fetched bytes
     layer,
     num_layers,
@@ -55,6 +61,7 @@ def _lookup_evict_kernel(
     SEG: tl.constexpr,
     NUM_KEYS: tl.constexpr,
     NUM_BINS: tl.constexpr,
+    NEWEST: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -62,7 +69,8 @@ def _lookup_evict_kernel(
     h = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
     k_in = kk < K
-    page = tl.load(pages_ptr + (b * num_heads + h) * K + kk, mask=k_in, other=-1)
+    out = (b * num_heads + h) * K + kk
+    page = tl.load(pages_ptr + out, mask=k_in, other=-1)
     valid = page >= 0
     safe = tl.where(valid, page, 0)
     row = tl.load(rows_ptr + b)
@@ -73,6 +81,9 @@ def _lookup_evict_kernel(
     slot = slot.to(tl.int64)
     hit = valid & (slot >= 0)
     miss = valid & (slot < 0)
+    newest = tl.full([BLOCK_K], NEWEST, tl.uint8)
+    tl.store(bucket_ptr + h * num_slots + tl.where(hit, slot, 0), newest, mask=hit)
+    tl.debug_barrier()  # the candidates' keys below read the hits' new recency
 
     nn = tl.arange(0, BLOCK_N)
     n_in = nn < N
@@ -82,9 +93,7 @@ def _lookup_evict_kernel(
     occupant = tl.load(slot_page_ptr + at, mask=own, other=-1)
     bucket = tl.load(bucket_ptr + at, mask=own, other=0).to(tl.int32)
     keys = tl.where(occupant < 0, 0, bucket + 1)
-    held_by_hit = (slot[:, None] == cand[None, :]) & hit[:, None]  # [BK, BN]
-    protected = (tl.sum(held_by_hit.to(tl.int32), 0) > 0) | (~own)
-    keys = tl.where(protected, NUM_KEYS - 1, keys)
+    keys = tl.where(own, keys, NUM_KEYS - 1)
 
     # victims: the `need` smallest keys, lowest index first (histogram, no sort)
     need = tl.sum(miss.to(tl.int32), 0)
@@ -98,12 +107,13 @@ def _lookup_evict_kernel(
     victim = ((keys < threshold) | (at_threshold & (rank < need - before))) & n_in
 
     # the r-th miss takes the r-th victim
+    row_victims = victims_ptr + (b * num_heads + h) * K
     victim_rank = tl.cumsum(victim.to(tl.int32), 0) - 1
+    tl.store(row_victims + tl.where(victim, victim_rank, 0), cand, mask=victim)
+    tl.debug_barrier()
     miss_rank = tl.cumsum(miss.to(tl.int32), 0) - 1
-    pair = (miss_rank[:, None] == victim_rank[None, :]) & miss[:, None] & victim[None, :]
-    dst = tl.sum(tl.where(pair, cand[None, :], 0), 1)
+    dst = tl.load(row_victims + tl.where(miss, miss_rank, 0), mask=miss, other=-1)
     dst = tl.where(miss, dst, -1)
-    out = (b * num_heads + h) * K + kk
     tl.store(dst_ptr + out, dst, mask=k_in)
     tl.store(slots_ptr + out, tl.where(hit, slot, dst), mask=k_in)
 
@@ -139,7 +149,6 @@ def _insert_touch_kernel(
     top_ptr,
     slot_page_ptr,
     bucket_ptr,
-    slots_ptr,  # [B, H, K] int64 from launch 1
     dst_ptr,  # [B, H, K] int64 from launch 1
     layer,
     num_layers,
@@ -157,39 +166,37 @@ def _insert_touch_kernel(
     k_in = kk < K
     out = (b * num_heads + h) * K + kk
     page = tl.load(pages_ptr + out, mask=k_in, other=-1)
-    valid = page >= 0
-    safe = tl.where(valid, page, 0)
+    safe = tl.where(page >= 0, page, 0)
     dst = tl.load(dst_ptr + out, mask=k_in, other=-1)
     miss = dst >= 0
     row = tl.load(rows_ptr + b)
     entry = ((row * num_layers + layer) * num_heads + h) * dir_len + safe // SEG
     seg = tl.load(dir_ptr + entry, mask=miss, other=0).to(tl.int64)
     need = miss & (seg < 0)
-    # one new segment per distinct directory entry: the lowest entry of each group takes it
-    same = (entry[:, None] == entry[None, :]) & need[:, None] & need[None, :]  # [BK, BK]
-    earlier = tl.sum((same & (kk[None, :] < kk[:, None])).to(tl.int32), 1)
-    win = need & (earlier == 0)
+    # one new segment per distinct empty entry: the first miss to swap -1 -> -2 takes it
+    # (-3 never matches, so the other lanes leave their entry alone)
+    claimed = tl.atomic_cas(
+        dir_ptr + entry, tl.where(need, -1, -3), tl.full([BLOCK_K], -2, tl.int32)
+    )
+    win = need & (claimed == -1)
     minus = tl.full([BLOCK_K], -1, tl.int64)
     pos = tl.atomic_add(top_ptr + tl.zeros([BLOCK_K], tl.int32), minus, mask=win) - 1
     new = tl.load(stack_ptr + tl.where(win, pos, 0), mask=win, other=0)
     tl.store(dir_ptr + entry, new.to(tl.int32), mask=win)
     tl.store(home_ptr + tl.where(win, new, 0), entry, mask=win)
-    shared = tl.sum(tl.where(same & win[None, :], new[None, :], 0), 1)
-    seg = tl.where(need, shared, seg)
+    tl.debug_barrier()  # the other misses of a claimed entry read the segment it took
+    seg = tl.where(need, tl.load(dir_ptr + entry, mask=need, other=0).to(tl.int64), seg)
     tl.store(seg_ptr + seg * SEG + safe % SEG, dst.to(tl.int32), mask=miss)
     tl.atomic_add(count_ptr + seg, tl.full([BLOCK_K], 1, tl.int32), mask=miss)
     tl.store(slot_page_ptr + h * num_slots + tl.where(miss, dst, 0), page.to(tl.int32), mask=miss)
-    slot = tl.load(slots_ptr + out, mask=k_in, other=-1)
     newest = tl.full([BLOCK_K], NEWEST, tl.uint8)
-    tl.store(bucket_ptr + h * num_slots + tl.where(valid, slot, 0), newest, mask=valid)
+    tl.store(bucket_ptr + h * num_slots + tl.where(miss, dst, 0), newest, mask=miss)
 
 
 def fits(num_pages: int, num_candidates: int) -> bool:
-    """Whether a row's [K, N] and [K, K] work fits one program in registers (else use the
-    torch path). On the H200 a [256, 256] row (a whole 2K-token context selected) did not
-    finish compiling and running within two minutes; [64, 256] (the benchmark's rows) runs."""
-    block_k = triton.next_power_of_2(num_pages)
-    return block_k <= 128 and block_k * triton.next_power_of_2(num_candidates) <= 1 << 14
+    """Whether a row's vectors (K selected pages, N candidate slots) fit one program (else the
+    torch path runs)."""
+    return num_pages <= 1024 and num_candidates <= 8192
 
 
 def spin_retrieve(
@@ -206,8 +213,8 @@ def spin_retrieve(
     slot_page: torch.Tensor,  # [H, Q] int32 this layer's slot contents
     slot_bucket: torch.Tensor,  # [H, Q] uint8 this layer's recency
     counters: torch.Tensor,  # [4] int64 lookups, hits, evictions, fetched bytes (added to)
-    num_keys: int,  # LRU keys: 0 empty, 1 + bucket, num_keys - 1 protected
-    newest_bucket: int,  # recency of a slot used this step
+    num_keys: int,  # LRU keys: 0 empty, 1 + bucket, num_keys - 1 protected (padding)
+    newest_bucket: int,  # recency of a slot used this step (no slot holds it before: `age` ran)
     page_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [B, H, K] int64: slots, fetch destinations
     """Fused retrieval of one layer (see the module docstring). Returns the slot of every
@@ -227,6 +234,7 @@ def spin_retrieve(
     assert 0 < num_keys <= 256 and fits(k, n)
     slots = torch.empty_like(pages)
     dst = torch.empty_like(pages)
+    victims = torch.empty_like(pages)
     if pages.numel() == 0:
         return slots, dst
     common = dict(
@@ -237,19 +245,19 @@ def spin_retrieve(
         num_slots=slot_page.shape[1],
         K=k,
         SEG=segments.shape[1],
+        NEWEST=newest_bucket,
         BLOCK_K=triton.next_power_of_2(k),
     )
     _lookup_evict_kernel[(b, h)](
         pages, rows, cand, directory, segments, seg_count, seg_home, free_stack, free_top,
-        slot_page, slot_bucket, slots, dst, counters,
+        slot_page, slot_bucket, slots, dst, victims, counters,
         N=n, page_bytes=page_bytes, NUM_KEYS=num_keys,
         NUM_BINS=triton.next_power_of_2(num_keys + 1), BLOCK_N=triton.next_power_of_2(n),
         **common,
     )  # fmt: skip
     _insert_touch_kernel[(b, h)](
         pages, rows, directory, segments, seg_count, seg_home, free_stack, free_top,
-        slot_page, slot_bucket, slots, dst,
-        NEWEST=newest_bucket,
+        slot_page, slot_bucket, dst,
         **common,
     )  # fmt: skip
     return slots, dst

@@ -65,25 +65,32 @@ def _gather_kernel(
     src_page_ptr,
     head_ptr,
     dst_slot_ptr,
+    num_items,
     NUM_HEADS: tl.constexpr,
     NUM_SLOTS: tl.constexpr,
     RUN: tl.constexpr,  # S * D elements of one (page, head)
     BLOCK: tl.constexpr,
 ):
-    item = tl.program_id(0)
-    which = tl.program_id(1)  # 0: K, 1: V
-    part = tl.program_id(2)
-    src_page = tl.load(src_page_ptr + item).to(tl.int64)
-    head = tl.load(head_ptr + item).to(tl.int64)
-    dst_slot = tl.load(dst_slot_ptr + item).to(tl.int64)
-    offs = part * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.where(dst_slot >= 0, RUN, 0)  # a negative slot: nothing to fetch
-    src_off = (src_page * NUM_HEADS + head) * RUN + offs
-    dst_off = (head * NUM_SLOTS + dst_slot) * RUN + offs
-    if which == 0:
-        tl.store(dst_k_ptr + dst_off, tl.load(src_k_ptr + src_off, mask=mask), mask=mask)
-    else:
-        tl.store(dst_v_ptr + dst_off, tl.load(src_v_ptr + src_off, mask=mask), mask=mask)
+    # each program strides over the items: most items of a decode step are hits with nothing to
+    # fetch, and skipping one costs a load here rather than a whole program launch
+    offs = tl.arange(0, BLOCK)
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        dst_slot = tl.load(dst_slot_ptr + item).to(tl.int64)
+        if dst_slot >= 0:
+            src_page = tl.load(src_page_ptr + item).to(tl.int64)
+            head = tl.load(head_ptr + item).to(tl.int64)
+            for start in tl.static_range(0, RUN, BLOCK):
+                o = start + offs
+                mask = o < RUN
+                src = (src_page * NUM_HEADS + head) * RUN + o
+                dst = (head * NUM_SLOTS + dst_slot) * RUN + o
+                tl.store(dst_k_ptr + dst, tl.load(src_k_ptr + src, mask=mask), mask=mask)
+                tl.store(dst_v_ptr + dst, tl.load(src_v_ptr + src, mask=mask), mask=mask)
+
+
+_MAX_PROGRAMS = 1024
+"""Programs of one gather launch (each strides over items): enough to keep the copy engine of
+the link busy with reads in flight, few enough that idle items cost no launches."""
 
 
 def gather_pages(
@@ -108,8 +115,8 @@ def gather_pages(
         return
     run = page_size * head_dim
     block = min(triton.next_power_of_2(run), 4096)
-    grid = (src_page.numel(), 2, triton.cdiv(run, block))
-    _gather_kernel[grid](
+    items = src_page.numel()
+    _gather_kernel[(min(items, _MAX_PROGRAMS),)](
         src_k,
         src_v,
         dst_k,
@@ -117,6 +124,7 @@ def gather_pages(
         src_page,
         head,
         dst_slot,
+        items,
         NUM_HEADS=num_heads,
         NUM_SLOTS=dst_k.shape[1],
         RUN=run,

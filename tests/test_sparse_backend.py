@@ -202,14 +202,15 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm,
         assert stats.hits == 0
 
 
-def test_fused_retrieval_kernels_match_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("budget_pages, buffer_ratio", [(5, 1.0), (9, 0.5)])
+def test_fused_retrieval_kernels_match_the_torch_path(monkeypatch, budget_pages, buffer_ratio):
     """The same steps retrieved by the fused Triton kernels (interpreter) and by the torch path
     they replace: after every layer the same outputs, slot contents and recency, the same page
     found in the same slot for every (request, layer, head, page), the same number of free
     segments and the same counters — under evictions with a small buffer."""
     sparse = SparseConfig(
-        algorithm="quest", token_budget=5 * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
-        dense_layers=1, buffer_ratio=1.0, index_interval=3,
+        algorithm="quest", token_budget=budget_pages * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
+        dense_layers=1, buffer_ratio=buffer_ratio, index_interval=3,
     )  # fmt: skip
     launches = []
     real = backend_module.spin_retrieve
