@@ -8,6 +8,8 @@
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
 #   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
+#   steps      decode step time at a fixed batch (TPOT at the same batch size), dense vs spin,
+#              8 x 32K, 8 x 64K, 4 x 128K, budget 2048, CUDA graphs
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
 #   longbench  dense, spin, sparse-naive on the LongBench-v2-like workload at half scale, with
@@ -70,6 +72,18 @@ for stage in "$@"; do
             prof host-4x16k --graphs --batch 4 --prompt-len 16000 --token-budget 2048
         fi
         prof kernels-4x16k --batch 4 --prompt-len 16000 --token-budget 2048
+        ;;
+    steps)
+        for shape in "8 32000" "8 64000" "4 128000"; do
+            set -- $shape
+            for mode in dense spin; do
+                name="step-$mode-$1x$2"
+                echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
+                (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --graphs --mode $mode \
+                    --batch $1 --prompt-len $2 --token-budget 2048 --steps 16) 2>&1 \
+                    | tee "$OUT/$name.log" | grep -E "graph decode step|Error|error"
+            done
+        done
         ;;
     modes)
         bench modes --modes dense,spin,sparse-naive --sparse quest --workload longbench-v2 \
