@@ -5,7 +5,8 @@ torch.profiler, summed per kernel name; with --graphs, the host side of CUDA-gra
         [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs]
 
 Builds `LLM(enforce_eager=True)` (eager, so each kernel is seen on its own; a CUDA graph runs
-the same kernels), prefills `--batch` random prompts, runs 2 decode steps to warm up, then
+the same kernels), prefills `--batch` random prompts, runs `--warmup-steps` decode steps (2; the
+HBM buffer fills over the first steps, so use ~64 for the steady state), then
 `--steps` decode steps under the profiler. Prints, per kernel name, its GPU time per step and
 launches per step (top 30), and the GPU time per step in all. With --graphs the engine replays
 CUDA graphs and the steps run under cProfile instead: the wall time of a decode step of the
@@ -30,29 +31,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--graphs", action="store_true", help="profile the host of graph steps")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=2,
+        help="decode steps before measuring (the HBM buffer fills over the first ones)",
+    )
     args = parser.parse_args()
 
     from spin_ray import LLM, SamplingParams
 
-    tokens = args.batch * (args.prompt_len + args.steps + 32)
+    tokens = args.batch * (args.prompt_len + args.steps + args.warmup_steps + 32)
     sparse = {}
     if args.mode != "dense":
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=tokens, cpu_cache_tokens=tokens)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
-              max_num_seqs=args.batch, max_model_len=args.prompt_len + args.steps + 32,
+              max_num_seqs=args.batch, max_model_len=args.prompt_len + args.steps + args.warmup_steps + 32,
               max_num_batched_tokens=min(args.batch * args.prompt_len, 65536), progress=False,
               **sparse)  # fmt: skip
     engine = llm.llm_engine
     rng = random.Random(0)
-    params = SamplingParams(max_tokens=args.steps + 16, temperature=0.0, ignore_eos=True)
+    room = args.steps + args.warmup_steps + 16
+    params = SamplingParams(max_tokens=room, temperature=0.0, ignore_eos=True)
     for i in range(args.batch):
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
     started: set[str] = set()
-    while len(started) < args.batch:  # prefill (chunked), then two decode steps
+    while len(started) < args.batch:  # prefill (chunked), then the warm-up decode steps
         started.update(o.request_id for o in engine.step())
-    for _ in range(2):
+    for _ in range(args.warmup_steps):
         engine.step()
     torch.cuda.synchronize()
     if args.graphs:
