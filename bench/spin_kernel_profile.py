@@ -41,13 +41,14 @@ def main() -> None:
 
     from spin_ray import LLM, SamplingParams
 
-    tokens = args.batch * (args.prompt_len + args.steps + args.warmup_steps + 32)
+    max_len = args.prompt_len + args.steps + args.warmup_steps + 32
+    tokens = args.batch * max_len
     sparse = {}
     if args.mode != "dense":
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=tokens, cpu_cache_tokens=tokens)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
-              max_num_seqs=args.batch, max_model_len=args.prompt_len + args.steps + args.warmup_steps + 32,
+              max_num_seqs=args.batch, max_model_len=max_len,
               max_num_batched_tokens=min(args.batch * args.prompt_len, 65536), progress=False,
               **sparse)  # fmt: skip
     engine = llm.llm_engine
