@@ -277,3 +277,43 @@ def test_masked_replace_and_touch_match_a_plain_model():
         table.check({r: (s, pages_per_row) for r, s in owned.items()})
         table.age()
     assert table.segments_in_use > 0
+
+
+def test_clear_slots_drops_one_owner_in_every_layer_and_head_at_once():
+    """clear_slots (one batched drop over all layers) against a dictionary of
+    (row, layer, head) -> page -> slot: the cleared owner's pages are gone everywhere, the other
+    owner's are untouched, emptied segments are back in the pool and the count is exact."""
+    gen = torch.Generator().manual_seed(11)
+    layers, heads, seg, num_pages = 3, 3, 4, 20
+    table = ResidencyTable(layers, heads, 12, seg, BUCKETS, "cpu")
+    table.ensure_rows(2)
+    table.ensure_pages(num_pages)
+    owned = {0: [0, 2, 4, 6, 8, 10], 1: [1, 3, 5, 7, 9, 11]}  # interleaved slot ids
+    for row, slots in owned.items():
+        table.assign_slots(slots, row)
+    model: dict[tuple[int, int, int], dict[int, int]] = {}  # (row, layer, head) -> page -> slot
+    for row, slots in owned.items():
+        for layer in range(layers):
+            for head in range(heads):
+                held = torch.rand(len(slots), generator=gen) < 0.7
+                pages = torch.randperm(num_pages, generator=gen)[: len(slots)][held]
+                chosen = torch.tensor(slots)[held]
+                table.insert(layer, torch.full_like(chosen, head), chosen, pages)
+                model[row, layer, head] = dict(zip(pages.tolist(), chosen.tolist()))
+    table.check({r: (s, num_pages) for r, s in owned.items()})
+    held_by_0 = sum(len(m) for (r, _, _), m in model.items() if r == 0)
+    assert 0 < held_by_0 < len(owned[0]) * layers * heads  # some slots hold a page, some not
+
+    cleared = table.clear_slots(owned[0])
+
+    assert int(cleared) == held_by_0
+    every_page = torch.arange(num_pages).expand(1, heads, num_pages)
+    for layer in range(layers):
+        for row in owned:
+            found = table.lookup(torch.tensor([row]), layer, every_page)[0].tolist()
+            for head in range(heads):
+                held = model[row, layer, head] if row == 1 else {}
+                assert found[head] == [held.get(p, -1) for p in range(num_pages)]
+    table.check({1: (owned[1], num_pages)})
+    live = {(lt, h, p // seg) for (r, lt, h), m in model.items() if r == 1 for p in m}
+    assert table.segments_in_use == len(live), "row 0's segments went back to the pool"

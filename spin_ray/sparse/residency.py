@@ -99,11 +99,12 @@ class ResidencyTable:
     def clear_slots(self, slots: list[int]) -> torch.Tensor:
         """Drop every page held by `slots` in every layer and head and disown the slots;
         returns how many pages left the GPU tier (a 0-dim device tensor: no host sync)."""
-        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)  # [n]
         held = self.slot_page[:, :, idx] >= 0  # [L, H, n]
-        heads = torch.arange(self.num_heads, device=self.device)[:, None].expand_as(held[0])
-        for lt in range(self.num_layers):
-            self.drop(lt, heads.flatten(), idx.expand_as(held[lt]).flatten(), held[lt].flatten())
+        layers = torch.arange(self.num_layers, device=self.device)
+        heads = torch.arange(self.num_heads, device=self.device)
+        grid = torch.meshgrid(layers, heads, idx, indexing="ij")  # 3 x [L, H, n]
+        self.drop(*(g.flatten() for g in grid), held.flatten())  # one batch over all layers
         self.slot_row[idx] = -1
         return held.sum()
 
@@ -122,7 +123,13 @@ class ResidencyTable:
         slot = self.segments[seg.clamp(min=0).long(), safe % self.segment_pages].long()
         return torch.where((pages >= 0) & (seg >= 0), slot, -1)
 
-    def _dir_index(self, layer: int, heads: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor):
+    def _dir_index(
+        self,
+        layer: int | torch.Tensor,  # int, or [M] int64: each entry's layer
+        heads: torch.Tensor,  # [M] int64
+        slots: torch.Tensor,  # [M] int64
+        pages: torch.Tensor,  # [M] int64
+    ) -> torch.Tensor:  # [M] int64
         """Flat directory index of each (owner row of slot, layer, head, page's segment)."""
         rows = self.slot_row[slots]
         return (
@@ -185,17 +192,17 @@ class ResidencyTable:
 
     def drop(
         self,
-        layer: int,
+        layer: int | torch.Tensor,  # int, or [M] int64: each entry's layer
         heads: torch.Tensor,  # [M] int64
-        slots: torch.Tensor,  # [M] int64
+        slots: torch.Tensor,  # [M] int64  (any value where ~work)
         work: torch.Tensor,  # [M] bool
     ) -> None:
         """Empty the slots (where `work` and they hold a page; fixed shapes, no host sync);
-        emptied segments go back on the free stack."""
+        emptied segments go back on the free stack. With a layer per entry, one call covers
+        entries of many layers (their (layer, head, slot)s distinct)."""
         slots = torch.where(work, slots, 0)
-        num_slots = self.slot_page.shape[2]
-        slot_page = self.slot_page[layer].view(-1)  # [H*Q]
-        at = heads * num_slots + slots
+        slot_page = self.slot_page.view(-1)  # [L*H*Q]
+        at = (layer * self.num_heads + heads) * self.slot_page.shape[2] + slots  # [M]
         old = slot_page[at].long()
         gone = work & (old >= 0)
         old = old.clamp(min=0)
