@@ -28,6 +28,7 @@ RESULT_FIELDS = {
     "mean_batch",
     "max_batch",
     "num_steps_with_tokens",
+    "decode_step_ms_by_batch",
     "hbm_hit_rate",
     "lookups",
     "hits",
@@ -85,6 +86,9 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
         assert 1 <= r["mean_batch"] <= r["max_batch"] <= NUM_PROMPTS
+        # JSON keys are strings; batch sizes of decode steps, each with a positive median
+        for batch, ms in r["decode_step_ms_by_batch"].items():
+            assert 1 <= int(batch) <= NUM_PROMPTS and ms > 0
     for r in results:
         if r["request_rate"] == "inf":
             assert r["max_batch"] == NUM_PROMPTS  # all arrive at once, all decode together
@@ -102,6 +106,13 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
     assert by_mode["spin"]["h2d_bytes"] < by_mode["sparse-naive"]["h2d_bytes"]
     assert [c["request_rate"] for c in document["comparisons"]] == [50.0, "inf"]
     assert all(c["throughput_vs_dense"] > 0 for c in document["comparisons"])
+    for c in document["comparisons"]:
+        assert {"same_batch_size", "decode_step_vs_dense_same_batch"} <= set(c)
+    # offline, the three requests get their first tokens together and then decode
+    # OUTPUT_LEN - 1 = 5 steps at batch 3: enough steps for a median at that size
+    assert all(set(r["decode_step_ms_by_batch"]) == {"3"} for r in by_mode.values())
+    offline = document["comparisons"][-1]
+    assert offline["same_batch_size"] == 3 and offline["decode_step_vs_dense_same_batch"] > 0
 
     if not document["environment"]["vllm"]:
         assert document["skipped_modes"] == {"vllm": "vllm is not installed"}

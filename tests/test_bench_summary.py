@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from spin_ray.bench.report import markdown_report, markdown_table
+from spin_ray.bench.report import COMPARISON_COLUMNS, markdown_report, markdown_table
 from spin_ray.bench.runner import RequestTiming, RunRecord, drive
 from spin_ray.bench.summary import compare_modes, summarize
 from spin_ray.bench.workloads import BenchRequest
 
 
-def _record(mode="spin", kv_stats=None, step_time=4.0):
+def _record(mode="spin", kv_stats=None, step_time=4.0, decode_steps=()):
     timings = (
         # id, input, output, arrival, first token, last token, finished
         RequestTiming("a", 100, 11, 0.0, 0.5, 2.5, 2.5),  # TTFT 500 ms, TPOT 200 ms
@@ -25,6 +25,7 @@ def _record(mode="spin", kv_stats=None, step_time=4.0):
         duration=5.0,
         step_time=step_time,
         batch_sizes=(1, 2, 3, 2),
+        decode_steps=decode_steps,
         timings=timings,
         kv_stats=kv_stats,
         kv_stats_end=None,
@@ -77,18 +78,52 @@ def test_untimed_phases_give_no_shares_and_a_note():
 
 def test_goal_ratios_between_modes():
     dense = dict(mode="dense", request_rate="inf", output_throughput=100.0, ttft_p50=7000.0,
-                 tpot_p50=20.0, mean_batch=10.0)  # fmt: skip
+                 tpot_p50=20.0, mean_batch=10.0, decode_step_ms_by_batch={1: 5.0})  # fmt: skip
     naive = dict(dense, mode="sparse-naive", tpot_p50=40.0)
     spin = dict(mode="spin", request_rate="inf", output_throughput=300.0, ttft_p50=1000.0,
-                tpot_p50=22.0, mean_batch=25.0)  # fmt: skip
+                tpot_p50=22.0, mean_batch=25.0, decode_step_ms_by_batch={2: 6.0})  # fmt: skip
     (row,) = compare_modes([dense, naive, spin])
     assert row["throughput_vs_dense"] == 3.0 and row["ttft_p50_speedup_vs_dense"] == 7.0
     assert row["tpot_p50_vs_dense"] == pytest.approx(1.1) and row["mean_batch_vs_dense"] == 2.5
     assert row["tpot_p50_reduction_vs_sparse_naive"] == pytest.approx(0.45)
+    # no batch size in common: no same-batch comparison
+    assert row["same_batch_size"] is None and row["decode_step_vs_dense_same_batch"] is None
+
+
+def test_decode_steps_compare_at_the_largest_common_batch_size():
+    def steps(batch, *ms):
+        return tuple((batch, m / 1e3) for m in ms)
+
+    dense = _record(
+        mode="dense",
+        decode_steps=steps(1, 5, 5, 5, 5, 5, 5)
+        + steps(2, 10, 12, 11, 13, 14)
+        + steps(4, 20, 22, 21, 23),  # 4 steps: too few, dropped
+    )
+    spin = _record(
+        decode_steps=steps(1, 4, 4, 4)  # 3 steps: too few, dropped
+        + steps(2, 12, 15, 13, 30, 14)
+        + steps(4, 25, 25, 25, 25, 25)
+        + steps(8, 40, 41, 42, 43, 44, 45),
+    )
+    d, s = summarize(dense), summarize(spin)
+    assert d["decode_step_ms_by_batch"] == {1: pytest.approx(5.0), 2: pytest.approx(12.0)}
+    assert s["decode_step_ms_by_batch"] == {
+        2: pytest.approx(14.0),
+        4: pytest.approx(25.0),
+        8: pytest.approx(42.5),
+    }
+    (row,) = compare_modes([d, s])
+    assert row["same_batch_size"] == 2  # 4 would be larger, but dense ran it too rarely
+    assert row["decode_step_vs_dense_same_batch"] == pytest.approx(14.0 / 12.0)
+    table = markdown_table([row], COMPARISON_COLUMNS)
+    assert "| same batch | spin/dense decode step at same batch |" in table.splitlines()[0]
+    assert table.splitlines()[-1].endswith("| 2 | 1.17x | - |")  # no sparse-naive run
 
 
 class _RecordingEngine:
-    """Answers each request with one token per step; remembers when requests were added."""
+    """Answers each request with one token per step once its prompt is in (one step per prompt
+    token after the first, like a chunked prefill); remembers when requests were added."""
 
     mode = "fake"
 
@@ -96,15 +131,20 @@ class _RecordingEngine:
         self.added_at: dict[str, float] = {}
         self.left: dict[str, int] = {}
         self.done: dict[str, int] = {}
+        self.prefill_left: dict[str, int] = {}
 
     def add(self, request, arrival_time):
         self.added_at[request.request_id] = time.monotonic()
+        self.prefill_left[request.request_id] = len(request.prompt_token_ids) - 1
         self.left[request.request_id] = request.output_len
         self.done[request.request_id] = 0
 
     def step(self):
         outputs = []
         for rid in list(self.left):
+            if self.prefill_left[rid]:
+                self.prefill_left[rid] -= 1
+                continue
             self.left[rid] -= 1
             self.done[rid] += 1
             finished = self.left[rid] == 0
@@ -161,3 +201,15 @@ def test_time_limit_aborts_and_marks_the_run_truncated():
         (t.last_token - t.first_token) / (t.output_len - 1) * 1e3 for t in record.timings[:2]
     )
     assert r["tpot_p50"] == pytest.approx(sum(tpots) / 2)
+
+
+def test_decode_steps_are_the_steps_without_a_first_token():
+    engine = _RecordingEngine()
+    requests = [BenchRequest("short", [1], output_len=3), BenchRequest("long", [1, 2], 3)]
+    record = drive(engine, requests, [0.0, 0.0], math.inf, progress=False)
+    # step 1: short's first token; step 2: short's second, long's first (mixed);
+    # step 3: both decode; step 4: long's last token
+    assert record.batch_sizes == (1, 2, 2, 1)
+    assert [batch for batch, _ in record.decode_steps] == [2, 1]
+    assert all(seconds >= 0 for _, seconds in record.decode_steps)
+    assert sum(seconds for _, seconds in record.decode_steps) <= record.step_time

@@ -92,6 +92,8 @@ COMPARISON_COLUMNS = (
     ("dense/spin TTFT p50", "ttft_p50_speedup_vs_dense", "{:.2f}x"),
     ("spin/dense TPOT p50", "tpot_p50_vs_dense", "{:.2f}x"),
     ("spin/dense mean batch", "mean_batch_vs_dense", "{:.2f}x"),
+    ("same batch", "same_batch_size", "{}"),
+    ("spin/dense decode step at same batch", "decode_step_vs_dense_same_batch", "{:.2f}x"),
     ("TPOT p50 below sparse-naive", "tpot_p50_reduction_vs_sparse_naive", "{:.0%}"),
 )
 

@@ -66,6 +66,10 @@ class RunRecord:
     """Seconds spent inside `step()` (the rest is waiting for arrivals)."""
     batch_sizes: tuple[int, ...]
     """Requests that got a token, for each step that produced tokens."""
+    decode_steps: tuple[tuple[int, float], ...]
+    """(batch size, seconds inside `step()`) of each step whose outputs all belong to requests
+    that already had their first token: decode steps as the client sees them (a prefill chunk
+    of a request yet to produce a token may share the step)."""
     timings: tuple[RequestTiming, ...]
     kv_stats: dict[str, float] | None
     """Change of the `COUNTER_STATS` over the run; None where the engine keeps none."""
@@ -100,6 +104,7 @@ def drive(
     finished: dict[str, float] = {}
     generated: dict[str, int] = {}
     batch_sizes: list[int] = []
+    decode_steps: list[tuple[int, float]] = []
     step_time = 0.0
     stats_before = engine.kv_stats()
     bar = tqdm(
@@ -134,6 +139,8 @@ def drive(
             step_time += step_end - step_start
             if outputs:
                 batch_sizes.append(len(outputs))
+                if all(generated.get(output.request_id, 0) for output in outputs):
+                    decode_steps.append((len(outputs), step_end - step_start))
             for output in outputs:
                 rid = output.request_id
                 count = len(output.outputs[0].token_ids)
@@ -167,6 +174,7 @@ def drive(
         duration=time_limit if truncated else max(ends, default=time.monotonic() - start),
         step_time=step_time,
         batch_sizes=tuple(batch_sizes),
+        decode_steps=tuple(decode_steps),
         timings=timings,
         kv_stats=_counter_change(stats_before, stats_after),
         kv_stats_end=stats_after,

@@ -20,7 +20,15 @@ UNITS = {
     "*_share": "fraction of the time spent inside step(); None where the phases went untimed "
     "(CUDA-graph decode: measure with --enforce-eager)",
     "duration": "s, first arrival to last finish (or the time limit when truncated)",
+    "decode_step_ms_by_batch": "batch size -> median ms inside step() of the decode steps "
+    "(every output a request's second or later token) of that size, for sizes with "
+    "MIN_STEPS_PER_BATCH or more such steps",
+    "same_batch_size": "largest batch size in both spin's and dense's decode_step_ms_by_batch",
+    "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
 }
+
+MIN_STEPS_PER_BATCH = 5
+"""Decode steps a batch size needs before its median step time is reported."""
 
 TIME_SHARES = (
     ("select", "select_time_s"),
@@ -62,6 +70,7 @@ def summarize(record: RunRecord) -> dict:
         "mean_batch": float(np.mean(record.batch_sizes)) if record.batch_sizes else None,
         "max_batch": max(record.batch_sizes, default=None),
         "num_steps_with_tokens": len(record.batch_sizes),
+        "decode_step_ms_by_batch": _median_step_ms_by_batch(record.decode_steps),
         "hbm_hit_rate": hits / lookups if lookups else None,
         "lookups": lookups,
         "hits": hits,
@@ -77,7 +86,9 @@ def summarize(record: RunRecord) -> dict:
 
 
 def compare_modes(results: list[dict]) -> list[dict]:
-    """At each request rate, `spin` against `dense` and `sparse-naive`: the goal ratios."""
+    """At each request rate, `spin` against `dense` and `sparse-naive`: the goal ratios. TPOT
+    p50s come from different batch sizes (spin batches more), so `spin` is also compared with
+    `dense` by median decode step time at the largest batch size both ran often enough."""
     by_key = {(r["mode"], str(r["request_rate"])): r for r in results}
     comparisons = []
     for (mode, rate), spin in by_key.items():
@@ -92,6 +103,13 @@ def compare_modes(results: list[dict]) -> list[dict]:
             row["ttft_p50_speedup_vs_dense"] = _ratio(dense["ttft_p50"], spin["ttft_p50"])
             row["tpot_p50_vs_dense"] = _ratio(spin["tpot_p50"], dense["tpot_p50"])
             row["mean_batch_vs_dense"] = _ratio(spin["mean_batch"], dense["mean_batch"])
+            spin_steps = spin["decode_step_ms_by_batch"]
+            dense_steps = dense["decode_step_ms_by_batch"]
+            size = max(spin_steps.keys() & dense_steps.keys(), default=None)
+            row["same_batch_size"] = size
+            row["decode_step_vs_dense_same_batch"] = (
+                None if size is None else _ratio(spin_steps[size], dense_steps[size])
+            )
         naive = by_key.get(("sparse-naive", rate))
         if naive is not None:
             ratio = _ratio(spin["tpot_p50"], naive["tpot_p50"])
@@ -108,6 +126,18 @@ def _percentiles(name: str, values_ms: list[float]) -> dict:
         f"{name}_mean": float(values.mean()),
         f"{name}_p50": float(np.percentile(values, 50)),
         f"{name}_p99": float(np.percentile(values, 99)),
+    }
+
+
+def _median_step_ms_by_batch(steps: tuple[tuple[int, float], ...]) -> dict[int, float]:
+    """Batch size → median step ms, over batch sizes with `MIN_STEPS_PER_BATCH` steps or more."""
+    by_batch: dict[int, list[float]] = {}
+    for batch, seconds in steps:
+        by_batch.setdefault(batch, []).append(seconds * 1e3)
+    return {
+        batch: float(np.median(ms))
+        for batch, ms in sorted(by_batch.items())
+        if len(ms) >= MIN_STEPS_PER_BATCH
     }
 
 
