@@ -105,6 +105,16 @@ def _wait_idle(timeout_s: float = 60.0) -> dict:
         time.sleep(0.1)
 
 
+def _wait_reported(condition, timeout_s: float = 30.0) -> None:
+    """Wait until the replicas' stats satisfy `condition` (called with their values), then a
+    few stats periods more, so that the router has been handed such a report too."""
+    deadline = time.monotonic() + timeout_s
+    while not condition(list(engine_replica_stats(APP).values())):
+        assert time.monotonic() < deadline, "the replicas never reported it"
+        time.sleep(0.05)
+    time.sleep(3 * STATS_PERIOD_S)
+
+
 @contextlib.contextmanager
 def _streams():
     """Open completion streams with `open_stream(base_url, body)`, each read up to its first
@@ -358,6 +368,9 @@ def test_router_places_a_long_request_where_its_working_set_fits(base_url):
     short_pages = -(-(4 + 396) // PAGE)  # 25
     with _streams() as open_stream:
         open_stream(base_url, _long_body(100, 2400))
+        # Let the router see the long request in a report first (and not only as its own
+        # pick): once reported, it must weigh as much as when it was only sent.
+        _wait_reported(lambda stats: any(s.hbm_pages_committed >= long_pages for s in stats))
         open_stream(base_url, _long_body(4, 396))
         open_stream(base_url, _long_body(4, 396))
         before = engine_replica_stats(APP)

@@ -32,16 +32,21 @@ class SpinEngine:
             self.layout = KVLayout(capacity.page_size)
         self.info = ModelInfo(max_model_len=engine.config.scheduler.max_model_len)
         self.working_sets: dict[str, WorkingSet] = {}
+        self.context_tokens: dict[str, int] = {}
+        """Prompt + max_tokens of each request held: the measure of load the router also
+        counts for requests it sent since the last report."""
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream the deltas of `request`; cancelling the call aborts it in the engine."""
         self.working_sets[request.request_id] = predict_working_set(request.demand, self.layout)
+        self.context_tokens[request.request_id] = request.demand.context_tokens
         try:
             prompt = {"prompt_token_ids": request.prompt_token_ids}
             async for output in self.engine.generate(request.request_id, prompt, request.params):
                 yield output
         finally:
             del self.working_sets[request.request_id]
+            del self.context_tokens[request.request_id]
 
     def model_info(self) -> ModelInfo:
         return self.info
@@ -62,7 +67,7 @@ class SpinEngine:
             ),
             num_running=load.num_running,
             num_waiting=load.num_waiting,
-            running_tokens=load.num_tokens,
+            running_tokens=sum(self.context_tokens.values()),
             hbm_pages_used=hbm_used,
             host_pages_used=host_used,
         ).to_dict()

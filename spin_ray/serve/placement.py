@@ -31,7 +31,8 @@ Fit level of a request on a replica:
     0  otherwise                                       (it would wait or preempt)
 
 Load of a replica: (requests running + waiting + sent since the report,
-                    tokens running + context tokens sent since the report), compared in order.
+                    context tokens held + context tokens sent since the report), compared in
+                    order; a request's context tokens are its prompt + max_tokens.
 
 Ranking (first rank is tried first; Ray Serve picks the replica with the shortest queue within
 a rank and moves to the next rank when every replica of a rank is full):
@@ -128,7 +129,10 @@ class ReplicaStats:
     num_waiting: int
     """Requests queued in the engine (admitted when their pages fit)."""
     running_tokens: int
-    """Prompt + generated tokens of the requests the replica holds."""
+    """Context tokens (prompt + max_tokens) of the requests the replica holds: the measure
+    the router counts for the requests it sent since the report, so both sides of the load
+    compare alike (tokens generated so far would make a replica look lighter the moment its
+    report includes a long request)."""
     hbm_pages_used: int = 0
     """Pages in use now (for dashboards; fit uses `hbm_pages_committed`)."""
     host_pages_used: int = 0
