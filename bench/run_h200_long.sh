@@ -10,6 +10,7 @@
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
 #   steps      decode step time at a fixed batch (TPOT at the same batch size), dense vs spin,
 #              8 x 32K, 8 x 64K, 4 x 128K, budget 2048, CUDA graphs
+#   steady     the same after 64 warm-up decode steps (the HBM buffer filled)
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
 #   longbench  dense, spin, sparse-naive on the LongBench-v2-like workload at half scale, with
@@ -73,14 +74,18 @@ for stage in "$@"; do
         fi
         prof kernels-4x16k --batch 4 --prompt-len 16000 --token-budget 2048
         ;;
-    steps)
-        for shape in "8 32000" "8 64000" "4 128000"; do
+    steps | steady)  # steady: the same past the HBM buffer's warm-up (64 decode steps first)
+        warmup=2
+        [[ $stage == steady ]] && warmup=64
+        for shape in ${STEP_SHAPES:-8x32000 8x64000 4x128000}; do  # batch x input
+            shape=${shape/x/ }
             set -- $shape
             for mode in dense spin; do
-                name="step-$mode-$1x$2"
+                name="$stage-$mode-$1x$2"
                 echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
                 (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --graphs --mode $mode \
-                    --batch $1 --prompt-len $2 --token-budget 2048 --steps 16) 2>&1 \
+                    --batch $1 --prompt-len $2 --token-budget 2048 --steps 16 \
+                    --warmup-steps $warmup) 2>&1 \
                     | tee "$OUT/$name.log" | grep -E "graph decode step|Error|error"
             done
         done
