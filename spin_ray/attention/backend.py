@@ -56,6 +56,10 @@ class AttentionBackend(ABC):
         `supports_cuda_graphs`."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
+    def use_cuda_graphs(self) -> None:
+        """Decode steps will replay CUDA graphs from now on (the engine calls this once, only
+        when `supports_cuda_graphs`); a backend drops what a replay cannot do, e.g. timing."""
+
     def release(self, request_id: str) -> None:
         """Forget `request_id`'s per-request state (it finished, was preempted or aborted).
         Backends that keep none need not override this."""

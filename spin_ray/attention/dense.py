@@ -6,6 +6,7 @@ import torch
 
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
+from spin_ray.attention.step_buffers import bucket
 from spin_ray.cache.kv_cache import KVCache
 from spin_ray.kernels.paged_attention_ref import (
     paged_decode_attention_ref,
@@ -48,7 +49,7 @@ class DenseAttentionBackend(AttentionBackend):
             # from a power-of-two bound, so that graphs of similar steps share a split count
             self._num_splits = decode_num_splits(
                 len(split.decode_seqs), self.kv_cache.shape.num_kv_heads,
-                1 << (longest - 1).bit_length(), self.meta.page_table.device,
+                bucket(longest), self.meta.page_table.device,
             )  # fmt: skip
 
     def graph_key(self) -> GraphKey:

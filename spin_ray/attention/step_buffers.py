@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 
 
+def bucket(n: int) -> int:
+    """`n` rounded up to a power of two (0 stays 0): the widths that vary from step to step
+    are bucketed so that similar steps share one CUDA graph."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 class StepBuffers:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)

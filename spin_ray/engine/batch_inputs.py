@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
-from spin_ray.attention.step_buffers import StepBuffers
+from spin_ray.attention.step_buffers import StepBuffers, bucket
 from spin_ray.engine.scheduler import SchedulerOutput
 
 
@@ -70,7 +70,7 @@ def build_batch_inputs(
         query_lens.extend([1] * num_padded)
         context_lens.extend([1] * num_padded)
         tables.extend([[0]] * num_padded)
-        max_pages = 1 << (max_pages - 1).bit_length()
+        max_pages = bucket(max_pages)
     padded = [t + [0] * (max_pages - len(t)) for t in tables]
 
     def tensor(values, dtype, name):

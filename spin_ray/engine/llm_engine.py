@@ -94,8 +94,7 @@ class LLMEngine:
             and self.backend.supports_cuda_graphs
         ):
             self.decode_graphs = DecodeGraphs(self.model, sched.max_num_seqs, self.device)
-            if isinstance(self.backend, SpinAttentionBackend):  # replays are not timed
-                self.backend.counters.timed = False
+            self.backend.use_cuda_graphs()
         self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         self.scheduler = Scheduler(sched, self.page_tables)
         self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)

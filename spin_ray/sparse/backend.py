@@ -154,16 +154,15 @@ class SpinAttentionBackend(AttentionBackend):
             host = torch.tensor(values + [fill] * pad, dtype=torch.int64)
             return host.to(device) if buffers is None else buffers.put(name, host)
 
-        def placed(name, values):
-            return values if buffers is None else buffers.put(name, values)
+        def placed(name, values):  # host or device values -> the step's device tensor
+            return values.to(device) if buffers is None else buffers.put(name, values)
 
         if meta.graph_batch:  # decode only: every row is a decode row
             page_table = placed("page_table", meta.page_table.long())
         else:
             rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
             page_table = meta.page_table[rows].long()
-        slot_lists = self.manager.slot_lists(request_ids, pad)
-        slot_lists = placed("slot_lists", slot_lists.to(device))  # [Bd, n]
+        slot_lists = placed("slot_lists", self.manager.slot_lists(request_ids, pad))  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
         spare = self._slot_pos.numel() - 1
         self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
@@ -177,7 +176,7 @@ class SpinAttentionBackend(AttentionBackend):
         heads = self.gpu.k.shape[1]
         batch_heads = torch.arange(heads, device=device)[None, :, None].expand(len(decode), -1, 1)
         return _DecodeStep(
-            tokens=placed("tokens", torch.tensor(tokens, dtype=torch.int64, device=device)),
+            tokens=placed("tokens", torch.tensor(tokens, dtype=torch.int64)),
             rows=tensor("rows", [self.manager.rows[rid] for rid in request_ids]),
             context_lens=tensor("context_lens", contexts),
             last_page=tensor("last_page", [(t - 1) // self.page_size for t in contexts], -2),
@@ -201,6 +200,9 @@ class SpinAttentionBackend(AttentionBackend):
         """The decode path is capturable when the algorithm scores from device tensors alone
         and no per-layer check synchronises."""
         return self.algorithm.graph_safe and not self.debug_checks
+
+    def use_cuda_graphs(self) -> None:
+        self.counters.timed = False  # a replay cannot be timed per phase
 
     def graph_key(self) -> GraphKey:
         step = self._step

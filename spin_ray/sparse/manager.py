@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from spin_ray.attention.step_buffers import bucket
 from spin_ray.cache.page_pool import CacheIntegrityError, PagePool
 from spin_ray.kernels.lru_victims import lru_victims_ref
 from spin_ray.sparse.budget import PageBudget
@@ -118,7 +119,7 @@ class TieredCacheManager:
         """Each request's slot ids, padded with -1 to a power-of-two width n (steps share
         shapes), then `num_padded` rows of -1."""
         lists = [self.slots[rid] for rid in request_ids]
-        width = 1 << (max(1, max(len(s) for s in lists)) - 1).bit_length()
+        width = bucket(max(1, max(len(s) for s in lists)))
         padded = [s + [-1] * (width - len(s)) for s in lists] + [[-1] * width] * num_padded
         return torch.tensor(padded, dtype=torch.int64)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spin_ray.attention.step_buffers import StepBuffers
+from spin_ray.attention.step_buffers import StepBuffers, bucket
 from spin_ray.kernels.partition_topk import partition_topk, partition_topk_ref
 from spin_ray.sparse.budget import PageBudget
 
@@ -56,7 +56,7 @@ class DecodeWindows:
             local_start=tensor("windows.local_start", local_start),
             topk=tensor("windows.topk", topk),
             sink_pages=-(-budget.sink_tokens // budget.page_size),
-            max_topk=1 << (max_topk - 1).bit_length() if max_topk else 0,
+            max_topk=bucket(max_topk),
             max_local=budget.max_local_pages(),
         )
 

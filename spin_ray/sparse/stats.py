@@ -61,8 +61,8 @@ class KVCounters:
         self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0, "attention": 0.0}
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.timed = True
-        """Time the phases. The engine turns this off when decode steps replay CUDA graphs
-        (a replay cannot be timed per phase); `KVStats` then reports no phase times."""
+        """Time the phases. Off when decode steps replay CUDA graphs (a replay cannot be timed
+        per phase, nor a capture record timing events); `KVStats` then reports no times."""
 
     def add_lookups(self, lookups: torch.Tensor | int, hits: torch.Tensor | int) -> None:
         self._counts[0] += lookups
@@ -83,9 +83,7 @@ class KVCounters:
 
     @contextmanager
     def phase(self, name: str):
-        if not self.timed or (
-            self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        ):
+        if not self.timed:
             yield
         elif self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
