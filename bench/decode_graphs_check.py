@@ -13,9 +13,10 @@ of requests whose token ids are identical, the first position where any differs,
 modes the cache's lookups and hits, and whether the second engine really replays graphs
 (`graphs_used`: not on the CPU, nor with a backend that cannot be captured).
 
-Batch sizes that are a captured size (1, 2, 4, then multiples of 8) replay a graph of exactly
-their shape and must give identical tokens; other sizes run padded, where GEMM shapes change
-and bf16 rounding may too, so their agreement is reported, not required.
+Batch sizes that are a graph size of the engine (`graph_batch_sizes` of the largest batch: 1,
+2, 4, multiples of 8, and the largest itself) replay a graph of exactly their shape and must
+give identical tokens; other sizes run padded, where GEMM shapes change and bf16 rounding may
+too, so their agreement is reported, not required.
 
 Prints one JSON line per (mode, batch size), then a Markdown table; `--output` writes all as
 JSON. Exits non-zero if a captured size's tokens differ.
@@ -45,11 +46,6 @@ PROMPT_VOCAB = (3, 259)
 byte-level tokenizer, which the named shapes borrow, has fewer than 320 ids)."""
 
 
-def is_captured_size(batch_size: int) -> bool:
-    """Padded decode batch sizes the engine captures a graph for: 1, 2, 4, 8, 16, 24, 32, ..."""
-    return batch_size in (1, 2, 4) or batch_size % 8 == 0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -65,6 +61,7 @@ def main() -> int:
     from spin_ray import LLM, SamplingParams
     from spin_ray.bench.report import environment
     from spin_ray.config import resolve_device
+    from spin_ray.engine.decode_graphs import graph_batch_sizes
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
@@ -83,6 +80,7 @@ def main() -> int:
         for rng in (random.Random(i) for i in range(largest))
     ]
     seq_tokens = args.prompt_len + args.max_tokens
+    graph_sizes = set(graph_batch_sizes(largest))  # the engine's graph sizes (max_num_seqs)
     engine_kwargs = dict(
         model=args.model,
         device=device,
@@ -130,7 +128,7 @@ def main() -> int:
         eager, _ = run_all(mode, enforce_eager=True)
         graphs, graphs_used = run_all(mode, enforce_eager=False)
         for b in batch_sizes:
-            row = compare(mode, b, eager[b], graphs[b], graphs_used)
+            row = compare(mode, b, eager[b], graphs[b], graphs_used, b in graph_sizes)
             print(json.dumps(row), flush=True)
             results.append(row)
 
@@ -144,14 +142,17 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def compare(mode: str, batch_size: int, eager: dict, graphs: dict, graphs_used: bool) -> dict:
-    """One (mode, batch size): latency of both runs and how far their tokens agree."""
+def compare(
+    mode: str, batch_size: int, eager: dict, graphs: dict, graphs_used: bool, captured: bool
+) -> dict:
+    """One (mode, batch size): latency of both runs and how far their tokens agree; `captured`:
+    the batch size is a graph size itself (no padding), so the tokens must agree."""
     pairs = list(zip(eager["tokens"], graphs["tokens"], strict=True))
     row = dict(
         mode=mode,
         batch_size=batch_size,
         graphs_used=graphs_used,
-        identical_required=is_captured_size(batch_size),
+        identical_required=captured,
         tpot_p50_eager_ms=round(eager["tpot_p50_ms"], 3),
         tpot_p50_graphs_ms=round(graphs["tpot_p50_ms"], 3),
         speedup=round(eager["tpot_p50_ms"] / graphs["tpot_p50_ms"], 3),
