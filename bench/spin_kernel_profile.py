@@ -9,9 +9,11 @@ the same kernels), prefills `--batch` random prompts, runs `--warmup-steps` deco
 HBM buffer fills over the first steps, so use ~64 for the steady state), then
 `--steps` decode steps under the profiler. Prints, per kernel name, its GPU time per step and
 launches per step (top 30), and the GPU time per step in all. With --graphs the engine replays
-CUDA graphs and the steps run under cProfile instead: the wall time of a decode step of the
-whole batch (p50, min; no request finishes or prefills meanwhile: the TPOT at that batch size)
-and the host functions with the most time. Needs CUDA.
+CUDA graphs instead: the wall time of `--steps` decode steps of the whole batch (p50, min, max;
+no request finishes or prefills meanwhile: the TPOT at that batch size) and the GPU time of
+their graph replays, then the host functions with the most time over 8 more steps under
+cProfile. Sparse modes also print the HBM hit rate and host -> GPU bytes of the measured
+steps. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ def main() -> None:
     if args.graphs:
         _profile_host(engine, args.steps)
         return
+    before = engine.kv_stats()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
+    _print_cache(before, engine.kv_stats(), args.steps)
     rows = []
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", None)
@@ -95,17 +99,49 @@ def _profile_host(engine, steps: int) -> None:
     import time
 
     engine.step()  # capture any graph this batch shape still lacks
-    profile = cProfile.Profile()
+    graphs = engine.decode_graphs
+    replays: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    run = graphs.run
+
+    def timed_run(*args, **kwargs):  # GPU time of the graph replay alone
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        logits = run(*args, **kwargs)
+        end.record()
+        replays.append((start, end))
+        return logits
+
+    graphs.run = timed_run
+    before = engine.kv_stats()
     times = []
-    for _ in range(steps):
+    for _ in range(steps):  # no profiler: the wall time is the TPOT at this batch size
         start = time.perf_counter()
-        profile.enable()
         engine.step()  # returns once the sampled tokens are on the host
-        profile.disable()
         times.append(time.perf_counter() - start)
-    print(f"graph decode step: p50 {statistics.median(times) * 1e3:.2f} ms, "
-          f"min {min(times) * 1e3:.2f} ms over {steps} steps (wall)")  # fmt: skip
+    after = engine.kv_stats()
+    gpu = [s.elapsed_time(e) for s, e in replays]
+    times_ms = sorted(t * 1e3 for t in times)
+    print(f"graph decode step: p50 {statistics.median(times_ms):.2f} ms, "
+          f"min {times_ms[0]:.2f} ms, max {times_ms[-1]:.2f} ms over {steps} steps (wall); "
+          f"graph replay p50 {statistics.median(gpu):.2f} ms GPU")  # fmt: skip
+    _print_cache(before, after, steps)
+    graphs.run = run
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(min(steps, 8)):
+        engine.step()
+    profile.disable()
     pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+
+
+def _print_cache(before, after, steps: int) -> None:
+    """HBM hit rate and host -> GPU bytes of the measured steps (sparse modes)."""
+    lookups = after.lookups - before.lookups
+    if lookups:
+        hits = after.hits - before.hits
+        fetched = (after.h2d_bytes - before.h2d_bytes) / steps
+        print(f"HBM hit rate {hits / lookups:.1%} over those steps, "
+              f"{fetched / 1e9:.3f} GB host -> GPU per step")  # fmt: skip
 
 
 if __name__ == "__main__":
