@@ -11,6 +11,7 @@
 #   steps      decode step time at a fixed batch (TPOT at the same batch size), dense vs spin,
 #              8 x 32K, 8 x 64K, 4 x 128K, budget 2048, CUDA graphs
 #   steady     the same after 64 warm-up decode steps (the HBM buffer filled)
+#   steadykernels  GPU time per kernel of eager spin decode steps after 64 warm-up steps
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
 #   longbench  dense, spin, sparse-naive on the LongBench-v2-like workload at half scale, with
@@ -88,6 +89,17 @@ for stage in "$@"; do
                     --warmup-steps $warmup) 2>&1 \
                     | tee "$OUT/$name.log" | grep -E "graph decode step|Error|error"
             done
+        done
+        ;;
+    steadykernels)  # GPU time per kernel of eager spin steps past the warm-up (STEP_SHAPES)
+        for shape in ${STEP_SHAPES:-8x64000}; do
+            shape=${shape/x/ }
+            set -- $shape
+            name="steadykernels-spin-$1x$2"
+            echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
+            (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --mode spin --batch $1 \
+                --prompt-len $2 --token-budget 2048 --steps 8 --warmup-steps 64) 2>&1 \
+                | tee "$OUT/$name.log"
         done
         ;;
     modes)
