@@ -46,12 +46,28 @@ def _indexed(name: str, num_pages: int, seed: int, **fields):
     )
     v = torch.randn(HKV, num_pages, PAGE, D, generator=gen)
     page_ids = torch.randperm(CPU_PAGES, generator=gen)[:num_pages]
+    if algorithm.incremental:  # every token stored one by one, in order
+        _append(algorithm, page_ids, k, [1] * (num_pages * PAGE))
+        return algorithm, k, v, page_ids
     perm = algorithm.index(0, "r", 0, page_ids, k, v)
     if perm is not None:  # the runtime stores the tokens in the algorithm's order
         idx = perm[:, :, None].expand(HKV, num_pages * PAGE, D)
         k = k.reshape(HKV, -1, D).gather(1, idx).view_as(k)
         v = v.reshape(HKV, -1, D).gather(1, idx).view_as(v)
     return algorithm, k, v, page_ids
+
+
+def _append(algorithm, page_ids, k, runs, start=0):
+    """Store the sequence's tokens start.. in runs of the given lengths (a run is one
+    `append`, like a prefill chunk; a run of 1 is a decode token), each with a padding slot."""
+    tokens = torch.arange(k.shape[1] * PAGE)
+    keys = k.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D] in token order
+    for n in runs:
+        run = tokens[start : start + n]
+        slots = torch.cat([page_ids[run // PAGE] * PAGE + run % PAGE, torch.tensor([-1])])
+        pad = torch.randn(1, HKV, D) * 100  # a padding row's key must not reach any page
+        algorithm.append(0, slots, torch.cat([keys[run], pad]))
+        start += n
 
 
 def _batch(page_ids: torch.Tensor, indexed: int) -> SelectBatch:
@@ -97,6 +113,20 @@ def _assert_top_pages(algorithm, q, page_ids, formula, budget):
         listed = [p for p in pages[h].tolist() if p >= 0]
         assert set(range(sink)) | set(range(start, n)) <= set(listed)
         assert len(listed) == len(set(listed)) == sink + k + (n - start)
+
+
+def test_quest_summaries_fold_in_any_order_of_runs():
+    """Quest's min/max summaries after storing a sequence in prefill-like chunks that start and
+    end mid-page, then decode tokens, equal the elementwise min/max of each page's keys — also
+    for pages that held another sequence's larger keys before."""
+    algorithm, k, _, page_ids = _indexed("quest", 10, seed=3)
+    other = torch.randn(HKV, 10, PAGE, D) * 50  # a new sequence reuses the same pages
+    _append(algorithm, page_ids, other, [13, 30, 1, 1, PAGE * 10 - 45])
+    _append(algorithm, page_ids, k, [PAGE * 6 + 3, PAGE * 3 + 2] + [1] * (PAGE - 5))
+    kmin = algorithm.kmin[0, page_ids].permute(1, 0, 2)  # [Hkv, n, D]
+    kmax = algorithm.kmax[0, page_ids].permute(1, 0, 2)
+    torch.testing.assert_close(kmin, k.amin(2), atol=0, rtol=0)
+    torch.testing.assert_close(kmax, k.amax(2), atol=0, rtol=0)
 
 
 def test_quest_score_is_the_formula_and_an_upper_bound_of_every_qk():

@@ -1,10 +1,12 @@
 """The attention backend of the sparse, hierarchical KV cache.
 
 Per step (`plan`): wait for pending offloads, age the LRU, bring each decoding sequence's index
-up to date, and lay out the decode batch (windows, slot lists). Per layer (`forward`):
+up to date (algorithms without incremental summaries), and lay out the decode batch (windows,
+slot lists). Per layer (`forward`):
 
 - layers below `first_layer` run dense, their KV kept in HBM (a `DenseAttentionBackend`);
-- every new token's K/V goes to the CPU tier (async on CUDA);
+- every new token's K/V goes to the CPU tier (async on CUDA), and its key into the
+  algorithm's summaries when they are incremental (Quest);
 - prefill chunks attend densely over their prefix read back from the CPU tier;
 - decode tokens: the algorithm scores pages, the runtime picks sink + top-k + local pages per
   KV head, looks them up in the GPU tier, evicts by bucketed LRU, fetches every miss of the
@@ -216,10 +218,13 @@ class SpinAttentionBackend(AttentionBackend):
 
     def _update_index(self, request_id: str, context_len: int) -> int:
         """Index the request's complete pages if due (first decode, then every
-        `index_interval` steps); returns the pages the index covers."""
-        state = self._index.setdefault(request_id, _IndexState())
+        `index_interval` steps); returns the pages the index covers (with incremental
+        summaries: every complete page, nothing to do)."""
         unit = self.algorithm.index_unit_pages
         complete = (context_len - 1) // self.page_size // unit * unit  # stored before this step
+        if self.algorithm.incremental:
+            return complete
+        state = self._index.setdefault(request_id, _IndexState())
         due = state.steps_since_index is None or state.steps_since_index >= self.index_interval
         if due and complete > state.indexed_pages:
             with self.counters.phase("index"):
@@ -265,6 +270,8 @@ class SpinAttentionBackend(AttentionBackend):
             return self.dense.forward(layer_idx, q, k, v, scale)
         layer = layer_idx - self.first_layer
         self.host.store(layer, k, v, meta.slot_mapping)
+        if self.algorithm.incremental:
+            self.algorithm.append(layer, meta.slot_mapping, k)
         step = self._step
         if not self._prefills:
             return self._decode(layer, q, k, v, scale)

@@ -29,13 +29,21 @@ class PageBudget:
     min_buffer_ratio: float
 
     @classmethod
-    def from_config(cls, config: SparseConfig, page_size: int, index_unit_pages: int) -> PageBudget:
+    def from_config(
+        cls, config: SparseConfig, page_size: int, index_unit_pages: int, incremental: bool = False
+    ) -> PageBudget:
+        """`incremental`: the algorithm's summaries cover every complete page at once, so only
+        the page being written is unindexed."""
+        if incremental:
+            unindexed = page_size
+        else:
+            unindexed = index_unit_pages * page_size + config.index_interval
         return cls(
             page_size=page_size,
             token_budget=config.token_budget,
             sink_tokens=config.sink_tokens,
             local_tokens=config.local_tokens,
-            max_unindexed_tokens=index_unit_pages * page_size + config.index_interval,
+            max_unindexed_tokens=unindexed,
             attend_all=config.effective_algorithm == "dense",
             retains=config.retains,
             buffer_ratio=config.buffer_ratio,

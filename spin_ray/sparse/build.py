@@ -66,7 +66,9 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
         device=device,
     )
     algorithm = build_algorithm(geometry, sparse)
-    budget = PageBudget.from_config(sparse, page_size, algorithm.index_unit_pages)
+    budget = PageBudget.from_config(
+        sparse, page_size, algorithm.index_unit_pages, algorithm.incremental
+    )
 
     tier_layers = offloaded if sparse.retains else 1
     num_slots = _gpu_slots(config, num_cpu_pages, tier_layers * page_run, reserve_bytes)

@@ -48,8 +48,9 @@ class SparseConfig:
     host_memory_fraction: float = 0.5
     """Share of available host memory the CPU tier takes when `cpu_cache_tokens` is None."""
     index_interval: int = 16
-    """Decode steps between index updates; newer tokens are attended as part of the local
-    window until indexed."""
+    """Decode steps between index updates of algorithms whose summaries are rebuilt from the
+    CPU tier (ShadowKV, RetroInfer, Seer; Quest folds every key in as it is stored); newer
+    tokens are attended as part of the local window until indexed."""
     lru_buckets: int = 64
     """Recency buckets of the HBM buffer's LRU (pages older than this many steps tie)."""
     segment_pages: int = 16

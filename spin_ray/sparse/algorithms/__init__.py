@@ -1,4 +1,5 @@
-"""Sparse attention algorithms, each an `index` + `page_scores` over the runtime's pages."""
+"""Sparse attention algorithms, each summaries (`index` or `append`) + `page_scores` over the
+runtime's pages."""
 
 from __future__ import annotations
 

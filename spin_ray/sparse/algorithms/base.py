@@ -1,8 +1,10 @@
 """The unified partition abstraction: a sparse algorithm is an `index` and a `select`.
 
-An algorithm groups tokens into partitions and keeps per-partition summaries (`index`, run on
-complete pages after prefill and every `index_interval` decode steps), and scores pages from a
-query and those summaries (`page_scores`, every decode step and layer). Partitions map onto
+An algorithm groups tokens into partitions and keeps per-partition summaries, and scores pages
+from a query and those summaries (`page_scores`, every decode step and layer). Summaries are
+built either by `index` (run on complete pages read back from the CPU tier after prefill and
+every `index_interval` decode steps) or, for `incremental` algorithms, by `append` (every stored
+token's key folded in as it is written, on the device, also inside CUDA graphs). Partitions map onto
 pages: a page's score is the best score of the partitions it holds. The runtime owns the rest —
 offload, residency, retrieval, eviction, sink/local windows, top-k and the attention kernel —
 and never knows an algorithm's formula; an algorithm never touches tiers or copies. An
@@ -61,6 +63,9 @@ class SparseAlgorithm(ABC):
     name: str
     index_unit_pages: int = 1
     """The index covers whole multiples of this many pages."""
+    incremental: bool = False
+    """Summaries are kept up to date by `append` as tokens are stored; `index` is never called
+    and every complete page counts as indexed."""
     graph_safe: bool = False
     """`page_scores` and `estimate` read only device tensors of fixed addresses (the batch's
     and the algorithm's own, never reallocated) and never synchronise: decode steps may run
@@ -70,7 +75,6 @@ class SparseAlgorithm(ABC):
         self.geometry = geometry
         self.config = config
 
-    @abstractmethod
     def index(
         self,
         layer: int,
@@ -83,7 +87,19 @@ class SparseAlgorithm(ABC):
         """Summarise these complete pages (n is a multiple of `index_unit_pages`). May return a
         permutation [Hkv, n*S] of the run's tokens that the runtime applies to the stored K/V
         (new position i of head h holds old token perm[h, i]), so variable-size partitions sit
-        contiguously in pages."""
+        contiguously in pages. Non-incremental algorithms implement it."""
+        raise NotImplementedError(f"{self.name} keeps incremental summaries: use append()")
+
+    def append(
+        self,
+        layer: int,
+        slots: torch.Tensor,  # [N] int64  CPU-tier page * S + offset; -1 = nothing (padding)
+        k: torch.Tensor,  # [N, Hkv, D]  the stored keys (post-RoPE)
+    ) -> None:
+        """Fold newly stored tokens into the summaries (`incremental` algorithms implement it;
+        it must not synchronise: it runs in CUDA graphs). A page's token at offset 0 starts
+        its summary afresh (the page may have held another sequence before)."""
+        raise NotImplementedError(f"{self.name} is indexed by index(), not append()")
 
     @abstractmethod
     def page_scores(

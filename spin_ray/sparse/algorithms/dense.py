@@ -9,9 +9,10 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 class DenseSelection(SparseAlgorithm):
     name = "dense"
+    incremental = True  # no summaries: nothing is ever read back to index
     graph_safe = True
 
-    def index(self, layer, request_id, first_page, page_ids, k, v):
+    def append(self, layer, slots, k):
         return None
 
     def page_scores(self, layer, q, batch):

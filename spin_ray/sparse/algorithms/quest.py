@@ -1,7 +1,11 @@
 """`quest` (Tang et al., 2024): partition = page; summary = elementwise min and max of the
 page's keys; score = Σ_d max(q_d · max_d, q_d · min_d), an upper bound of q·k over the page.
 With GQA a KV head serves G query heads, so its page score is the largest of theirs (still an
-upper bound of every q·k of the group)."""
+upper bound of every q·k of the group).
+
+The summaries are incremental: every stored key is folded into its page's min and max as it is
+written (prefill chunks and decode tokens alike, on the device, in CUDA graphs too), so no
+step ever reads pages back from the CPU tier to index them and every complete page is scored."""
 
 from __future__ import annotations
 
@@ -13,19 +17,26 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 class Quest(SparseAlgorithm):
     name = "quest"
+    incremental = True
     graph_safe = True
 
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
         g = geometry
-        shape = (g.num_layers, g.num_cpu_pages, g.num_kv_heads, g.head_dim)
-        self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P, Hkv, D]
+        shape = (g.num_layers, g.num_cpu_pages + 1, g.num_kv_heads, g.head_dim)
+        self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P + 1, Hkv, D]
         self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        self.spare = g.num_cpu_pages
+        """Row that padding tokens (slot -1) write, so `append` needs no data-dependent shape."""
 
-    def index(self, layer, request_id, first_page, page_ids, k, v):
-        self.kmin[layer, page_ids] = k.amin(2).transpose(0, 1)  # [n, Hkv, D]
-        self.kmax[layer, page_ids] = k.amax(2).transpose(0, 1)
-        return None
+    def append(self, layer, slots, k):
+        s = self.geometry.page_size
+        page = torch.where(slots >= 0, slots // s, self.spare)  # [N]
+        first = torch.where(slots % s == 0, page, self.spare)  # pages starting afresh
+        idx = page[:, None, None].expand_as(k)  # [N, Hkv, D]
+        for summary, reduce in ((self.kmin[layer], "amin"), (self.kmax[layer], "amax")):
+            summary.index_copy_(0, first, k)  # [P + 1, Hkv, D]
+            summary.scatter_reduce_(0, idx, k, reduce)
 
     def page_scores(self, layer, q, batch):
         score = quest_page_scores if q.is_cuda else quest_page_scores_ref
