@@ -10,7 +10,8 @@
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
 #   steps      decode step time at a fixed batch (TPOT at the same batch size), dense vs spin,
 #              8 x 32K, 8 x 64K, 4 x 128K, budget 2048, CUDA graphs
-#   steady     the same after 64 warm-up decode steps (the HBM buffer filled)
+#   steady     the same after 64 warm-up decode steps (the HBM buffer filled); STEP_MODES
+#              (default "dense spin") may name spin:R for spin with buffer ratio R
 #   steadykernels  GPU time per kernel of eager spin decode steps after 64 warm-up steps
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
@@ -81,13 +82,16 @@ for stage in "$@"; do
         for shape in ${STEP_SHAPES:-8x32000 8x64000 4x128000}; do  # batch x input
             shape=${shape/x/ }
             set -- $shape
-            for mode in dense spin; do
-                name="$stage-$mode-$1x$2"
+            for run in ${STEP_MODES:-dense spin}; do  # spin:R = spin with buffer ratio R
+                mode=${run%%:*}
+                ratio=()
+                [[ $run == *:* ]] && ratio=(--buffer-ratio "${run#*:}")
+                name="$stage-${run/:/-buffer}-$1x$2"
                 echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
                 (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --graphs --mode $mode \
                     --batch $1 --prompt-len $2 --token-budget 2048 --steps 16 \
-                    --warmup-steps $warmup) 2>&1 \
-                    | tee "$OUT/$name.log" | grep -E "graph decode step|Error|error"
+                    --warmup-steps $warmup "${ratio[@]}") 2>&1 \
+                    | tee "$OUT/$name.log" | grep -E "graph decode step|hit rate|Error|error"
             done
         done
         ;;

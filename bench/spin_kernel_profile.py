@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--graphs", action="store_true", help="profile the host of graph steps")
+    parser.add_argument("--buffer-ratio", type=float, default=None, help="spin's HBM buffer")
     parser.add_argument(
         "--warmup-steps",
         type=int,
@@ -48,7 +49,8 @@ def main() -> None:
     sparse = {}
     if args.mode != "dense":
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
-                      gpu_cache_tokens=tokens, cpu_cache_tokens=tokens)  # fmt: skip
+                      gpu_cache_tokens=tokens, cpu_cache_tokens=tokens,
+                      buffer_ratio=args.buffer_ratio)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
               max_num_seqs=args.batch, max_model_len=max_len,
               max_num_batched_tokens=min(args.batch * args.prompt_len, 65536), progress=False,
@@ -112,6 +114,15 @@ def _profile_host(engine, steps: int) -> None:
         return logits
 
     graphs.run = timed_run
+    plan = engine.backend.plan
+    plan_s: list[float] = []
+
+    def timed_plan(*args, **kwargs):  # host time of the backend's step layout
+        start = time.perf_counter()
+        plan(*args, **kwargs)
+        plan_s.append(time.perf_counter() - start)
+
+    engine.backend.plan = timed_plan
     before = engine.kv_stats()
     times = []
     for _ in range(steps):  # no profiler: the wall time is the TPOT at this batch size
@@ -123,15 +134,16 @@ def _profile_host(engine, steps: int) -> None:
     times_ms = sorted(t * 1e3 for t in times)
     print(f"graph decode step: p50 {statistics.median(times_ms):.2f} ms, "
           f"min {times_ms[0]:.2f} ms, max {times_ms[-1]:.2f} ms over {steps} steps (wall); "
-          f"graph replay p50 {statistics.median(gpu):.2f} ms GPU")  # fmt: skip
+          f"graph replay p50 {statistics.median(gpu):.2f} ms GPU, "
+          f"backend plan p50 {statistics.median(plan_s) * 1e3:.2f} ms host")  # fmt: skip
     _print_cache(before, after, steps)
-    graphs.run = run
+    graphs.run, engine.backend.plan = run, plan
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(min(steps, 8)):
         engine.step()
     profile.disable()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
 
 
 def _print_cache(before, after, steps: int) -> None:
