@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
 from spin_ray.attention.step_buffers import StepBuffers, bucket
+from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.scheduler import SchedulerOutput
 
 
@@ -22,34 +24,33 @@ class BatchInputs:
 
 def build_batch_inputs(
     step: SchedulerOutput,
-    page_tables: dict[str, list[int]],
+    page_tables: HostPageTables,
     page_size: int,
     device: torch.device | str,
     graph: GraphBatch | None = None,
 ) -> BatchInputs:
-    """Pack the step's chunks in order; `page_tables` maps request id → its page ids.
+    """Pack the step's chunks in order, with each request's page ids from `page_tables`.
 
     With `graph` (a decode-only step run as a CUDA graph), the batch is padded to
     `graph.batch_size` sequences (see `AttentionMetadata.num_padded`), the page table to a
     power-of-two width, and every tensor lands in `graph.buffers`."""
     input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
+    positions: list[np.ndarray] = []
+    slots: list[np.ndarray] = []
     query_start = [0]
     query_lens: list[int] = []
     context_lens: list[int] = []
-    tables: list[list[int]] = []
+    tables: list[np.ndarray] = []
     sample_rows: list[int] = []
     sample_ids: list[str] = []
     for chunk in step.chunks:
         request, n = chunk.request, chunk.num_new_tokens
         start = request.num_computed_tokens
-        table = page_tables[request.request_id]
+        table = page_tables.row(request.request_id)  # [pages]
         input_ids.extend(request.token_ids(start, start + n))
-        positions.extend(range(start, start + n))
-        slots.extend(
-            table[p // page_size] * page_size + p % page_size for p in range(start, start + n)
-        )
+        position = np.arange(start, start + n)  # [n]
+        positions.append(position)
+        slots.append(table[position // page_size] * page_size + position % page_size)
         query_start.append(query_start[-1] + n)
         query_lens.append(n)
         context_lens.append(start + n)
@@ -64,17 +65,19 @@ def build_batch_inputs(
         num_padded = graph.batch_size - len(tables)
         assert num_padded >= 0 and len(input_ids) == len(tables), "a graph batch is decode-only"
         input_ids.extend([0] * num_padded)
-        positions.extend([0] * num_padded)
-        slots.extend([-1] * num_padded)
+        positions.append(np.zeros(num_padded, dtype=np.int64))
+        slots.append(np.full(num_padded, -1, dtype=np.int64))
         query_start.extend(range(query_start[-1] + 1, query_start[-1] + 1 + num_padded))
         query_lens.extend([1] * num_padded)
         context_lens.extend([1] * num_padded)
-        tables.extend([[0]] * num_padded)
         max_pages = bucket(max_pages)
-    padded = [t + [0] * (max_pages - len(t)) for t in tables]
+    padded = np.zeros((len(tables) + num_padded, max_pages), dtype=np.int32)  # padding: page 0
+    for row, table in zip(padded, tables):
+        row[: len(table)] = table
 
     def tensor(values, dtype, name):
-        host = torch.tensor(values, dtype=dtype)
+        host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values)
+        host = host.to(dtype)
         if graph is not None:
             return graph.buffers.put(name, host)
         return host.to(device, non_blocking=True)
@@ -83,7 +86,7 @@ def build_batch_inputs(
         query_start_loc=tensor(query_start, torch.int32, "query_start_loc"),
         context_lens=tensor(context_lens, torch.int32, "context_lens"),
         page_table=tensor(padded, torch.int32, "page_table"),
-        slot_mapping=tensor(slots, torch.int64, "slot_mapping"),
+        slot_mapping=tensor(np.concatenate(slots), torch.int64, "slot_mapping"),
         query_lens_cpu=tuple(query_lens),
         context_lens_cpu=tuple(context_lens),
         page_size=page_size,
@@ -93,7 +96,7 @@ def build_batch_inputs(
     )
     return BatchInputs(
         input_ids=tensor(input_ids, torch.int64, "input_ids"),
-        positions=tensor(positions, torch.int64, "positions"),
+        positions=tensor(np.concatenate(positions), torch.int64, "positions"),
         attention=meta,
         sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(device, non_blocking=True),
         sample_request_ids=tuple(sample_ids),

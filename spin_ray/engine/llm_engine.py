@@ -18,6 +18,7 @@ from spin_ray.config import EngineConfig
 from spin_ray.engine.batch_inputs import build_batch_inputs
 from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
+from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler
@@ -85,6 +86,7 @@ class LLMEngine:
             self.kv_cache = KVCache(shape, config.dtype, config.device)
             self.page_tables = PageTables(PagePool(num_pages), page_size)
             self.backend = DenseAttentionBackend(self.kv_cache)
+        self.host_page_tables = HostPageTables(self.page_tables.tables)
         self.model = _load_model(config, self.backend, progress)
         self.decode_graphs: DecodeGraphs | None = None
         """Replays decode-only steps as CUDA graphs (CUDA, unless `enforce_eager`)."""
@@ -197,8 +199,9 @@ class LLMEngine:
         graph = None
         if self.decode_graphs is not None and all(c.num_new_tokens == 1 for c in scheduled.chunks):
             graph = self.decode_graphs.layout(len(scheduled.chunks))
+        self.host_page_tables.keep_only(c.request.request_id for c in scheduled.chunks)
         inputs = build_batch_inputs(
-            scheduled, self.page_tables.tables, self.page_tables.page_size, self.device, graph
+            scheduled, self.host_page_tables, self.page_tables.page_size, self.device, graph
         )
         self.backend.plan(inputs.attention)
         if graph is not None:  # [Bp, V] -> [M, V]

@@ -43,6 +43,10 @@ class TieredCacheManager:
         self.rows: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self._free_rows: list[int] = []
+        self._slot_table = torch.full((1, 1), -1, dtype=torch.int64, device=residency.device)
+        """[rows, width] each directory row's slots in `slots` order, -1 padded: the device
+        copy of `slots`, kept in step when slots are given or taken, so a step's slot lists
+        are one gather."""
 
     # ------------------------------------------------------------------ PageTables interface
 
@@ -91,6 +95,7 @@ class TieredCacheManager:
             self.slot_pool.free(slots, request_id)
         row = self.rows.pop(request_id, None)
         if row is not None:
+            self._slot_table[row] = -1
             self._free_rows.append(row)
         self.tokens.pop(request_id, None)
 
@@ -110,25 +115,47 @@ class TieredCacheManager:
             for rid, slots in self.slots.items()
         }
         self.residency.check(owned)
+        table = self._slot_table.tolist()
+        for row, lists in enumerate(table):
+            held = next((slots for rid, slots in self.slots.items() if self.rows[rid] == row), [])
+            if lists != held + [-1] * (len(lists) - len(held)):
+                raise CacheIntegrityError(f"directory row {row}: slot table differs from slots")
 
     # ------------------------------------------------------------------ slots
 
     def slot_lists(
         self, request_ids: tuple[str, ...], num_padded: int = 0
-    ) -> torch.Tensor:  # [B + num_padded, n] int64 on the host
+    ) -> torch.Tensor:  # [B + num_padded, n] int64 on the device
         """Each request's slot ids, padded with -1 to a power-of-two width n (steps share
         shapes), then `num_padded` rows of -1."""
-        lists = [self.slots[rid] for rid in request_ids]
-        width = bucket(max(1, max(len(s) for s in lists)))
-        padded = [s + [-1] * (width - len(s)) for s in lists] + [[-1] * width] * num_padded
-        return torch.tensor(padded, dtype=torch.int64)
+        width = bucket(max(1, max(len(self.slots[rid]) for rid in request_ids)))
+        rows = [self.rows[rid] for rid in request_ids] + [0] * num_padded
+        rows = torch.tensor(rows, dtype=torch.int64).to(self._slot_table.device, non_blocking=True)
+        lists = self._slot_table[rows, :width]  # [B + num_padded, n]
+        lists[len(request_ids) :] = -1
+        return lists
 
     def _give_slots(self, request_id: str, n: int) -> None:
         if n <= 0:
             return
         new = self.slot_pool.allocate(n, request_id)
-        self.residency.assign_slots(new, self.rows[request_id])
-        self.slots[request_id].extend(new)
+        row = self.rows[request_id]
+        self.residency.assign_slots(new, row)
+        held = self.slots[request_id]
+        self._fit_slot_table(row + 1, len(held) + n)
+        self._slot_table[row, len(held) : len(held) + n] = torch.tensor(new, dtype=torch.int64)
+        held.extend(new)
+
+    @torch.inference_mode(False)  # a normal tensor: release (abort) writes it outside steps
+    def _fit_slot_table(self, rows: int, width: int) -> None:
+        """Grow the slot table (by doubling) to at least rows x width (a power of two)."""
+        have_rows, have_width = self._slot_table.shape
+        if rows <= have_rows and width <= have_width:
+            return
+        new_rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
+        grown = self._slot_table.new_full((new_rows, bucket(max(width, have_width))), -1)
+        grown[:have_rows, :have_width] = self._slot_table
+        self._slot_table = grown
 
     def _excess(self, request_id: str) -> int:
         return len(self.slots[request_id]) - self.budget.floor_pages(self.tokens[request_id])
@@ -160,10 +187,14 @@ class TieredCacheManager:
         self.slot_pool.free(gone, request_id)
         kept = set(slots) - set(gone)
         self.slots[request_id] = [s for s in slots if s in kept]
+        row = self._slot_table[self.rows[request_id]]
+        row.fill_(-1)
+        row[: len(kept)] = torch.tensor(self.slots[request_id], dtype=torch.int64)
 
     def _take_row(self) -> int:
         if self._free_rows:
             return self._free_rows.pop()
         row = len(self.rows)
         self.residency.ensure_rows(row + 1)
+        self._fit_slot_table(row + 1, 1)
         return row
