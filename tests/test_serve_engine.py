@@ -107,6 +107,7 @@ def test_a_failing_step_reaches_every_caller(make_llm, monkeypatch):
             local_tokens=32,
             cpu_cache_tokens=2048,
             gpu_cache_tokens=1024,
+            buffer_ratio=2.0,  # a working set smaller than the context
         ),
     ],
 )
