@@ -3,6 +3,7 @@ tie-tolerant), and the runtime's windows: sink + top-k + local, budgets and mand
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -305,3 +306,22 @@ def test_windows_respect_budget_and_mandatory_bound(token_budget):
             assert int(windows.topk[0]) <= max(0, allowed)
             if token_budget == 1.0:
                 assert count == pages, "a budget covering the context attends every page"
+
+
+def test_buffer_target_is_capped_at_what_fused_retrieval_holds():
+    """The target is mandatory × (1 + buffer_ratio) up to the context, at most
+    `max_target_pages` unless the floor is higher; engines cap it at the fused retrieval
+    kernel's candidate limit, so a request's slot list never falls back to the torch path for
+    its buffer alone."""
+    from spin_ray.kernels.spin_retrieve import fits
+    from spin_ray.sparse.budget import MAX_TARGET_PAGES
+
+    assert fits(1, MAX_TARGET_PAGES) and not fits(1, MAX_TARGET_PAGES + 1)
+    built = PageBudget.from_config(SparseConfig(), PAGE, 1, incremental=True)
+    assert built.max_target_pages == MAX_TARGET_PAGES
+    capped = dataclasses.replace(_budget(6 * PAGE, sink=PAGE, local=PAGE), max_target_pages=20)
+    for context in range(1, 60 * PAGE, 7):
+        mandatory = capped.mandatory_pages(context)
+        floor = capped.floor_pages(context)
+        uncapped = min(capped.num_pages(context), math.ceil(mandatory * 3))  # buffer_ratio 2
+        assert capped.target_pages(context) == min(uncapped, max(20, floor))

@@ -18,8 +18,9 @@ P = ceil(C / page_size):
       M      = min(P, sink pages + local-window pages + top-k pages)   attended per step, where
                top-k pages = ceil(B / page_size) − sink − local pages and B = token_budget
                tokens (or ceil(token_budget × C) for a fraction); M = P for attend-all modes
-      wanted = min(P, ceil(M × (1 + buffer_ratio)))                     selection + LRU buffer
       floor  = min(P, ceil(M × (1 + min_buffer_ratio)))                 what admission needs
+      wanted = min(P, ceil(M × (1 + buffer_ratio)), max(cap, floor))    selection + LRU buffer
+               (cap: `PageBudget.max_target_pages`, what fused retrieval holds)
   (modes without a buffer: wanted = floor = M).
 
 Free capacity of a replica, per tier: total − committed (the working sets of the requests it

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from spin_ray.sparse.config import SparseConfig
 
+MAX_TARGET_PAGES = 8192
+"""Buffers grow to at most this many pages per request: the most candidate slots one program
+of the fused retrieval kernel holds (`spin_ray.kernels.spin_retrieve.fits`); longer slot lists
+take the slower torch path."""
+
 
 @dataclass(frozen=True)
 class PageBudget:
@@ -27,6 +32,8 @@ class PageBudget:
     """Pages stay in HBM across steps, so requests get buffer pages beyond the mandatory."""
     buffer_ratio: float
     min_buffer_ratio: float
+    max_target_pages: int | None = None
+    """Most HBM pages a request grows its buffer to (never below its floor); None: no cap."""
 
     @classmethod
     def from_config(
@@ -48,6 +55,7 @@ class PageBudget:
             retains=config.retains,
             buffer_ratio=config.buffer_ratio,
             min_buffer_ratio=min(config.min_buffer_ratio, config.buffer_ratio),
+            max_target_pages=MAX_TARGET_PAGES,
         )
 
     def num_pages(self, num_tokens: int) -> int:
@@ -93,8 +101,12 @@ class PageBudget:
         return self._with_buffer(num_tokens, self.min_buffer_ratio)
 
     def target_pages(self, num_tokens: int) -> int:
-        """HBM pages a request keeps when HBM is free: mandatory plus the full buffer."""
-        return self._with_buffer(num_tokens, self.buffer_ratio)
+        """HBM pages a request keeps when HBM is free: mandatory plus the full buffer, at most
+        `max_target_pages` (or the floor, when that is higher)."""
+        target = self._with_buffer(num_tokens, self.buffer_ratio)
+        if self.max_target_pages is None:
+            return target
+        return min(target, max(self.max_target_pages, self.floor_pages(num_tokens)))
 
     def _with_buffer(self, num_tokens: int, ratio: float) -> int:
         mandatory = self.mandatory_pages(num_tokens)
