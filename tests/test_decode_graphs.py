@@ -67,27 +67,46 @@ def _assert_same(eager, graph):
         assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_dense_graph_layout_matches_eager(make_llm):
-    eager = _generate(make_llm(model="spin-tiny", page_size=PAGE))
-    llm = make_llm(model="spin-tiny", page_size=PAGE)
+def _count_split_steps(llm, monkeypatch) -> list[int]:
+    """Record how many forwards each step of the engine runs."""
+    engine = llm.llm_engine
+    forwards, real = [], engine._forwards
+    monkeypatch.setattr(engine, "_forwards", lambda s: forwards.append(len(real(s))) or real(s))
+    return forwards
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_dense_graph_layout_matches_eager(make_llm, monkeypatch, chunk):
+    """`chunk`: prompts prefill in chunks of 64 tokens while earlier requests decode (mixed
+    steps, which the dense engine runs as one eager forward)."""
+    kwargs = dict(model="spin-tiny", page_size=PAGE, max_num_batched_tokens=chunk)
+    eager = _generate(make_llm(**kwargs))
+    llm = make_llm(**kwargs)
     graphs = _graph_layout(llm)
+    forwards = _count_split_steps(llm, monkeypatch)
     _assert_same(eager, _generate(llm))
     assert graphs.generation == 0
+    assert set(forwards) == {1}
 
 
-def test_sparse_graph_layout_matches_eager(make_llm, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_sparse_graph_layout_matches_eager(make_llm, monkeypatch, chunk):
     """Quest with a small budget and buffer (evictions every step), one dense layer: padding
     rows select, fetch and store nothing a real row sees, so tokens and every cache counter
-    agree."""
+    agree. `chunk`: prompts prefill in chunks of 64 tokens while earlier requests decode; the
+    graph engine runs those mixed steps as a padded graph batch of the decodes, then an eager
+    forward of the chunks, the eager engine as one forward."""
     monkeypatch.setenv("SPIN_RAY_SPARSE_CHECKS", "1")
     kwargs = dict(model="spin-tiny", page_size=PAGE, sparse="quest", token_budget=4 * PAGE,
                   sink_tokens=PAGE, local_tokens=PAGE, buffer_ratio=1.0,
-                  dense_layers=1)  # fmt: skip
+                  dense_layers=1, max_num_batched_tokens=chunk)  # fmt: skip
     eager_llm = make_llm(**kwargs)
     eager = _generate(eager_llm)
     llm = make_llm(**kwargs)
     graphs = _graph_layout(llm)
+    forwards = _count_split_steps(llm, monkeypatch)
     _assert_same(eager, _generate(llm))
+    assert (2 in forwards) == (chunk is not None), "mixed steps ran split"
     want, got = eager_llm.kv_stats(), llm.kv_stats()
     for field in ("lookups", "hits", "evictions", "h2d_bytes", "d2h_bytes"):
         assert getattr(got, field) == getattr(want, field), field

@@ -34,9 +34,15 @@ class AttentionBackend(ABC):
     graph: its layers read only persistent tensors, never synchronise with the host, and keep
     no host-side per-layer state."""
 
+    split_mixed_steps: bool = False
+    """Run a step that mixes decodes and prefill chunks as two forwards: the decode rows as a
+    CUDA-graph batch, then the prefill chunks eagerly (when `supports_cuda_graphs`). Worth a
+    second read of the weights when the eager decode path launches many kernels per layer."""
+
     @abstractmethod
     def plan(self, meta: AttentionMetadata) -> None:
-        """Take the metadata of the step about to run (called once per step)."""
+        """Take the metadata of the forward about to run (once per forward: one per step, two
+        for a split mixed step)."""
 
     @abstractmethod
     def forward(

@@ -15,13 +15,13 @@ from spin_ray.cache.page_pool import PagePool
 from spin_ray.cache.page_table import PageTables
 from spin_ray.cache.sizing import activation_reserve_bytes, num_kv_pages
 from spin_ray.config import EngineConfig
-from spin_ray.engine.batch_inputs import build_batch_inputs
+from spin_ray.engine.batch_inputs import GraphBatch, build_batch_inputs
 from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
-from spin_ray.engine.scheduler import Scheduler
+from spin_ray.engine.scheduler import Scheduler, SchedulerOutput
 from spin_ray.models.arch import ModelArch
 from spin_ray.models.loader import (
     load_arch,
@@ -196,26 +196,27 @@ class LLMEngine:
             self.backend.release(request_id)
         if scheduled.is_empty:
             return []
-        graph = None
-        if self.decode_graphs is not None and all(c.num_new_tokens == 1 for c in scheduled.chunks):
-            graph = self.decode_graphs.layout(len(scheduled.chunks))
         self.host_page_tables.keep_only(c.request.request_id for c in scheduled.chunks)
-        inputs = build_batch_inputs(
-            scheduled, self.host_page_tables, self.page_tables.page_size, self.device, graph
-        )
-        self.backend.plan(inputs.attention)
-        if graph is not None:  # [Bp, V] -> [M, V]
-            logits = self.decode_graphs.run(inputs, self.backend.graph_key())[inputs.sample_rows]
-        else:
-            hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [N, H]
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [M, V]
+        logits, sample_ids = [], []
+        for part, graph in self._forwards(scheduled):
+            inputs = build_batch_inputs(
+                part, self.host_page_tables, self.page_tables.page_size, self.device, graph
+            )
+            self.backend.plan(inputs.attention)
+            if graph is not None:  # [Bp, V] -> [M, V]
+                run = self.decode_graphs.run(inputs, self.backend.graph_key())
+                logits.append(run[inputs.sample_rows])
+            else:
+                hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [N, H]
+                logits.append(self.model.compute_logits(hidden[inputs.sample_rows]))  # [M, V]
+            sample_ids.extend(inputs.sample_request_ids)
         for chunk in scheduled.chunks:
             chunk.request.num_computed_tokens += chunk.num_new_tokens
-        if not inputs.sample_request_ids:
+        if not sample_ids:
             return []
-        sampled_requests = [self.requests[rid] for rid in inputs.sample_request_ids]
+        sampled_requests = [self.requests[rid] for rid in sample_ids]
         sampled = self.sampler.sample(
-            logits,
+            torch.cat(logits) if len(logits) > 1 else logits[0],
             [r.sampling_params for r in sampled_requests],
             [self.generators.get(r.request_id) for r in sampled_requests],
         )
@@ -225,6 +226,27 @@ class LLMEngine:
             logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
             outputs.append(self._append_token(request, sampled.token_ids[row], logprob, now))
         return outputs
+
+    def _forwards(
+        self, scheduled: SchedulerOutput
+    ) -> list[tuple[SchedulerOutput, GraphBatch | None]]:
+        """The forwards that run the step, each with its CUDA-graph layout (None: eager): one,
+        a graph batch if the step only decodes; with a backend that `split_mixed_steps`, a
+        mixed step's decode rows as a graph batch, then its prefill chunks eagerly."""
+        graphs = self.decode_graphs
+        if graphs is None:
+            return [(scheduled, None)]
+        decode = tuple(c for c in scheduled.chunks if c.num_new_tokens == 1)
+        if len(decode) == len(scheduled.chunks):
+            return [(scheduled, graphs.layout(len(decode)))]
+        graph = graphs.layout(len(decode)) if decode and self.backend.split_mixed_steps else None
+        if graph is None:
+            return [(scheduled, None)]
+        prefill = tuple(c for c in scheduled.chunks if c.num_new_tokens > 1)
+        return [
+            (dataclasses.replace(scheduled, chunks=decode), graph),
+            (dataclasses.replace(scheduled, chunks=prefill), None),
+        ]
 
     def _append_token(
         self, request: Request, token_id: int, logprob: TokenLogprob | None, now: float

@@ -197,6 +197,8 @@ class SpinAttentionBackend(AttentionBackend):
             ),
         )
 
+    split_mixed_steps = True  # eager, a decode layer launches ~30 kernels; a graph, none
+
     @property
     def supports_cuda_graphs(self) -> bool:
         """The decode path is capturable when the algorithm scores from device tensors alone
