@@ -1,14 +1,15 @@
-"""The unified partition abstraction: a sparse algorithm is an `index` and a `select`.
+"""The unified partition abstraction: a sparse algorithm is summaries and a `select`.
 
 An algorithm groups tokens into partitions and keeps per-partition summaries, and scores pages
 from a query and those summaries (`page_scores`, every decode step and layer). Summaries are
 built either by `index` (run on complete pages read back from the CPU tier after prefill and
-every `index_interval` decode steps) or, for `incremental` algorithms, by `append` (every stored
-token's key folded in as it is written, on the device, also inside CUDA graphs). Partitions map onto
-pages: a page's score is the best score of the partitions it holds. The runtime owns the rest —
-offload, residency, retrieval, eviction, sink/local windows, top-k and the attention kernel —
-and never knows an algorithm's formula; an algorithm never touches tiers or copies. An
-algorithm may add its own term to the attention (`estimate`, merged by log-sum-exp).
+every `index_interval` decode steps) or, for `incremental` algorithms, by `append` (every
+stored token's key folded in as it is written, on the device, also inside CUDA graphs).
+Partitions map onto pages: a page's score is the best score of the partitions it holds. The
+runtime owns the rest — offload, residency, retrieval, eviction, sink/local windows, top-k and
+the attention kernel — and never knows an algorithm's formula; an algorithm never touches
+tiers or copies. An algorithm may add its own term to the attention (`estimate`, merged by
+log-sum-exp).
 """
 
 from __future__ import annotations
