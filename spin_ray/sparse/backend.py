@@ -69,6 +69,7 @@ class _DecodeStep:
     page_table: torch.Tensor  # [Bd, maxp] int64 CPU-tier page ids
     slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
     batch_heads: torch.Tensor  # [Bd, Hkv, 1] int64 the head of each (sequence, head) row
+    listed_heads: torch.Tensor  # [Bd * Hkv * K] int64 the head of each listed page, flattened
     windows: DecodeWindows
     batch: SelectBatch
 
@@ -169,14 +170,16 @@ class SpinAttentionBackend(AttentionBackend):
         spare = self._slot_pos.numel() - 1
         self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
         windows = DecodeWindows.build(
-            self.budget, contexts, indexed, device, buffers=buffers, num_padded=pad
-        )
+            self.budget, contexts, indexed, device, max_pages=page_table.shape[1],
+            buffers=buffers, num_padded=pad,
+        )  # fmt: skip
         if self.retains:  # segments the step's inserts may take: one per row and page at most
             width = windows.sink_pages + windows.max_topk + windows.max_local
             per_row = sum(min(width, -(-self.budget.num_pages(t) // seg)) for t in contexts)
             self.residency.reserve(self.residency.num_layers * self.residency.num_heads * per_row)
         heads = self.gpu.k.shape[1]
         batch_heads = torch.arange(heads, device=device)[None, :, None].expand(len(decode), -1, 1)
+        listed = windows.sink_pages + min(windows.max_topk, page_table.shape[1]) + windows.max_local
         return _DecodeStep(
             tokens=placed("tokens", torch.tensor(tokens, dtype=torch.int64)),
             rows=tensor("rows", [self.manager.rows[rid] for rid in request_ids]),
@@ -187,6 +190,7 @@ class SpinAttentionBackend(AttentionBackend):
             page_table=page_table,
             slot_lists=slot_lists,
             batch_heads=placed("batch_heads", batch_heads.contiguous()),
+            listed_heads=placed("listed_heads", batch_heads.expand(-1, -1, listed).flatten()),
             windows=windows,
             batch=SelectBatch(
                 request_ids=request_ids,
@@ -400,11 +404,11 @@ class SpinAttentionBackend(AttentionBackend):
         miss_rank = torch.where(miss, miss.long().cumsum(-1) - 1, n)  # [B, Hkv, K]
         at = victim_at.gather(2, miss_rank)  # [B, Hkv, K]
         dst = torch.where(miss, cand.gather(1, at.view(b, h * k)).view(b, h, k), -1)
-        heads = step.batch_heads.expand(b, h, k)
-        residency.replace(layer, heads.flatten(), dst.flatten(), pages.flatten(), miss.flatten())
+        heads = step.listed_heads  # [B * Hkv * K]
+        residency.replace(layer, heads, dst.flatten(), pages.flatten(), miss.flatten())
         self._fetch(layer, layer, pages, dst, step)
         slots = torch.where(miss, dst, slots)
-        residency.touch(layer, heads.flatten(), slots.flatten(), valid.flatten())
+        residency.touch(layer, heads, slots.flatten(), valid.flatten())
         if self.debug_checks and int(residency.free_top) < 0:
             raise RuntimeError("residency segments were not reserved for this step")
         return slots
@@ -414,9 +418,8 @@ class SpinAttentionBackend(AttentionBackend):
         (`counted`: the bytes are already counted)."""
         b, h, k = pages.shape
         src = step.page_table.gather(1, pages.clamp(min=0).view(b, h * k)).view(b, h, k)
-        heads = step.batch_heads.expand(b, h, k)
         gpu_k, gpu_v = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
-        self.host.fetch(layer, gpu_k, gpu_v, src.flatten(), heads.flatten(), dst.flatten())
+        self.host.fetch(layer, gpu_k, gpu_v, src.flatten(), step.listed_heads, dst.flatten())
         if not counted:
             self.counters.add_fetched_bytes((dst >= 0).sum() * self.host.page_bytes)
 

@@ -22,6 +22,9 @@ class DecodeWindows:
     sink_pages: int  # pages of the sink (same for every sequence past its first pages)
     max_topk: int
     max_local: int
+    unselectable: torch.Tensor  # [B, 1, maxp] bool  pages outside [sink, local_start)
+    sink_list: torch.Tensor  # [B, 1, sink_pages] int64  the sink pages, -1 padded
+    local_list: torch.Tensor  # [B, 1, max_local] int64  the local tail, -1 padded
 
     @classmethod
     def build(
@@ -31,6 +34,7 @@ class DecodeWindows:
         indexed_pages: list[int],
         device: torch.device,
         *,
+        max_pages: int | None = None,
         buffers: StepBuffers | None = None,
         num_padded: int = 0,
     ) -> DecodeWindows:
@@ -38,26 +42,45 @@ class DecodeWindows:
         padding rows that select nothing; with `buffers` (a CUDA-graph batch) the tensors go to
         persistent buffers. The widths are the budget's bounds (sink, local) and the top-k
         rounded up to a power of two, so that steps share CUDA graphs, and a step computes the
-        same numbers eagerly as in a graph (the attention kernel splits by width)."""
+        same numbers eagerly as in a graph (the attention kernel splits by width). The page
+        masks and the sink and local lists are the same for every layer, so they are built
+        here once per step; `max_pages`: the scores' width (default: the longest context)."""
         num_pages = [budget.num_pages(t) for t in context_lens]
         local_start = [budget.local_start(t, i) for t, i in zip(context_lens, indexed_pages)]
         sink = [budget.sink_pages(t) for t in context_lens]
         topk = [
             min(budget.topk_pages(t), ls - s) for t, ls, s in zip(context_lens, local_start, sink)
         ]
-        max_topk = max(topk)
+        sink_width = -(-budget.sink_tokens // budget.page_size)
+        max_local = budget.max_local_pages()
+
+        def put(name: str, values: torch.Tensor) -> torch.Tensor:
+            return values if buffers is None else buffers.put(name, values)
 
         def tensor(name: str, values: list[int]) -> torch.Tensor:
             host = torch.tensor(values + [0] * num_padded, dtype=torch.int64)
             return host.to(device) if buffers is None else buffers.put(name, host)
 
+        pages_t = tensor("windows.num_pages", num_pages)  # [B]
+        local_t = tensor("windows.local_start", local_start)
+        sink_t = pages_t.clamp(max=sink_width)[:, None, None]  # [B, 1, 1]
+        page = torch.arange(max_pages or max(num_pages), device=device)  # [maxp]
+        selectable = (page >= sink_t) & (page < local_t[:, None, None])  # [B, 1, maxp]
+        sink_list = torch.arange(sink_width, device=device).expand(len(pages_t), 1, -1)
+        local_list = local_t[:, None, None] + torch.arange(max_local, device=device)
         return cls(
-            num_pages=tensor("windows.num_pages", num_pages),
-            local_start=tensor("windows.local_start", local_start),
+            num_pages=pages_t,
+            local_start=local_t,
             topk=tensor("windows.topk", topk),
-            sink_pages=-(-budget.sink_tokens // budget.page_size),
-            max_topk=bucket(max_topk),
-            max_local=budget.max_local_pages(),
+            sink_pages=sink_width,
+            max_topk=bucket(max(topk)),
+            max_local=max_local,
+            unselectable=put("windows.unselectable", ~selectable),
+            sink_list=put("windows.sink_list", torch.where(sink_list < sink_t, sink_list, -1)),
+            local_list=put(
+                "windows.local_list",
+                torch.where(local_list < pages_t[:, None, None], local_list, -1),
+            ),
         )
 
 
@@ -67,19 +90,14 @@ def select_pages(
 ) -> torch.Tensor:  # [B, H, K] int64 logical pages, -1 = unused
     """Sink pages, then the `topk[b]` best pages in [sink, local_start), then the local tail."""
     b, h, maxp = scores.shape
-    device = scores.device
-    page = torch.arange(maxp, device=device)
-    sink = torch.clamp(windows.num_pages, max=windows.sink_pages)  # [B]
-    selectable = (page >= sink[:, None]) & (page < windows.local_start[:, None])  # [B, maxp]
-    masked = scores.float().masked_fill(~selectable[:, None, :], float("-inf"))
+    assert windows.unselectable.shape[-1] == maxp, "windows built for another score width"
+    masked = scores.float().masked_fill(windows.unselectable, float("-inf"))
     top_partitions = partition_topk if masked.is_cuda else partition_topk_ref
     k = windows.topk[:, None].expand(b, h)  # [B, H]
     chosen = top_partitions(masked, k, min(windows.max_topk, maxp))  # [B, H, <= max_topk]
-    sink_pages = torch.arange(windows.sink_pages, device=device).expand(b, h, -1)
-    sink_pages = torch.where(sink_pages < sink[:, None, None], sink_pages, -1)
-    local = windows.local_start[:, None] + torch.arange(windows.max_local, device=device)  # [B, L]
-    local = torch.where(local < windows.num_pages[:, None], local, -1)
-    return torch.cat([sink_pages, chosen, local[:, None, :].expand(b, h, -1)], dim=-1)
+    sink = windows.sink_list.expand(b, h, -1)
+    local = windows.local_list.expand(b, h, -1)
+    return torch.cat([sink, chosen, local], dim=-1)
 
 
 def page_token_counts(
