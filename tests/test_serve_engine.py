@@ -122,6 +122,7 @@ def test_replica_reports_the_working_sets_it_holds(kwargs):
         need = predict_working_set(request.demand, replica.layout)
         idle = replica.record_routing_stats()
         assert idle["hbm_pages_committed"] == idle["host_pages_committed"] == 0
+        assert not idle["request_ids"]
         sparse = "sparse" in kwargs
         assert (idle["host_pages_total"] > 0) == sparse
         assert (idle["layout"]["budget"] is not None) == sparse
@@ -139,6 +140,7 @@ def test_replica_reports_the_working_sets_it_holds(kwargs):
             # what the engine really holds never exceeds the prediction
             assert report["hbm_pages_used"] <= need.hbm_pages
             assert report["host_pages_used"] <= need.host_pages
+            assert tuple(report["request_ids"]) == ("r0",)  # what the router matches by id
         assert reports[0]["num_running"] == 1
         if sparse:  # the context went to the host tier, the working set is smaller than it
             assert need.hbm_pages < need.host_pages

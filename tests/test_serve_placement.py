@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from spin_ray.serve.placement import (
@@ -85,6 +87,7 @@ def _stats(
     waiting=0,
     tokens=0,
     layout=DENSE,
+    ids=(),
 ) -> ReplicaStats:
     return ReplicaStats(
         timestamp=timestamp,
@@ -96,11 +99,13 @@ def _stats(
         num_running=running,
         num_waiting=waiting,
         running_tokens=tokens,
+        request_ids=ids,
     )
 
 
-def _sent(at: float, hbm: int, host: int = 0, tokens: int = 0) -> SentRequest:
-    return SentRequest(sent_at=at, working_set=WorkingSet(hbm, hbm, host), context_tokens=tokens)
+def _sent(rid: str, at: float, hbm: int, host: int = 0, tokens: int = 0) -> SentRequest:
+    working_set = WorkingSet(hbm, hbm, host)
+    return SentRequest(request_id=rid, sent_at=at, working_set=working_set, context_tokens=tokens)
 
 
 @pytest.mark.parametrize(
@@ -108,11 +113,12 @@ def _sent(at: float, hbm: int, host: int = 0, tokens: int = 0) -> SentRequest:
     [
         (_stats(hbm_total=100, hbm_committed=30), [], (70, 0)),
         (_stats(hbm_total=100, host_total=500, host_committed=200), [], (100, 300)),
-        # sent before the report: already in `committed`; after: subtracted
+        # listed in the report: already in `committed`; not listed: subtracted, whether
+        # sent after the report or before it (still in flight when it was taken)
         (
-            _stats(timestamp=100.0, hbm_total=100),
-            [_sent(99.0, 40, 7), _sent(101.0, 25, 9)],
-            (75, -9),
+            _stats(timestamp=100.0, hbm_total=100, ids=("r1",)),
+            [_sent("r1", 99.0, 40, 7), _sent("r2", 101.0, 25, 9), _sent("r3", 99.5, 5, 1)],
+            (70, -10),
         ),
     ],
 )
@@ -135,9 +141,10 @@ def test_fit_level(need, free_hbm, free_host, level):
     assert fit_level(need, free_hbm, free_host) == level
 
 
-def test_load_key_counts_requests_sent_since_the_report():
-    stats = _stats(timestamp=100.0, running=2, waiting=1, tokens=500)
-    sent = [_sent(99.0, 1, tokens=1000), _sent(100.5, 1, tokens=70), _sent(101.0, 1, tokens=30)]
+def test_load_key_counts_sent_requests_the_report_does_not_list():
+    stats = _stats(timestamp=100.0, running=2, waiting=1, tokens=500, ids=("r1",))
+    sent = [_sent("r1", 99.0, 1, tokens=1000), _sent("r2", 100.5, 1, tokens=70),
+            _sent("r3", 99.0, 1, tokens=30)]  # fmt: skip
     assert load_key(stats, sent) == (3 + 2, 500 + 100)
 
 
@@ -181,7 +188,7 @@ LONG = WorkingSetDemand(500, 300)  # 50 pages
             "a request sent after the report counts as load and takes its pages",
             LONG,
             {"a": _stats(timestamp=NOW - 1, hbm_total=64), "b": _stats(hbm_total=64)},
-            {"a": [_sent(NOW - 0.5, 50, tokens=800)]},
+            {"a": [_sent("r1", NOW - 0.5, 50, tokens=800)]},
             [["b"]],
         ),
         (
@@ -239,8 +246,9 @@ def test_rank_replicas(name, demand, stats, sent, expected):
 
 
 def test_replica_stats_round_trip():
-    stats = _stats(layout=SPARSE, host_total=7)
+    stats = _stats(layout=SPARSE, host_total=7, ids=("r1", "r2"))
     assert ReplicaStats.from_dict(stats.to_dict()) == stats
+    assert ReplicaStats.from_dict(json.loads(json.dumps(stats.to_dict()))) == stats
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ class SpinEngine:
         self.working_sets: dict[str, WorkingSet] = {}
         self.context_tokens: dict[str, int] = {}
         """Prompt + max_tokens of each request held: the measure of load the router also
-        counts for requests it sent since the last report."""
+        counts for requests it sent that the last report does not list."""
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream the deltas of `request`; cancelling the call aborts it in the engine."""
@@ -68,6 +68,7 @@ class SpinEngine:
             num_running=load.num_running,
             num_waiting=load.num_waiting,
             running_tokens=sum(self.context_tokens.values()),
+            request_ids=tuple(self.working_sets),
             hbm_pages_used=hbm_used,
             host_pages_used=host_used,
         ).to_dict()

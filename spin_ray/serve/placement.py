@@ -24,16 +24,18 @@ P = ceil(C / page_size):
   (modes without a buffer: wanted = floor = M).
 
 Free capacity of a replica, per tier: total − committed (the working sets of the requests it
-holds, as of its report) − the working sets of requests this router sent it after the report.
+holds, as of its report) − the working sets of requests this router sent it that the report
+does not list (sent after it, or still on their way when it was taken; matched by request id,
+so no clocks are compared).
 
 Fit level of a request on a replica:
     2  wanted HBM ≤ free HBM and host ≤ free host      (fits with its full buffer)
     1  floor HBM ≤ free HBM and host ≤ free host       (fits; buffers shrink toward floors)
     0  otherwise                                       (it would wait or preempt)
 
-Load of a replica: (requests running + waiting + sent since the report,
-                    context tokens held + context tokens sent since the report), compared in
-                    order; a request's context tokens are its prompt + max_tokens.
+Load of a replica: (requests running + waiting + sent and not in the report,
+                    context tokens held + context tokens sent and not in the report), compared
+                    in order; a request's context tokens are its prompt + max_tokens.
 
 Ranking (first rank is tried first; Ray Serve picks the replica with the shortest queue within
 a rank and moves to the next rank when every replica of a rank is full):
@@ -131,9 +133,12 @@ class ReplicaStats:
     """Requests queued in the engine (admitted when their pages fit)."""
     running_tokens: int
     """Context tokens (prompt + max_tokens) of the requests the replica holds: the measure
-    the router counts for the requests it sent since the report, so both sides of the load
-    compare alike (tokens generated so far would make a replica look lighter the moment its
-    report includes a long request)."""
+    the router counts for the requests it sent that the report does not list, so both sides
+    of the load compare alike (tokens generated so far would make a replica look lighter the
+    moment its report includes a long request)."""
+    request_ids: tuple[str, ...] = ()
+    """Ids of the requests the replica holds (those the committed pages and `running_tokens`
+    count): a request the router sent counts on top of the report unless listed here."""
     hbm_pages_used: int = 0
     """Pages in use now (for dashboards; fit uses `hbm_pages_committed`)."""
     host_pages_used: int = 0
@@ -149,6 +154,7 @@ class ReplicaStats:
         if layout.get("budget") is not None:
             layout["budget"] = PageBudget(**layout["budget"])
         values["layout"] = KVLayout(**layout)
+        values["request_ids"] = tuple(values.get("request_ids", ()))
         return cls(**values)
 
 
@@ -156,6 +162,8 @@ class ReplicaStats:
 class SentRequest:
     """A request this router sent to a replica and that has not completed yet."""
 
+    request_id: str
+    """The engine request's id (what the replica lists in `ReplicaStats.request_ids`)."""
     sent_at: float
     """`time.time()` when it was sent."""
     working_set: WorkingSet
@@ -176,9 +184,15 @@ def predict_working_set(demand: WorkingSetDemand, layout: KVLayout) -> WorkingSe
     )
 
 
+def unreported(stats: ReplicaStats, sent: Sequence[SentRequest]) -> list[SentRequest]:
+    """The sent requests the report does not count (not among the ids it lists)."""
+    listed = set(stats.request_ids)
+    return [s for s in sent if s.request_id not in listed]
+
+
 def free_pages(stats: ReplicaStats, sent: Sequence[SentRequest]) -> tuple[int, int]:
-    """(free HBM pages, free host pages) after the requests sent since the report."""
-    later = [s.working_set for s in sent if s.sent_at > stats.timestamp]
+    """(free HBM pages, free host pages) after the sent requests the report does not count."""
+    later = [s.working_set for s in unreported(stats, sent)]
     hbm = stats.hbm_pages_total - stats.hbm_pages_committed - sum(w.hbm_pages for w in later)
     host = stats.host_pages_total - stats.host_pages_committed - sum(w.host_pages for w in later)
     return hbm, host
@@ -196,8 +210,8 @@ def fit_level(need: WorkingSet, free_hbm: int, free_host: int) -> int:
 
 
 def load_key(stats: ReplicaStats, sent: Sequence[SentRequest]) -> tuple[int, int]:
-    """(requests, tokens) on the replica, counting what was sent since the report."""
-    later = [s for s in sent if s.sent_at > stats.timestamp]
+    """(requests, tokens) on the replica, counting what was sent and the report does not."""
+    later = unreported(stats, sent)
     requests = stats.num_running + stats.num_waiting + len(later)
     tokens = stats.running_tokens + sum(s.context_tokens for s in later)
     return requests, tokens

@@ -8,13 +8,11 @@ prompt length and max_tokens) the router ranks the replicas with `placement.rank
 fit first (free HBM and host pages, predicted working set), then load. Replicas with fresh stats
 are offered to Ray Serve one at a time in that order (Ray takes the first whose queue is not
 full). The router counts each request on its pick at once and on the replica Ray Serve reports
-when it routes it, until it completes; requests counted after a replica's last report add to
-that report, so a burst does not all land on the replica that looked emptiest. Requests
-without an `EngineRequest` (e.g. `model_info`) go to the least loaded replica by queue length,
-as do all requests while no replica has fresh stats.
-
-Timestamps of reports (replica clock) are compared with send times (router clock); keep the
-cluster's clocks in sync (NTP) so "sent since the report" is right.
+when it routes it, until it completes; requests the replica's last report does not list (by
+request id: sent after it, or still in flight when it was taken) add to that report, so a
+burst does not all land on the replica that looked emptiest. Requests without an
+`EngineRequest` (e.g. `model_info`) go to the least loaded replica by queue length, as do all
+requests while no replica has fresh stats.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from spin_ray.serve.engine_client import EngineRequest
 from spin_ray.serve.placement import (
     ReplicaStats,
     SentRequest,
-    WorkingSetDemand,
     predict_working_set,
     rank_replicas,
 )
@@ -74,9 +71,10 @@ class KVWorkingSetRouter(RequestRouter):
         if pending_request is not None:
             # After every rank was tried (all full), back off before trying again.
             pending_request.routing_context.should_backoff = True
-        demand = request_demand(pending_request)
-        if demand is None or not candidate_replicas:
+        request = engine_request(pending_request)
+        if request is None or not candidate_replicas:
             return [candidate_replicas]
+        demand = request.demand
         now = time.time()
         self._forget_unconfirmed(now)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -100,34 +98,35 @@ class KVWorkingSetRouter(RequestRouter):
         best = ranks[0][0]
         if best in fresh:
             # Count it there now, so requests routed before the next report see it.
-            self._place(pending_request, best, demand, stats[best], now, confirmed=False)
+            self._place(pending_request, best, request, stats[best], now, confirmed=False)
         return chosen
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result
     ) -> None:
-        demand = request_demand(pending_request)
+        request = engine_request(pending_request)
         replica = self.curr_replicas.get(replica_id)
         stats = replica_stats(replica) if replica is not None else None
-        if demand is None:
+        if request is None:
             return
         if stats is None:  # no layout to size it with
             self.placements.pop(pending_request.metadata.internal_request_id, None)
             return
         self._place(
-            pending_request, replica_id.unique_id, demand, stats, time.time(), confirmed=True
+            pending_request, replica_id.unique_id, request, stats, time.time(), confirmed=True
         )
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self.placements.pop(internal_request_id, None)
 
-    def _place(self, pending_request, replica: str, demand, stats, now, confirmed) -> None:
+    def _place(self, pending_request, replica: str, request, stats, now, confirmed) -> None:
         self.placements[pending_request.metadata.internal_request_id] = _Placement(
             replica=replica,
             sent=SentRequest(
+                request_id=request.request_id,
                 sent_at=now,
-                working_set=predict_working_set(demand, stats.layout),
-                context_tokens=demand.context_tokens,
+                working_set=predict_working_set(request.demand, stats.layout),
+                context_tokens=request.demand.context_tokens,
             ),
             confirmed=confirmed,
         )
@@ -139,13 +138,13 @@ class KVWorkingSetRouter(RequestRouter):
                 del self.placements[request_id]
 
 
-def request_demand(pending_request: PendingRequest | None) -> WorkingSetDemand | None:
-    """The demand of the `EngineRequest` among the call's arguments, if there is one."""
+def engine_request(pending_request: PendingRequest | None) -> EngineRequest | None:
+    """The `EngineRequest` among the call's arguments, if there is one."""
     if pending_request is None:
         return None
     for arg in (*pending_request.args, *pending_request.kwargs.values()):
         if isinstance(arg, EngineRequest):
-            return arg.demand
+            return arg
     return None
 
 
