@@ -9,7 +9,7 @@
 # the input-length sweep) adjust it.
 #
 # Everything printed also lands in $OUT (*.log, *.json). The HBM KV capacity is the same for
-# every mode (--gpu-cache-tokens: dense's KV pool, the tiered modes' working-set slots) and is
+# every mode (--gpu-cache-tokens: dense's KV pool; spin's slots plus its dense layers' KV) and is
 # deliberately small, so the scaled-down workload keeps the regime the issue is about: far
 # more context than HBM holds.
 set -u

@@ -203,3 +203,23 @@ def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys, m
     document = json.loads(out.read_text())
     assert [r["mode"] for r in document["results"]] == ["dense"]
     assert document["skipped_modes"] == {"spin": "failed: RuntimeError: out of pinned memory"}
+
+
+def test_spin_holds_the_same_hbm_kv_bytes_as_dense():
+    """With both tiers sized, spin's HBM slots (every offloaded layer) plus its dense layers'
+    KV (kept in HBM for every CPU-tier token) equal dense's pool of `gpu_cache_tokens` tokens
+    of every layer; the other modes get the numbers as given; too little HBM names the field."""
+    from spin_ray.bench.config import BenchConfig
+    from spin_ray.sparse.config import SparseConfig
+
+    config = BenchConfig(modes=("dense", "spin"), gpu_cache_tokens=131072, cpu_cache_tokens=524288)
+    layers, dense = 32, SparseConfig().dense_layers
+    slots = config.cache_kwargs("spin", layers)["gpu_cache_tokens"]
+    assert slots * (layers - dense) + 524288 * dense <= 131072 * layers
+    assert (slots + 1) * (layers - dense) + 524288 * dense > 131072 * layers
+    assert config.cache_kwargs("sparse-naive", layers)["gpu_cache_tokens"] == 131072
+    unsized = BenchConfig(modes=("spin",), gpu_cache_tokens=4096)
+    assert unsized.cache_kwargs("spin", layers)["gpu_cache_tokens"] == 4096
+    small = BenchConfig(modes=("spin",), gpu_cache_tokens=4096, cpu_cache_tokens=131072)
+    with pytest.raises(ValueError, match="gpu_cache_tokens"):
+        small.cache_kwargs("spin", layers)

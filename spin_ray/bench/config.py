@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from spin_ray.bench.workloads import WorkloadSpec
 from spin_ray.models.named_shapes import is_named_shape
+from spin_ray.sparse.config import SparseConfig
 
 SPIN_MODES = ("dense", "dense-offload", "sparse-naive", "spin")
 """spin-ray's own modes, one engine each (issue 3)."""
@@ -40,8 +41,9 @@ class BenchConfig:
     buffer_ratio: float | None = None
     """HBM buffer pages per mandatory page in `spin` mode; None: the default."""
     gpu_cache_tokens: int | None = None
-    """HBM KV capacity in tokens, the same for every spin-ray mode: the KV pool of `dense`
-    (`num_pages`), the working-set slots of the tiered modes; None: from free memory."""
+    """HBM KV capacity in tokens of every layer's KV, the same for every spin-ray mode: the KV
+    pool of `dense` (`num_pages`), the working-set slots of the tiered modes (`spin`: less its
+    dense layers' KV, see `cache_kwargs`); None: from free memory."""
     cpu_cache_tokens: int | None = None
     """CPU-tier KV capacity in tokens for the offloading modes; None: from free memory."""
     max_num_seqs: int = 64
@@ -99,13 +101,26 @@ class BenchConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
 
-    def cache_kwargs(self) -> dict:
-        """The SPIN cache's `LLM(...)` keyword arguments that were set (issue 3's names)."""
+    def cache_kwargs(self, mode: str, num_layers: int) -> dict:
+        """The SPIN cache's `LLM(...)` keyword arguments that were set (issue 3's names), for
+        a tiered `mode` of a model with `num_layers` layers. `gpu_cache_tokens` counts KV of
+        every layer (what dense's pool holds); `spin` also keeps its dense layers' KV in HBM
+        for every CPU-tier token, so when `cpu_cache_tokens` is set that comes out of its
+        slots and both modes hold the same HBM KV bytes."""
+        slots = self.gpu_cache_tokens
+        if slots is not None and mode == "spin" and self.cpu_cache_tokens is not None:
+            dense = SparseConfig().dense_layers
+            slots = (slots * num_layers - self.cpu_cache_tokens * dense) // (num_layers - dense)
+            if slots < self.page_size:
+                raise ValueError(
+                    f"gpu_cache_tokens: {self.gpu_cache_tokens} tokens of HBM KV cannot hold "
+                    f"spin's {dense} dense layers for {self.cpu_cache_tokens} CPU-tier tokens"
+                )
         kwargs = dict(
             sparse=self.sparse,
             token_budget=self.token_budget,
             buffer_ratio=self.buffer_ratio,
-            gpu_cache_tokens=self.gpu_cache_tokens,
+            gpu_cache_tokens=slots,
             cpu_cache_tokens=self.cpu_cache_tokens,
         )
         return {k: v for k, v in kwargs.items() if v is not None}

@@ -64,6 +64,7 @@ class SpinBenchEngine:
 
     def __init__(self, mode: str, config: BenchConfig, max_model_len: int):
         from spin_ray.llm import LLM
+        from spin_ray.models.loader import model_arch
 
         kwargs = dict(
             model=config.model,
@@ -78,7 +79,9 @@ class SpinBenchEngine:
             progress=False,
         )
         if mode != "dense":
-            kwargs.update(mode=mode, **config.cache_kwargs())
+            kwargs.update(
+                mode=mode, **config.cache_kwargs(mode, model_arch(config.model).num_layers)
+            )
         elif config.gpu_cache_tokens is not None:  # the same HBM KV capacity as the tiered modes
             kwargs.update(num_pages=-(-config.gpu_cache_tokens // config.page_size))
         self.mode = mode

@@ -22,12 +22,11 @@ from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler, SchedulerOutput
-from spin_ray.models.arch import ModelArch
 from spin_ray.models.loader import (
-    load_arch,
     load_model,
     load_random_model,
     load_tokenizer,
+    model_arch,
     resolve_model_path,
 )
 from spin_ray.models.named_shapes import is_named_shape, named_shape_arch
@@ -49,7 +48,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = torch.device(config.device)
-        self.arch = arch = _load_arch(config.model)
+        self.arch = arch = model_arch(config.model)
         weight_bytes = arch.num_parameters() * _itemsize(config.dtype)
         sched = config.scheduler
         reserve = weight_bytes + activation_reserve_bytes(
@@ -328,12 +327,6 @@ class LLMEngine:
                     f"prompt_token_ids: token id {t!r} is outside the vocabulary [0, {vocab})"
                 )
         return None, token_ids
-
-
-def _load_arch(model: str) -> ModelArch:
-    if is_named_shape(model):
-        return named_shape_arch(model)
-    return load_arch(resolve_model_path(model))
 
 
 def _load_model(config: EngineConfig, backend, progress: bool):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from spin_ray.attention.backend import AttentionBackend
 from spin_ray.models.arch import ModelArch
 from spin_ray.models.llama import CausalLM
+from spin_ray.models.named_shapes import is_named_shape, named_shape_arch
 
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 """Files fetched from the hub: configs, weights and tokenizer files (no .bin/.pth duplicates)."""
@@ -62,6 +63,14 @@ def resolve_model_path(model: str) -> Path:
         raise ValueError(
             f"model: {model!r} not found locally and could not be downloaded: {e}"
         ) from e
+
+
+def model_arch(model: str) -> ModelArch:
+    """The `ModelArch` of what `LLM(model=...)` takes: a checkpoint folder, "spin-tiny", a hub
+    id, or a named shape."""
+    if is_named_shape(model):
+        return named_shape_arch(model)
+    return load_arch(resolve_model_path(model))
 
 
 def load_arch(path: str | Path) -> ModelArch:
