@@ -7,6 +7,8 @@
 #   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
 #   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
+#   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
+#              (spin-tiny, fp32, chunked prefill beside decodes)
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
 #   steps      decode step time at a fixed batch (TPOT at the same batch size), dense vs spin,
 #              8 x 32K, 8 x 64K, 4 x 128K, budget 2048, CUDA graphs
@@ -94,6 +96,11 @@ for stage in "$@"; do
                     | tee "$OUT/$name.log" | grep -E "graph decode step|hit rate|Error|error"
             done
         done
+        ;;
+    tokens)  # spin-tiny fp32: every sparse mode's tokens against the dense engine's
+        echo "=== tokens (t=${SECONDS}s): sparse_gpu.py --sections tokens" | tee -a "$OUT/commands.txt"
+        (cd "$PKG" && python3 "$REPO/bench/sparse_gpu.py" --out "$OUT/sparse_gpu_tokens" \
+            --sections tokens) 2>&1 | tee "$OUT/tokens.log"
         ;;
     steadykernels)  # GPU time per kernel of eager spin steps past the warm-up (STEP_SHAPES)
         for shape in ${STEP_SHAPES:-8x64000}; do

@@ -111,7 +111,9 @@ def check_kernels(device: str) -> list[dict]:
 
 def check_engine_tokens(device: str, quick: bool) -> list[dict]:
     """spin-tiny in fp32: every algorithm and mode at a budget covering the context generates
-    the dense engine's tokens (exercises the async offload, UVA gather, LRU and attention)."""
+    the dense engine's tokens (exercises the async offload, UVA gather, LRU and attention;
+    prompts prefill in 512-token chunks, so later chunks read their prefix back ahead of each
+    layer and decodes of earlier prompts run beside them as split graph steps)."""
     from spin_ray import LLM, SamplingParams
 
     lengths = (90, 200, 333) if quick else (300, 900, 1500, 2100)
@@ -120,7 +122,8 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
         for i, n in enumerate(lengths)
     ]
     params = SamplingParams(max_tokens=12 if quick else 32, temperature=0.0, ignore_eos=True)
-    common = dict(model="spin-tiny", device=device, dtype="float32", progress=False)
+    common = dict(model="spin-tiny", device=device, dtype="float32", progress=False,
+                  max_num_batched_tokens=512)  # fmt: skip
     dense = LLM(**common)
     want = [o.outputs[0].token_ids for o in dense.generate(prompts, params, use_tqdm=False)]
     del dense

@@ -7,7 +7,8 @@ slot lists). Per layer (`forward`):
 - layers below `first_layer` run dense, their KV kept in HBM (a `DenseAttentionBackend`);
 - every new token's K/V goes to the CPU tier (async on CUDA), and its key into the
   algorithm's summaries when they are incremental (Quest);
-- prefill chunks attend densely over their prefix read back from the CPU tier;
+- prefill chunks attend densely over their prefix read back from the CPU tier (each layer's
+  read starts on the host's side stream while the layer before it computes);
 - decode tokens: the algorithm scores pages, the runtime picks sink + top-k + local pages per
   KV head, looks them up in the GPU tier, evicts by bucketed LRU, fetches every miss of the
   layer in one gather, and runs sparse paged attention over the resident pages.
@@ -47,7 +48,7 @@ from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.selection import DecodeWindows, page_token_counts, select_pages
 from spin_ray.sparse.stats import KVStats
-from spin_ray.sparse.tiers import DeviceTier, HostTier
+from spin_ray.sparse.tiers import DeviceTier, HostTier, PendingRead
 
 
 @dataclass
@@ -107,6 +108,8 @@ class SpinAttentionBackend(AttentionBackend):
         self._index: dict[str, _IndexState] = {}
         self._step: _DecodeStep | None = None
         self._prefills: list[PrefillChunk] = []
+        self._prefix_reads: dict[tuple[int, int], PendingRead] = {}
+        """(layer, chunk index) → its prefix, being read ahead on the host's side stream."""
         num_slots = gpu.k.shape[2]
         # position of each slot in its owner's list (this step); entry num_slots: a spare
         self._slot_pos = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
@@ -131,6 +134,7 @@ class SpinAttentionBackend(AttentionBackend):
         self.counters.d2h_bytes += new_tokens * self._offload_bytes_per_token
         split = StepSplit.of(meta)
         self._prefills = split.prefills
+        self._prefix_reads.clear()
         self._step = (
             self._plan_decode(meta, split.decode_seqs, split.decode_rows)
             if split.decode_seqs
@@ -300,8 +304,7 @@ class SpinAttentionBackend(AttentionBackend):
         v_pages = torch.zeros_like(k_pages)  # [n_pages, S, Hkv, D]
         prefix_pages = -(-prefix // s)
         if prefix_pages:
-            table = self.meta.page_table[b, :prefix_pages].long()
-            pk, pv = self.host.read(layer, table)  # [Hkv, p, S, D]
+            pk, pv = self._prefix(layer, b, prefix_pages)  # [Hkv, p, S, D]
             k_pages[:prefix_pages] = pk.permute(1, 2, 0, 3)
             v_pages[:prefix_pages] = pv.permute(1, 2, 0, 3)
             self.counters.h2d_bytes += prefix_pages * heads * self.host.page_bytes
@@ -313,6 +316,18 @@ class SpinAttentionBackend(AttentionBackend):
 
             return paged_prefill_attention(q, k_pages, v_pages, pages, context_len, scale, k, v)
         return paged_prefill_attention_ref(q, k_pages, v_pages, pages, context_len, scale)
+
+    def _prefix(self, layer, b, num_pages):  # 2 × [Hkv, p, S, D]
+        """The first `num_pages` pages of chunk b's sequence in this layer, from the CPU tier:
+        read ahead while the previous layer computed (if it did), and the next layer's read
+        started now, so the prefix crosses PCIe while the GPU computes."""
+        pending = self._prefix_reads.pop((layer, b), None)
+        table = self.meta.page_table[b, :num_pages].long()
+        if pending is None:
+            pending = self.host.read_ahead(layer, table)
+        if layer + 1 < self.host.k.shape[0]:
+            self._prefix_reads[(layer + 1, b)] = self.host.read_ahead(layer + 1, table)
+        return pending.result()
 
     def _decode(self, layer, q, k, v, scale):
         step = self._step

@@ -13,10 +13,30 @@ the same logic runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from spin_ray.kernels.sparse_kv_store import store_kv_head_major, store_kv_head_major_ref
 from spin_ray.kernels.uva_gather import gather_pages, gather_pages_ref, uva_device_view
+
+
+@dataclass(frozen=True)
+class PendingRead:
+    """K/V pages being read on the host tier's side stream (`HostTier.read_ahead`)."""
+
+    k: torch.Tensor  # [Hkv, n, S, D]
+    v: torch.Tensor
+    done: torch.cuda.Event | None  # None: already read (CPU)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pages, once the current stream has waited for the read."""
+        if self.done is not None:
+            stream = torch.cuda.current_stream(self.k.device)
+            stream.wait_event(self.done)
+            self.k.record_stream(stream)  # used here: not reused before this stream is done
+            self.v.record_stream(stream)
+        return self.k, self.v
 
 
 class HostTier:
@@ -83,6 +103,20 @@ class HostTier:
         dst = torch.arange(n, device=self.device).repeat(heads)
         self.fetch(layer, k, v, src, head, dst)
         return k, v
+
+    def read_ahead(self, layer: int, pages: torch.Tensor) -> PendingRead:
+        """`read` started on the side stream (after the compute stream's work so far, before
+        later stores), so a PCIe read overlaps compute; on the CPU it reads now."""
+        if not self.on_cuda:
+            return PendingRead(*self.read(layer, pages), None)
+        compute = torch.cuda.current_stream(self.device)
+        self.side_stream.wait_stream(compute)
+        with torch.cuda.stream(self.side_stream):
+            k, v = self.read(layer, pages)
+            done = torch.cuda.Event()
+            done.record()
+        pages.record_stream(self.side_stream)
+        return PendingRead(k, v, done)
 
     def fetch(
         self,
