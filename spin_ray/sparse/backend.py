@@ -69,7 +69,6 @@ class _DecodeStep:
     store_default: torch.Tensor  # [Bd] int64 0; padding rows: the GPU tier's scratch slot
     page_table: torch.Tensor  # [Bd, maxp] int64 CPU-tier page ids
     slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
-    batch_heads: torch.Tensor  # [Bd, Hkv, 1] int64 the head of each (sequence, head) row
     listed_heads: torch.Tensor  # [Bd * Hkv * K] int64 the head of each listed page, flattened
     windows: DecodeWindows
     batch: SelectBatch
@@ -182,8 +181,8 @@ class SpinAttentionBackend(AttentionBackend):
             per_row = sum(min(width, -(-self.budget.num_pages(t) // seg)) for t in contexts)
             self.residency.reserve(self.residency.num_layers * self.residency.num_heads * per_row)
         heads = self.gpu.k.shape[1]
-        batch_heads = torch.arange(heads, device=device)[None, :, None].expand(len(decode), -1, 1)
         listed = windows.sink_pages + min(windows.max_topk, page_table.shape[1]) + windows.max_local
+        batch_heads = torch.arange(heads, device=device)[None, :, None]  # [1, Hkv, 1]
         return _DecodeStep(
             tokens=placed("tokens", torch.tensor(tokens, dtype=torch.int64)),
             rows=tensor("rows", [self.manager.rows[rid] for rid in request_ids]),
@@ -193,8 +192,9 @@ class SpinAttentionBackend(AttentionBackend):
             store_default=tensor("store_default", [0] * len(real), self.gpu.scratch_slot),
             page_table=page_table,
             slot_lists=slot_lists,
-            batch_heads=placed("batch_heads", batch_heads.contiguous()),
-            listed_heads=placed("listed_heads", batch_heads.expand(-1, -1, listed).flatten()),
+            listed_heads=placed(
+                "listed_heads", batch_heads.expand(len(decode), -1, listed).flatten()
+            ),
             windows=windows,
             batch=SelectBatch(
                 request_ids=request_ids,
