@@ -248,7 +248,7 @@ def test_debug_checks_catch_a_request_below_its_mandatory_slots(monkeypatch, mod
     only 2 slots and the first decode layer must refuse."""
     real = TieredCacheManager.slot_lists
     monkeypatch.setattr(
-        TieredCacheManager, "slot_lists", lambda self, ids, *args, **kw: real(self, ids)[:, :2]
+        TieredCacheManager, "slot_lists", lambda self, *args: real(self, *args)[:, :2]
     )
     sparse = SparseConfig(algorithm="quest", mode=mode, token_budget=5 * PAGE, sink_tokens=PAGE,
                           local_tokens=PAGE, dense_layers=1)  # fmt: skip

@@ -3,7 +3,8 @@
 A CUDA graph replays kernels on the addresses it captured, so whatever a captured step reads
 must sit in the same tensor at every replay. `StepBuffers.put` copies a step's values into the
 buffer named for them and returns it; each (name, shape, dtype) gets one buffer for good, so
-two steps with the same shapes read the same memory.
+two steps with the same shapes read the same memory. `to_step` is how a step's tensors reach
+the device either way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ def bucket(n: int) -> int:
     """`n` rounded up to a power of two (0 stays 0): the widths that vary from step to step
     are bucketed so that similar steps share one CUDA graph."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def to_step(
+    name: str, values: torch.Tensor, device: torch.device | str, buffers: StepBuffers | None
+) -> torch.Tensor:
+    """`values` (host or device) as a tensor of the step: in the persistent buffer `name` for
+    a CUDA-graph step (`buffers`), else on `device` (a copy only if it is elsewhere)."""
+    if buffers is None:
+        return values.to(device, non_blocking=True)
+    return buffers.put(name, values)
 
 
 class StepBuffers:

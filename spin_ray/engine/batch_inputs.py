@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
-from spin_ray.attention.step_buffers import StepBuffers, bucket
+from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
 from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.scheduler import SchedulerOutput
 
@@ -77,10 +77,7 @@ def build_batch_inputs(
 
     def tensor(values, dtype, name):
         host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values)
-        host = host.to(dtype)
-        if graph is not None:
-            return graph.buffers.put(name, host)
-        return host.to(device, non_blocking=True)
+        return to_step(name, host.to(dtype), device, graph.buffers if graph else None)
 
     meta = AttentionMetadata(
         query_start_loc=tensor(query_start, torch.int32, "query_start_loc"),

@@ -22,6 +22,7 @@ from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler, SchedulerOutput
+from spin_ray.models.arch import ModelArch
 from spin_ray.models.loader import (
     load_model,
     load_random_model,
@@ -29,7 +30,7 @@ from spin_ray.models.loader import (
     model_arch,
     resolve_model_path,
 )
-from spin_ray.models.named_shapes import is_named_shape, named_shape_arch
+from spin_ray.models.named_shapes import is_named_shape
 from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from spin_ray.sampling_params import SamplingParams
 from spin_ray.sparse.backend import SpinAttentionBackend
@@ -86,7 +87,7 @@ class LLMEngine:
             self.page_tables = PageTables(PagePool(num_pages), page_size)
             self.backend = DenseAttentionBackend(self.kv_cache)
         self.host_page_tables = HostPageTables(self.page_tables.tables)
-        self.model = _load_model(config, self.backend, progress)
+        self.model = _load_model(config, arch, self.backend, progress)
         self.decode_graphs: DecodeGraphs | None = None
         """Replays decode-only steps as CUDA graphs (CUDA, unless `enforce_eager`)."""
         if (
@@ -329,11 +330,10 @@ class LLMEngine:
         return None, token_ids
 
 
-def _load_model(config: EngineConfig, backend, progress: bool):
+def _load_model(config: EngineConfig, arch: ModelArch, backend, progress: bool):
     """A checkpoint's weights, or for a named shape random weights made on the device (for
     speed work without a checkpoint)."""
     if is_named_shape(config.model):
-        arch = named_shape_arch(config.model)
         return load_random_model(arch, backend, config.dtype, config.device, seed=config.seed)
     return load_model(
         resolve_model_path(config.model),

@@ -35,7 +35,7 @@ import torch
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
-from spin_ray.attention.step_buffers import StepBuffers
+from spin_ray.attention.step_buffers import StepBuffers, to_step
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
 from spin_ray.kernels.paged_attention_ref import paged_prefill_attention_ref
 from spin_ray.kernels.sparse_decode_attention import (
@@ -156,19 +156,19 @@ class SpinAttentionBackend(AttentionBackend):
         seg = self.residency.segment_pages
         buffers = self.buffers if meta.graph_batch else None
 
-        def tensor(name, values, fill=0):  # [Bd] int64: the real rows, then the padding
-            host = torch.tensor(values + [fill] * pad, dtype=torch.int64)
-            return host.to(device) if buffers is None else buffers.put(name, host)
-
         def placed(name, values):  # host or device values -> the step's device tensor
-            return values.to(device) if buffers is None else buffers.put(name, values)
+            return to_step(name, values, device, buffers)
 
-        if meta.graph_batch:  # decode only: every row is a decode row
-            page_table = placed("page_table", meta.page_table.long())
+        def tensor(name, values, fill=0):  # [Bd] int64: the real rows, then the padding
+            return placed(name, torch.tensor(values + [fill] * pad, dtype=torch.int64))
+
+        if meta.graph_batch:  # decode only: every row is a decode row (a persistent buffer)
+            table_i32 = meta.page_table  # [Bd, maxp] int32
         else:
-            rows = torch.tensor(decode, dtype=torch.int64, device=meta.page_table.device)
-            page_table = meta.page_table[rows].long()
-        slot_lists = placed("slot_lists", self.manager.slot_lists(request_ids, pad))  # [Bd, n]
+            table_i32 = meta.page_table[torch.tensor(decode, device=meta.page_table.device)]
+        page_table = placed("page_table", table_i32.long())
+        rows = tensor("rows", [self.manager.rows[rid] for rid in request_ids])
+        slot_lists = placed("slot_lists", self.manager.slot_lists(request_ids, rows))  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
         spare = self._slot_pos.numel() - 1
         self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
@@ -185,7 +185,7 @@ class SpinAttentionBackend(AttentionBackend):
         batch_heads = torch.arange(heads, device=device)[None, :, None]  # [1, Hkv, 1]
         return _DecodeStep(
             tokens=placed("tokens", torch.tensor(tokens, dtype=torch.int64)),
-            rows=tensor("rows", [self.manager.rows[rid] for rid in request_ids]),
+            rows=rows,
             context_lens=tensor("context_lens", contexts),
             last_page=tensor("last_page", [(t - 1) // self.page_size for t in contexts], -2),
             last_offset=tensor("last_offset", [(t - 1) % self.page_size for t in contexts]),
@@ -198,7 +198,7 @@ class SpinAttentionBackend(AttentionBackend):
             windows=windows,
             batch=SelectBatch(
                 request_ids=request_ids,
-                page_table=placed("page_table_i32", page_table.int()),
+                page_table=table_i32,
                 num_pages=windows.num_pages,
                 indexed_pages=tensor("indexed_pages", indexed),
                 indexed_pages_cpu=tuple(indexed),

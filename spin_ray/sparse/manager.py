@@ -115,23 +115,23 @@ class TieredCacheManager:
             for rid, slots in self.slots.items()
         }
         self.residency.check(owned)
-        table = self._slot_table.tolist()
-        for row, lists in enumerate(table):
-            held = next((slots for rid, slots in self.slots.items() if self.rows[rid] == row), [])
+        held_by_row = {row: self.slots[rid] for rid, row in self.rows.items()}
+        for row, lists in enumerate(self._slot_table.tolist()):
+            held = held_by_row.get(row, [])
             if lists != held + [-1] * (len(lists) - len(held)):
                 raise CacheIntegrityError(f"directory row {row}: slot table differs from slots")
 
     # ------------------------------------------------------------------ slots
 
     def slot_lists(
-        self, request_ids: tuple[str, ...], num_padded: int = 0
-    ) -> torch.Tensor:  # [B + num_padded, n] int64 on the device
+        self,
+        request_ids: tuple[str, ...],
+        rows: torch.Tensor,  # [B + P] int64 their directory rows, then P padding rows (any)
+    ) -> torch.Tensor:  # [B + P, n] int64 on the device
         """Each request's slot ids, padded with -1 to a power-of-two width n (steps share
-        shapes), then `num_padded` rows of -1."""
+        shapes), then a row of -1 for each padding row."""
         width = bucket(max(1, max(len(self.slots[rid]) for rid in request_ids)))
-        rows = [self.rows[rid] for rid in request_ids] + [0] * num_padded
-        rows = torch.tensor(rows, dtype=torch.int64).to(self._slot_table.device, non_blocking=True)
-        lists = self._slot_table[rows, :width]  # [B + num_padded, n]
+        lists = self._slot_table[rows, :width]  # [B + P, n]
         lists[len(request_ids) :] = -1
         return lists
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spin_ray.attention.step_buffers import StepBuffers, bucket
+from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
 from spin_ray.kernels.partition_topk import partition_topk, partition_topk_ref
 from spin_ray.sparse.budget import PageBudget
 
@@ -55,11 +55,10 @@ class DecodeWindows:
         max_local = budget.max_local_pages()
 
         def put(name: str, values: torch.Tensor) -> torch.Tensor:
-            return values if buffers is None else buffers.put(name, values)
+            return to_step(name, values, device, buffers)
 
-        def tensor(name: str, values: list[int]) -> torch.Tensor:
-            host = torch.tensor(values + [0] * num_padded, dtype=torch.int64)
-            return host.to(device) if buffers is None else buffers.put(name, host)
+        def tensor(name: str, values: list[int]) -> torch.Tensor:  # [B + num_padded] int64
+            return put(name, torch.tensor(values + [0] * num_padded, dtype=torch.int64))
 
         pages_t = tensor("windows.num_pages", num_pages)  # [B]
         local_t = tensor("windows.local_start", local_start)
