@@ -66,7 +66,6 @@ class _DecodeStep:
     context_lens: torch.Tensor  # [Bd] int64
     last_page: torch.Tensor  # [Bd] int64 logical page of the new token
     last_offset: torch.Tensor  # [Bd] int64 its row in that page
-    store_default: torch.Tensor  # [Bd] int64 0; padding rows: the GPU tier's scratch slot
     page_table: torch.Tensor  # [Bd, maxp] int64 CPU-tier page ids
     slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
     listed_heads: torch.Tensor  # [Bd * Hkv * K] int64 the head of each listed page, flattened
@@ -189,7 +188,6 @@ class SpinAttentionBackend(AttentionBackend):
             context_lens=tensor("context_lens", contexts),
             last_page=tensor("last_page", [(t - 1) // self.page_size for t in contexts], -2),
             last_offset=tensor("last_offset", [(t - 1) % self.page_size for t in contexts]),
-            store_default=tensor("store_default", [0] * len(real), self.gpu.scratch_slot),
             page_table=page_table,
             slot_lists=slot_lists,
             listed_heads=placed(
@@ -340,9 +338,7 @@ class SpinAttentionBackend(AttentionBackend):
                 slots = self._retrieve(layer, pages, step)
             else:
                 slots = self._stage(layer, pages, step)
-            last = pages == step.last_page[:, None, None]  # the page of the new token
-            current = torch.where(last, slots, 0).sum(-1) + step.store_default[:, None]
-            self.gpu.store_token(tier_layer, current, step.last_offset, k, v)
+            self.gpu.store_tokens(tier_layer, pages, slots, step.last_page, step.last_offset, k, v)
         with self.counters.phase("attention"):
             extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
             counts = page_token_counts(pages, step.context_lens, self.page_size)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spin_ray.kernels.slot_token_store import store_decode_tokens, store_decode_tokens_ref
 from spin_ray.kernels.sparse_kv_store import store_kv_head_major, store_kv_head_major_ref
 from spin_ray.kernels.uva_gather import gather_pages, gather_pages_ref, uva_device_view
 
@@ -162,15 +163,20 @@ class DeviceTier:
         self.scratch_slot = num_slots
         """A slot no request owns: padding rows of a CUDA-graph batch store their token here."""
 
-    def store_token(
+    def store_tokens(
         self,
         layer: int,
-        slots: torch.Tensor,  # [B, Hkv] int64  slot of each sequence's last page, per head
-        offsets: torch.Tensor,  # [B] int64  row of the new token in that page
+        pages: torch.Tensor,  # [B, Hkv, K] int64  pages listed this step, -1 = unused
+        slots: torch.Tensor,  # [B, Hkv, K] int64  their slots
+        last_page: torch.Tensor,  # [B] int64  page of each sequence's new token
+        last_offset: torch.Tensor,  # [B] int64  its row in that page
         k: torch.Tensor,  # [B, Hkv, D]
         v: torch.Tensor,
     ) -> None:
-        """Write each decode token's K/V into its (resident) page."""
-        heads = torch.arange(slots.shape[1], device=slots.device)[None, :]
-        self.k[layer][heads, slots, offsets[:, None]] = k.to(self.k.dtype)
-        self.v[layer][heads, slots, offsets[:, None]] = v.to(self.v.dtype)
+        """Write each decode token's K/V into the slot of its (resident, listed) last page;
+        rows that list no such page (CUDA-graph padding) write into the scratch slot."""
+        store = store_decode_tokens if self.k.is_cuda else store_decode_tokens_ref
+        store(
+            self.k[layer], self.v[layer], pages, slots, last_page, last_offset,
+            self.scratch_slot, k, v,
+        )  # fmt: skip
