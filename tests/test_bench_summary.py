@@ -123,7 +123,8 @@ def test_decode_steps_compare_at_the_largest_common_batch_size():
 
 class _RecordingEngine:
     """Answers each request with one token per step once its prompt is in (one step per prompt
-    token after the first, like a chunked prefill); remembers when requests were added."""
+    token after the first, like a chunked prefill, each counted in `last_step_tokens`);
+    remembers when requests were added."""
 
     mode = "fake"
 
@@ -141,7 +142,9 @@ class _RecordingEngine:
 
     def step(self):
         outputs = []
+        self.tokens = 0
         for rid in list(self.left):
+            self.tokens += 1  # a prompt token or a decode
             if self.prefill_left[rid]:
                 self.prefill_left[rid] -= 1
                 continue
@@ -158,6 +161,9 @@ class _RecordingEngine:
             if finished:
                 del self.left[rid]
         return outputs
+
+    def last_step_tokens(self):
+        return self.tokens
 
     def has_unfinished(self):
         return bool(self.left)
@@ -213,3 +219,15 @@ def test_decode_steps_are_the_steps_without_a_first_token():
     assert [batch for batch, _ in record.decode_steps] == [2, 1]
     assert all(seconds >= 0 for _, seconds in record.decode_steps)
     assert sum(seconds for _, seconds in record.decode_steps) <= record.step_time
+
+
+def test_a_step_with_a_prefill_chunk_is_no_decode_step():
+    """A step where a request still in its prompt rides along with decodes is not timed as a
+    decode step of the decoding batch (it also computed the chunk)."""
+    engine = _RecordingEngine()
+    requests = [BenchRequest("short", [1], output_len=4), BenchRequest("long", [1, 2, 3], 2)]
+    record = drive(engine, requests, [0.0, 0.0], math.inf, progress=False)
+    # step 1: short's first token, long's prompt; step 2: short decodes beside long's prompt;
+    # step 3: short decodes, long's first token; step 4: both decode
+    assert record.batch_sizes == (1, 1, 2, 2)
+    assert [batch for batch, _ in record.decode_steps] == [2]

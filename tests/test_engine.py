@@ -257,3 +257,17 @@ def test_cli_sparse_flags_reach_the_engine(capsys):
     assert cli_main(base + sparse) == 0
     quest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert quest["token_ids"] == dense["token_ids"]
+
+
+def test_last_step_tokens_counts_prompt_chunks_and_decodes(make_llm):
+    llm = make_llm(model="spin-tiny", page_size=4, max_num_batched_tokens=16)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    engine.add_request("r0", random_prompts((40,), seed=3)[0], params)
+    counts = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        counts.append(engine.last_step_tokens)
+    # the 40-token prompt in chunks of 16, 16 and 8 (which samples the first token), then two
+    # decodes
+    assert counts == [16, 16, 8, 1, 1]

@@ -29,6 +29,10 @@ class BenchEngine(Protocol):
         """One engine step; the `RequestOutput`s (cumulative `outputs[0].token_ids`,
         `finished`) of requests that got a token or finished."""
 
+    def last_step_tokens(self) -> int | None:
+        """Tokens the last `step()` computed (prompt chunks and decodes); None if the engine
+        does not say."""
+
     def has_unfinished(self) -> bool: ...
 
     def abort(self, request_id: str) -> None:
@@ -100,6 +104,9 @@ class SpinBenchEngine:
     def step(self) -> list:
         return self.engine.step()
 
+    def last_step_tokens(self) -> int:
+        return self.engine.last_step_tokens
+
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished_requests()
 
@@ -149,6 +156,9 @@ class VllmBenchEngine:
 
     def step(self) -> list:
         return self.engine.step()
+
+    def last_step_tokens(self) -> None:
+        return None  # vLLM's offline engine does not report its batch's tokens
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished_requests()

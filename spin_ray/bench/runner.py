@@ -67,9 +67,10 @@ class RunRecord:
     batch_sizes: tuple[int, ...]
     """Requests that got a token, for each step that produced tokens."""
     decode_steps: tuple[tuple[int, float], ...]
-    """(batch size, seconds inside `step()`) of each step whose outputs all belong to requests
-    that already had their first token: decode steps as the client sees them (a prefill chunk
-    of a request yet to produce a token may share the step)."""
+    """(batch size, seconds inside `step()`) of each step that only decoded: every output
+    belongs to a request that already had its first token, and the step computed one token per
+    output (no prefill chunk rode along). Empty for engines that do not report their steps'
+    tokens (vLLM)."""
     timings: tuple[RequestTiming, ...]
     kv_stats: dict[str, float] | None
     """Change of the `COUNTER_STATS` over the run; None where the engine keeps none."""
@@ -139,7 +140,7 @@ def drive(
             step_time += step_end - step_start
             if outputs:
                 batch_sizes.append(len(outputs))
-                if all(generated.get(output.request_id, 0) for output in outputs):
+                if _decode_only(engine, outputs, generated):
                     decode_steps.append((len(outputs), step_end - step_start))
             for output in outputs:
                 rid = output.request_id
@@ -241,6 +242,13 @@ def run_benchmark(
 def _failure(mode: str, err: Exception, log: Callable[[str], None]) -> str:
     log(f"[{mode}] failed:\n{traceback.format_exc()}")
     return f"{type(err).__name__}: {err}"
+
+
+def _decode_only(engine: BenchEngine, outputs: list, generated: dict[str, int]) -> bool:
+    """The step that produced `outputs` only decoded (`generated`: tokens before the step)."""
+    return engine.last_step_tokens() == len(outputs) and all(
+        generated.get(output.request_id, 0) for output in outputs
+    )
 
 
 def _counter_change(

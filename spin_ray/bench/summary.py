@@ -20,9 +20,9 @@ UNITS = {
     "*_share": "fraction of the time spent inside step(); None where the phases went untimed "
     "(CUDA-graph decode: measure with --enforce-eager)",
     "duration": "s, first arrival to last finish (or the time limit when truncated)",
-    "decode_step_ms_by_batch": "batch size -> median ms inside step() of the decode steps "
-    "(every output a request's second or later token) of that size, for sizes with "
-    "MIN_STEPS_PER_BATCH or more such steps",
+    "decode_step_ms_by_batch": "batch size -> median ms inside step() of the decode-only steps "
+    "(every output a request's second or later token, no prefill chunk in the step) of that "
+    "size, for sizes with MIN_STEPS_PER_BATCH or more such steps",
     "same_batch_size": "largest batch size in both spin's and dense's decode_step_ms_by_batch",
     "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
 }

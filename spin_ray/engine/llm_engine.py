@@ -105,6 +105,8 @@ class LLMEngine:
         self.detokenizers: dict[str, Detokenizer] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.logprobs: dict[str, list[TokenLogprob]] = {}
+        self.last_step_tokens = 0
+        """Tokens the last `step()` ran through the model: prompt chunks and decodes."""
         self.eos_token_ids = frozenset(arch.eos_token_ids) or (
             frozenset({self.tokenizer.eos_token_id}) - {None}
         )
@@ -192,6 +194,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of requests that got a token or finished."""
         scheduled = self.scheduler.schedule()
+        self.last_step_tokens = scheduled.num_batched_tokens
         for request_id in scheduled.preempted:
             self.backend.release(request_id)
         if scheduled.is_empty:
