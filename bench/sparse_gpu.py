@@ -79,14 +79,16 @@ def check_kernels(device: str) -> list[dict]:
         q = torch.randn(b, hq, d, generator=gen).to(dtype)
         slot_ids = torch.randint(-1, m, (b, heads, entries), generator=gen)
         slot_ids[:, :, 0] = 0
-        counts = torch.where(
-            slot_ids >= 0, torch.randint(1, s + 1, slot_ids.shape, generator=gen), 0
-        )
-        counts = counts.int()
-        ref = sparse_decode_attention_ref(q, dk, dv, slot_ids, counts, d**-0.5)
+        context_lens = torch.randint(1, 2 * entries * s, (b,), generator=gen)
+        last_page = (context_lens - 1) // s  # [B]  lists hold partial last pages too
+        page_ids = torch.rand(slot_ids.shape, generator=gen) * (last_page + 1)[:, None, None]
+        page_ids = torch.where(slot_ids >= 0, page_ids.long(), -1)  # [B, heads, entries]
+        page_ids[:, :, 0] = last_page[:, None]
+        ref = sparse_decode_attention_ref(q, dk, dv, slot_ids, page_ids, context_lens, d**-0.5)
         out = sparse_decode_attention(
-            q.to(device), gk, gv, slot_ids.to(device), counts.to(device), d**-0.5
-        )
+            q.to(device), gk, gv, slot_ids.to(device), page_ids.to(device),
+            context_lens.to(device), d**-0.5,
+        )  # fmt: skip
         record(
             "sparse_decode_attention",
             dtype,

@@ -164,8 +164,11 @@ def _decode_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    part_ptr,  # [B, Hq, num_splits, D] fp32
-    lse_ptr,  # [B, Hq, num_splits] fp32, log2 domain
+    part_ptr,  # [B, Hq, num_splits, D] fp32 normalised partial outputs
+    lse_ptr,  # [B, Hq, num_splits] fp32, log2 domain, -inf for a split without keys
+    extra_m_ptr,  # [B, Hq] contiguous: an extra partial's max logit (natural log; HAS_EXTRA)
+    extra_l_ptr,  # [B, Hq] contiguous: its Σ exp(logit - m)
+    extra_acc_ptr,  # [B, Hq, D] contiguous: its Σ exp(logit - m) · value
     out_ptr,  # [B, Hq, D]
     stride_pb,
     stride_ph,
@@ -175,6 +178,7 @@ def _merge_splits_kernel(
     stride_ob,
     stride_oh,
     num_splits,
+    HAS_EXTRA: tl.constexpr,
     BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -188,8 +192,6 @@ def _merge_splits_kernel(
     lse = tl.load(
         lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf")
     )  # [BLOCK_S]
-    weight = tl.exp2(lse - tl.max(lse, 0))  # splits without keys get 0
-    weight = weight / tl.sum(weight, 0)
     part = tl.load(
         part_ptr
         + seq * stride_pb
@@ -199,12 +201,68 @@ def _merge_splits_kernel(
         mask=s_mask[:, None] & d_mask[None, :],
         other=0.0,
     )  # [BLOCK_S, BLOCK_D]
+    top = tl.max(lse, 0)
+    if HAS_EXTRA:
+        row = seq * tl.num_programs(1) + head
+        extra_m = tl.load(extra_m_ptr + row).to(tl.float32) * 1.4426950408889634  # · log2(e)
+        extra_l = tl.load(extra_l_ptr + row).to(tl.float32)
+        extra_acc = tl.load(extra_acc_ptr + row * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        top = tl.maximum(top, extra_m)
+    top = tl.where(top == float("-inf"), 0.0, top)  # no keys at all: the output is 0
+    weight = tl.exp2(lse - top)  # [BLOCK_S]  splits without keys get 0
+    total = tl.sum(weight, 0)
     out = tl.sum(part * weight[:, None], 0)  # [BLOCK_D]
+    if HAS_EXTRA:
+        extra_weight = tl.exp2(extra_m - top)
+        total += extra_weight * extra_l
+        out += extra_weight * extra_acc.to(tl.float32)
+    out = out / tl.where(total > 0.0, total, 1.0)
     tl.store(
         out_ptr + seq * stride_ob + head * stride_oh + offs_d,
         out.to(out_ptr.dtype.element_ty),
         mask=d_mask,
     )
+
+
+def merge_splits(
+    part: torch.Tensor,  # [B, Hq, P, D] fp32 normalised partial outputs, last dim contiguous
+    lse: torch.Tensor,  # [B, Hq, P] fp32 their log2-domain log-sum-exp, -inf for no keys
+    out: torch.Tensor,  # [B, Hq, D] written, last dim contiguous
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # out
+    """Softmax-merge P split partials per (sequence, query head) into `out` (in its dtype), with
+    an optional unnormalised extra partial `extra` = (m [B, Hq], Σ exp(logit - m) [B, Hq],
+    Σ exp(logit - m) · value [B, Hq, D]) in the natural-log domain. One launch; a head without
+    any key gets 0."""
+    batch, num_heads, num_splits, head_dim = part.shape
+    assert lse.shape == (batch, num_heads, num_splits) and out.shape == (batch, num_heads, head_dim)
+    assert part.dtype == lse.dtype == torch.float32
+    assert part.stride(-1) == 1 and lse.stride(-1) == 1 and out.stride(-1) == 1
+    if extra is not None:
+        em, el, eacc = extra
+        assert em.shape == el.shape == (batch, num_heads) and eacc.shape == out.shape
+        assert em.is_contiguous() and el.is_contiguous() and eacc.is_contiguous()
+    else:
+        em = el = eacc = lse  # not read
+    _merge_splits_kernel[(batch, num_heads)](
+        part,
+        lse,
+        em,
+        el,
+        eacc,
+        out,
+        *part.stride()[:3],
+        *lse.stride()[:2],
+        out.stride(0),
+        out.stride(1),
+        num_splits,
+        HAS_EXTRA=extra is not None,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )
+    return out
 
 
 _INTERPRETED = isinstance(_decode_split_kernel, InterpretedFunction)
@@ -361,18 +419,5 @@ def paged_decode_attention(
         num_stages=config.num_stages,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(batch, num_heads)](
-            part,
-            lse,
-            out,
-            *part.stride()[:3],
-            *lse.stride()[:2],
-            out.stride(0),
-            out.stride(1),
-            num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            num_warps=4,
-        )
+        merge_splits(part, lse, out)
     return out

@@ -16,37 +16,62 @@ from spin_ray.kernels.sparse_kv_store import store_kv_head_major, store_kv_head_
 from spin_ray.kernels.uva_gather import gather_pages, gather_pages_ref
 
 
-def _nan_slots(gen, heads, num_slots, page_size, head_dim, slots, counts):
+def _sparse_lists(gen, batch, hkv, page_size, entries, num_slots):
+    """Per-(b, h) lists of logical pages (-1 = unused, about a quarter; the context's partial
+    last page always listed; some pages past the context) with distinct GPU slots, context
+    lengths, and each listed page's valid tokens written out: clamp(ctx - page·S, 0, S). The last
+    sequence lists nothing (a padding row of a CUDA-graph batch)."""
+    context_lens = torch.randint(1, entries * page_size, (batch,), generator=gen)
+    context_lens[0] = entries * page_size - page_size // 2  # partial last page
+    num_pages = -(-context_lens // page_size)  # [B]
+    pages = torch.stack(
+        [torch.randint(0, int(n) + 2, (hkv, entries), generator=gen) for n in num_pages]
+    )  # [B, Hkv, K]
+    pages[torch.rand(pages.shape, generator=gen) < 0.25] = -1
+    pages[:, :, 0] = (num_pages - 1)[:, None]
+    pages[-1] = -1
+    slots = torch.randperm(num_slots, generator=gen)[: pages.numel()].view(pages.shape)
+    slots = torch.where(pages >= 0, slots, -1)
+    left = context_lens[:, None, None] - pages * page_size
+    counts = torch.where(pages >= 0, left.clamp(0, page_size), 0)
+    return pages, slots, context_lens, counts
+
+
+def _nan_slots(gen, heads, num_slots, page_size, head_dim, slots, counts, dtype):
     """GPU-tier K/V that are NaN everywhere except the valid tokens of the listed slots."""
-    k = torch.full((heads, num_slots, page_size, head_dim), float("nan"))
+    k = torch.full((heads, num_slots, page_size, head_dim), float("nan"), dtype=dtype)
     v = torch.full_like(k, float("nan"))
     b, h, j = (slots >= 0).nonzero(as_tuple=True)
     for bi, hi, ji in zip(b.tolist(), h.tolist(), j.tolist()):
         n = int(counts[bi, hi, ji])
-        k[hi, slots[bi, hi, ji], :n] = torch.randn(n, head_dim, generator=gen)
-        v[hi, slots[bi, hi, ji], :n] = torch.randn(n, head_dim, generator=gen)
+        k[hi, slots[bi, hi, ji], :n] = torch.randn(n, head_dim, generator=gen).to(dtype)
+        v[hi, slots[bi, hi, ji], :n] = torch.randn(n, head_dim, generator=gen).to(dtype)
     return k, v
 
 
 @pytest.mark.parametrize(
     "batch,hq,hkv,head_dim,page_size,entries,split",
-    [(2, 4, 2, 16, 16, 9, 4), (3, 6, 3, 8, 4, 7, 16), (1, 8, 1, 32, 16, 33, 8)],
+    [
+        (3, 4, 2, 16, 16, 9, 4),
+        (3, 6, 3, 8, 4, 7, 16),
+        (2, 8, 1, 32, 16, 33, 8),
+        (2, 2, 1, 16, 4, 5, 1),
+    ],
 )
 @pytest.mark.parametrize("with_extra", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_decode_attention_matches_reference(
-    batch, hq, hkv, head_dim, page_size, entries, split, with_extra
+    batch, hq, hkv, head_dim, page_size, entries, split, with_extra, dtype
 ):
     gen = torch.Generator().manual_seed(batch * 100 + entries)
-    num_slots = batch * entries + 2
-    # distinct slots per (b, h) entry; about a quarter unused (-1), partial counts
-    slots = torch.randperm(num_slots, generator=gen)[: batch * entries].view(batch, 1, entries)
-    slots = slots.expand(batch, hkv, entries).clone()
-    slots[torch.rand(slots.shape, generator=gen) < 0.25] = -1
-    slots[:, :, 0] = torch.arange(batch)[:, None]  # every (b, h) attends at least one page
-    counts = torch.randint(1, page_size + 1, slots.shape, generator=gen, dtype=torch.int32)
-    counts = torch.where(slots >= 0, counts, 0)
-    k, v = _nan_slots(gen, hkv, num_slots, page_size, head_dim, slots, counts)
-    q = torch.randn(batch, hq, head_dim, generator=gen)
+    num_slots = batch * hkv * entries + 2
+    pages, slots, context_lens, counts = _sparse_lists(
+        gen, batch, hkv, page_size, entries, num_slots
+    )
+    assert ((pages >= 0) & (counts == 0)).any(), "a listed page past the context"
+    assert ((counts > 0) & (counts < page_size)).any(), "a partial page"
+    k, v = _nan_slots(gen, hkv, num_slots, page_size, head_dim, slots, counts, dtype)
+    q = torch.randn(batch, hq, head_dim, generator=gen).to(dtype)
     extra = None
     if with_extra:
         extra = (
@@ -54,25 +79,37 @@ def test_sparse_decode_attention_matches_reference(
             torch.rand(batch, hq, generator=gen) + 0.5,
             torch.randn(batch, hq, head_dim, generator=gen),
         )
-    ref = sparse_decode_attention_ref(q, k, v, slots, counts, 0.25, extra)
-    out = sparse_decode_attention(q, k, v, slots, counts, 0.25, extra, entries_per_split=split)
+        extra[0][0, 0] = float("-inf")  # an empty extra partial
+    ref = sparse_decode_attention_ref(q, k, v, slots, pages, context_lens, 0.25, extra)
+    out = sparse_decode_attention(
+        q, k, v, slots, pages, context_lens, 0.25, extra, entries_per_split=split
+    )
     assert not ref.isnan().any() and not out.isnan().any()
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert out.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    if with_extra:  # the row listing nothing attends the extra partial alone
+        _, el, eacc = extra
+        torch.testing.assert_close(ref[-1].float(), eacc[-1] / el[-1, :, None], atol=tol, rtol=tol)
+    else:
+        assert out[-1].eq(0).all() and ref[-1].eq(0).all(), "a row attending nothing gets 0"
 
 
 def test_sparse_decode_reference_is_softmax_attention():
-    """The reference equals softmax(q·kᵀ·scale)·v over the listed tokens, written out, and the
-    extra partial is merged as if its (m, l, acc) were more keys."""
+    """The reference equals softmax(q·kᵀ·scale)·v over the valid tokens of the listed pages,
+    written out (the last page partial, a page past the context read as empty), and the extra
+    partial is merged as if its (m, l, acc) were more keys."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 4, generator=gen)  # Hq = 2, one KV head (GQA group of 2)
     k = torch.randn(1, 3, 2, 4, generator=gen)  # 3 slots of 2 tokens
     v = torch.randn(1, 3, 2, 4, generator=gen)
-    slots = torch.tensor([[[2, -1, 0]]])
-    counts = torch.tensor([[[2, 0, 1]]], dtype=torch.int32)
+    context_lens = torch.tensor([3])  # page 0 full, page 1 holds one token, page 2 none
+    pages = torch.tensor([[[0, -1, 1, 2]]])
+    slots = torch.tensor([[[2, -1, 0, 1]]])
     keys = torch.cat([k[0, 2], k[0, 0, :1]])  # [3, 4]
     values = torch.cat([v[0, 2], v[0, 0, :1]])
     expected = torch.softmax(q[0] @ keys.T * 0.5, -1) @ values  # [2, 4]
-    out = sparse_decode_attention_ref(q, k, v, slots, counts, 0.5)
+    out = sparse_decode_attention_ref(q, k, v, slots, pages, context_lens, 0.5)
     torch.testing.assert_close(out[0], expected)
     # an extra partial built from one more key e with value w must equal attending to it too
     e, w = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
@@ -82,8 +119,11 @@ def test_sparse_decode_reference_is_softmax_attention():
         [values, w[None]]
     )
     torch.testing.assert_close(
-        sparse_decode_attention_ref(q, k, v, slots, counts, 0.5, extra)[0], expected
+        sparse_decode_attention_ref(q, k, v, slots, pages, context_lens, 0.5, extra)[0], expected
     )
+    # nothing listed: 0
+    nothing = torch.full_like(pages, -1)
+    assert sparse_decode_attention_ref(q, k, v, nothing, nothing, context_lens, 0.5).eq(0).all()
 
 
 def test_lru_victims_kernel_and_reference_match_the_sort_spec():

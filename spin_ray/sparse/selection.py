@@ -97,13 +97,3 @@ def select_pages(
     sink = windows.sink_list.expand(b, h, -1)
     local = windows.local_list.expand(b, h, -1)
     return torch.cat([sink, chosen, local], dim=-1)
-
-
-def page_token_counts(
-    pages: torch.Tensor,  # [B, H, K] int64, -1 = unused
-    context_lens: torch.Tensor,  # [B]
-    page_size: int,
-) -> torch.Tensor:  # [B, H, K] int32
-    """Valid tokens of each listed page (the last page of a sequence may be partial)."""
-    left = context_lens.long()[:, None, None] - pages.clamp(min=0) * page_size
-    return torch.where(pages >= 0, left.clamp(0, page_size), 0).int()
