@@ -46,7 +46,7 @@ from spin_ray.kernels.spin_retrieve import fits, spin_retrieve
 from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
-from spin_ray.sparse.selection import DecodeWindows, page_token_counts, select_pages
+from spin_ray.sparse.selection import DecodeWindows, select_pages
 from spin_ray.sparse.stats import KVStats
 from spin_ray.sparse.tiers import DeviceTier, HostTier, PendingRead
 
@@ -341,11 +341,9 @@ class SpinAttentionBackend(AttentionBackend):
             self.gpu.store_tokens(tier_layer, pages, slots, step.last_page, step.last_offset, k, v)
         with self.counters.phase("attention"):
             extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
-            counts = page_token_counts(pages, step.context_lens, self.page_size)
             attend = sparse_decode_attention if self.on_cuda else sparse_decode_attention_ref
-            return attend(
-                q, self.gpu.k[tier_layer], self.gpu.v[tier_layer], slots, counts, scale, extra
-            )
+            k_slots, v_slots = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
+            return attend(q, k_slots, v_slots, slots, pages, step.context_lens, scale, extra)
 
     def _stage(self, layer, pages, step):  # [B, Hkv, K] slots
         """No buffer: every listed page is fetched into the request's slots, in list order."""
