@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from spin_ray.kernels.quest_append import quest_append, quest_append_ref
 from spin_ray.kernels.quest_page_scores import quest_page_scores, quest_page_scores_ref
 from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
@@ -23,20 +24,14 @@ class Quest(SparseAlgorithm):
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
         g = geometry
+        # row P is the spare that the CPU reference's padding tokens (slot -1) write
         shape = (g.num_layers, g.num_cpu_pages + 1, g.num_kv_heads, g.head_dim)
         self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P + 1, Hkv, D]
         self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)
-        self.spare = g.num_cpu_pages
-        """Row that padding tokens (slot -1) write, so `append` needs no data-dependent shape."""
 
     def append(self, layer, slots, k):
-        s = self.geometry.page_size
-        page = torch.where(slots >= 0, slots // s, self.spare)  # [N]
-        first = torch.where(slots % s == 0, page, self.spare)  # pages starting afresh
-        idx = page[:, None, None].expand_as(k)  # [N, Hkv, D]
-        for summary, reduce in ((self.kmin[layer], "amin"), (self.kmax[layer], "amax")):
-            summary.index_copy_(0, first, k)  # [P + 1, Hkv, D]
-            summary.scatter_reduce_(0, idx, k, reduce)
+        fold = quest_append if k.is_cuda else quest_append_ref
+        fold(self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size)
 
     def page_scores(self, layer, q, batch):
         score = quest_page_scores if q.is_cuda else quest_page_scores_ref
