@@ -22,7 +22,9 @@ import torch
 def check_kernels(device: str) -> list[dict]:
     """Each kernel against its reference on random inputs, in bf16 and fp32."""
     from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
+    from spin_ray.kernels.quest_append import quest_append, quest_append_ref
     from spin_ray.kernels.quest_page_scores import quest_page_scores, quest_page_scores_ref
+    from spin_ray.kernels.slot_token_store import store_decode_tokens, store_decode_tokens_ref
     from spin_ray.kernels.sparse_decode_attention import (
         sparse_decode_attention,
         sparse_decode_attention_ref,
@@ -103,6 +105,33 @@ def check_kernels(device: str) -> list[dict]:
         ref = quest_page_scores_ref(q, kmin, kmax, table)
         out = quest_page_scores(q.to(device), kmin.to(device), kmax.to(device), table.to(device))
         record("quest_page_scores", dtype, out.cpu(), ref, 1e-1 if dtype != torch.float32 else 1e-3)
+        # Quest summaries folded in: a prefill chunk from mid-page, padding, decodes
+        chunk = torch.arange(3 * s + 5, 3 * s + 5 + 37)  # pages 3..5, starting mid-page
+        decodes = torch.tensor([9 * s, 12 * s + 7, 20 * s + s - 1])  # fresh, mid, last row
+        slots = torch.cat([decodes, chunk, torch.full((3,), -1)])  # [N] int64
+        k = torch.randn(len(slots), heads, d, generator=gen).to(dtype)
+        got = [kmin.clone(), kmax.clone()]  # [P, heads, d]: the last row is the spare
+        quest_append_ref(kmin, kmax, slots, k, s)
+        got = [t.to(device) for t in got]
+        quest_append(got[0], got[1], slots.to(device), k.to(device), s)
+        for name, out, ref in (("min", got[0], kmin), ("max", got[1], kmax)):
+            record(f"quest_append ({name})", dtype, out[:-1].cpu(), ref[:-1], 0.0)
+        # decode tokens stored into the slot of their last page (padding: the scratch slot)
+        last_page = torch.tensor([2, 7, -2])  # row 2 is padding
+        last_offset = torch.tensor([3, 15, 0])
+        listed = torch.stack([torch.randperm(8, generator=gen) for _ in range(3 * heads)])
+        listed = listed.view(3, heads, 8)  # [B, heads, 8] pages 0..7, any order
+        slot_of = torch.randperm(m - 1, generator=gen)[: listed.numel()].view_as(listed)
+        k, v = (torch.randn(3, heads, d, generator=gen).to(dtype) for _ in range(2))
+        ref_k, ref_v = dk.clone(), dv.clone()
+        store_decode_tokens_ref(ref_k, ref_v, listed, slot_of, last_page, last_offset, m - 1, k, v)
+        out_k, out_v = dk.to(device), dv.to(device)
+        store_decode_tokens(
+            out_k, out_v, listed.to(device), slot_of.to(device), last_page.to(device),
+            last_offset.to(device), m - 1, k.to(device), v.to(device),
+        )  # fmt: skip
+        record("store_decode_tokens", dtype, torch.cat([out_k, out_v]).cpu(),
+               torch.cat([ref_k, ref_v]), 0.0)  # fmt: skip
     keys = torch.randint(0, 66, (64, 900), generator=gen, dtype=torch.uint8)
     need = torch.randint(0, 900, (64,), generator=gen)
     ref = lru_victims_ref(keys, need, 66)
