@@ -22,6 +22,7 @@ RESULT_FIELDS = {
     "ttft_mean",
     "ttft_p50",
     "ttft_p99",
+    "ttft_censored",
     "tpot_mean",
     "tpot_p50",
     "tpot_p99",
@@ -80,7 +81,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
     ]
     for r in results:
         assert set(r) == RESULT_FIELDS
-        assert r["completed"] == NUM_PROMPTS and not r["truncated"]
+        assert r["completed"] == NUM_PROMPTS and not r["truncated"] and r["ttft_censored"] == 0
         assert r["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
         assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN
         assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])

@@ -192,14 +192,20 @@ def test_requests_join_no_earlier_than_their_arrival():
 def test_time_limit_aborts_and_marks_the_run_truncated():
     engine = _RecordingEngine()
     requests = [BenchRequest(f"r{i}", [1], output_len=10**9) for i in range(2)]
+    requests.append(BenchRequest("queued", [1] * 10**6, output_len=1))  # never out of prefill
     requests.append(BenchRequest("late", [1], output_len=1))
-    record = drive(engine, requests, [0.0, 0.0, 60.0], math.inf, False, time_limit=0.05)
+    record = drive(engine, requests, [0.0, 0.0, 0.0, 60.0], math.inf, False, time_limit=0.05)
     assert record.truncated and record.duration == 0.05
     assert not engine.has_unfinished() and "late" not in engine.added_at
     r = summarize(record)
     assert r["completed"] == 0 and r["truncated"]
     assert r["output_throughput"] == pytest.approx(r["output_tokens"] / 0.05)
-    assert r["ttft_p50"] is not None
+    # the queued request waited the whole run for its first token: it counts (a lower bound);
+    # the late one was never sent
+    assert record.timings[2].first_token is None and r["ttft_censored"] == 1
+    served = [(t.first_token - t.arrival) * 1e3 for t in record.timings[:2]]
+    assert r["ttft_mean"] == pytest.approx((sum(served) + 50.0) / 3)
+    assert "0/4 requests finished; 1 had no first token yet" in markdown_report([r], [], {})
     # unfinished requests' TPOT runs to their latest token
     for t in record.timings[:2]:
         assert t.finished is None and t.output_len >= 2 and t.last_token > t.first_token

@@ -128,6 +128,12 @@ def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[
     parts += [
         f"{r['mode']} at rate {r['request_rate']}: stopped by the time limit after "
         f"{r['duration']:g} s, {r['completed']}/{r['num_requests']} requests finished"
+        + (
+            f"; {r['ttft_censored']} had no first token yet and count in its TTFT as waiting "
+            "until the limit (a lower bound)"
+            if r["ttft_censored"]
+            else ""
+        )
         for r in results
         if r["truncated"]
     ]

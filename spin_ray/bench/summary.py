@@ -13,7 +13,9 @@ UNITS = {
     "request_throughput": "requests/s",
     "output_throughput": "output tokens/s",
     "total_token_throughput": "input + output tokens/s",
-    "ttft_*": "ms, planned arrival to first token (every request that got one)",
+    "ttft_*": "ms, planned arrival to first token; in a truncated run a request that arrived "
+    "but got no token counts as (time limit - arrival), a lower bound (see ttft_censored)",
+    "ttft_censored": "requests whose TTFT is that lower bound (0 unless the run was truncated)",
     "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
     "*_bytes": "bytes",
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
@@ -42,13 +44,17 @@ TIME_SHARES = (
 def summarize(record: RunRecord) -> dict:
     """Per-mode figures of `record`; a figure the engine cannot supply is None, never a guess."""
     done = [t for t in record.timings if t.finished is not None]
+    duration = record.duration
+    # a request still waiting for its first token when a truncated run stopped has waited at
+    # least until then: leaving it out would flatter the mode that queued it
+    waiting = [t for t in record.timings if t.first_token is None and t.arrival < duration]
     ttfts = [(t.first_token - t.arrival) * 1e3 for t in record.timings if t.first_token is not None]
+    ttfts += [(duration - t.arrival) * 1e3 for t in waiting]
     tpots = [  # unfinished requests of a truncated run count up to their latest token
         (t.last_token - t.first_token) / (t.output_len - 1) * 1e3
         for t in record.timings
         if t.output_len > 1
     ]
-    duration = record.duration
     output_tokens = sum(t.output_len for t in record.timings)
     input_tokens = sum(t.input_len for t in done)
     stats = record.kv_stats or {}
@@ -66,6 +72,7 @@ def summarize(record: RunRecord) -> dict:
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
         **_percentiles("ttft", ttfts),
+        "ttft_censored": len(waiting),
         **_percentiles("tpot", tpots),
         "mean_batch": float(np.mean(record.batch_sizes)) if record.batch_sizes else None,
         "max_batch": max(record.batch_sizes, default=None),
