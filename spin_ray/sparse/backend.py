@@ -158,15 +158,23 @@ class SpinAttentionBackend(AttentionBackend):
         def placed(name, values):  # host or device values -> the step's device tensor
             return to_step(name, values, device, buffers)
 
-        def tensor(name, values, fill=0):  # [Bd] int64: the real rows, then the padding
-            return placed(name, torch.tensor(values + [fill] * pad, dtype=torch.int64))
+        # the per-row integers in one transfer, [6, Bd]: the real rows, then the padding's
+        # (it stores into the scratch slot: last page -2 is listed nowhere)
+        ints = placed("decode_ints", torch.tensor([
+            tokens,
+            [self.manager.rows[rid] for rid in request_ids] + [0] * pad,
+            contexts + [0] * pad,
+            [(t - 1) // self.page_size for t in contexts] + [-2] * pad,
+            [(t - 1) % self.page_size for t in contexts] + [0] * pad,
+            indexed + [0] * pad,
+        ], dtype=torch.int64))  # fmt: skip
+        tokens_t, rows, context_lens, last_page, last_offset, indexed_pages = ints
 
         if meta.graph_batch:  # decode only: every row is a decode row (a persistent buffer)
             table_i32 = meta.page_table  # [Bd, maxp] int32
         else:
             table_i32 = meta.page_table[torch.tensor(decode, device=meta.page_table.device)]
         page_table = placed("page_table", table_i32.long())
-        rows = tensor("rows", [self.manager.rows[rid] for rid in request_ids])
         slot_lists = placed("slot_lists", self.manager.slot_lists(request_ids, rows))  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
         spare = self._slot_pos.numel() - 1
@@ -183,11 +191,11 @@ class SpinAttentionBackend(AttentionBackend):
         listed = windows.sink_pages + min(windows.max_topk, page_table.shape[1]) + windows.max_local
         batch_heads = torch.arange(heads, device=device)[None, :, None]  # [1, Hkv, 1]
         return _DecodeStep(
-            tokens=placed("tokens", torch.tensor(tokens, dtype=torch.int64)),
+            tokens=tokens_t,
             rows=rows,
-            context_lens=tensor("context_lens", contexts),
-            last_page=tensor("last_page", [(t - 1) // self.page_size for t in contexts], -2),
-            last_offset=tensor("last_offset", [(t - 1) % self.page_size for t in contexts]),
+            context_lens=context_lens,
+            last_page=last_page,
+            last_offset=last_offset,
             page_table=page_table,
             slot_lists=slot_lists,
             listed_heads=placed(
@@ -198,7 +206,7 @@ class SpinAttentionBackend(AttentionBackend):
                 request_ids=request_ids,
                 page_table=table_i32,
                 num_pages=windows.num_pages,
-                indexed_pages=tensor("indexed_pages", indexed),
+                indexed_pages=indexed_pages,
                 indexed_pages_cpu=tuple(indexed),
             ),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
@@ -44,7 +45,8 @@ class DecodeWindows:
         rounded up to a power of two, so that steps share CUDA graphs, and a step computes the
         same numbers eagerly as in a graph (the attention kernel splits by width). The page
         masks and the sink and local lists are the same for every layer, so they are built
-        here once per step; `max_pages`: the scores' width (default: the longest context)."""
+        here once per step, on the host, and reach the device in two transfers (the integers,
+        the mask); `max_pages`: the scores' width (default: the longest context)."""
         num_pages = [budget.num_pages(t) for t in context_lens]
         local_start = [budget.local_start(t, i) for t, i in zip(context_lens, indexed_pages)]
         sink = [budget.sink_pages(t) for t in context_lens]
@@ -53,33 +55,42 @@ class DecodeWindows:
         ]
         sink_width = -(-budget.sink_tokens // budget.page_size)
         max_local = budget.max_local_pages()
-
-        def put(name: str, values: torch.Tensor) -> torch.Tensor:
-            return to_step(name, values, device, buffers)
-
-        def tensor(name: str, values: list[int]) -> torch.Tensor:  # [B + num_padded] int64
-            return put(name, torch.tensor(values + [0] * num_padded, dtype=torch.int64))
-
-        pages_t = tensor("windows.num_pages", num_pages)  # [B]
-        local_t = tensor("windows.local_start", local_start)
-        sink_t = pages_t.clamp(max=sink_width)[:, None, None]  # [B, 1, 1]
-        page = torch.arange(max_pages or max(num_pages), device=device)  # [maxp]
-        selectable = (page >= sink_t) & (page < local_t[:, None, None])  # [B, 1, maxp]
-        sink_list = torch.arange(sink_width, device=device).expand(len(pages_t), 1, -1)
-        local_list = local_t[:, None, None] + torch.arange(max_local, device=device)
+        maxp = max_pages or max(num_pages)
+        pad = [0] * num_padded  # padding rows: no pages, so empty lists and nothing selectable
+        rows = np.array([num_pages + pad, local_start + pad, topk + pad], dtype=np.int64)  # [3, B]
+        pages, start = rows[0][:, None], rows[1][:, None]  # [B, 1]
+        sink_t = np.minimum(pages, sink_width)
+        sink_list = np.arange(sink_width)[None, :]  # [1, sink_width]
+        sink_list = np.where(sink_list < sink_t, sink_list, -1)  # [B, sink_width]
+        local_list = start + np.arange(max_local)[None, :]  # [B, max_local]
+        local_list = np.where(local_list < pages, local_list, -1)
+        page = np.arange(maxp)[None, :]  # [1, maxp]
+        unselectable = (page < sink_t) | (page >= start)  # [B, maxp]
+        # the integers in one transfer: [3 * B] rows, then the sink and local lists
+        ints = to_step(
+            "windows.ints",
+            torch.from_numpy(np.concatenate([rows.ravel(), sink_list.ravel(), local_list.ravel()])),
+            device,
+            buffers,
+        )
+        b = rows.shape[1]
+        row_ints, sink_ints, local_ints = ints.split([3 * b, b * sink_width, b * max_local])
+        num_pages_t, local_start_t, topk_t = row_ints.view(3, b)  # [B] each
         return cls(
-            num_pages=pages_t,
-            local_start=local_t,
-            topk=tensor("windows.topk", topk),
+            num_pages=num_pages_t,
+            local_start=local_start_t,
+            topk=topk_t,
             sink_pages=sink_width,
             max_topk=bucket(max(topk)),
             max_local=max_local,
-            unselectable=put("windows.unselectable", ~selectable),
-            sink_list=put("windows.sink_list", torch.where(sink_list < sink_t, sink_list, -1)),
-            local_list=put(
-                "windows.local_list",
-                torch.where(local_list < pages_t[:, None, None], local_list, -1),
+            unselectable=to_step(
+                "windows.unselectable",
+                torch.from_numpy(unselectable[:, None, :]),
+                device,
+                buffers,
             ),
+            sink_list=sink_ints.view(b, 1, sink_width),
+            local_list=local_ints.view(b, 1, max_local),
         )
 
 
