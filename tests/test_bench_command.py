@@ -30,6 +30,7 @@ RESULT_FIELDS = {
     "max_batch",
     "num_steps_with_tokens",
     "decode_step_ms_by_batch",
+    "preemptions",
     "hbm_hit_rate",
     "lookups",
     "hits",
@@ -82,6 +83,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
     for r in results:
         assert set(r) == RESULT_FIELDS
         assert r["completed"] == NUM_PROMPTS and not r["truncated"] and r["ttft_censored"] == 0
+        assert r["preemptions"] == 0  # every mode's cache holds the whole workload
         assert r["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
         assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN
         assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])

@@ -34,8 +34,9 @@ def _record(mode="spin", kv_stats=None, step_time=4.0, decode_steps=()):
 
 def test_figures_follow_their_formulas():
     stats = dict(lookups=200, hits=150, h2d_bytes=2e9, d2h_bytes=1e9, select_time_s=0.4,
-                 fetch_time_s=1.0, evictions=7)  # fmt: skip
+                 fetch_time_s=1.0, evictions=7, preemptions=3)  # fmt: skip
     r = summarize(_record(kv_stats=stats))
+    assert r["preemptions"] == 3
     assert r["completed"] == 3 and r["request_throughput"] == pytest.approx(3 / 5)
     assert r["output_throughput"] == pytest.approx(17 / 5)
     assert r["total_token_throughput"] == pytest.approx((600 + 17) / 5)

@@ -39,8 +39,8 @@ class BenchEngine(Protocol):
         """Stop a request and free what it holds."""
 
     def kv_stats(self) -> dict[str, float] | None:
-        """Numeric cache statistics (cumulative counters and times), or None if the engine
-        keeps none."""
+        """Numeric cache statistics (cumulative counters and times) and `preemptions` (requests
+        preempted so far), or None if the engine keeps none."""
 
     def close(self) -> None:
         """Drop the engine and give its GPU memory back."""
@@ -116,7 +116,8 @@ class SpinBenchEngine:
     def kv_stats(self) -> dict[str, float] | None:
         stats = dataclasses.asdict(self.engine.kv_stats())
         # None fields (phase times under CUDA graphs) are left out: the summary reports None
-        return {k: v for k, v in stats.items() if isinstance(v, numbers.Real)}
+        numeric = {k: v for k, v in stats.items() if isinstance(v, numbers.Real)}
+        return {**numeric, "preemptions": self.engine.num_preemptions}
 
     def close(self) -> None:
         del self.engine, self.llm

@@ -75,6 +75,7 @@ COLUMNS = (
     ("TPOT p99 ms", "tpot_p99", "{:.2f}"),
     ("batch mean", "mean_batch", "{:.1f}"),
     ("batch max", "max_batch", "{}"),
+    ("preempted", "preemptions", "{}"),
     ("HBM hit", "hbm_hit_rate", "{:.1%}"),
     ("H2D GB", "h2d_bytes", "{:.2f}", 1e-9),
     ("H2D GB/s", "h2d_gbps", "{:.2f}"),

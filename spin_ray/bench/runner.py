@@ -22,6 +22,7 @@ from spin_ray.bench.workloads import (
 )
 
 COUNTER_STATS = (
+    "preemptions",
     "lookups",
     "hits",
     "h2d_bytes",

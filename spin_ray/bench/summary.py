@@ -15,6 +15,7 @@ UNITS = {
     "total_token_throughput": "input + output tokens/s",
     "ttft_*": "ms, planned arrival to first token; in a truncated run a request that arrived "
     "but got no token counts as (time limit - arrival), a lower bound (see ttft_censored)",
+    "preemptions": "requests preempted during the run (their KV dropped and computed again)",
     "ttft_censored": "requests whose TTFT is that lower bound (0 unless the run was truncated)",
     "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
     "*_bytes": "bytes",
@@ -78,6 +79,7 @@ def summarize(record: RunRecord) -> dict:
         "max_batch": max(record.batch_sizes, default=None),
         "num_steps_with_tokens": len(record.batch_sizes),
         "decode_step_ms_by_batch": _median_step_ms_by_batch(record.decode_steps),
+        "preemptions": stats.get("preemptions"),
         "hbm_hit_rate": hits / lookups if lookups else None,
         "lookups": lookups,
         "hits": hits,

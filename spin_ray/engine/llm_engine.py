@@ -107,6 +107,8 @@ class LLMEngine:
         self.logprobs: dict[str, list[TokenLogprob]] = {}
         self.last_step_tokens = 0
         """Tokens the last `step()` ran through the model: prompt chunks and decodes."""
+        self.num_preemptions = 0
+        """Requests preempted so far (their pages taken back; they are computed again)."""
         self.eos_token_ids = frozenset(arch.eos_token_ids) or (
             frozenset({self.tokenizer.eos_token_id}) - {None}
         )
@@ -195,6 +197,7 @@ class LLMEngine:
         """Run one step; return the outputs of requests that got a token or finished."""
         scheduled = self.scheduler.schedule()
         self.last_step_tokens = scheduled.num_batched_tokens
+        self.num_preemptions += len(scheduled.preempted)
         for request_id in scheduled.preempted:
             self.backend.release(request_id)
         if scheduled.is_empty:
