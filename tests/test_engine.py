@@ -273,3 +273,25 @@ def test_last_step_tokens_counts_prompt_chunks_and_decodes(make_llm):
     # the 40-token prompt in chunks of 16, 16 and 8 (which samples the first token), then two
     # decodes
     assert counts == [16, 16, 8, 1, 1]
+
+
+def test_a_prompt_waits_for_pages_for_all_of_it(make_llm):
+    """A waiting prompt is admitted only once pages for the whole of it are free: admitted on
+    its first chunk's pages, it would be preempted (its chunks thrown away) at the next chunk."""
+    prompts = random_prompts((40, 40), seed=4)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    roomy = make_llm(model="spin-tiny", page_size=4, max_num_batched_tokens=16)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    # 14 pages of 4 tokens: the first request (12 pages at its end) leaves room for the second
+    # one's first chunk, never for its whole prompt (10 pages)
+    tight = make_llm(model="spin-tiny", page_size=4, max_num_batched_tokens=16, num_pages=14)
+    engine = tight.llm_engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+        if engine.requests.get("r1") and engine.requests["r1"].num_computed_tokens:
+            assert "r0" not in engine.requests or engine.requests["r0"].is_finished
+    assert engine.num_preemptions == 0
+    outputs = tight.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected

@@ -50,8 +50,10 @@ class SchedulerOutput:
 class Scheduler:
     """Each step: running requests first (decodes and unfinished prefill chunks, oldest first),
     then waiting requests in arrival order while the token budget, `max_num_seqs` and free pages
-    allow. When a running request cannot get pages, the most recently admitted request is
-    preempted: its pages are freed and it goes back to the front of the queue to be recomputed."""
+    allow; a request is admitted only when pages for its whole prompt are free, and takes them
+    all at once. When a running request cannot get pages for a new token, the most recently
+    admitted request is preempted: its pages are freed and it goes back to the front of the
+    queue to be recomputed."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCapacity):
         self.config = config
@@ -98,10 +100,13 @@ class Scheduler:
             n = min(request.num_uncomputed_tokens, budget)
             if n < request.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
                 break
-            if not self.kv.can_grow(request.request_id, n):
+            # pages for every known token now, not just this chunk: admitting on the first
+            # chunk alone let a long prompt in whenever a chunk's pages were free, only to be
+            # preempted (and its chunks thrown away) as soon as the next chunk did not fit
+            if not self.kv.can_grow(request.request_id, request.num_tokens):
                 break
             self.waiting.popleft()
-            self.kv.grow(request.request_id, n)
+            self.kv.grow(request.request_id, request.num_tokens)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
