@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-_LOG2E = 1.4426950408889634
+from spin_ray.kernels.split_merge import INTERPRETED, LOG2E, dot_fp32, merge_splits
+
 _FALLBACK_NUM_SMS = 132  # H200; used when the tensors are not on a CUDA device (interpreter)
 _PROGRAM_COST_IN_BLOCKS = 2  # a split program's fixed cost (q, partial output, merge) in KV blocks
 
@@ -53,17 +53,6 @@ class DecodeKernelConfig:
         for name in ("programs_per_sm", "min_blocks_per_split", "max_splits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation. UPCAST: multiply in fp32 (triton's CPU interpreter
-    multiplies bf16 bit patterns as integers)."""
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -137,7 +126,7 @@ def _decode_split_kernel(
             mask=kv_mask,
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale_log2  # [BLOCK_H, BLOCK_N]
+        s = dot_fp32(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale_log2  # [BLOCK_H, BLOCK_N]
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -148,7 +137,7 @@ def _decode_split_kernel(
             mask=kv_mask,
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        acc = acc * alpha[:, None] + dot_fp32(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m = m_new
 
     has_keys = l_sum > 0.0  # false only for a split that got no block
@@ -160,112 +149,6 @@ def _decode_split_kernel(
         tl.store(out_rows + split * stride_os, out, mask=h_mask[:, None] & d_mask[None, :])
         lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
         tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    part_ptr,  # [B, Hq, num_splits, D] fp32 normalised partial outputs
-    lse_ptr,  # [B, Hq, num_splits] fp32, log2 domain, -inf for a split without keys
-    extra_m_ptr,  # [B, Hq] contiguous: an extra partial's max logit (natural log; HAS_EXTRA)
-    extra_l_ptr,  # [B, Hq] contiguous: its Σ exp(logit - m)
-    extra_acc_ptr,  # [B, Hq, D] contiguous: its Σ exp(logit - m) · value
-    out_ptr,  # [B, Hq, D]
-    stride_pb,
-    stride_ph,
-    stride_ps,
-    stride_lb,
-    stride_lh,
-    stride_ob,
-    stride_oh,
-    num_splits,
-    HAS_EXTRA: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    d_mask = offs_d < HEAD_DIM
-    lse = tl.load(
-        lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf")
-    )  # [BLOCK_S]
-    part = tl.load(
-        part_ptr
-        + seq * stride_pb
-        + head * stride_ph
-        + offs_s[:, None] * stride_ps
-        + offs_d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )  # [BLOCK_S, BLOCK_D]
-    top = tl.max(lse, 0)
-    if HAS_EXTRA:
-        row = seq * tl.num_programs(1) + head
-        extra_m = tl.load(extra_m_ptr + row).to(tl.float32) * 1.4426950408889634  # · log2(e)
-        extra_l = tl.load(extra_l_ptr + row).to(tl.float32)
-        extra_acc = tl.load(extra_acc_ptr + row * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        top = tl.maximum(top, extra_m)
-    top = tl.where(top == float("-inf"), 0.0, top)  # no keys at all: the output is 0
-    weight = tl.exp2(lse - top)  # [BLOCK_S]  splits without keys get 0
-    total = tl.sum(weight, 0)
-    out = tl.sum(part * weight[:, None], 0)  # [BLOCK_D]
-    if HAS_EXTRA:
-        extra_weight = tl.exp2(extra_m - top)
-        total += extra_weight * extra_l
-        out += extra_weight * extra_acc.to(tl.float32)
-    out = out / tl.where(total > 0.0, total, 1.0)
-    tl.store(
-        out_ptr + seq * stride_ob + head * stride_oh + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=d_mask,
-    )
-
-
-def merge_splits(
-    part: torch.Tensor,  # [B, Hq, P, D] fp32 normalised partial outputs, last dim contiguous
-    lse: torch.Tensor,  # [B, Hq, P] fp32 their log2-domain log-sum-exp, -inf for no keys
-    out: torch.Tensor,  # [B, Hq, D] written, last dim contiguous
-    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:  # out
-    """Softmax-merge P split partials per (sequence, query head) into `out` (in its dtype), with
-    an optional unnormalised extra partial `extra` = (m [B, Hq], Σ exp(logit - m) [B, Hq],
-    Σ exp(logit - m) · value [B, Hq, D]) in the natural-log domain. One launch; a head without
-    any key gets 0."""
-    batch, num_heads, num_splits, head_dim = part.shape
-    assert lse.shape == (batch, num_heads, num_splits) and out.shape == (batch, num_heads, head_dim)
-    assert part.dtype == lse.dtype == torch.float32
-    assert part.stride(-1) == 1 and lse.stride(-1) == 1 and out.stride(-1) == 1
-    if extra is not None:
-        em, el, eacc = extra
-        assert em.shape == el.shape == (batch, num_heads) and eacc.shape == out.shape
-        assert em.is_contiguous() and el.is_contiguous() and eacc.is_contiguous()
-    else:
-        em = el = eacc = lse  # not read
-    _merge_splits_kernel[(batch, num_heads)](
-        part,
-        lse,
-        em,
-        el,
-        eacc,
-        out,
-        *part.stride()[:3],
-        *lse.stride()[:2],
-        out.stride(0),
-        out.stride(1),
-        num_splits,
-        HAS_EXTRA=extra is not None,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
-    )
-    return out
-
-
-_INTERPRETED = isinstance(_decode_split_kernel, InterpretedFunction)
 
 
 @functools.cache
@@ -397,7 +280,7 @@ def paged_decode_attention(
         context_lens,
         part,
         lse,
-        scale * _LOG2E,
+        scale * LOG2E,
         q.stride(0),
         q.stride(1),
         *k_cache.stride()[:3],
@@ -414,7 +297,7 @@ def paged_decode_attention(
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-        UPCAST_DOT=_INTERPRETED,
+        UPCAST_DOT=INTERPRETED,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -5,7 +5,7 @@ Each sequence b and KV head h attends to its own list of logical pages `pages[b,
 clamp(context_lens[b] - page · S, 0, S) valid tokens (the last page of a sequence may be
 partial). The G query heads of a group share the KV head's list. Split-K: programs take disjoint
 runs of the list and write a normalised partial output and its log-sum-exp; `merge_splits`
-(paged_decode_attention.py) combines them, plus any extra partial an algorithm contributes
+(split_merge.py) combines them, plus any extra partial an algorithm contributes
 (e.g. RetroInfer's estimation zone), in a second launch.
 """
 
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spin_ray.kernels.paged_decode_attention import _INTERPRETED, _LOG2E, _dot, merge_splits
+from spin_ray.kernels.split_merge import INTERPRETED, LOG2E, dot_fp32, merge_splits
 
 
 def page_token_counts(
@@ -140,7 +140,7 @@ def _partial_kernel(
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [S, BD]
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
             if USE_DOT:
-                s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale_log2  # [BG, S]
+                s = dot_fp32(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale_log2  # [BG, S]
             else:
                 s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
                 s = s * scale_log2
@@ -150,7 +150,7 @@ def _partial_kernel(
             p = tl.exp2(s - m_new[:, None])  # [BG, S]
             l_i = l_i * alpha + tl.sum(p, 1)
             if USE_DOT:
-                pv = _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+                pv = dot_fp32(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
             else:
                 pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             acc = acc * alpha[:, None] + pv
@@ -201,7 +201,7 @@ def sparse_decode_attention(
         context_lens,
         part,
         lse,
-        scale * _LOG2E,
+        scale * LOG2E,
         q.stride(0),
         q.stride(1),
         k_slots.stride(0),
@@ -216,6 +216,6 @@ def sparse_decode_attention(
         BLOCK_D=block_d,
         USE_DOT=page_size >= 16 and block_d == d and d >= 16,
         DOT_PRECISION="ieee" if k_slots.dtype == torch.float32 else None,
-        UPCAST_DOT=_INTERPRETED,
+        UPCAST_DOT=INTERPRETED,
     )
     return merge_splits(part, lse, torch.empty_like(q), extra)

@@ -25,7 +25,8 @@ def kernels():
     TRITON_INTERPRET=1 before anything imports triton)."""
     decode = importlib.import_module("spin_ray.kernels.paged_decode_attention")
     store = importlib.import_module("spin_ray.kernels.kv_store")
-    assert decode._INTERPRETED, "TRITON_INTERPRET=1 was not set before triton was imported"
+    split_merge = importlib.import_module("spin_ray.kernels.split_merge")
+    assert split_merge.INTERPRETED, "TRITON_INTERPRET=1 was not set before triton was imported"
     return decode, store
 
 
