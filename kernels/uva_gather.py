@@ -45,7 +45,7 @@ def gather_pages_ref(
     src_v: torch.Tensor,  # [P, Hkv, S, D]
     dst_k: torch.Tensor,  # [Hkv, Q, S, D]  one layer of the GPU tier
     dst_v: torch.Tensor,  # [Hkv, Q, S, D]
-    src_page: torch.Tensor,  # [M] int64
+    src_page: torch.Tensor,  # [M] int32/int64
     head: torch.Tensor,  # [M] int64
     dst_slot: torch.Tensor,  # [M] int64, < 0 = skip the item
 ) -> None:
@@ -98,7 +98,7 @@ def gather_pages(
     src_v: torch.Tensor,
     dst_k: torch.Tensor,  # [Hkv, Q, S, D] on the GPU
     dst_v: torch.Tensor,
-    src_page: torch.Tensor,  # [M] int64
+    src_page: torch.Tensor,  # [M] int32/int64
     head: torch.Tensor,  # [M] int64
     dst_slot: torch.Tensor,  # [M] int64, < 0 = skip
 ) -> None:
@@ -110,7 +110,8 @@ def gather_pages(
     for t in (src_k, src_v, dst_k, dst_v):
         assert t.is_contiguous()
     assert src_page.shape == head.shape == dst_slot.shape and src_page.dim() == 1
-    assert src_page.dtype == head.dtype == dst_slot.dtype == torch.int64
+    assert src_page.dtype in (torch.int32, torch.int64)
+    assert head.dtype == dst_slot.dtype == torch.int64
     if src_page.numel() == 0:
         return
     run = page_size * head_dim

@@ -182,13 +182,14 @@ def test_head_major_store_skips_negative_slots():
         assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
 
 
-def test_gather_kernel_matches_reference():
+@pytest.mark.parametrize("page_dtype", [torch.int64, torch.int32])  # int32: a page table's
+def test_gather_kernel_matches_reference(page_dtype):
     gen = torch.Generator().manual_seed(4)
     src_k = torch.randn(7, 2, 4, 8, generator=gen)
     src_v = torch.randn(7, 2, 4, 8, generator=gen)
     ref_k, ref_v = torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 8)
     out_k, out_v = ref_k.clone(), ref_v.clone()
-    src = torch.tensor([6, 0, 3, 3, 5])
+    src = torch.tensor([6, 0, 3, 3, 5], dtype=page_dtype)
     head = torch.tensor([1, 0, 0, 1, 1])
     dst = torch.tensor([4, 4, 0, 2, -1])  # -1: skipped
     gather_pages_ref(src_k, src_v, ref_k, ref_v, src, head, dst)

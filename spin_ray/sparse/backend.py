@@ -66,7 +66,6 @@ class _DecodeStep:
     context_lens: torch.Tensor  # [Bd] int64
     last_page: torch.Tensor  # [Bd] int64 logical page of the new token
     last_offset: torch.Tensor  # [Bd] int64 its row in that page
-    page_table: torch.Tensor  # [Bd, maxp] int64 CPU-tier page ids
     slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
     listed_heads: torch.Tensor  # [Bd * Hkv * K] int64 the head of each listed page, flattened
     windows: DecodeWindows
@@ -113,6 +112,8 @@ class SpinAttentionBackend(AttentionBackend):
         self._slot_pos = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self.device)
         self.buffers = StepBuffers(self.device)
         """Persistent step tensors of CUDA-graph batches."""
+        self._heads_of_lists: dict[tuple[int, int], torch.Tensor] = {}
+        """(rows, list width) → the KV head of each listed page, flattened (`_listed_heads`)."""
         heads, page_size = host.k.shape[2], host.k.shape[3]
         self._offload_bytes_per_token = host.k.shape[0] * heads * host.page_bytes // page_size
         self.debug_checks = os.environ.get("SPIN_RAY_SPARSE_CHECKS") == "1"
@@ -174,33 +175,27 @@ class SpinAttentionBackend(AttentionBackend):
             table_i32 = meta.page_table  # [Bd, maxp] int32
         else:
             table_i32 = meta.page_table[torch.tensor(decode, device=meta.page_table.device)]
-        page_table = placed("page_table", table_i32.long())
         slot_lists = placed("slot_lists", self.manager.slot_lists(request_ids, rows))  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
         spare = self._slot_pos.numel() - 1
         self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
         windows = DecodeWindows.build(
-            self.budget, contexts, indexed, device, max_pages=page_table.shape[1],
+            self.budget, contexts, indexed, device, max_pages=table_i32.shape[1],
             buffers=buffers, num_padded=pad,
         )  # fmt: skip
         if self.retains:  # segments the step's inserts may take: one per row and page at most
             width = windows.sink_pages + windows.max_topk + windows.max_local
             per_row = sum(min(width, -(-self.budget.num_pages(t) // seg)) for t in contexts)
             self.residency.reserve(self.residency.num_layers * self.residency.num_heads * per_row)
-        heads = self.gpu.k.shape[1]
-        listed = windows.sink_pages + min(windows.max_topk, page_table.shape[1]) + windows.max_local
-        batch_heads = torch.arange(heads, device=device)[None, :, None]  # [1, Hkv, 1]
+        listed = windows.sink_pages + min(windows.max_topk, table_i32.shape[1]) + windows.max_local
         return _DecodeStep(
             tokens=tokens_t,
             rows=rows,
             context_lens=context_lens,
             last_page=last_page,
             last_offset=last_offset,
-            page_table=page_table,
             slot_lists=slot_lists,
-            listed_heads=placed(
-                "listed_heads", batch_heads.expand(len(decode), -1, listed).flatten()
-            ),
+            listed_heads=self._listed_heads(len(decode), listed),
             windows=windows,
             batch=SelectBatch(
                 request_ids=request_ids,
@@ -211,7 +206,17 @@ class SpinAttentionBackend(AttentionBackend):
             ),
         )
 
-    split_mixed_steps = True  # eager, a decode layer launches ~30 kernels; a graph, none
+    def _listed_heads(self, rows: int, width: int) -> torch.Tensor:  # [rows * Hkv * width]
+        """The KV head of each entry of `rows` × Hkv page lists of `width`, flattened: the same
+        for every step of that shape, so built once (and at one address, for CUDA graphs)."""
+        heads = self._heads_of_lists.get((rows, width))
+        if heads is None:
+            hkv = self.gpu.k.shape[1]
+            heads = torch.arange(hkv, device=self.device)[None, :, None].expand(rows, hkv, width)
+            heads = self._heads_of_lists[(rows, width)] = heads.flatten()
+        return heads
+
+    split_mixed_steps = True  # eager, a decode layer launches ~15 kernels; a graph, none
 
     @property
     def supports_cuda_graphs(self) -> bool:
@@ -434,7 +439,8 @@ class SpinAttentionBackend(AttentionBackend):
         """Copy page pages[b, h, j] of K/V head h into GPU slot dst[b, h, j] where dst >= 0
         (`counted`: the bytes are already counted)."""
         b, h, k = pages.shape
-        src = step.page_table.gather(1, pages.clamp(min=0).view(b, h * k)).view(b, h, k)
+        table = step.batch.page_table  # [B, maxp] int32
+        src = table.gather(1, pages.clamp(min=0).view(b, h * k)).view(b, h, k)
         gpu_k, gpu_v = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
         self.host.fetch(layer, gpu_k, gpu_v, src.flatten(), step.listed_heads, dst.flatten())
         if not counted:

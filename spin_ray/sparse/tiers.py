@@ -124,7 +124,7 @@ class HostTier:
         layer: int,
         dst_k: torch.Tensor,  # [Hkv, Q, S, D]
         dst_v: torch.Tensor,
-        src_pages: torch.Tensor,  # [M] int64 engine page ids
+        src_pages: torch.Tensor,  # [M] int32/int64 engine page ids
         heads: torch.Tensor,  # [M] int64
         dst_slots: torch.Tensor,  # [M] int64
     ) -> None:
