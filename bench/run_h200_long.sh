@@ -137,7 +137,7 @@ for stage in "$@"; do
         bench "longbench-rate${LONGBENCH_RATE:-0.1}" --modes dense,spin --sparse quest \
             --workload longbench-v2 --scale 0.5 --output-len 256 --num-prompts 16 \
             --request-rate "${LONGBENCH_RATE:-0.1}" --token-budget 2048 \
-            --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 --time-limit 200
+            --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 --time-limit 180
         ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
