@@ -45,8 +45,8 @@ class DecodeWindows:
         rounded up to a power of two, so that steps share CUDA graphs, and a step computes the
         same numbers eagerly as in a graph (the attention kernel splits by width). The page
         masks and the sink and local lists are the same for every layer, so they are built
-        here once per step, on the host, and reach the device in two transfers (the integers,
-        the mask); `max_pages`: the scores' width (default: the longest context)."""
+        here once per step: the integers on the host, in one transfer, the page mask from them on
+        the device; `max_pages`: the scores' width (default: the longest context)."""
         num_pages = [budget.num_pages(t) for t in context_lens]
         local_start = [budget.local_start(t, i) for t, i in zip(context_lens, indexed_pages)]
         sink = [budget.sink_pages(t) for t in context_lens]
@@ -55,27 +55,25 @@ class DecodeWindows:
         ]
         sink_width = -(-budget.sink_tokens // budget.page_size)
         max_local = budget.max_local_pages()
-        maxp = max_pages or max(num_pages)
         pad = [0] * num_padded  # padding rows: no pages, so empty lists and nothing selectable
-        rows = np.array([num_pages + pad, local_start + pad, topk + pad], dtype=np.int64)  # [3, B]
-        pages, start = rows[0][:, None], rows[1][:, None]  # [B, 1]
-        sink_t = np.minimum(pages, sink_width)
+        rows = [num_pages + pad, local_start + pad, topk + pad, sink + pad]
+        rows = np.array(rows, dtype=np.int64)  # [4, B]
+        pages, start, sinks = rows[0][:, None], rows[1][:, None], rows[3][:, None]  # [B, 1]
         sink_list = np.arange(sink_width)[None, :]  # [1, sink_width]
-        sink_list = np.where(sink_list < sink_t, sink_list, -1)  # [B, sink_width]
+        sink_list = np.where(sink_list < sinks, sink_list, -1)  # [B, sink_width]
         local_list = start + np.arange(max_local)[None, :]  # [B, max_local]
         local_list = np.where(local_list < pages, local_list, -1)
-        page = np.arange(maxp)[None, :]  # [1, maxp]
-        unselectable = (page < sink_t) | (page >= start)  # [B, maxp]
-        # the integers in one transfer: [3 * B] rows, then the sink and local lists
-        ints = to_step(
-            "windows.ints",
-            torch.from_numpy(np.concatenate([rows.ravel(), sink_list.ravel(), local_list.ravel()])),
-            device,
-            buffers,
+        # the integers in one transfer: [4 * B] rows, then the sink and local lists
+        ints = torch.from_numpy(
+            np.concatenate([rows.ravel(), sink_list.ravel(), local_list.ravel()])
         )
+        ints = to_step("windows.ints", ints, device, buffers)
         b = rows.shape[1]
-        row_ints, sink_ints, local_ints = ints.split([3 * b, b * sink_width, b * max_local])
-        num_pages_t, local_start_t, topk_t = row_ints.view(3, b)  # [B] each
+        row_ints, sink_ints, local_ints = ints.split([4 * b, b * sink_width, b * max_local])
+        num_pages_t, local_start_t, topk_t, sink_t = row_ints.view(4, b)  # [B] each
+        # the page mask on the device: [B, maxp] on the host would cost O(B · maxp) there
+        page = torch.arange(max_pages or max(num_pages), device=device)  # [maxp]
+        unselectable = (page < sink_t[:, None, None]) | (page >= local_start_t[:, None, None])
         return cls(
             num_pages=num_pages_t,
             local_start=local_start_t,
@@ -83,12 +81,7 @@ class DecodeWindows:
             sink_pages=sink_width,
             max_topk=bucket(max(topk)),
             max_local=max_local,
-            unselectable=to_step(
-                "windows.unselectable",
-                torch.from_numpy(unselectable[:, None, :]),
-                device,
-                buffers,
-            ),
+            unselectable=to_step("windows.unselectable", unselectable, device, buffers),
             sink_list=sink_ints.view(b, 1, sink_width),
             local_list=local_ints.view(b, 1, max_local),
         )
