@@ -17,8 +17,8 @@
 #   steadykernels  GPU time per kernel of eager spin decode steps after 64 warm-up steps
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
-#   longbench  dense, spin, sparse-naive on the LongBench-v2-like workload at half scale, with
-#              the same HBM KV capacity for every mode (so dense is capacity-bound)
+#   longbench  dense, spin, sparse-naive (LONGBENCH_MODES) on the LongBench-v2-like workload at
+#              half scale, with the same HBM KV capacity for every mode (so dense is capacity-bound)
 #   longbenchrate  dense and spin on 16 of those requests arriving at LONGBENCH_RATE req/s
 #              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
 #              dense saturates
@@ -129,7 +129,7 @@ for stage in "$@"; do
         done
         ;;
     longbench)
-        bench longbench --modes dense,spin,sparse-naive --sparse quest --workload longbench-v2 \
+        bench longbench --modes "${LONGBENCH_MODES:-dense,spin,sparse-naive}" --sparse quest --workload longbench-v2 \
             --scale 0.5 --output-len 256 --num-prompts 24 --request-rate inf --token-budget 2048 \
             --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 --time-limit 150
         ;;
