@@ -19,6 +19,9 @@
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
 #   longbench  dense, spin, sparse-naive (LONGBENCH_MODES) on the LongBench-v2-like workload at
 #              half scale, with the same HBM KV capacity for every mode (so dense is capacity-bound)
+#   longbenchdecode  dense and spin on that workload with its own output lengths (mean 2.5K at
+#              half scale) instead of 256: saturating throughput when decode dominates, over a
+#              LONGBENCH_LIMIT-second window (default 120)
 #   longbenchrate  dense and spin on 16 of those requests arriving at LONGBENCH_RATE req/s
 #              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
 #              dense saturates
@@ -132,6 +135,12 @@ for stage in "$@"; do
         bench longbench --modes "${LONGBENCH_MODES:-dense,spin,sparse-naive}" --sparse quest --workload longbench-v2 \
             --scale 0.5 --output-len 256 --num-prompts 24 --request-rate inf --token-budget 2048 \
             --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 --time-limit 150
+        ;;
+    longbenchdecode)  # the workload's own output lengths: decode-bound, truncated at the limit
+        bench longbench-decode --modes "${LONGBENCH_MODES:-dense,spin}" --sparse quest \
+            --workload longbench-v2 --scale 0.5 --num-prompts 24 --request-rate inf \
+            --token-budget 2048 --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 \
+            --time-limit "${LONGBENCH_LIMIT:-120}"
         ;;
     longbenchrate)  # the same at a finite rate (LONGBENCH_RATE req/s) past dense's capacity
         bench "longbench-rate${LONGBENCH_RATE:-0.1}" --modes dense,spin --sparse quest \

@@ -1,6 +1,6 @@
 """The two-tier cache manager and its two-level residency tables: ownership in both tiers under
-random arrivals, growth, aborts and finishes (hypothesis); bucketed-LRU shrinking; HBM floors;
-metadata that follows the resident working set."""
+random arrivals, growth, prefill slots, aborts and finishes (hypothesis); bucketed-LRU
+shrinking; HBM floors; metadata that follows the resident working set."""
 
 from __future__ import annotations
 
@@ -68,7 +68,9 @@ def _populate(manager: TieredCacheManager, request_id: str, rng: random.Random) 
 
 operations = st.lists(
     st.tuples(
-        st.sampled_from(["arrive", "grow", "finish", "abort", "populate", "age"]),
+        st.sampled_from(
+            ["arrive", "grow", "finish", "abort", "populate", "age", "hold", "end_prefill"]
+        ),
         st.integers(0, 7),
         st.integers(1, 90),
     ),
@@ -111,6 +113,18 @@ def test_no_page_leaked_or_double_owned_in_either_tier(ops, seed):
             _populate(manager, live[who % len(live)], rng)
         elif op == "age":
             manager.residency.age()
+        elif op == "hold" and live:
+            rid = live[who % len(live)]
+            free, reclaimable = manager.slot_pool.num_free, manager._reclaimable(rid)
+            held = manager.hold_prefill(rid)
+            need = manager.pages_for(tokens[rid])
+            if held is None:
+                assert need > free + reclaimable
+            else:
+                assert len(held) == need == len(set(held))
+                assert not set(held) & set(manager.slots[rid])
+        elif op == "end_prefill" and live:
+            manager.end_prefill(live[who % len(live)])
         manager.check_integrity()
         for rid, n in tokens.items():
             assert len(manager.table(rid)) == manager.pages_for(n)

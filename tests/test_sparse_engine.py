@@ -191,3 +191,40 @@ def test_partition_sizes_must_fit_the_page_size(make_llm):
         make_llm(model="spin-tiny", sparse="seer", sparse_config=SparseConfig(seer_block_size=8))
     with pytest.raises(ValueError, match="dense_layers"):
         make_llm(model="spin-tiny", sparse="quest", dense_layers=4)
+
+
+@pytest.mark.parametrize("gpu_pages", [256, 40])
+def test_chunked_prefill_keeps_the_prompt_in_hbm_when_slots_allow(
+    make_llm, dense_tokens, monkeypatch, gpu_pages
+):
+    """Prompts prefilled in 24-token chunks at full budget: with slots to spare each request's
+    chunks keep its prompt in HBM prefill slots and no prefix is read back from the CPU tier;
+    with 40 slots the 140- and 200-token prompts cannot be held (their chunks read the prefix
+    back). Either way the tokens are exactly dense's and every slot comes back."""
+    reads = []
+    llm = _sparse_llm(
+        make_llm,
+        sparse="quest",
+        token_budget=1.0,
+        max_num_batched_tokens=24,
+        gpu_cache_tokens=gpu_pages * PAGE,
+    )
+    backend = llm.llm_engine.backend
+    read_ahead = backend.host.read_ahead
+    monkeypatch.setattr(
+        backend.host,
+        "read_ahead",
+        lambda layer, pages: reads.append(layer) or read_ahead(layer, pages),
+    )
+    held = []
+    hold_prefill = backend.manager.hold_prefill
+    monkeypatch.setattr(
+        backend.manager, "hold_prefill", lambda rid: held.append(r := hold_prefill(rid)) or r
+    )
+    assert _tokens(llm.generate(_prompts(), GREEDY, use_tqdm=False)) == dense_tokens
+    if gpu_pages == 256:
+        assert reads == [] and len(held) == 3 and None not in held
+    else:
+        assert reads and None in held
+    assert backend.manager.prefill_slots == {}
+    _assert_tiers_empty(llm)

@@ -7,8 +7,11 @@ slot lists). Per layer (`forward`):
 - layers below `first_layer` run dense, their KV kept in HBM (a `DenseAttentionBackend`);
 - every new token's K/V goes to the CPU tier (async on CUDA), and its key into the
   algorithm's summaries when they are incremental (Quest);
-- prefill chunks attend densely over their prefix read back from the CPU tier (each layer's
-  read starts on the host's side stream while the layer before it computes);
+- prefill chunks attend densely over their prefix: kept in HBM, in prefill slots the manager
+  gives a request at its first chunk (one per prompt page, while free slots and others' buffer
+  excess allow; back at its first decode step), or else read back from the CPU tier (each
+  layer's read started on the host's side stream while the layer before it computes: a PCIe
+  read of the whole prefix per chunk, quadratic in the prompt length);
 - decode tokens: the algorithm scores pages, the runtime picks sink + top-k + local pages per
   KV head, looks them up in the GPU tier, evicts by bucketed LRU, fetches every miss of the
   layer in one gather, and runs sparse paged attention over the resident pages.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +76,14 @@ class _DecodeStep:
     batch: SelectBatch
 
 
+class _HeldPrefill(NamedTuple):
+    """A prefill chunk whose request's context is kept in HBM prefill slots."""
+
+    slots: torch.Tensor  # [p] int64 the slot of each page of the context, in page order
+    token_rows: torch.Tensor  # [n] int64 slot * S + offset of each new token, in a layer's
+    # [Q + 1, S] rows of one head
+
+
 class SpinAttentionBackend(AttentionBackend):
     def __init__(
         self,
@@ -105,6 +117,8 @@ class SpinAttentionBackend(AttentionBackend):
         self._index: dict[str, _IndexState] = {}
         self._step: _DecodeStep | None = None
         self._prefills: list[PrefillChunk] = []
+        self._prefill_held: list[_HeldPrefill | None] = []
+        """Per prefill chunk: its pages in the GPU tier's prefill slots (None: CPU tier)."""
         self._prefix_reads: dict[tuple[int, int], PendingRead] = {}
         """(layer, chunk index) → its prefix, being read ahead on the host's side stream."""
         num_slots = gpu.k.shape[2]
@@ -132,13 +146,34 @@ class SpinAttentionBackend(AttentionBackend):
         new_tokens = sum(meta.query_lens_cpu) - meta.num_padded
         self.counters.d2h_bytes += new_tokens * self._offload_bytes_per_token
         split = StepSplit.of(meta)
+        for b in split.decode_seqs[: len(split.decode_seqs) - meta.num_padded]:
+            self.manager.end_prefill(meta.request_ids[b])
         self._prefills = split.prefills
+        self._prefill_held = [self._held_prefill(meta, chunk) for chunk in split.prefills]
         self._prefix_reads.clear()
         self._step = (
             self._plan_decode(meta, split.decode_seqs, split.decode_rows)
             if split.decode_seqs
             else None
         )
+
+    def _held_prefill(self, meta: AttentionMetadata, chunk: PrefillChunk) -> _HeldPrefill | None:
+        """The chunk's pages in HBM prefill slots, taken at its request's first chunk when more
+        chunks follow; None (read any prefix from the CPU tier) when there were not enough
+        slots, or when the GPU tier is a one-layer staging area (`retains=False`)."""
+        if not self.retains:
+            return None
+        b, _, n, context_len = chunk
+        request_id, prefix, s = meta.request_ids[b], context_len - n, self.page_size
+        held = self.manager.prefill_slots.get(request_id)
+        if held is None and prefix == 0 and context_len < self.manager.tokens[request_id]:
+            held = self.manager.hold_prefill(request_id)  # a first chunk, more to come
+        num_pages = -(-context_len // s)
+        if held is None or len(held) < num_pages:
+            return None
+        slots = torch.tensor(held[:num_pages], dtype=torch.int64).to(self.device)  # [p]
+        pos = torch.arange(prefix, context_len, device=self.device)  # [n]
+        return _HeldPrefill(slots, slots[pos // s] * s + pos % s)
 
     def _plan_decode(self, meta, decode: list[int], tokens: list[int]) -> _DecodeStep:
         """Lay out the decode sequences, with bucketed widths (slot lists, windows: the same
@@ -300,10 +335,32 @@ class SpinAttentionBackend(AttentionBackend):
         if step is not None:
             t = step.tokens
             out[t] = self._decode(layer, q[t], k[t], v[t], scale)
-        for b, start, n, ctx in self._prefills:
+        for (b, start, n, ctx), held in zip(self._prefills, self._prefill_held, strict=True):
             rows = slice(start, start + n)
-            out[rows] = self._prefill(layer, b, q[rows], k[rows], v[rows], ctx, scale)
+            if held is None:
+                out[rows] = self._prefill(layer, b, q[rows], k[rows], v[rows], ctx, scale)
+            else:
+                out[rows] = self._prefill_held_in_hbm(layer, held, q[rows], k[rows], v[rows],
+                                                      ctx, scale)  # fmt: skip
         return out
+
+    def _prefill_held_in_hbm(self, layer, held, q, k, v, context_len, scale):
+        """Dense causal attention of a chunk over its context, kept in its prefill slots: the
+        chunk's K/V written there, the prefix read from there (HBM)."""
+        gpu_k, gpu_v = self.gpu.k[layer], self.gpu.v[layer]  # [Hkv, Q + 1, S, D]
+        heads, _, _, d = gpu_k.shape
+        gpu_k.view(heads, -1, d)[:, held.token_rows] = k.transpose(0, 1)  # [Hkv, n, D]
+        gpu_v.view(heads, -1, d)[:, held.token_rows] = v.transpose(0, 1)
+        k_pages = gpu_k.permute(1, 2, 0, 3)  # [Q + 1, S, Hkv, D] view: pages are slots
+        v_pages = gpu_v.permute(1, 2, 0, 3)
+        return self._attend_prefill(q, k_pages, v_pages, held.slots, context_len, scale, k, v)
+
+    def _attend_prefill(self, q, k_pages, v_pages, pages, context_len, scale, k, v):
+        if self.on_cuda:
+            from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
+
+            return paged_prefill_attention(q, k_pages, v_pages, pages, context_len, scale, k, v)
+        return paged_prefill_attention_ref(q, k_pages, v_pages, pages, context_len, scale)
 
     def _prefill(self, layer, b, q, k, v, context_len, scale):
         """Dense causal attention of a chunk over its prefix (read from the CPU tier)."""
@@ -322,11 +379,7 @@ class SpinAttentionBackend(AttentionBackend):
         k_pages.view(-1, heads, d)[prefix:context_len] = k
         v_pages.view(-1, heads, d)[prefix:context_len] = v
         pages = torch.arange(num_pages, device=self.device)
-        if self.on_cuda:
-            from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
-
-            return paged_prefill_attention(q, k_pages, v_pages, pages, context_len, scale, k, v)
-        return paged_prefill_attention_ref(q, k_pages, v_pages, pages, context_len, scale)
+        return self._attend_prefill(q, k_pages, v_pages, pages, context_len, scale, k, v)
 
     def _prefix(self, layer, b, num_pages):  # 2 × [Hkv, p, S, D]
         """The first `num_pages` pages of chunk b's sequence in this layer, from the CPU tier:

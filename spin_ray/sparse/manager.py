@@ -9,6 +9,12 @@ free. When a request needs slots and none are free, the buffers of others shrink
 floor, the one with the largest excess first, dropping their least recently used pages; a
 request is never left below its floor. If the CPU tier or the floors cannot be met `can_grow`
 says no and the scheduler queues or preempts.
+
+A request in prefill may also hold (3) prefill slots, one per page of its prompt
+(`hold_prefill`), taken from free slots and others' buffer excess when there are enough: its
+chunks keep their K/V there, so each later chunk reads its prefix from HBM instead of reading
+the whole prefix back over PCIe (quadratic in the prompt length). They go back when its first
+decode step is planned (`end_prefill`) or it is released.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class TieredCacheManager:
         self.counters = counters
         self.tables: dict[str, list[int]] = {}
         self.slots: dict[str, list[int]] = {}
+        self.prefill_slots: dict[str, list[int]] = {}
+        """Slots holding the prompt pages of requests in prefill, page i in slot [i]."""
         self.rows: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self._free_rows: list[int] = []
@@ -89,6 +97,7 @@ class TieredCacheManager:
         pages = self.tables.pop(request_id, None)
         if pages:
             self.pool.free(pages, request_id)
+        self.end_prefill(request_id)
         slots = self.slots.pop(request_id, None)
         if slots:
             self.residency.clear_slots(slots)
@@ -105,7 +114,10 @@ class TieredCacheManager:
     def check_integrity(self) -> None:
         """No leaked or double-owned page in either tier; residency maps consistent."""
         self.pool.check_integrity(self.tables)
-        self.slot_pool.check_integrity(self.slots)
+        prefill = {_prefill_owner(rid): slots for rid, slots in self.prefill_slots.items()}
+        self.slot_pool.check_integrity({**self.slots, **prefill})
+        if set(self.prefill_slots) - set(self.tables):
+            raise CacheIntegrityError("prefill slots held by a request without pages")
         if set(self.slots) != set(self.rows):
             raise CacheIntegrityError("a request holds slots without a directory row or back")
         if len(set(self.rows.values())) != len(self.rows):
@@ -120,6 +132,31 @@ class TieredCacheManager:
             held = held_by_row.get(row, [])
             if lists != held + [-1] * (len(lists) - len(held)):
                 raise CacheIntegrityError(f"directory row {row}: slot table differs from slots")
+
+    # ------------------------------------------------------------------ prefill slots
+
+    def hold_prefill(self, request_id: str) -> list[int] | None:
+        """Slots for every page of the request's context (its prompt), one per page in page
+        order — taken once, at its first chunk — or None when free slots and others' buffer
+        excess cannot cover them (its chunks then read their prefix from the CPU tier)."""
+        held = self.prefill_slots.get(request_id)
+        if held is not None:
+            return held
+        need = self.pages_for(self.tokens[request_id])
+        free = self.slot_pool.num_free
+        if need > free + self._reclaimable(request_id):
+            return None
+        if need > free:
+            self._reclaim(need - free, request_id)
+        held = self.slot_pool.allocate(need, _prefill_owner(request_id))
+        self.prefill_slots[request_id] = held
+        return held
+
+    def end_prefill(self, request_id: str) -> None:
+        """Give back the request's prefill slots (no-op if it holds none)."""
+        held = self.prefill_slots.pop(request_id, None)
+        if held:
+            self.slot_pool.free(held, _prefill_owner(request_id))
 
     # ------------------------------------------------------------------ slots
 
@@ -198,3 +235,8 @@ class TieredCacheManager:
         self.residency.ensure_rows(row + 1)
         self._fit_slot_table(row + 1, 1)
         return row
+
+
+def _prefill_owner(request_id: str) -> tuple[str, str]:
+    """The slot pool's owner key of a request's prefill slots (its buffer slots: the id)."""
+    return ("prefill", request_id)
