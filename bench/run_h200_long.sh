@@ -7,6 +7,8 @@
 #   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
 #   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
+#   prefillprofile  wall and GPU time per kernel of one PREFILL_LEN-token prompt's prefill
+#              (chunks of 8192), PREFILL_MODES (default "dense spin")
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
 #              (spin-tiny, fp32, chunked prefill beside decodes)
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
@@ -101,6 +103,15 @@ for stage in "$@"; do
                     --warmup-steps $warmup "${ratio[@]}") 2>&1 \
                     | tee "$OUT/$name.log" | grep -E "graph decode step|hit rate|Error|error"
             done
+        done
+        ;;
+    prefillprofile)  # wall and kernel time of one PREFILL_LEN prompt's chunked prefill
+        for mode in ${PREFILL_MODES:-dense spin}; do
+            name="prefillprofile-$mode-${PREFILL_LEN:-64000}"
+            echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
+            (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --prefill --mode $mode \
+                --batch 1 --prompt-len "${PREFILL_LEN:-64000}" --token-budget 2048) 2>&1 \
+                | tee "$OUT/$name.log"
         done
         ;;
     tokens)  # spin-tiny fp32: every sparse mode's tokens against the dense engine's

@@ -1,8 +1,9 @@
 """Where a decode step's time goes: the kernels of a few eager decode steps under
-torch.profiler, summed per kernel name; with --graphs, the host side of CUDA-graph steps.
+torch.profiler, summed per kernel name; with --graphs, the host side of CUDA-graph steps; with
+--prefill, the kernels of the (chunked) prefill steps instead.
 
     python bench/spin_kernel_profile.py [--model llama-3.1-8b] [--mode spin] [--batch 16] \\
-        [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs]
+        [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs | --prefill]
 
 Builds `LLM(enforce_eager=True)` (eager, so each kernel is seen on its own; a CUDA graph runs
 the same kernels), prefills `--batch` random prompts, runs `--warmup-steps` decode steps (2; the
@@ -33,6 +34,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--graphs", action="store_true", help="profile the host of graph steps")
+    parser.add_argument(
+        "--prefill",
+        action="store_true",
+        help="profile the prefill steps (chunks of --chunk-tokens) instead of decode steps",
+    )
+    parser.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per prefill step")
     parser.add_argument("--buffer-ratio", type=float, default=None, help="spin's HBM buffer")
     parser.add_argument(
         "--warmup-steps",
@@ -53,7 +60,9 @@ def main() -> None:
                       buffer_ratio=args.buffer_ratio)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
               max_num_seqs=args.batch, max_model_len=max_len,
-              max_num_batched_tokens=min(args.batch * args.prompt_len, 65536), progress=False,
+              max_num_batched_tokens=(args.chunk_tokens if args.prefill
+                                      else min(args.batch * args.prompt_len, 65536)),
+              progress=False,
               **sparse)  # fmt: skip
     engine = llm.llm_engine
     rng = random.Random(0)
@@ -63,6 +72,9 @@ def main() -> None:
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
     started: set[str] = set()
+    if args.prefill:
+        _profile_prefill(engine, started, args)
+        return
     while len(started) < args.batch:  # prefill (chunked), then the warm-up decode steps
         started.update(o.request_id for o in engine.step())
     for _ in range(args.warmup_steps):
@@ -77,17 +89,40 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
     _print_cache(before, engine.kv_stats(), args.steps)
+    _print_kernels(prof, args.steps, f"{args.mode}, {args.model}, batch {args.batch} x "
+                   f"{args.prompt_len}", "decode step")  # fmt: skip
+
+
+def _profile_prefill(engine, started: set[str], args) -> None:
+    """Wall time and kernels of the steps until every prompt has its first token."""
+    import time
+
+    torch.cuda.synchronize()
+    steps, start = 0, time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        while len(started) < args.batch:
+            started.update(o.request_id for o in engine.step())
+            steps += 1
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    print(f"prefill of {args.batch} x {args.prompt_len} in {steps} steps: {wall:.2f} s wall "
+          "(under the profiler)")  # fmt: skip
+    _print_kernels(prof, steps, f"{args.mode}, {args.model}, batch {args.batch} x "
+                   f"{args.prompt_len}, chunks of {args.chunk_tokens}", "prefill step")  # fmt: skip
+
+
+def _print_kernels(prof, steps: int, what: str, step_name: str) -> None:
+    """Per kernel name: GPU time and launches per step (top 30), and the GPU time in all."""
     rows = []
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", None)
         if us is None:
             us = event.self_cuda_time_total
         if us > 0:
-            rows.append((us / args.steps, event.count / args.steps, event.key))
+            rows.append((us / steps, event.count / steps, event.key))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"{args.mode}, {args.model}, batch {args.batch} x {args.prompt_len}: "
-          f"{total / 1e3:.2f} ms GPU per decode step")  # fmt: skip
+    print(f"{what}: {total / 1e3:.2f} ms GPU per {step_name}")
     print("| kernel | us/step | share | launches/step |")
     print("|---|---:|---:|---:|")
     for us, count, name in rows[:30]:
