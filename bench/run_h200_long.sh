@@ -7,6 +7,7 @@
 #   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
 #   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
+#              (KERNEL_SECTIONS, default "kernels bandwidth")
 #   prefillprofile  wall and GPU time per kernel of one PREFILL_LEN-token prompt's prefill
 #              (chunks of 8192), PREFILL_MODES (default "dense spin")
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
@@ -67,10 +68,11 @@ for stage in "$@"; do
         done
         ;;
     kernels)
-        echo "=== kernels (t=${SECONDS}s): sparse_gpu.py --sections kernels bandwidth" \
+        sections=${KERNEL_SECTIONS:-kernels bandwidth}
+        echo "=== kernels (t=${SECONDS}s): sparse_gpu.py --sections $sections" \
             | tee -a "$OUT/commands.txt"
         (cd "$PKG" && python3 "$REPO/bench/sparse_gpu.py" --out "$OUT/sparse_gpu" \
-            --sections kernels bandwidth) 2>&1 | tee "$OUT/kernels.log"
+            --sections $sections) 2>&1 | tee "$OUT/kernels.log"
         ;;
     hostprofile)
         prof() {  # name, then spin_kernel_profile.py arguments

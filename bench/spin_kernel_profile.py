@@ -55,8 +55,10 @@ def main() -> None:
     tokens = args.batch * max_len + 1024  # slack for page rounding
     sparse = {}
     if args.mode != "dense":
+        # --prefill: HBM for the prompt's prefill slots beside the request's buffer
+        gpu_tokens = 2 * tokens if args.prefill else tokens
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
-                      gpu_cache_tokens=tokens, cpu_cache_tokens=tokens,
+                      gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
                       buffer_ratio=args.buffer_ratio)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
               max_num_seqs=args.batch, max_model_len=max_len,
@@ -104,6 +106,7 @@ def _profile_prefill(engine, started: set[str], args) -> None:
     import time
 
     torch.cuda.synchronize()
+    before = engine.kv_stats()
     steps, start = 0, time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         while len(started) < args.batch:
@@ -111,8 +114,9 @@ def _profile_prefill(engine, started: set[str], args) -> None:
             steps += 1
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    read = (engine.kv_stats().h2d_bytes - before.h2d_bytes) / 1e9
     print(f"prefill of {args.batch} x {args.prompt_len} in {steps} steps: {wall:.2f} s wall "
-          "(under the profiler)")  # fmt: skip
+          f"(under the profiler), {read:.2f} GB read back from the CPU tier")  # fmt: skip
     _print_kernels(prof, steps, f"{args.mode}, {args.model}, batch {args.batch} x "
                    f"{args.prompt_len}, chunks of {args.chunk_tokens}", "prefill step")  # fmt: skip
 

@@ -63,6 +63,16 @@ def paged_prefill_attention_ref(
     return _attend(q, k, v, scale, causal_offset=context_len - q.shape[0])
 
 
+def prefill_attention_ref(
+    q: torch.Tensor,  # [n, Hq, D]  the last n of the T positions
+    k: torch.Tensor,  # [Hkv, T, D]  head-major
+    v: torch.Tensor,  # [Hkv, T, D]
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    """Causal attention of a chunk over a context gathered head-major."""
+    return _attend(q, k.transpose(0, 1), v.transpose(0, 1), scale, k.shape[1] - q.shape[0])
+
+
 def _attend(
     q: torch.Tensor,  # [n, Hq, D]
     k: torch.Tensor,  # [T, Hkv, D]

@@ -14,7 +14,9 @@ The context is first gathered from its pages into one contiguous [T, Hkv, D] cop
 elements of copying against 4 n T Hq D flops of attention, under 1% of the time for chunks of
 a few thousand tokens.
 
-Reference: `paged_prefill_attention_ref` in paged_attention_ref.py.
+`prefill_attention` is the part after the gather, for a context already laid out head-major
+(the SPIN cache's prefill slots). References: `paged_prefill_attention_ref` and
+`prefill_attention_ref` in paged_attention_ref.py.
 """
 
 from __future__ import annotations
@@ -52,17 +54,32 @@ def paged_prefill_attention(
         )
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
-    prefix = context_len - n
-    qt = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-    if prefix == 0 and k_new is not None and v_new is not None:
-        if k_new.dtype != q.dtype or v_new.dtype != q.dtype:
-            raise ValueError(f"k_new/v_new dtype {k_new.dtype}/{v_new.dtype} != q dtype {q.dtype}")
+    if context_len == n and k_new is not None and v_new is not None:
         k, v = k_new, v_new  # [n, Hkv, D]
     else:
         k = gather_pages(k_cache, pages, context_len)  # [T, Hkv, D]
         v = gather_pages(v_cache, pages, context_len)
-    kt = k.transpose(0, 1).unsqueeze(0)  # [1, Hkv, T, D]
-    vt = v.transpose(0, 1).unsqueeze(0)
+    return prefill_attention(q, k.transpose(0, 1), v.transpose(0, 1), scale)
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [n, Hq, D]  the last n of the T positions
+    k: torch.Tensor,  # [Hkv, T, D]  head-major keys of every position (last dim contiguous)
+    v: torch.Tensor,  # [Hkv, T, D]
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    """Causal attention of a chunk (the last n positions) over a context already gathered
+    head-major; `paged_prefill_attention` after its gather. Reference: `prefill_attention_ref`."""
+    n, num_heads, _ = q.shape
+    num_kv_heads, context_len, _ = k.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k/v dtype {k.dtype}/{v.dtype} != q dtype {q.dtype}")
+    if not 1 <= n <= context_len:
+        raise ValueError(f"context {context_len} must be >= the chunk length {n} >= 1")
+    prefix = context_len - n
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    kt = k.unsqueeze(0)  # [1, Hkv, T, D]
+    vt = v.unsqueeze(0)
     gqa = num_heads != num_kv_heads
     if prefix == 0:
         out = F.scaled_dot_product_attention(

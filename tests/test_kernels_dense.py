@@ -14,9 +14,14 @@ from spin_ray.cache.kv_cache import KVCache, KVCacheShape
 from spin_ray.kernels.paged_attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
+    prefill_attention_ref,
     store_kv_ref,
 )
-from spin_ray.kernels.paged_prefill_attention import merge_by_lse, paged_prefill_attention
+from spin_ray.kernels.paged_prefill_attention import (
+    merge_by_lse,
+    paged_prefill_attention,
+    prefill_attention,
+)
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +234,11 @@ def test_prefill_matches_reference(n, context_len, group):
     )
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, pages, context_len, 0.2)
     assert _rel_err(out, ref) < 1e-5
+    # the same context laid out head-major (the SPIN cache's prefill slots), strided views
+    head_major = prefill_attention(q, k_all.transpose(0, 1), v_all.transpose(0, 1), 0.2)
+    assert _rel_err(head_major, ref) < 1e-5
+    ref_head_major = prefill_attention_ref(q, k_all.transpose(0, 1), v_all.transpose(0, 1), 0.2)
+    assert _rel_err(ref_head_major, ref) < 1e-6
 
 
 def test_merge_by_lse_equals_attention_over_all_keys():

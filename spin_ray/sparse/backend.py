@@ -41,7 +41,7 @@ from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
 from spin_ray.attention.step_buffers import StepBuffers, to_step
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
-from spin_ray.kernels.paged_attention_ref import paged_prefill_attention_ref
+from spin_ray.kernels.paged_attention_ref import prefill_attention_ref
 from spin_ray.kernels.sparse_decode_attention import (
     sparse_decode_attention,
     sparse_decode_attention_ref,
@@ -351,35 +351,28 @@ class SpinAttentionBackend(AttentionBackend):
         heads, _, _, d = gpu_k.shape
         gpu_k.view(heads, -1, d)[:, held.token_rows] = k.transpose(0, 1)  # [Hkv, n, D]
         gpu_v.view(heads, -1, d)[:, held.token_rows] = v.transpose(0, 1)
-        k_pages = gpu_k.permute(1, 2, 0, 3)  # [Q + 1, S, Hkv, D] view: pages are slots
-        v_pages = gpu_v.permute(1, 2, 0, 3)
-        return self._attend_prefill(q, k_pages, v_pages, held.slots, context_len, scale, k, v)
-
-    def _attend_prefill(self, q, k_pages, v_pages, pages, context_len, scale, k, v):
-        if self.on_cuda:
-            from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
-
-            return paged_prefill_attention(q, k_pages, v_pages, pages, context_len, scale, k, v)
-        return paged_prefill_attention_ref(q, k_pages, v_pages, pages, context_len, scale)
+        ctx_k = gpu_k[:, held.slots].flatten(1, 2)[:, :context_len]  # [Hkv, T, D]
+        ctx_v = gpu_v[:, held.slots].flatten(1, 2)[:, :context_len]
+        return self._attend_prefill(q, ctx_k, ctx_v, scale)
 
     def _prefill(self, layer, b, q, k, v, context_len, scale):
         """Dense causal attention of a chunk over its prefix (read from the CPU tier)."""
-        n, heads, d = k.shape[0], k.shape[1], k.shape[2]
-        s = self.page_size
-        num_pages = -(-context_len // s)
-        prefix = context_len - n
-        k_pages = torch.zeros(num_pages, s, heads, d, dtype=k.dtype, device=self.device)
-        v_pages = torch.zeros_like(k_pages)  # [n_pages, S, Hkv, D]
-        prefix_pages = -(-prefix // s)
-        if prefix_pages:
+        prefix = context_len - k.shape[0]
+        ctx_k, ctx_v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
+        if prefix:
+            prefix_pages = -(-prefix // self.page_size)
             pk, pv = self._prefix(layer, b, prefix_pages)  # [Hkv, p, S, D]
-            k_pages[:prefix_pages] = pk.permute(1, 2, 0, 3)
-            v_pages[:prefix_pages] = pv.permute(1, 2, 0, 3)
-            self.counters.h2d_bytes += prefix_pages * heads * self.host.page_bytes
-        k_pages.view(-1, heads, d)[prefix:context_len] = k
-        v_pages.view(-1, heads, d)[prefix:context_len] = v
-        pages = torch.arange(num_pages, device=self.device)
-        return self._attend_prefill(q, k_pages, v_pages, pages, context_len, scale, k, v)
+            ctx_k = torch.cat([pk.flatten(1, 2)[:, :prefix], ctx_k], 1)  # [Hkv, T, D]
+            ctx_v = torch.cat([pv.flatten(1, 2)[:, :prefix], ctx_v], 1)
+            self.counters.h2d_bytes += prefix_pages * k.shape[1] * self.host.page_bytes
+        return self._attend_prefill(q, ctx_k, ctx_v, scale)
+
+    def _attend_prefill(self, q, ctx_k, ctx_v, scale):  # [n, Hq, D]; ctx: [Hkv, T, D]
+        if self.on_cuda:
+            from spin_ray.kernels.paged_prefill_attention import prefill_attention
+
+            return prefill_attention(q, ctx_k, ctx_v, scale)
+        return prefill_attention_ref(q, ctx_k, ctx_v, scale)
 
     def _prefix(self, layer, b, num_pages):  # 2 × [Hkv, p, S, D]
         """The first `num_pages` pages of chunk b's sequence in this layer, from the CPU tier:
