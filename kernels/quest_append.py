@@ -51,27 +51,12 @@ def _quest_append_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    TOKENS: tl.constexpr,
 ):
+    t = tl.program_id(0)
     h = tl.program_id(1)
-    for i in tl.static_range(TOKENS):  # this program's tokens, one after another
-        _fold_run_of(
-            tl.program_id(0) * TOKENS + i, h, kmin_ptr, kmax_ptr, slots_ptr, k_ptr,
-            stride_kn, stride_kh, N, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_S, BLOCK_D,
-        )  # fmt: skip
-
-
-@triton.jit
-def _fold_run_of(
-    t, h, kmin_ptr, kmax_ptr, slots_ptr, k_ptr, stride_kn, stride_kh, N,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """If token t leads a run of same-page tokens: fold the run's keys of head h into the
-    page's row (a fresh row if the page starts in the run); otherwise nothing."""
-    slot = tl.load(slots_ptr + t, mask=t < N, other=-1)
+    slot = tl.load(slots_ptr + t)
     page = slot // PAGE_SIZE
-    prev = tl.load(slots_ptr + t - 1, mask=(t > 0) & (t <= N), other=-1)
+    prev = tl.load(slots_ptr + t - 1, mask=t > 0, other=-1)
     leader = (slot >= 0) & ((prev < 0) | (prev // PAGE_SIZE != page))
 
     # the leader's run: tokens t, t + 1, ... up to the first one off this page (at most
@@ -106,14 +91,10 @@ def quest_append(
     slots: torch.Tensor,  # [N] int64 contiguous, -1 = padding; a page's tokens adjacent
     k: torch.Tensor,  # [N, Hkv, D], last dim contiguous
     page_size: int,
-    tokens_per_program: int | None = None,
 ) -> None:
-    """Triton version of `quest_append_ref` (one program per `tokens_per_program` tokens and KV
-    head, taking its tokens one after another; the leader of each page's run writes its row).
-    It never writes the spare row, so no host sync and no data-dependent shape: safe to capture
-    in a CUDA graph. `tokens_per_program` None: 1 for a decode-sized step (every token its own
-    program, for latency), 16 past 256 tokens (prefill chunks: a program per token spent most
-    of the launch on the non-leaders, 0.7 ms for 8192 tokens x 8 heads on an H200)."""
+    """Triton version of `quest_append_ref` (one program per token and KV head; the leader of
+    each page's run writes its row). It never writes the spare row, so no host sync and no
+    data-dependent shape: safe to capture in a CUDA graph."""
     n, hkv, d = k.shape
     assert kmin.dim() == 3 and kmin.shape[1:] == (hkv, d) and kmax.shape == kmin.shape
     assert kmin.is_contiguous() and kmax.is_contiguous() and k.stride(2) == 1
@@ -122,8 +103,7 @@ def quest_append(
     assert page_size >= 1
     if n == 0:
         return
-    tokens = tokens_per_program or (16 if n > 256 else 1)
-    _quest_append_kernel[(triton.cdiv(n, tokens), hkv)](
+    _quest_append_kernel[(n, hkv)](
         kmin,
         kmax,
         slots,
@@ -136,5 +116,4 @@ def quest_append(
         PAGE_SIZE=page_size,
         BLOCK_S=triton.next_power_of_2(page_size),
         BLOCK_D=triton.next_power_of_2(d),
-        TOKENS=tokens,
     )
