@@ -25,6 +25,9 @@
 #   longbenchdecode  dense and spin on that workload with its own output lengths (mean 2.5K at
 #              half scale) instead of 256: saturating throughput when decode dominates, over a
 #              LONGBENCH_LIMIT-second window (default 120)
+#   longbenchfloor  spin alone on the longbenchdecode workload with --min-buffer-ratio R for each
+#              R of MIN_BUFFER_RATIOS (default "4 8"): a larger floor admits fewer requests, each
+#              with a larger HBM buffer (compare with longbenchdecode's dense in the same call)
 #   longbenchrate  dense and spin on 16 of those requests arriving at LONGBENCH_RATE req/s
 #              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
 #              dense saturates
@@ -154,6 +157,14 @@ for stage in "$@"; do
             --workload longbench-v2 --scale 0.5 --num-prompts 24 --request-rate inf \
             --token-budget 2048 --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 \
             --time-limit "${LONGBENCH_LIMIT:-120}"
+        ;;
+    longbenchfloor)  # longbenchdecode with spin's admission floor raised: batch vs hit rate
+        for ratio in ${MIN_BUFFER_RATIOS:-4 8}; do
+            bench "longbench-decode-floor$ratio" --modes spin --min-buffer-ratio "$ratio" \
+                --sparse quest --workload longbench-v2 --scale 0.5 --num-prompts 24 \
+                --request-rate inf --token-budget 2048 --gpu-cache-tokens 131072 \
+                --cpu-cache-tokens 524288 --time-limit "${LONGBENCH_LIMIT:-120}"
+        done
         ;;
     longbenchrate)  # the same at a finite rate (LONGBENCH_RATE req/s) past dense's capacity
         bench "longbench-rate${LONGBENCH_RATE:-0.1}" --modes dense,spin --sparse quest \

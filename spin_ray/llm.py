@@ -56,6 +56,7 @@ class LLM:
         local_tokens: int | None = None,
         dense_layers: int | None = None,
         buffer_ratio: float | None = None,
+        min_buffer_ratio: float | None = None,
         gpu_cache_tokens: int | None = None,
         cpu_cache_tokens: int | None = None,
         sparse_config: SparseConfig | None = None,
@@ -85,6 +86,7 @@ class LLM:
             local_tokens=local_tokens,
             dense_layers=dense_layers,
             buffer_ratio=buffer_ratio,
+            min_buffer_ratio=min_buffer_ratio,
             gpu_cache_tokens=gpu_cache_tokens,
             cpu_cache_tokens=cpu_cache_tokens,
         )

@@ -135,6 +135,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         (["--workload", "longbench-v2", "--input-len", "5"], "input_len"),
         (["--sparse", "nope"], "sparse"),
         (["--token-budget", "many"], "token_budget"),
+        (["--min-buffer-ratio", "-1"], "min_buffer_ratio"),
         (["--model", "llama-3.1-8b", "--modes", "dense,vllm"], "modes"),
     ],
 )
@@ -183,6 +184,9 @@ def test_rates_and_budget_parse():
     assert config.workload.name == "longgenbench" and config.workload.input_len is None
     args = build_parser().parse_args(["bench", "--token-budget", "2048"])
     assert bench_config(args).token_budget == 2048
+    args = build_parser().parse_args(["bench", "--min-buffer-ratio", "6", "--buffer-ratio", "9"])
+    kwargs = bench_config(args).cache_kwargs("spin", 32)
+    assert (kwargs["min_buffer_ratio"], kwargs["buffer_ratio"]) == (6.0, 9.0)
 
 
 def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):

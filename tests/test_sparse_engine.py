@@ -153,16 +153,13 @@ def test_abort_mid_decode_frees_both_tiers(make_llm):
 def test_flat_keyword_arguments_build_the_config(make_llm):
     llm = _sparse_llm(
         make_llm, sparse="quest", token_budget=0.25, sink_tokens=16, local_tokens=24,
-        buffer_ratio=3.0, gpu_cache_tokens=4096, cpu_cache_tokens=8192,
+        buffer_ratio=3.0, min_buffer_ratio=2.0, gpu_cache_tokens=4096, cpu_cache_tokens=8192,
     )  # fmt: skip
     config = llm.llm_engine.config.sparse
     assert (config.algorithm, config.mode, config.token_budget) == ("quest", "spin", 0.25)
     assert (config.sink_tokens, config.local_tokens, config.dense_layers) == (16, 24, 1)
-    assert (config.buffer_ratio, config.gpu_cache_tokens, config.cpu_cache_tokens) == (
-        3.0,
-        4096,
-        8192,
-    )
+    assert (config.buffer_ratio, config.min_buffer_ratio) == (3.0, 2.0)
+    assert (config.gpu_cache_tokens, config.cpu_cache_tokens) == (4096, 8192)
     dense = make_llm(model="spin-tiny", sparse="quest", mode="dense")
     assert isinstance(dense.llm_engine.backend, DenseAttentionBackend)
     assert dense.kv_stats().lookups == 0
@@ -228,3 +225,30 @@ def test_chunked_prefill_keeps_the_prompt_in_hbm_when_slots_allow(
         assert reads and None in held
     assert backend.manager.prefill_slots == {}
     _assert_tiers_empty(llm)
+
+
+def test_min_buffer_ratio_bounds_the_batch_by_hbm_and_keeps_the_tokens(make_llm):
+    """Admission needs each request's selection x (1 + min_buffer_ratio) HBM slots: with 80
+    slots, a 5-page selection (sink, local, top-k) admits every prompt at ratio 1 (10 slots
+    each) but two at a time at ratio 6 (35 slots each); the selection, hence the tokens, are
+    the same."""
+    prompts = _prompts((300, 360, 410, 330))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results = {}
+    for ratio in (1.0, 6.0):
+        llm = _sparse_llm(
+            make_llm, sparse="quest", token_budget=32, sink_tokens=PAGE, local_tokens=PAGE,
+            buffer_ratio=6.0, min_buffer_ratio=ratio, gpu_cache_tokens=80 * PAGE,
+        )  # fmt: skip
+        engine = llm.llm_engine
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        outputs, most = {}, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outputs[out.request_id] = out
+            most = max(most, engine.num_running)
+        results[ratio] = (most, [outputs[str(i)].outputs[0].token_ids for i in range(4)])
+        _assert_tiers_empty(llm)
+    assert results[1.0][0] == 4 and results[6.0][0] == 2
+    assert results[1.0][1] == results[6.0][1]

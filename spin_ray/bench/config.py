@@ -40,6 +40,9 @@ class BenchConfig:
     """Selected tokens per step (int) or fraction of the context (float); None: the default."""
     buffer_ratio: float | None = None
     """HBM buffer pages per mandatory page in `spin` mode; None: the default."""
+    min_buffer_ratio: float | None = None
+    """The buffer (per mandatory page) every running `spin` request keeps under HBM pressure;
+    admission needs it, so it bounds spin's batch by HBM; None: the default."""
     gpu_cache_tokens: int | None = None
     """HBM KV capacity in tokens of every layer's KV, the same for every spin-ray mode: the KV
     pool of `dense` (`num_pages`), the working-set slots of the tiered modes (`spin`: less its
@@ -90,8 +93,10 @@ class BenchConfig:
             raise ValueError(f"sparse: unknown algorithm {self.sparse!r}; use {SPARSE_ALGORITHMS}")
         if self.token_budget is not None and not self.token_budget > 0:
             raise ValueError(f"token_budget: must be > 0, got {self.token_budget}")
-        if self.buffer_ratio is not None and self.buffer_ratio < 0:
-            raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
+        for name in ("buffer_ratio", "min_buffer_ratio"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
         for name in ("gpu_cache_tokens", "cpu_cache_tokens", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -120,6 +125,7 @@ class BenchConfig:
             sparse=self.sparse,
             token_budget=self.token_budget,
             buffer_ratio=self.buffer_ratio,
+            min_buffer_ratio=self.min_buffer_ratio,
             gpu_cache_tokens=slots,
             cpu_cache_tokens=self.cpu_cache_tokens,
         )

@@ -51,6 +51,12 @@ def add_parser(subparsers) -> None:
         "--token-budget", default=None, help="tokens per step (int) or fraction of the context"
     )
     parser.add_argument("--buffer-ratio", type=float, default=None)
+    parser.add_argument(
+        "--min-buffer-ratio",
+        type=float,
+        default=None,
+        help="spin's admission floor: HBM buffer per selected page each running request keeps",
+    )
     parser.add_argument("--gpu-cache-tokens", type=int, default=None)
     parser.add_argument("--cpu-cache-tokens", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the JSON results here")
@@ -90,6 +96,7 @@ def bench_config(args: argparse.Namespace):
         sparse=args.sparse,
         token_budget=parse_token_budget(args.token_budget),
         buffer_ratio=args.buffer_ratio,
+        min_buffer_ratio=args.min_buffer_ratio,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
         max_num_seqs=args.max_num_seqs,

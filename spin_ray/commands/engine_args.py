@@ -56,6 +56,13 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local-tokens", type=int, default=None)
     group.add_argument("--dense-layers", type=int, default=None)
     group.add_argument("--buffer-ratio", type=float, default=None)
+    group.add_argument(
+        "--min-buffer-ratio",
+        type=float,
+        default=None,
+        help="buffer a request keeps under HBM pressure (multiple of its selection); admission "
+        "needs selection x (1 + this) free HBM pages, so a larger value means fewer requests",
+    )
     group.add_argument("--gpu-cache-tokens", type=int, default=None)
     group.add_argument("--cpu-cache-tokens", type=int, default=None)
 
@@ -70,6 +77,7 @@ def sparse_kwargs(args: argparse.Namespace) -> dict:
         local_tokens=args.local_tokens,
         dense_layers=args.dense_layers,
         buffer_ratio=args.buffer_ratio,
+        min_buffer_ratio=args.min_buffer_ratio,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
     )
