@@ -5,6 +5,9 @@ Slot s lives on page s // page_size at offset s % page_size; a page whose offset
 the step starts afresh (its row may hold a freed page's old keys), any other page folds the new
 keys into its row. Padding tokens (slot -1) touch no page.
 
+`quest_append_chunk` does the same for one prefill chunk with whole-page reductions (torch ops,
+a few launches whatever the chunk's length); the kernel serves decode steps.
+
 Precondition (the runtime's batches meet it: a step holds each request once and a chunk's slots
 are consecutive): the tokens of one page are adjacent in `slots`. The kernel relies on it to
 give each page a single writer — the first token of each run of same-page tokens (its leader)
@@ -117,3 +120,31 @@ def quest_append(
         BLOCK_S=triton.next_power_of_2(page_size),
         BLOCK_D=triton.next_power_of_2(d),
     )
+
+
+def quest_append_chunk(
+    kmin: torch.Tensor,  # [P + 1, Hkv, D]
+    kmax: torch.Tensor,  # [P + 1, Hkv, D]
+    slots: torch.Tensor,  # [n] int64  one request's consecutive positions (no padding)
+    k: torch.Tensor,  # [n, Hkv, D]
+    page_size: int,
+    first_offset: int,  # slots[0] % page_size, known on the host
+) -> None:
+    """`quest_append_ref` for one prefill chunk: its keys, padded to page boundaries with ±inf,
+    reduced per page; the page the chunk starts mid-way folds into its row, every other page
+    starts in the chunk and is written afresh. No host synchronisation."""
+    n, hkv, d = k.shape
+    s = page_size
+    num_pages = (first_offset + n + s - 1) // s
+    firsts = (torch.arange(num_pages, device=slots.device) * s - first_offset).clamp(min=0)
+    pages = slots[firsts] // s  # [p] the page of each page's first token in the chunk
+    for summary, fill, reduce, fold in (
+        (kmin, float("inf"), torch.amin, torch.minimum),
+        (kmax, float("-inf"), torch.amax, torch.maximum),
+    ):
+        padded = k.new_full((num_pages * s, hkv, d), fill)  # [p * S, Hkv, D]
+        padded[first_offset : first_offset + n] = k
+        rows = reduce(padded.view(num_pages, s, hkv, d), dim=1)  # [p, Hkv, D]
+        if first_offset:
+            rows[0] = fold(rows[0], summary[pages[0]])
+        summary[pages] = rows

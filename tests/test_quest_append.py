@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spin_ray.kernels.quest_append import quest_append, quest_append_ref
+from spin_ray.kernels.quest_append import quest_append, quest_append_chunk, quest_append_ref
 
 NUM_PAGES, HKV = 24, 2
 
@@ -79,3 +79,21 @@ def test_empty_step_writes_nothing():
     before = kmin.clone(), kmax.clone()
     quest_append(kmin, kmax, torch.empty(0, dtype=torch.int64), torch.empty(0, HKV, 8), 4)
     assert torch.equal(kmin, before[0]) and torch.equal(kmax, before[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start, n", [(0, 16), (3, 10), (5, 2), (4, 13), (6, 1), (0, 3), (1, 3)])
+def test_whole_page_chunk_fold_matches_reference(dtype, start, n):
+    """`quest_append_chunk` (a prefill chunk's pages reduced at once) against the reference:
+    chunks starting at a page boundary or mid-page, ending mid-page or on a boundary."""
+    gen = torch.Generator().manual_seed(start * 17 + n)
+    slots = _slots(gen, [(start, n)], page_size=4)
+    stale = torch.randn(NUM_PAGES + 1, HKV, 8, generator=gen) * 3
+    kmin, kmax = (stale - 2).to(dtype), (stale + 2).to(dtype)
+    k = torch.randn(n, HKV + 3, 8, generator=gen).to(dtype)[:, 3:]
+    ref_min, ref_max = kmin.clone(), kmax.clone()
+    quest_append_ref(ref_min, ref_max, slots, k, 4)
+    quest_append_chunk(kmin, kmax, slots, k, 4, start % 4)
+    assert not torch.equal(ref_min, (stale - 2).to(dtype)), "the chunk changes nothing"
+    torch.testing.assert_close(kmin[:NUM_PAGES], ref_min[:NUM_PAGES], atol=0, rtol=0)
+    torch.testing.assert_close(kmax[:NUM_PAGES], ref_max[:NUM_PAGES], atol=0, rtol=0)

@@ -58,16 +58,20 @@ def _indexed(name: str, num_pages: int, seed: int, **fields):
     return algorithm, k, v, page_ids
 
 
-def _append(algorithm, page_ids, k, runs, start=0):
+def _append(algorithm, page_ids, k, runs, start=0, chunks=False):
     """Store the sequence's tokens start.. in runs of the given lengths (a run is one
-    `append`, like a prefill chunk; a run of 1 is a decode token), each with a padding slot."""
+    `append`, like a prefill chunk; a run of 1 is a decode token), each with a padding slot;
+    with `chunks`, runs longer than one token go through `append_chunk` instead (no padding)."""
     tokens = torch.arange(k.shape[1] * PAGE)
     keys = k.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D] in token order
     for n in runs:
         run = tokens[start : start + n]
-        slots = torch.cat([page_ids[run // PAGE] * PAGE + run % PAGE, torch.tensor([-1])])
-        pad = torch.randn(1, HKV, D) * 100  # a padding row's key must not reach any page
-        algorithm.append(0, slots, torch.cat([keys[run], pad]))
+        slots = page_ids[run // PAGE] * PAGE + run % PAGE
+        if chunks and n > 1:
+            algorithm.append_chunk(0, slots, keys[run], start % PAGE)
+        else:
+            pad = torch.randn(1, HKV, D) * 100  # a padding row's key must not reach any page
+            algorithm.append(0, torch.cat([slots, torch.tensor([-1])]), torch.cat([keys[run], pad]))
         start += n
 
 
@@ -116,14 +120,17 @@ def _assert_top_pages(algorithm, q, page_ids, formula, budget):
         assert len(listed) == len(set(listed)) == sink + k + (n - start)
 
 
-def test_quest_summaries_fold_in_any_order_of_runs():
+@pytest.mark.parametrize("chunks", [False, True])
+def test_quest_summaries_fold_in_any_order_of_runs(chunks):
     """Quest's min/max summaries after storing a sequence in prefill-like chunks that start and
-    end mid-page, then decode tokens, equal the elementwise min/max of each page's keys — also
-    for pages that held another sequence's larger keys before."""
+    end mid-page (through `append`, or `append_chunk`'s whole-page reductions), then decode
+    tokens, equal the elementwise min/max of each page's keys — also for pages that held
+    another sequence's larger keys before."""
     algorithm, k, _, page_ids = _indexed("quest", 10, seed=3)
     other = torch.randn(HKV, 10, PAGE, D) * 50  # a new sequence reuses the same pages
-    _append(algorithm, page_ids, other, [13, 30, 1, 1, PAGE * 10 - 45])
-    _append(algorithm, page_ids, k, [PAGE * 6 + 3, PAGE * 3 + 2] + [1] * (PAGE - 5))
+    _append(algorithm, page_ids, other, [13, 30, 1, 1, PAGE * 10 - 45], chunks=chunks)
+    runs = [PAGE * 6 + 3, PAGE * 3 + 2] + [1] * (PAGE - 5)
+    _append(algorithm, page_ids, k, runs, chunks=chunks)
     kmin = algorithm.kmin[0, page_ids].permute(1, 0, 2)  # [Hkv, n, D]
     kmax = algorithm.kmax[0, page_ids].permute(1, 0, 2)
     torch.testing.assert_close(kmin, k.amin(2), atol=0, rtol=0)

@@ -327,7 +327,7 @@ class SpinAttentionBackend(AttentionBackend):
         layer = layer_idx - self.first_layer
         self.host.store(layer, k, v, meta.slot_mapping)
         if self.algorithm.incremental:
-            self.algorithm.append(layer, meta.slot_mapping, k)
+            self._append(layer, k)
         step = self._step
         if not self._prefills:
             return self._decode(layer, q, k, v, scale)
@@ -343,6 +343,21 @@ class SpinAttentionBackend(AttentionBackend):
                 out[rows] = self._prefill_held_in_hbm(layer, held, q[rows], k[rows], v[rows],
                                                       ctx, scale)  # fmt: skip
         return out
+
+    def _append(self, layer, k):
+        """Fold the step's keys into the algorithm's incremental summaries: the decode tokens in
+        one call, each prefill chunk by itself (whole pages at once)."""
+        slots = self.meta.slot_mapping  # [N]
+        if not self._prefills:
+            self.algorithm.append(layer, slots, k)
+            return
+        if self._step is not None:
+            t = self._step.tokens
+            self.algorithm.append(layer, slots[t], k[t])
+        for _, start, n, context_len in self._prefills:
+            rows = slice(start, start + n)
+            first_offset = (context_len - n) % self.page_size
+            self.algorithm.append_chunk(layer, slots[rows], k[rows], first_offset)
 
     def _prefill_held_in_hbm(self, layer, held, q, k, v, context_len, scale):
         """Dense causal attention of a chunk over its context, kept in its prefill slots: the

@@ -102,6 +102,17 @@ class SparseAlgorithm(ABC):
         its summary afresh (the page may have held another sequence before)."""
         raise NotImplementedError(f"{self.name} is indexed by index(), not append()")
 
+    def append_chunk(
+        self,
+        layer: int,
+        slots: torch.Tensor,  # [n] int64  one prefill chunk: a request's consecutive positions
+        k: torch.Tensor,  # [n, Hkv, D]
+        first_offset: int,  # the first token's offset in its page
+    ) -> None:
+        """`append` for one prefill chunk (eager steps only); algorithms may fold whole pages
+        at once."""
+        self.append(layer, slots, k)
+
     @abstractmethod
     def page_scores(
         self,

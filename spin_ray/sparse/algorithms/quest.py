@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from spin_ray.kernels.quest_append import quest_append, quest_append_ref
+from spin_ray.kernels.quest_append import quest_append, quest_append_chunk, quest_append_ref
 from spin_ray.kernels.quest_page_scores import quest_page_scores, quest_page_scores_ref
 from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
@@ -32,6 +32,11 @@ class Quest(SparseAlgorithm):
     def append(self, layer, slots, k):
         fold = quest_append if k.is_cuda else quest_append_ref
         fold(self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size)
+
+    def append_chunk(self, layer, slots, k, first_offset):
+        quest_append_chunk(
+            self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size, first_offset
+        )
 
     def page_scores(self, layer, q, batch):
         score = quest_page_scores if q.is_cuda else quest_page_scores_ref
