@@ -146,8 +146,9 @@ class SpinAttentionBackend(AttentionBackend):
         new_tokens = sum(meta.query_lens_cpu) - meta.num_padded
         self.counters.d2h_bytes += new_tokens * self._offload_bytes_per_token
         split = StepSplit.of(meta)
-        for b in split.decode_seqs[: len(split.decode_seqs) - meta.num_padded]:
-            self.manager.end_prefill(meta.request_ids[b])
+        if self.manager.prefill_slots:  # a request's first decode step ends its prefill
+            for b in split.decode_seqs[: len(split.decode_seqs) - meta.num_padded]:
+                self.manager.end_prefill(meta.request_ids[b])
         self._prefills = split.prefills
         self._prefill_held = [self._held_prefill(meta, chunk) for chunk in split.prefills]
         self._prefix_reads.clear()

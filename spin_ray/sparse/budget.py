@@ -61,8 +61,12 @@ class PageBudget:
     def num_pages(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
+    def max_sink_pages(self) -> int:
+        """Pages of the sink once a context reaches past it."""
+        return -(-self.sink_tokens // self.page_size)
+
     def sink_pages(self, num_tokens: int) -> int:
-        return min(self.num_pages(num_tokens), -(-self.sink_tokens // self.page_size))
+        return min(self.num_pages(num_tokens), self.max_sink_pages())
 
     def local_start(self, num_tokens: int, indexed_pages: int) -> int:
         """First page of the always-attended tail: the local window, extended back over pages

@@ -53,7 +53,7 @@ class DecodeWindows:
         topk = [
             min(budget.topk_pages(t), ls - s) for t, ls, s in zip(context_lens, local_start, sink)
         ]
-        sink_width = -(-budget.sink_tokens // budget.page_size)
+        sink_width = budget.max_sink_pages()
         max_local = budget.max_local_pages()
         pad = [0] * num_padded  # padding rows: no pages, so empty lists and nothing selectable
         rows = [num_pages + pad, local_start + pad, topk + pad, sink + pad]
