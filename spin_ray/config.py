@@ -73,6 +73,10 @@ class CacheConfig:
             raise ValueError(f"cpu_kv_tokens: must be >= page_size, got {self.cpu_kv_tokens}")
 
 
+DEFAULT_CHUNK_TOKENS = 8192
+"""`SchedulerConfig.max_num_batched_tokens` when unset and prefill is chunked."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits. `None` fields are derived by the engine once the model and
@@ -122,7 +126,7 @@ class SchedulerConfig:
             )
         batched = self.max_num_batched_tokens
         if batched is None:
-            batched = 8192 if self.enable_chunked_prefill else max_model_len
+            batched = DEFAULT_CHUNK_TOKENS if self.enable_chunked_prefill else max_model_len
         return replace(self, max_model_len=max_model_len, max_num_batched_tokens=batched)
 
 

@@ -230,3 +230,35 @@ def test_spin_holds_the_same_hbm_kv_bytes_as_dense():
     small = BenchConfig(modes=("spin",), gpu_cache_tokens=4096, cpu_cache_tokens=131072)
     with pytest.raises(ValueError, match="gpu_cache_tokens"):
         small.cache_kwargs("spin", layers)
+
+
+def test_warm_up_prefills_two_chunked_copies_and_decodes_them_together():
+    """The warm-up sends two copies of the first request's prompt, one and a half prefill
+    chunks long (so a chunk over a prefix runs), with 4 and 8 output tokens (decode batches of
+    two, then one), and runs them to completion before any timing."""
+    from spin_ray.bench.config import BenchConfig
+    from spin_ray.bench.engines import build_engine
+    from spin_ray.bench.runner import warm_up
+    from spin_ray.bench.workloads import BenchRequest
+
+    config = BenchConfig(modes=("spin",), device="cpu", max_num_batched_tokens=64, progress=False)
+    engine = build_engine("spin", config, max_model_len=512)
+    added, batches = [], []
+    add, step = engine.add, engine.step
+
+    def recording_add(request, arrival_time):
+        added.append(request)
+        add(request, arrival_time=arrival_time)
+
+    def recording_step():
+        batches.append(engine.engine.num_running)
+        return step()
+
+    engine.add, engine.step = recording_add, recording_step
+    try:
+        warm_up(engine, BenchRequest("r0", list(range(3, 203)), 6), config)
+        assert [(len(r.prompt_token_ids), r.output_len) for r in added] == [(96, 4), (96, 8)]
+        assert not engine.has_unfinished()
+        assert 2 in batches and batches[-1] == 1
+    finally:
+        engine.close()

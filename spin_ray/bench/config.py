@@ -67,7 +67,7 @@ class BenchConfig:
     """Seconds one mode may run at one rate; past it, unfinished requests are aborted and the
     result is marked truncated. None: no limit."""
     warmup: bool = True
-    """Run one short request through each engine before timing (compilation, graph capture)."""
+    """Run two short requests through each engine before timing (compilation, graph capture)."""
     progress: bool = True
     """Show a progress bar while each mode runs."""
 

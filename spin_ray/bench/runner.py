@@ -20,6 +20,7 @@ from spin_ray.bench.workloads import (
     poisson_arrivals,
     sample_lengths,
 )
+from spin_ray.config import DEFAULT_CHUNK_TOKENS
 
 COUNTER_STATS = (
     "preemptions",
@@ -35,8 +36,8 @@ COUNTER_STATS = (
 )
 """Cumulative `kv_stats()` fields whose change over a run the summary uses."""
 
-WARMUP_PROMPT_TOKENS = 4096
-WARMUP_OUTPUT_TOKENS = 4
+WARMUP_OUTPUT_TOKENS = (4, 8)
+"""Output lengths of the warm-up copies: they decode together, then one alone."""
 
 
 @dataclass(frozen=True)
@@ -184,11 +185,16 @@ def drive(
     )
 
 
-def warm_up(engine: BenchEngine, request: BenchRequest) -> None:
-    """Run a short copy of `request` so compilation and graph capture stay out of the timing."""
-    prompt = request.prompt_token_ids[:WARMUP_PROMPT_TOKENS]
-    warmup = BenchRequest(f"warmup-{request.request_id}", prompt, WARMUP_OUTPUT_TOKENS)
-    engine.add(warmup, arrival_time=time.monotonic())
+def warm_up(engine: BenchEngine, request: BenchRequest, config: BenchConfig) -> None:
+    """Run short copies of `request` so compilation and graph capture stay out of the timing:
+    two at once (decode batches of 2 and 1), each prompt one and a half prefill chunks long (a
+    chunk over a prefix: the second chunk's paths compile too)."""
+    chunk = config.max_num_batched_tokens or DEFAULT_CHUNK_TOKENS
+    prompt = request.prompt_token_ids[: chunk + chunk // 2]
+    copies = WARMUP_OUTPUT_TOKENS[: config.max_num_seqs]
+    for i, output_len in enumerate(copies):
+        warmup = BenchRequest(f"warmup-{i}-{request.request_id}", prompt, output_len)
+        engine.add(warmup, arrival_time=time.monotonic())
     while engine.has_unfinished():
         engine.step()
 
@@ -224,7 +230,7 @@ def run_benchmark(
                     config.workload, engine.vocab_size, engine.special_token_ids
                 )
             if config.warmup:
-                warm_up(engine, requests[0])
+                warm_up(engine, requests[0], config)
             for rate in config.request_rates:
                 arrivals = poisson_arrivals(len(requests), rate, config.workload.seed).tolist()
                 record = drive(engine, requests, arrivals, rate, config.progress, config.time_limit)

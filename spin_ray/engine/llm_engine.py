@@ -14,7 +14,7 @@ from spin_ray.cache.kv_cache import KVCache, KVCacheShape
 from spin_ray.cache.page_pool import PagePool
 from spin_ray.cache.page_table import PageTables
 from spin_ray.cache.sizing import activation_reserve_bytes, num_kv_pages
-from spin_ray.config import EngineConfig
+from spin_ray.config import DEFAULT_CHUNK_TOKENS, EngineConfig
 from spin_ray.engine.batch_inputs import GraphBatch, build_batch_inputs
 from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
@@ -53,7 +53,7 @@ class LLMEngine:
         weight_bytes = arch.num_parameters() * _itemsize(config.dtype)
         sched = config.scheduler
         reserve = weight_bytes + activation_reserve_bytes(
-            sched.max_num_batched_tokens or 8192,
+            sched.max_num_batched_tokens or DEFAULT_CHUNK_TOKENS,
             arch.hidden_size,
             arch.intermediate_size,
             arch.vocab_size,
@@ -79,6 +79,7 @@ class LLMEngine:
 
         if tiered is not None:  # sparse attention over a CPU tier + HBM working sets
             self.page_tables, self.backend = tiered.manager, tiered.backend
+            tiered.manager.presize(sched.max_num_seqs, sched.max_model_len)
         else:
             shape = KVCacheShape(
                 arch.num_layers, num_pages, page_size, arch.num_kv_heads, arch.head_dim
