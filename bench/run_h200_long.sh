@@ -32,9 +32,14 @@
 #              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
 #              dense saturates
 #
-# Everything printed also lands in $OUT (*.log, *.json); commands.txt lists every command.
+# Everything printed also lands in $OUT/results.tgz (*.log, *.json; commands.txt lists every
+# command), repacked after each stage: the device tool brings back at most 8 files, and a call
+# cut off by its time limit still brings back the stages that finished.
 set -u
 OUT=${OUT:?set OUT to a folder for logs and results}
+OUT_DIR=$OUT
+OUT=$(mktemp -d)  # the logs; packed into $OUT_DIR/results.tgz
+pack() { tar czf "$OUT_DIR/results.tgz" -C "$OUT" .; }
 export PYTHONUNBUFFERED=1
 
 # spin_ray.kernels lives in kernels/ (pyproject's package-dir): assemble the package in /tmp
@@ -174,5 +179,7 @@ for stage in "$@"; do
         ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
+    pack
 done
 echo "=== done at ${SECONDS}s" | tee -a "$OUT/commands.txt"
+pack
