@@ -16,7 +16,8 @@
 #   steps      decode step time at a fixed batch (TPOT at the same batch size), dense vs spin,
 #              8 x 32K, 8 x 64K, 4 x 128K, budget 2048, CUDA graphs
 #   steady     the same after 64 warm-up decode steps (the HBM buffer filled); STEP_MODES
-#              (default "dense spin") may name spin:R for spin with buffer ratio R
+#              (default "dense spin") may name spin:R for spin with buffer ratio R and
+#              spin+lookahead (or spin+lookahead:R) for spin fetching one layer early
 #   steadykernels  GPU time per kernel of eager spin decode steps after 64 warm-up steps
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
@@ -28,6 +29,8 @@
 #   longbenchfloor  spin alone on the longbenchdecode workload with --min-buffer-ratio R for each
 #              R of MIN_BUFFER_RATIOS (default "4 8"): a larger floor admits fewer requests, each
 #              with a larger HBM buffer (compare with longbenchdecode's dense in the same call)
+#   longbenchlookahead  spin alone on the longbenchdecode workload with --lookahead (compare
+#              with longbenchdecode's spin and dense in the same call)
 #   longbenchrate  dense and spin on 16 of those requests arriving at LONGBENCH_RATE req/s
 #              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
 #              dense saturates
@@ -106,6 +109,7 @@ for stage in "$@"; do
                 mode=${run%%:*}
                 ratio=()
                 [[ $run == *:* ]] && ratio=(--buffer-ratio "${run#*:}")
+                [[ $mode == *+lookahead ]] && ratio+=(--lookahead) && mode=${mode%+lookahead}
                 name="$stage-${run/:/-buffer}-$1x$2"
                 echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
                 (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --graphs --mode $mode \
@@ -170,6 +174,12 @@ for stage in "$@"; do
                 --request-rate inf --token-budget 2048 --gpu-cache-tokens 131072 \
                 --cpu-cache-tokens 524288 --time-limit "${LONGBENCH_LIMIT:-120}"
         done
+        ;;
+    longbenchlookahead)  # longbenchdecode's spin, fetching each layer's pages one layer early
+        bench longbench-decode-lookahead --modes spin --lookahead --sparse quest \
+            --workload longbench-v2 --scale 0.5 --num-prompts 24 --request-rate inf \
+            --token-budget 2048 --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 \
+            --time-limit "${LONGBENCH_LIMIT:-120}"
         ;;
     longbenchrate)  # the same at a finite rate (LONGBENCH_RATE req/s) past dense's capacity
         bench "longbench-rate${LONGBENCH_RATE:-0.1}" --modes dense,spin --sparse quest \

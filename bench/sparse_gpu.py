@@ -161,16 +161,17 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
     kv_tokens = sum(lengths) + len(lengths) * 32
     rows = []
     cases = [(a, "spin") for a in ("dense", "quest", "shadowkv", "retroinfer", "seer")]
-    cases += [("quest", "sparse-naive"), ("quest", "dense-offload")]
+    cases += [("quest", "sparse-naive"), ("quest", "dense-offload"), ("quest", "spin+lookahead")]
     for algorithm, mode in cases:
         llm = LLM(
             **common,
             sparse=algorithm,
-            mode=mode,
+            mode=mode.removesuffix("+lookahead"),
+            lookahead=mode.endswith("+lookahead"),
             token_budget=1.0,
             dense_layers=1,
             cpu_cache_tokens=2 * kv_tokens,
-            gpu_cache_tokens=kv_tokens // 2 if mode == "spin" else 2 * kv_tokens,
+            gpu_cache_tokens=kv_tokens // 2 if mode.startswith("spin") else 2 * kv_tokens,
         )
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.llm_engine.check_integrity()
@@ -179,6 +180,21 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
         rows.append(dict(algorithm=algorithm, mode=mode, tokens_equal=same,
                          tokens=sum(len(w) for w in want), hit_rate=stats.hit_rate))  # fmt: skip
         del llm
+    # lookahead with a small budget and small buffers (both retrievals evict): the same tokens
+    # as without it, since each layer still attends over its own selection
+    small = dict(**common, sparse="quest", token_budget=128, dense_layers=1, buffer_ratio=1.0,
+                 cpu_cache_tokens=2 * kv_tokens, gpu_cache_tokens=kv_tokens // 2)  # fmt: skip
+    runs = []
+    for lookahead in (False, True):
+        llm = LLM(**small, lookahead=lookahead)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        llm.llm_engine.check_integrity()
+        stats = llm.kv_stats()
+        del llm
+    same = sum(a == b for g, w in zip(runs[1], runs[0]) for a, b in zip(g, w))
+    rows.append(dict(algorithm="quest (budget 128, vs spin without lookahead)",
+                     mode="spin+lookahead", tokens_equal=same,
+                     tokens=sum(len(w) for w in runs[0]), hit_rate=stats.hit_rate))  # fmt: skip
     return rows
 
 

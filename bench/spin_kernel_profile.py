@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per prefill step")
     parser.add_argument("--buffer-ratio", type=float, default=None, help="spin's HBM buffer")
     parser.add_argument(
+        "--lookahead", action="store_true", help="spin: fetch each layer's pages one layer early"
+    )
+    parser.add_argument(
         "--warmup-steps",
         type=int,
         default=2,
@@ -59,7 +62,8 @@ def main() -> None:
         gpu_tokens = 2 * tokens if args.prefill else tokens
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
-                      buffer_ratio=args.buffer_ratio)  # fmt: skip
+                      buffer_ratio=args.buffer_ratio,
+                      lookahead=args.lookahead or None)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
               max_num_seqs=args.batch, max_model_len=max_len,
               max_num_batched_tokens=(args.chunk_tokens if args.prefill

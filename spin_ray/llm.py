@@ -57,6 +57,7 @@ class LLM:
         dense_layers: int | None = None,
         buffer_ratio: float | None = None,
         min_buffer_ratio: float | None = None,
+        lookahead: bool | None = None,
         gpu_cache_tokens: int | None = None,
         cpu_cache_tokens: int | None = None,
         sparse_config: SparseConfig | None = None,
@@ -87,6 +88,7 @@ class LLM:
             dense_layers=dense_layers,
             buffer_ratio=buffer_ratio,
             min_buffer_ratio=min_buffer_ratio,
+            lookahead=lookahead,
             gpu_cache_tokens=gpu_cache_tokens,
             cpu_cache_tokens=cpu_cache_tokens,
         )

@@ -187,6 +187,10 @@ def test_rates_and_budget_parse():
     args = build_parser().parse_args(["bench", "--min-buffer-ratio", "6", "--buffer-ratio", "9"])
     kwargs = bench_config(args).cache_kwargs("spin", 32)
     assert (kwargs["min_buffer_ratio"], kwargs["buffer_ratio"]) == (6.0, 9.0)
+    config = bench_config(build_parser().parse_args(["bench", "--lookahead"]))
+    assert config.cache_kwargs("spin", 32)["lookahead"] is True
+    assert "lookahead" not in config.cache_kwargs("sparse-naive", 32)
+    assert "lookahead" not in bench_config(args).cache_kwargs("spin", 32)
 
 
 def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):

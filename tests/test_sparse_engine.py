@@ -271,3 +271,57 @@ def test_residency_tables_are_sized_before_serving(make_llm):
     llm.generate(_prompts((600, 500, 450, 300)), params, use_tqdm=False)
     assert residency.generation == generation
     _assert_tiers_empty(llm)
+
+
+LOOKAHEAD_COMMON = dict(
+    token_budget=32,
+    sink_tokens=PAGE,
+    local_tokens=2 * PAGE,
+    sparse_config=SparseConfig(buffer_ratio=1.0, index_interval=4),
+)
+
+
+@pytest.mark.parametrize("algorithm", ["quest", "shadowkv"])
+def test_lookahead_fetches_one_layer_early_and_keeps_the_tokens(make_llm, algorithm):
+    """With lookahead every offloaded layer's pages are also selected one layer early, from a
+    predicted query, placed and fetched; the layer still attends over its own selection, so
+    the tokens, and the real lookups, are those of the engine without it, with buffers small
+    enough that both retrievals evict."""
+    prompts = _prompts((300, 360, 410))
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for lookahead in (False, True):
+        llm = _sparse_llm(make_llm, sparse=algorithm, lookahead=lookahead, **LOOKAHEAD_COMMON)
+        runs[lookahead] = (_tokens(llm.generate(prompts, params, use_tqdm=False)), llm.kv_stats())
+        _assert_tiers_empty(llm)
+    (plain, plain_stats), (ahead, ahead_stats) = runs[False], runs[True]
+    assert ahead == plain
+    assert ahead_stats.lookups == plain_stats.lookups
+    assert plain_stats.prefetched_bytes == 0 and ahead_stats.prefetched_bytes > 0
+    assert ahead_stats.h2d_bytes > ahead_stats.prefetched_bytes
+    assert ahead_stats.evictions > 0
+
+
+def test_lookahead_with_exact_predictions_leaves_every_real_lookup_a_hit(make_llm):
+    """With every layer's attention and MLP output zeroed, each layer's input is the embedding,
+    so the query predicted from the layer before's input is the real one: the lookahead brings
+    in every page the layer then selects, and its real lookups all hit."""
+    llm = _sparse_llm(make_llm, sparse="quest", lookahead=True, **LOOKAHEAD_COMMON)
+    for layer in llm.llm_engine.model.model.layers:
+        layer.self_attn.o_proj.weight.data.zero_()
+        layer.mlp.down_proj.weight.data.zero_()
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    llm.generate(_prompts((300, 360, 410)), params, use_tqdm=False)
+    stats = llm.kv_stats()
+    assert stats.lookups > 0 and stats.hits == stats.lookups
+    assert stats.prefetched_bytes > 0
+    _assert_tiers_empty(llm)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(mode="sparse-naive"), dict(min_buffer_ratio=0.5), dict(buffer_ratio=0.5)],
+)
+def test_lookahead_needs_the_spin_mode_and_room_for_two_selections(fields):
+    with pytest.raises(ValueError, match="lookahead"):
+        SparseConfig(lookahead=True, **fields)

@@ -56,6 +56,21 @@ class AttentionBackend(ABC):
         """Write k/v at the planned slots, then attend each new token to its sequence's KV
         (prefix and new tokens up to itself)."""
 
+    def lookahead_rows(self, layer_idx: int) -> torch.Tensor | None:  # [M] int64 or None
+        """Rows of the batch whose query for layer `layer_idx` the model should predict one
+        layer early, from the layer before's input, and hand to `prefetch`; None (the
+        default): no prediction wanted."""
+        return None
+
+    def prefetch(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,  # [M, Hq, D] predicted post-RoPE queries of `lookahead_rows`
+    ) -> None:
+        """Start bringing in what layer `layer_idx` will likely read (only called with the
+        rows `lookahead_rows` asked for)."""
+        raise NotImplementedError(f"{type(self).__name__} predicts no queries")
+
     def graph_key(self) -> GraphKey:
         """The key of the step just planned (from `graph_batch` metadata): steps with equal
         keys (and equal batch shapes) can replay one graph. Only called when

@@ -43,6 +43,8 @@ class BenchConfig:
     min_buffer_ratio: float | None = None
     """The buffer (per mandatory page) every running `spin` request keeps under HBM pressure;
     admission needs it, so it bounds spin's batch by HBM; None: the default."""
+    lookahead: bool = False
+    """`spin` mode fetches each layer's pages one layer early (`SparseConfig.lookahead`)."""
     gpu_cache_tokens: int | None = None
     """HBM KV capacity in tokens of every layer's KV, the same for every spin-ray mode: the KV
     pool of `dense` (`num_pages`), the working-set slots of the tiered modes (`spin`: less its
@@ -126,6 +128,7 @@ class BenchConfig:
             token_budget=self.token_budget,
             buffer_ratio=self.buffer_ratio,
             min_buffer_ratio=self.min_buffer_ratio,
+            lookahead=True if self.lookahead and mode == "spin" else None,
             gpu_cache_tokens=slots,
             cpu_cache_tokens=self.cpu_cache_tokens,
         )

@@ -57,6 +57,11 @@ def add_parser(subparsers) -> None:
         default=None,
         help="spin's admission floor: HBM buffer per selected page each running request keeps",
     )
+    parser.add_argument(
+        "--lookahead",
+        action="store_true",
+        help="spin: fetch each layer's pages one layer early (SparseConfig.lookahead)",
+    )
     parser.add_argument("--gpu-cache-tokens", type=int, default=None)
     parser.add_argument("--cpu-cache-tokens", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the JSON results here")
@@ -97,6 +102,7 @@ def bench_config(args: argparse.Namespace):
         token_budget=parse_token_budget(args.token_budget),
         buffer_ratio=args.buffer_ratio,
         min_buffer_ratio=args.min_buffer_ratio,
+        lookahead=args.lookahead,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
         max_num_seqs=args.max_num_seqs,

@@ -63,6 +63,12 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> None:
         help="buffer a request keeps under HBM pressure (multiple of its selection); admission "
         "needs selection x (1 + this) free HBM pages, so a larger value means fewer requests",
     )
+    group.add_argument(
+        "--lookahead",
+        action="store_true",
+        default=None,
+        help="spin: fetch each layer's pages one layer early, selected with a predicted query",
+    )
     group.add_argument("--gpu-cache-tokens", type=int, default=None)
     group.add_argument("--cpu-cache-tokens", type=int, default=None)
 
@@ -78,6 +84,7 @@ def sparse_kwargs(args: argparse.Namespace) -> dict:
         dense_layers=args.dense_layers,
         buffer_ratio=args.buffer_ratio,
         min_buffer_ratio=args.min_buffer_ratio,
+        lookahead=args.lookahead,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
     )

@@ -76,6 +76,19 @@ class Attention(nn.Module):
         out = backend.forward(self.layer_idx, q, k, v, self.scale)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, a.q_size))
 
+    def query(
+        self,
+        x: torch.Tensor,  # [M, H] normed hidden states
+        positions: torch.Tensor,  # [M]
+    ) -> torch.Tensor:  # [M, Hq, D] post-RoPE queries alone (no K/V)
+        a = self.arch
+        weight = self.qkv_proj.weight[: a.q_size]
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[: a.q_size]
+        q = F.linear(x, weight, bias).view(-1, a.num_heads, a.head_dim)
+        if a.qk_norm:
+            q = self.q_norm(q.reshape(-1, a.head_dim)).view(-1, a.num_heads, a.head_dim)
+        return self.rope.rotate(q, positions)
+
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
@@ -105,16 +118,32 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,  # [N, H] the residual stream so far; None: first layer
         positions: torch.Tensor,  # [N]
         backend: AttentionBackend,
+        ahead: tuple[DecoderLayer, torch.Tensor] | None = None,  # next layer, rows [M]
     ) -> tuple[torch.Tensor, torch.Tensor]:  # ([N, H] this layer's output, [N, H] residual)
         """The usual h + attn(norm(h)), h + mlp(norm(h)), with each residual add fused into
-        the norm after it."""
+        the norm after it. With `ahead`, first hand the backend the next layer's queries of
+        those rows predicted from this layer's input (`AttentionBackend.prefetch`)."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm.add_forward(h, residual)
+        if ahead is not None:
+            layer, rows = ahead
+            backend.prefetch(
+                layer.self_attn.layer_idx, layer.predict_query(residual[rows], positions[rows])
+            )
         h = self.self_attn(x, positions, backend)
         x, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(x), residual
+
+    def predict_query(
+        self,
+        h: torch.Tensor,  # [M, H] the residual stream entering the layer before this one
+        positions: torch.Tensor,  # [M]
+    ) -> torch.Tensor:  # [M, Hq, D]
+        """This layer's queries as if `h` entered it: consecutive layers' inputs differ by one
+        layer's update, so they select mostly the same pages (InfiniGen's observation)."""
+        return self.self_attn.query(self.input_layernorm(h), positions)
 
 
 class DecoderStack(nn.Module):
@@ -155,8 +184,11 @@ class CausalLM(nn.Module):
         assert self.backend is not None, "attach an attention backend before forward()"
         h = self.model.embed_tokens(input_ids)  # [N, H]
         residual = None
-        for layer in self.model.layers:
-            h, residual = layer(h, residual, positions, self.backend)
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            rows = self.backend.lookahead_rows(i + 1) if i + 1 < len(layers) else None
+            ahead = None if rows is None else (layers[i + 1], rows)
+            h, residual = layer(h, residual, positions, self.backend, ahead)
         return self.model.norm.add_forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [M, H] -> [M, V] fp32

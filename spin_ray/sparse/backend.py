@@ -97,6 +97,7 @@ class SpinAttentionBackend(AttentionBackend):
         first_layer: int,
         retains: bool,
         index_interval: int,
+        lookahead: bool = False,
     ):
         self.manager = manager
         self.residency = manager.residency
@@ -132,6 +133,13 @@ class SpinAttentionBackend(AttentionBackend):
         self._offload_bytes_per_token = host.k.shape[0] * heads * host.page_bytes // page_size
         self.debug_checks = os.environ.get("SPIN_RAY_SPARSE_CHECKS") == "1"
         """Check per layer what the manager guarantees (synchronises: for tests)."""
+        self.lookahead = lookahead and retains
+        """Fetch each offloaded layer's pages one layer early, selected with a predicted query
+        (`SparseConfig.lookahead`)."""
+        on_stream = self.on_cuda and self.lookahead
+        self.prefetch_stream = torch.cuda.Stream(self.device) if on_stream else None
+        self._prefetched: dict[int, tuple[torch.cuda.Event, tuple]] = {}
+        """Offloaded layer → (event after its lookahead fetch, tensors that fetch reads)."""
         self.fused_retrieve = self.on_cuda and os.environ.get("SPIN_RAY_FUSED_RETRIEVE") != "0"
         """Retrieve with the fused Triton kernels (two launches per layer) instead of the torch
         path (which the CPU runs; SPIN_RAY_FUSED_RETRIEVE=0 selects it on CUDA too)."""
@@ -152,6 +160,7 @@ class SpinAttentionBackend(AttentionBackend):
         self._prefills = split.prefills
         self._prefill_held = [self._held_prefill(meta, chunk) for chunk in split.prefills]
         self._prefix_reads.clear()
+        self._prefetched.clear()
         self._step = (
             self._plan_decode(meta, split.decode_seqs, split.decode_rows)
             if split.decode_seqs
@@ -219,10 +228,13 @@ class SpinAttentionBackend(AttentionBackend):
             self.budget, contexts, indexed, device, max_pages=table_i32.shape[1],
             buffers=buffers, num_padded=pad,
         )  # fmt: skip
-        if self.retains:  # segments the step's inserts may take: one per row and page at most
+        if self.retains:  # segments the step's inserts may take: one per row and page at most,
+            # per retrieval (two per layer with lookahead: the predicted and the real one)
             width = windows.sink_pages + windows.max_topk + windows.max_local
             per_row = sum(min(width, -(-self.budget.num_pages(t) // seg)) for t in contexts)
-            self.residency.reserve(self.residency.num_layers * self.residency.num_heads * per_row)
+            retrievals = 2 if self.lookahead else 1
+            residency = self.residency
+            residency.reserve(retrievals * residency.num_layers * residency.num_heads * per_row)
         listed = windows.sink_pages + min(windows.max_topk, table_i32.shape[1]) + windows.max_local
         return _DecodeStep(
             tokens=tokens_t,
@@ -402,6 +414,38 @@ class SpinAttentionBackend(AttentionBackend):
             self._prefix_reads[(layer + 1, b)] = self.host.read_ahead(layer + 1, table)
         return pending.result()
 
+    def lookahead_rows(self, layer_idx: int) -> torch.Tensor | None:  # [Bd] int64
+        if not self.lookahead or self._step is None or layer_idx < self.first_layer:
+            return None
+        return self._step.tokens
+
+    def prefetch(self, layer_idx, q):  # q: [Bd, Hq, D] predicted queries of the decode rows
+        """Select the layer's pages with the predicted queries, place them in the buffer (the
+        misses take LRU victims, the hits turn newest) and fetch the misses: on CUDA on the
+        prefetch stream, which the layer's `_decode` waits for (the current layer's compute
+        runs meanwhile); on the CPU at once. Its lookups do not count in the hit rate."""
+        layer = layer_idx - self.first_layer
+        step = self._step
+        with self.counters.phase("fetch"):
+            scores = self.algorithm.page_scores(layer, q, step.batch)  # [B, Hkv, maxp]
+            pages = select_pages(scores, step.windows)  # [B, Hkv, K]
+            _, dst = self._retrieve(layer, pages, step, self.counters.prefetch_counts)
+            if not self.on_cuda:
+                self._fetch(layer, layer, pages, dst, step, counted=True)
+                return
+            self.prefetch_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.prefetch_stream):
+                self._fetch(layer, layer, pages, dst, step, counted=True)
+                done = torch.cuda.Event()
+                done.record()
+            self._prefetched[layer] = (done, (pages, dst))  # alive until the join
+
+    def _join_prefetch(self, layer: int) -> None:
+        """Order the layer's work after its lookahead fetch (CUDA)."""
+        entry = self._prefetched.pop(layer, None)
+        if entry is not None:
+            torch.cuda.current_stream(self.device).wait_event(entry[0])
+
     def _decode(self, layer, q, k, v, scale):
         step = self._step
         with self.counters.phase("select"):
@@ -410,7 +454,9 @@ class SpinAttentionBackend(AttentionBackend):
         tier_layer = layer if self.retains else 0
         with self.counters.phase("fetch"):
             if self.retains:
-                slots = self._retrieve(layer, pages, step)
+                self._join_prefetch(layer)
+                slots, dst = self._retrieve(layer, pages, step, self.counters.device_counts)
+                self._fetch(layer, layer, pages, dst, step, counted=True)
             else:
                 slots = self._stage(layer, pages, step)
             self.gpu.store_tokens(tier_layer, pages, slots, step.last_page, step.last_offset, k, v)
@@ -434,25 +480,25 @@ class SpinAttentionBackend(AttentionBackend):
         self.counters.add_lookups(valid.sum(), 0)
         return slots
 
-    def _retrieve(self, layer, pages, step):  # [B, Hkv, K] slots
-        """Look the pages up in the buffer; evict (bucketed LRU) and fetch the misses."""
+    def _retrieve(self, layer, pages, step, counts):  # 2 × [B, Hkv, K]: slots, dst
+        """Look the pages up in the buffer and give each miss an LRU victim's slot: returns
+        every page's slot and, for misses, the slot to fetch it into (-1 elsewhere); counts
+        lookups, hits, evictions and the bytes to fetch into `counts` [4]."""
         if not (self.fused_retrieve and fits(pages.shape[2], step.slot_lists.shape[1])):
-            return self._retrieve_torch(layer, pages, step)
+            return self._retrieve_torch(layer, pages, step, counts)
         residency = self.residency
         slots, dst = spin_retrieve(
             pages, step.rows, step.slot_lists, layer,
             residency.directory, residency.segments, residency.seg_count, residency.seg_home,
             residency.free_stack, residency.free_top,
             residency.slot_page[layer], residency.slot_bucket[layer],
-            self.counters.device_counts, self.lru_keys, residency.lru_buckets - 1,
-            self.host.page_bytes,
+            counts, self.lru_keys, residency.lru_buckets - 1, self.host.page_bytes,
         )  # fmt: skip
-        self._fetch(layer, layer, pages, dst, step, counted=True)
         if self.debug_checks and int(residency.free_top) < 0:
             raise RuntimeError("residency segments were not reserved for this step")
-        return slots
+        return slots, dst
 
-    def _retrieve_torch(self, layer, pages, step):  # [B, Hkv, K] slots
+    def _retrieve_torch(self, layer, pages, step, counts):  # 2 × [B, Hkv, K]: slots, dst
         """`_retrieve` in torch operations (fixed shapes, no host sync): the reference of the
         fused kernels."""
         residency = self.residency
@@ -461,7 +507,8 @@ class SpinAttentionBackend(AttentionBackend):
         slots = residency.lookup(step.rows, layer, pages)  # [B, Hkv, K]
         hit = slots >= 0
         miss = valid & ~hit
-        self.counters.add_lookups(valid.sum(), hit.sum())
+        counts[0] += valid.sum()
+        counts[1] += hit.sum()
 
         # candidates: the request's slots in this (layer, head), keyed for the LRU
         cand = step.slot_lists  # [B, n]
@@ -478,7 +525,7 @@ class SpinAttentionBackend(AttentionBackend):
         if self.debug_checks and bool((need > (~protect).sum(-1)).any()):
             raise RuntimeError("a request holds fewer GPU slots than its mandatory pages")
         victims = self._victims(keys.flatten(0, 1), need.flatten()).view(b, h, n)
-        self.counters.add_evictions((victims & (occupant >= 0)).sum())
+        counts[2] += (victims & (occupant >= 0)).sum()
 
         # the r-th miss of each (sequence, head) row takes the row's r-th victim
         ranks = torch.arange(n, device=self.device).expand(b, h, n)
@@ -490,12 +537,12 @@ class SpinAttentionBackend(AttentionBackend):
         dst = torch.where(miss, cand.gather(1, at.view(b, h * k)).view(b, h, k), -1)
         heads = step.listed_heads  # [B * Hkv * K]
         residency.replace(layer, heads, dst.flatten(), pages.flatten(), miss.flatten())
-        self._fetch(layer, layer, pages, dst, step)
+        counts[3] += miss.sum() * self.host.page_bytes
         slots = torch.where(miss, dst, slots)
         residency.touch(layer, heads, slots.flatten(), valid.flatten())
         if self.debug_checks and int(residency.free_top) < 0:
             raise RuntimeError("residency segments were not reserved for this step")
-        return slots
+        return slots, dst
 
     def _fetch(self, layer, tier_layer, pages, dst, step, counted=False) -> None:
         """Copy page pages[b, h, j] of K/V head h into GPU slot dst[b, h, j] where dst >= 0

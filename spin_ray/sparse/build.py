@@ -87,6 +87,7 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
         first_layer=first,
         retains=sparse.retains,
         index_interval=sparse.index_interval,
+        lookahead=sparse.lookahead,
     )
     capacity = _longest_fitting(budget, num_cpu_pages * page_size, num_slots)
     if capacity < 2:

@@ -45,6 +45,15 @@ class SparseConfig:
     random weights) floors 1 / 4 / 8 ran batches of 18 / 10 / 5 at hit rates 55 / 81 / 97% and
     0.39× / 0.84× / 0.91× dense's output throughput; 4 is where SPIN reports a trained model's
     hit rate levelling off (bench/RESULTS.md)."""
+    lookahead: bool = False
+    """`spin` mode: while a decode step computes layer l, select layer l + 1's pages with a
+    query predicted from layer l's input (InfiniGen's cross-layer prediction), place them in
+    the HBM buffer and fetch the misses on a side stream, so their PCIe time overlaps layer
+    l's compute; layer l + 1 then selects with its real query as always (the same pages are
+    attended, so the same tokens) and fetches only what the prediction missed. Needs
+    `min_buffer_ratio` >= 1 (room for both lists). On a random-weight model of the Llama
+    shape (CPU) the predicted selection shared 78% of the real one's pages; not yet timed on
+    the GPU."""
     gpu_cache_tokens: int | None = None
     """Tokens of HBM working-set slots (each holds one page of every offloaded layer and KV
     head); None: what GPU memory leaves after weights (CUDA), the CPU tier's size (CPU)."""
@@ -100,6 +109,14 @@ class SparseConfig:
             raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
         if self.min_buffer_ratio < 0:
             raise ValueError(f"min_buffer_ratio: must be >= 0, got {self.min_buffer_ratio}")
+        if self.lookahead and self.mode != "spin":
+            raise ValueError(f"lookahead: needs mode 'spin' (an HBM buffer), got {self.mode!r}")
+        if self.lookahead and min(self.min_buffer_ratio, self.buffer_ratio) < 1:
+            raise ValueError(
+                "lookahead: needs min_buffer_ratio and buffer_ratio >= 1 (a request's buffer "
+                "holds a predicted and a real selection at once), got "
+                f"{self.min_buffer_ratio} and {self.buffer_ratio}"
+            )
         for name in ("gpu_cache_tokens", "cpu_cache_tokens"):
             value = getattr(self, name)
             if value is not None:

@@ -6,6 +6,9 @@ resident). Segments are taken from a pool on demand when a page of their range b
 resident and go back when their last page leaves, so the metadata follows the resident working
 set instead of max_batch × max_context; the directory is SEG times smaller than a flat table,
 its rows are added as requests run concurrently and its length follows the longest context.
+Growing reallocates tensors that CUDA graphs read (`generation`), so the engine allocates both
+once at their bounds before serving (`TieredCacheManager.presize`): the pool is then bounded by
+the CPU tier (pages / SEG per layer and head, twice over), not by max_batch × max_context.
 
 Reverse map, per slot: `slot_page[layer, head, slot]` (the logical page held, -1: empty) and
 `slot_bucket[layer, head, slot]` (recency: `lru_buckets - 1` = used this step, aged by one

@@ -21,6 +21,9 @@ class KVStats:
     """Lookups found resident in HBM (no PCIe transfer)."""
     h2d_bytes: int = 0
     """Bytes moved host → GPU (page fetches and prefill prefix reads)."""
+    prefetched_bytes: int = 0
+    """Of `h2d_bytes`, the pages fetched one layer early for a predicted selection
+    (`SparseConfig.lookahead`)."""
     d2h_bytes: int = 0
     """Bytes moved GPU → host (new KV offloaded to the CPU tier)."""
     evictions: int = 0
@@ -56,6 +59,7 @@ class KVCounters:
         self.device = device
         # lookups, hits, evictions, h2d bytes of page fetches
         self._counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self._prefetch_counts = torch.zeros(4, dtype=torch.int64, device=device)
         self.h2d_bytes = 0  # host-counted transfers (prefix reads, indexing)
         self.d2h_bytes = 0
         self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0, "attention": 0.0}
@@ -76,6 +80,12 @@ class KVCounters:
         """The device-side totals (lookups, hits, evictions, fetched bytes), for kernels that
         add to them in place."""
         return self._counts
+
+    @property
+    def prefetch_counts(self) -> torch.Tensor:  # [4] int64
+        """`device_counts` of lookahead retrievals: their evictions and bytes count in the
+        totals, their lookups and hits do not (the hit rate is the real selections')."""
+        return self._prefetch_counts
 
     def add_fetched_bytes(self, num_bytes: torch.Tensor) -> None:
         """Bytes of page fetches counted on the device (`h2d_bytes` adds them up)."""
@@ -102,13 +112,15 @@ class KVCounters:
             self._seconds[name] += start.elapsed_time(end) / 1e3
         self._pending.clear()
         lookups, hits, evictions, fetched = self._counts.tolist()
+        _, _, prefetch_evictions, prefetched = self._prefetch_counts.tolist()
         seconds = self._seconds if self.timed else dict.fromkeys(self._seconds)
         return KVStats(
             lookups=lookups,
             hits=hits,
-            h2d_bytes=self.h2d_bytes + fetched,
+            h2d_bytes=self.h2d_bytes + fetched + prefetched,
+            prefetched_bytes=prefetched,
             d2h_bytes=self.d2h_bytes,
-            evictions=evictions,
+            evictions=evictions + prefetch_evictions,
             select_time_s=seconds["select"],
             fetch_time_s=seconds["fetch"],
             index_time_s=seconds["index"],
