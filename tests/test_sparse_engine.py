@@ -254,14 +254,16 @@ def test_min_buffer_ratio_bounds_the_batch_by_hbm_and_keeps_the_tokens(make_llm)
     assert results[1.0][1] == results[6.0][1]
 
 
-def test_residency_tables_are_sized_before_serving(make_llm):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_residency_tables_are_sized_before_serving(make_llm, lookahead):
     """The engine sizes the residency tables for max_num_seqs requests of max_model_len tokens
     when it is built, so serving never reallocates them (a reallocation makes every CUDA graph
     stale): the generation stays put through a batch of requests that fills the batch and the
-    longest context."""
+    longest context, also with lookahead's second retrieval per layer."""
     llm = _sparse_llm(
         make_llm, sparse="quest", token_budget=32, sink_tokens=PAGE, local_tokens=PAGE,
         max_num_seqs=4, max_model_len=640, gpu_cache_tokens=4096, cpu_cache_tokens=8192,
+        lookahead=lookahead,
     )  # fmt: skip
     residency = llm.llm_engine.page_tables.residency
     generation = residency.generation

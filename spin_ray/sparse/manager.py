@@ -58,19 +58,21 @@ class TieredCacheManager:
 
     # ------------------------------------------------------------------ PageTables interface
 
-    def presize(self, max_num_seqs: int, max_model_len: int) -> None:
+    def presize(self, max_num_seqs: int, max_model_len: int, retrievals: int = 1) -> None:
         """Allocate the residency tables once, before serving, at sizes serving cannot exceed:
         growing them later reallocates tensors CUDA graphs read (`ResidencyTable.generation`),
         so every graph would be recaptured in the middle of traffic. Directory: max_num_seqs
         rows of max_model_len tokens. Segments (each covers `segment_pages` pages of one
         request's table in one tier layer and KV head): the live ones are at most the CPU
         tier's pages / segment_pages + one partial per request, per (layer, head), and a step
-        reserves at most as many again. For Llama-3.1-8B, 64 requests of 128K tokens and a
-        512K-token CPU tier: a 31 MB directory and 85 MB of segments."""
+        reserves at most as many again per retrieval of a layer (`retrievals`: 2 with
+        lookahead). For Llama-3.1-8B, 64 requests of 128K tokens and a 512K-token CPU tier: a
+        31 MB directory and 85 MB of segments (one retrieval per layer)."""
         residency = self.residency
         residency.ensure_rows(max_num_seqs)
         residency.ensure_pages(self.pages_for(max_model_len))
-        per_head = 2 * (-(-self.pool.num_pages // residency.segment_pages) + max_num_seqs)
+        bound = -(-self.pool.num_pages // residency.segment_pages) + max_num_seqs
+        per_head = (1 + retrievals) * bound
         residency.reserve(residency.num_layers * residency.num_heads * per_head)
 
     def pages_for(self, num_tokens: int) -> int:
