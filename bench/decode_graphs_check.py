@@ -4,7 +4,7 @@
         [--batch-sizes 1,3,8,16] [--prompt-len 2048] [--max-tokens 64] [--modes dense,spin]
 
 For each mode (dense; spin = Quest, 512-token budget, HBM and CPU tiers big enough for the whole
-batch) it builds `LLM(enforce_eager=True)`, then, once that one is freed,
+batch; spin+lookahead = spin fetching each layer's pages one layer early) it builds `LLM(enforce_eager=True)`, then, once that one is freed,
 `LLM(enforce_eager=False)`, and generates greedily (EOS ignored) for each batch size the same
 seeded prompts, all submitted at once and prefilled in one step, so every later step decodes
 the whole batch. Each batch size runs once untimed first (compilation, graph capture). Per
@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="1,3,8,16")
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--modes", default="dense,spin", help="dense and/or spin")
+    parser.add_argument("--modes", default="dense,spin", help="dense, spin and/or spin+lookahead")
     parser.add_argument("--output", default=None, help="write every result here as JSON")
     args = parser.parse_args()
 
@@ -66,8 +66,8 @@ def main() -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
     for mode in modes:
-        if mode not in ("dense", "spin"):
-            raise ValueError(f"modes: unknown mode {mode!r}; use dense or spin")
+        if mode not in ("dense", "spin", "spin+lookahead"):
+            raise ValueError(f"modes: unknown mode {mode!r}; use dense, spin or spin+lookahead")
     if args.max_tokens < 2:
         raise ValueError(f"max_tokens: must be >= 2 for a TPOT, got {args.max_tokens}")
     device = resolve_device(args.device)
@@ -113,7 +113,9 @@ def main() -> int:
 
     def run_all(mode: str, enforce_eager: bool) -> tuple[dict[int, dict], bool]:
         """Every batch size on one engine, and whether that engine replays decode graphs."""
-        kwargs = dict(engine_kwargs, **(sparse_kwargs if mode == "spin" else {}))
+        kwargs = dict(engine_kwargs)
+        if mode != "dense":
+            kwargs.update(sparse_kwargs, lookahead=mode == "spin+lookahead")
         llm = LLM(**kwargs, enforce_eager=enforce_eager)
         graphs_used = llm.llm_engine.decode_graphs is not None
         runs = {b: generate(llm, prompts[:b]) for b in batch_sizes}

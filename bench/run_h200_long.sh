@@ -4,7 +4,8 @@
 #
 #     OUT=/some/dir bash bench/run_h200_long.sh check scaling longbench
 #
-#   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT)
+#   check      bench/decode_graphs_check.py: CUDA graphs vs eager, dense and spin (tokens, TPOT);
+#              CHECK_MODES (default "dense,spin") may add spin+lookahead
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
 #   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
 #              (KERNEL_SECTIONS, default "kernels bandwidth")
