@@ -4,14 +4,15 @@
         [--batch-sizes 1,3,8,16] [--prompt-len 2048] [--max-tokens 64] [--modes dense,spin]
 
 For each mode (dense; spin = Quest, 512-token budget, HBM and CPU tiers big enough for the whole
-batch; spin+lookahead = spin fetching each layer's pages one layer early) it builds `LLM(enforce_eager=True)`, then, once that one is freed,
-`LLM(enforce_eager=False)`, and generates greedily (EOS ignored) for each batch size the same
-seeded prompts, all submitted at once and prefilled in one step, so every later step decodes
-the whole batch. Each batch size runs once untimed first (compilation, graph capture). Per
-(mode, batch size) it records TPOT p50 of both runs (from `RequestOutput.metrics`), the share
-of requests whose token ids are identical, the first position where any differs, for sparse
-modes the cache's lookups and hits, and whether the second engine really replays graphs
-(`graphs_used`: not on the CPU, nor with a backend that cannot be captured).
+batch; spin+lookahead = spin fetching each layer's pages one layer early) it builds
+`LLM(enforce_eager=True)`, then, once that one is freed, `LLM(enforce_eager=False)`, and
+generates greedily (EOS ignored) for each batch size the same seeded prompts, all submitted at
+once and prefilled in one step, so every later step decodes the whole batch. Each batch size
+runs once untimed first (compilation, graph capture). Per (mode, batch size) it records TPOT p50
+of both runs (from `RequestOutput.metrics`), the share of requests whose token ids are
+identical, the first position where any differs, for sparse modes the cache's lookups and hits,
+and whether the second engine really replays graphs (`graphs_used`: not on the CPU, nor with a
+backend that cannot be captured).
 
 Batch sizes that are a graph size of the engine (`graph_batch_sizes` of the largest batch: 1,
 2, 4, multiples of 8, and the largest itself) replay a graph of exactly their shape and must

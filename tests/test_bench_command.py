@@ -37,6 +37,7 @@ RESULT_FIELDS = {
     "evictions",
     "h2d_bytes",
     "h2d_gbps",
+    "prefetched_bytes",
     "d2h_bytes",
     "d2h_gbps",
     "select_share",

@@ -27,6 +27,7 @@ COUNTER_STATS = (
     "lookups",
     "hits",
     "h2d_bytes",
+    "prefetched_bytes",
     "d2h_bytes",
     "evictions",
     "select_time_s",

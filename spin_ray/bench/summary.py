@@ -89,6 +89,7 @@ def summarize(record: RunRecord) -> dict:
         moved = stats.get(f"{direction}_bytes")
         figures[f"{direction}_bytes"] = moved
         figures[f"{direction}_gbps"] = moved / duration / 1e9 if moved is not None else None
+    figures["prefetched_bytes"] = stats.get("prefetched_bytes")  # of h2d_bytes: lookahead
     figures.update(_time_shares(stats, record.step_time))
     figures["kv_stats_end"] = record.kv_stats_end
     return figures
