@@ -51,9 +51,9 @@ class SparseConfig:
     the HBM buffer and fetch the misses on a side stream, so their PCIe time overlaps layer
     l's compute; layer l + 1 then selects with its real query as always (the same pages are
     attended, so the same tokens) and fetches only what the prediction missed. Needs
-    `min_buffer_ratio` >= 1 (room for both lists). On a random-weight model of the Llama
-    shape (CPU) the predicted selection shared 78% of the real one's pages; not yet timed on
-    the GPU."""
+    `min_buffer_ratio` >= 1 (room for both lists). On a scaled-down random-weight Llama
+    (`bench/lookahead_overlap.py`) the predicted selection held 78% of the real one's pages,
+    the previous step's selection 48%; not yet timed on the GPU."""
     gpu_cache_tokens: int | None = None
     """Tokens of HBM working-set slots (each holds one page of every offloaded layer and KV
     head); None: what GPU memory leaves after weights (CUDA), the CPU tier's size (CPU)."""
