@@ -79,8 +79,9 @@ class LLMEngine:
 
         if tiered is not None:  # sparse attention over a CPU tier + HBM working sets
             self.page_tables, self.backend = tiered.manager, tiered.backend
-            retrievals = 2 if tiered.backend.lookahead else 1  # per layer and step
-            tiered.manager.presize(sched.max_num_seqs, sched.max_model_len, retrievals)
+            tiered.manager.presize(
+                sched.max_num_seqs, sched.max_model_len, tiered.backend.retrievals_per_layer
+            )
         else:
             shape = KVCacheShape(
                 arch.num_layers, num_pages, page_size, arch.num_kv_heads, arch.head_dim

@@ -232,9 +232,9 @@ class SpinAttentionBackend(AttentionBackend):
             # per retrieval (two per layer with lookahead: the predicted and the real one)
             width = windows.sink_pages + windows.max_topk + windows.max_local
             per_row = sum(min(width, -(-self.budget.num_pages(t) // seg)) for t in contexts)
-            retrievals = 2 if self.lookahead else 1
             residency = self.residency
-            residency.reserve(retrievals * residency.num_layers * residency.num_heads * per_row)
+            heads = residency.num_layers * residency.num_heads
+            residency.reserve(self.retrievals_per_layer * heads * per_row)
         listed = windows.sink_pages + min(windows.max_topk, table_i32.shape[1]) + windows.max_local
         return _DecodeStep(
             tokens=tokens_t,
@@ -414,6 +414,12 @@ class SpinAttentionBackend(AttentionBackend):
             self._prefix_reads[(layer + 1, b)] = self.host.read_ahead(layer + 1, table)
         return pending.result()
 
+    @property
+    def retrievals_per_layer(self) -> int:
+        """Buffer retrievals an offloaded layer runs per decode step: its own, and with
+        lookahead the predicted one (what the residency's free segments must cover)."""
+        return 2 if self.lookahead else 1
+
     def lookahead_rows(self, layer_idx: int) -> torch.Tensor | None:  # [Bd] int64
         if not self.lookahead or self._step is None or layer_idx < self.first_layer:
             return None
@@ -427,8 +433,7 @@ class SpinAttentionBackend(AttentionBackend):
         layer = layer_idx - self.first_layer
         step = self._step
         with self.counters.phase("fetch"):
-            scores = self.algorithm.page_scores(layer, q, step.batch)  # [B, Hkv, maxp]
-            pages = select_pages(scores, step.windows)  # [B, Hkv, K]
+            pages = self._select(layer, q, step)
             _, dst = self._retrieve(layer, pages, step, self.counters.prefetch_counts)
             if not self.on_cuda:
                 self._fetch(layer, layer, pages, dst, step, counted=True)
@@ -446,11 +451,14 @@ class SpinAttentionBackend(AttentionBackend):
         if entry is not None:
             torch.cuda.current_stream(self.device).wait_event(entry[0])
 
+    def _select(self, layer, q, step):  # [B, Hkv, K] pages
+        scores = self.algorithm.page_scores(layer, q, step.batch)  # [B, Hkv, maxp]
+        return select_pages(scores, step.windows)
+
     def _decode(self, layer, q, k, v, scale):
         step = self._step
         with self.counters.phase("select"):
-            scores = self.algorithm.page_scores(layer, q, step.batch)  # [B, Hkv, maxp]
-            pages = select_pages(scores, step.windows)  # [B, Hkv, K]
+            pages = self._select(layer, q, step)
         tier_layer = layer if self.retains else 0
         with self.counters.phase("fetch"):
             if self.retains:
