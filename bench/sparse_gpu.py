@@ -249,6 +249,14 @@ def measure_bandwidth(device: str) -> list[dict]:
         gbps = total / seconds / 1e9
         rows.append(dict(path=f"UVA gather kernel, {run // 1024} KiB runs", run_kib=run / 1024,
                          gbps=gbps, fraction_of_h2d=gbps * 1e9 / h2d))  # fmt: skip
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        for programs in (sms // 4, sms // 2, sms) if page_size == 16 else ():  # lookahead's grid
+            seconds = timed(gather_pages, k_view, v_view, k_dst, v_dst, src_page, head, dst_slot,
+                            programs)  # fmt: skip
+            gbps = total / seconds / 1e9
+            path = f"UVA gather kernel, {run // 1024} KiB runs, {programs} programs"
+            rows.append(dict(path=path, run_kib=run / 1024, gbps=gbps,
+                             fraction_of_h2d=gbps * 1e9 / h2d))  # fmt: skip
         idx = src_page[: items // 4]
         seconds = timed(index, k_view, idx)  # torch indexing through the same view
         moved = idx.numel() * run

@@ -101,8 +101,10 @@ def gather_pages(
     src_page: torch.Tensor,  # [M] int32/int64
     head: torch.Tensor,  # [M] int64
     dst_slot: torch.Tensor,  # [M] int64, < 0 = skip
+    programs: int = _MAX_PROGRAMS,
 ) -> None:
-    """Triton version of `gather_pages_ref`: one launch for every (page, head) of K and V."""
+    """Triton version of `gather_pages_ref`: one launch for every (page, head) of K and V, by at
+    most `programs` programs (fewer leave SMs to kernels running beside it on other streams)."""
     num_pages, num_heads, page_size, head_dim = src_k.shape
     assert src_v.shape == src_k.shape and dst_k.shape == dst_v.shape
     assert dst_k.shape[0] == num_heads and dst_k.shape[2:] == (page_size, head_dim)
@@ -117,7 +119,7 @@ def gather_pages(
     run = page_size * head_dim
     block = min(triton.next_power_of_2(run), 4096)
     items = src_page.numel()
-    _gather_kernel[(min(items, _MAX_PROGRAMS),)](
+    _gather_kernel[(min(items, programs),)](
         src_k,
         src_v,
         dst_k,

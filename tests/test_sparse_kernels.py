@@ -182,8 +182,9 @@ def test_head_major_store_skips_negative_slots():
         assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
 
 
+@pytest.mark.parametrize("programs", [1024, 2])  # 2: each program strides over several items
 @pytest.mark.parametrize("page_dtype", [torch.int64, torch.int32])  # int32: a page table's
-def test_gather_kernel_matches_reference(page_dtype):
+def test_gather_kernel_matches_reference(page_dtype, programs):
     gen = torch.Generator().manual_seed(4)
     src_k = torch.randn(7, 2, 4, 8, generator=gen)
     src_v = torch.randn(7, 2, 4, 8, generator=gen)
@@ -193,7 +194,7 @@ def test_gather_kernel_matches_reference(page_dtype):
     head = torch.tensor([1, 0, 0, 1, 1])
     dst = torch.tensor([4, 4, 0, 2, -1])  # -1: skipped
     gather_pages_ref(src_k, src_v, ref_k, ref_v, src, head, dst)
-    gather_pages(src_k, src_v, out_k, out_v, src, head, dst)
+    gather_pages(src_k, src_v, out_k, out_v, src, head, dst, programs)
     assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
     assert torch.equal(ref_k[1, 4], src_k[6, 1]) and torch.equal(ref_v[0, 0], src_v[3, 0])
     assert ref_k[1, [0, 1, 3]].eq(0).all() and ref_k[0, [1, 2, 3]].eq(0).all(), "-1 skipped"

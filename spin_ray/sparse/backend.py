@@ -138,6 +138,14 @@ class SpinAttentionBackend(AttentionBackend):
         (`SparseConfig.lookahead`)."""
         on_stream = self.on_cuda and self.lookahead
         self.prefetch_stream = torch.cuda.Stream(self.device) if on_stream else None
+        self._prefetch_programs = (
+            torch.cuda.get_device_properties(self.device).multi_processor_count // 2
+            if on_stream
+            else None
+        )
+        """Programs of a lookahead gather: one per second SM, so the fetch streams over PCIe
+        while the layer's compute keeps most of the GPU (a full-width gather, 1024 programs,
+        occupies every SM and the two do not overlap)."""
         self._prefetched: dict[int, tuple[torch.cuda.Event, tuple]] = {}
         """Offloaded layer → (event after its lookahead fetch, tensors that fetch reads)."""
         self.fused_retrieve = self.on_cuda and os.environ.get("SPIN_RAY_FUSED_RETRIEVE") != "0"
@@ -440,7 +448,7 @@ class SpinAttentionBackend(AttentionBackend):
                 return
             self.prefetch_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.prefetch_stream):
-                self._fetch(layer, layer, pages, dst, step, counted=True)
+                self._fetch(layer, layer, pages, dst, step, self._prefetch_programs, counted=True)
                 done = torch.cuda.Event()
                 done.record()
             self._prefetched[layer] = (done, (pages, dst))  # alive until the join
@@ -552,14 +560,16 @@ class SpinAttentionBackend(AttentionBackend):
             raise RuntimeError("residency segments were not reserved for this step")
         return slots, dst
 
-    def _fetch(self, layer, tier_layer, pages, dst, step, counted=False) -> None:
+    def _fetch(self, layer, tier_layer, pages, dst, step, programs=None, counted=False) -> None:
         """Copy page pages[b, h, j] of K/V head h into GPU slot dst[b, h, j] where dst >= 0
-        (`counted`: the bytes are already counted)."""
+        (`counted`: the bytes are already counted; `programs`: `HostTier.fetch`'s)."""
         b, h, k = pages.shape
         table = step.batch.page_table  # [B, maxp] int32
         src = table.gather(1, pages.clamp(min=0).view(b, h * k)).view(b, h, k)
         gpu_k, gpu_v = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
-        self.host.fetch(layer, gpu_k, gpu_v, src.flatten(), step.listed_heads, dst.flatten())
+        self.host.fetch(
+            layer, gpu_k, gpu_v, src.flatten(), step.listed_heads, dst.flatten(), programs
+        )
         if not counted:
             self.counters.add_fetched_bytes((dst >= 0).sum() * self.host.page_bytes)
 

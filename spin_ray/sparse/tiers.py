@@ -127,10 +127,17 @@ class HostTier:
         src_pages: torch.Tensor,  # [M] int32/int64 engine page ids
         heads: torch.Tensor,  # [M] int64
         dst_slots: torch.Tensor,  # [M] int64
+        programs: int | None = None,
     ) -> None:
-        """One batched gather of (page, head) runs into GPU-tier slots."""
-        gather = gather_pages if self.on_cuda else gather_pages_ref
-        gather(self.k_dev[layer], self.v_dev[layer], dst_k, dst_v, src_pages, heads, dst_slots)
+        """One batched gather of (page, head) runs into GPU-tier slots (on CUDA by at most
+        `programs` Triton programs when given, so the gather leaves SMs to concurrent work)."""
+        args = (self.k_dev[layer], self.v_dev[layer], dst_k, dst_v, src_pages, heads, dst_slots)
+        if not self.on_cuda:
+            gather_pages_ref(*args)
+        elif programs is None:
+            gather_pages(*args)
+        else:
+            gather_pages(*args, programs=programs)
 
     def write_pages(
         self,
