@@ -53,7 +53,9 @@ class SparseConfig:
     attended, so the same tokens) and fetches only what the prediction missed. Needs
     `min_buffer_ratio` >= 1 (room for both lists). On a scaled-down random-weight Llama
     (`bench/lookahead_overlap.py`) the predicted selection held 78% of the real one's pages,
-    the previous step's selection 48%; not yet timed on the GPU."""
+    the previous step's selection 48%. On the H200 (8 x 64K, random weights) a step takes the
+    same time with it at buffer ratio 4 (the mispredicted 22% add PCIe traffic that the overlap
+    then hides) and 8% longer at 15; at saturation it gained ~15% throughput (RESULTS.md)."""
     gpu_cache_tokens: int | None = None
     """Tokens of HBM working-set slots (each holds one page of every offloaded layer and KV
     head); None: what GPU memory leaves after weights (CUDA), the CPU tier's size (CPU)."""
