@@ -100,10 +100,14 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
             assert r["hbm_hit_rate"] is None and not r["h2d_bytes"]
             # --gpu-cache-tokens sizes dense's KV pool too (pages count per layer and KV head)
             assert r["kv_stats_end"]["gpu_pages_total"] == GPU_CACHE_TOKENS // 16 * 4 * 2
+            # dense selects and fetches nothing, but its decode attention takes real time
+            assert r["select_share"] == r["fetch_share"] == r["index_share"] == 0.0
+            assert 0 < r["attention_share"] < 1 and 0 < r["rest_share"] < 1
         else:  # KV lives in the CPU tier: pages cross PCIe, lookups are counted
             assert r["h2d_bytes"] > 0 and r["d2h_bytes"] > 0 and r["lookups"] > 0
             assert r["h2d_gbps"] == pytest.approx(r["h2d_bytes"] / r["duration"] / 1e9)
             assert r["select_share"] >= 0 and r["fetch_share"] > 0 and r["rest_share"] < 1
+            assert r["attention_share"] > 0
     by_mode = {r["mode"]: r for r in results if r["request_rate"] == "inf"}
     assert by_mode["sparse-naive"]["hbm_hit_rate"] == 0.0  # no buffer: nothing is reused
     assert 0 < by_mode["spin"]["hbm_hit_rate"] <= 1

@@ -34,7 +34,8 @@ def _record(mode="spin", kv_stats=None, step_time=4.0, decode_steps=()):
 
 def test_figures_follow_their_formulas():
     stats = dict(lookups=200, hits=150, h2d_bytes=2e9, d2h_bytes=1e9, select_time_s=0.4,
-                 fetch_time_s=1.0, evictions=7, preemptions=3)  # fmt: skip
+                 fetch_time_s=1.0, index_time_s=0.2, attention_time_s=0.5, evictions=7,
+                 preemptions=3)  # fmt: skip
     r = summarize(_record(kv_stats=stats))
     assert r["preemptions"] == 3
     assert r["completed"] == 3 and r["request_throughput"] == pytest.approx(3 / 5)
@@ -47,8 +48,11 @@ def test_figures_follow_their_formulas():
     assert r["hbm_hit_rate"] == 0.75 and r["evictions"] == 7
     assert r["h2d_gbps"] == pytest.approx(0.4) and r["d2h_gbps"] == pytest.approx(0.2)
     assert r["select_share"] == pytest.approx(0.1) and r["fetch_share"] == pytest.approx(0.25)
-    assert r["attention_share"] is None and r["index_share"] is None
-    assert r["rest_share"] == pytest.approx(0.65)
+    assert r["index_share"] == pytest.approx(0.05) and r["attention_share"] == pytest.approx(0.125)
+    assert r["rest_share"] == pytest.approx(1 - 0.1 - 0.25 - 0.05 - 0.125)
+    partly = summarize(_record(kv_stats=dict(stats, attention_time_s=None)))
+    assert partly["select_share"] == pytest.approx(0.1) and partly["attention_share"] is None
+    assert partly["rest_share"] is None, "an untimed part leaves the rest unknown"
 
 
 def test_missing_statistics_stay_missing():
@@ -67,8 +71,9 @@ def test_untimed_phases_give_no_shares_and_a_note():
     assert untimed["hbm_hit_rate"] == 0.75
     for key in ("select_share", "fetch_share", "index_share", "attention_share", "rest_share"):
         assert untimed[key] is None
-    timed = summarize(_record(mode="dense", kv_stats=dict(counters, select_time_s=0.0)))
-    assert timed["select_share"] == 0.0 and timed["rest_share"] == 1.0
+    times = dict(select_time_s=0.0, fetch_time_s=0.0, index_time_s=0.0, attention_time_s=1.0)
+    timed = summarize(_record(mode="dense", kv_stats=dict(counters, **times)))
+    assert timed["select_share"] == 0.0 and timed["rest_share"] == pytest.approx(0.75)
     no_stats = summarize(_record(mode="vllm"))
     report = markdown_report([timed, untimed, no_stats], [], {})
     notes = [line for line in report.splitlines() if "--enforce-eager" in line]

@@ -6,6 +6,7 @@ import torch
 
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
+from spin_ray.attention.phase_timer import PhaseTimer
 from spin_ray.attention.step_buffers import bucket
 from spin_ray.cache.kv_cache import KVCache
 from spin_ray.kernels.paged_attention_ref import (
@@ -24,10 +25,13 @@ class DenseAttentionBackend(AttentionBackend):
 
     supports_cuda_graphs = True
 
-    def __init__(self, kv_cache: KVCache):
+    def __init__(self, kv_cache: KVCache, timer: PhaseTimer | None = None):
         self.kv_cache = kv_cache
         self.meta: AttentionMetadata | None = None
         self.on_cuda = kv_cache.k[0].is_cuda
+        self.timer = timer or PhaseTimer(kv_cache.k[0].device, ("attention",))
+        """Times decode attention ("attention"); a sparse backend passes its own for the dense
+        layers it delegates."""
         self._decode_rows: torch.Tensor | None = None  # [B_dec] int64: decode sequences
         self._decode_tokens: torch.Tensor | None = None  # [B_dec] int64: their packed rows
         self._prefills: list[PrefillChunk] = []
@@ -55,19 +59,25 @@ class DenseAttentionBackend(AttentionBackend):
     def graph_key(self) -> GraphKey:
         return GraphKey(generation=0, shapes=(self._num_splits,))
 
+    def use_cuda_graphs(self) -> None:
+        self.timer.timed = False  # a replay cannot be timed per phase
+
     def forward(self, layer_idx, q, k, v, scale):
         meta = self.meta
         assert meta is not None, "plan() must be called before forward()"
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         self._store(k_cache, v_cache, k, v, meta.slot_mapping)
         if not self._prefills:
-            return self._decode(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
+            with self.timer.phase("attention"):
+                return self._decode(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
         out = torch.empty_like(q)  # [N, Hq, D]
         if self._decode_rows is not None:
             rows, tokens = self._decode_rows, self._decode_tokens
-            out[tokens] = self._decode(
-                q[tokens], k_cache, v_cache, meta.page_table[rows], meta.context_lens[rows], scale
-            )
+            with self.timer.phase("attention"):
+                out[tokens] = self._decode(
+                    q[tokens], k_cache, v_cache, meta.page_table[rows], meta.context_lens[rows],
+                    scale,
+                )  # fmt: skip
         for b, start, n, ctx in self._prefills:
             pages = meta.page_table[b, : -(-ctx // meta.page_size)]
             rows = slice(start, start + n)

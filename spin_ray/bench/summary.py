@@ -20,8 +20,8 @@ UNITS = {
     "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
     "*_bytes": "bytes",
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
-    "*_share": "fraction of the time spent inside step(); None where the phases went untimed "
-    "(CUDA-graph decode: measure with --enforce-eager)",
+    "*_share": "fraction of the time spent inside step(); attention is decode attention (prefill "
+    "counts in rest); None where the phases went untimed (CUDA-graph decode: --enforce-eager)",
     "duration": "s, first arrival to last finish (or the time limit when truncated)",
     "decode_step_ms_by_batch": "batch size -> median ms inside step() of the decode-only steps "
     "(every output a request's second or later token, no prefill chunk in the step) of that "
@@ -152,14 +152,14 @@ def _median_step_ms_by_batch(steps: tuple[tuple[int, float], ...]) -> dict[int, 
 
 
 def _time_shares(stats: dict, step_time: float) -> dict:
-    """Shares of the time inside `step()`; `rest_share` is what the known parts leave (None
-    when the engine reports none of them)."""
+    """Shares of the time inside `step()`; `rest_share` is what the parts leave (None unless
+    every part was timed)."""
     shares = {}
     for name, field in TIME_SHARES:
         seconds = stats.get(field)
         shares[f"{name}_share"] = seconds / step_time if seconds is not None and step_time else None
-    known = [s for s in shares.values() if s is not None]
-    shares["rest_share"] = 1.0 - sum(known) if known else None
+    parts = list(shares.values())
+    shares["rest_share"] = None if None in parts else 1.0 - sum(parts)
     return shares
 
 

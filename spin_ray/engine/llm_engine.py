@@ -183,8 +183,10 @@ class LLMEngine:
             return self.backend.stats()
         per_page = self.arch.num_layers * self.arch.num_kv_heads  # pages hold every layer
         pool = self.page_tables.pool
-        return KVStats(
-            gpu_pages_used=pool.num_used * per_page, gpu_pages_total=pool.num_pages * per_page
+        return KVStats(  # dense selects, fetches and indexes nothing
+            gpu_pages_used=pool.num_used * per_page,
+            gpu_pages_total=pool.num_pages * per_page,
+            attention_time_s=self.backend.timer.seconds()["attention"],
         )
 
     def check_integrity(self) -> None:

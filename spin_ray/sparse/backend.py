@@ -102,6 +102,7 @@ class SpinAttentionBackend(AttentionBackend):
         self.manager = manager
         self.residency = manager.residency
         self.counters = manager.counters
+        self.timer = self.counters.timer
         self.host = host
         self.gpu = gpu
         self.algorithm = algorithm
@@ -281,7 +282,7 @@ class SpinAttentionBackend(AttentionBackend):
         return self.algorithm.graph_safe and not self.debug_checks
 
     def use_cuda_graphs(self) -> None:
-        self.counters.timed = False  # a replay cannot be timed per phase
+        self.timer.timed = False  # a replay cannot be timed per phase (the dense layers' too)
 
     def graph_key(self) -> GraphKey:
         step = self._step
@@ -304,7 +305,7 @@ class SpinAttentionBackend(AttentionBackend):
         state = self._index.setdefault(request_id, _IndexState())
         due = state.steps_since_index is None or state.steps_since_index >= self.index_interval
         if due and complete > state.indexed_pages:
-            with self.counters.phase("index"):
+            with self.timer.phase("index"):
                 self._index_pages(request_id, state.indexed_pages, complete)
             state.indexed_pages = complete
             state.steps_since_index = 0
@@ -440,7 +441,7 @@ class SpinAttentionBackend(AttentionBackend):
         runs meanwhile); on the CPU at once. Its lookups do not count in the hit rate."""
         layer = layer_idx - self.first_layer
         step = self._step
-        with self.counters.phase("fetch"):
+        with self.timer.phase("fetch"):
             pages = self._select(layer, q, step)
             _, dst = self._retrieve(layer, pages, step, self.counters.prefetch_counts)
             if not self.on_cuda:
@@ -465,10 +466,10 @@ class SpinAttentionBackend(AttentionBackend):
 
     def _decode(self, layer, q, k, v, scale):
         step = self._step
-        with self.counters.phase("select"):
+        with self.timer.phase("select"):
             pages = self._select(layer, q, step)
         tier_layer = layer if self.retains else 0
-        with self.counters.phase("fetch"):
+        with self.timer.phase("fetch"):
             if self.retains:
                 self._join_prefetch(layer)
                 slots, dst = self._retrieve(layer, pages, step, self.counters.device_counts)
@@ -476,7 +477,7 @@ class SpinAttentionBackend(AttentionBackend):
             else:
                 slots = self._stage(layer, pages, step)
             self.gpu.store_tokens(tier_layer, pages, slots, step.last_page, step.last_offset, k, v)
-        with self.counters.phase("attention"):
+        with self.timer.phase("attention"):
             extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
             attend = sparse_decode_attention if self.on_cuda else sparse_decode_attention_ref
             k_slots, v_slots = self.gpu.k[tier_layer], self.gpu.v[tier_layer]

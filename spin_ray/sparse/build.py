@@ -50,10 +50,11 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
 
     num_cpu_pages = _cpu_pages(config, offloaded * page_run)
     host = HostTier(offloaded, num_cpu_pages, heads, page_size, head_dim, dtype, device)
+    counters = KVCounters(device)
     dense = None
     if first:
         shape = KVCacheShape(first, num_cpu_pages, page_size, heads, head_dim)
-        dense = DenseAttentionBackend(KVCache(shape, dtype, device))
+        dense = DenseAttentionBackend(KVCache(shape, dtype, device), counters.timer)
     geometry = SparseGeometry(
         num_layers=offloaded,
         first_layer=first,
@@ -76,7 +77,7 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
     residency = ResidencyTable(
         tier_layers, heads, num_slots, sparse.segment_pages, sparse.lru_buckets, device
     )
-    manager = TieredCacheManager(num_cpu_pages, num_slots, budget, residency, KVCounters(device))
+    manager = TieredCacheManager(num_cpu_pages, num_slots, budget, residency, counters)
     backend = SpinAttentionBackend(
         manager=manager,
         host=host,

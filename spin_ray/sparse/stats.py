@@ -3,11 +3,11 @@ Prometheus exporter reads) and the running counters behind it."""
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from spin_ray.attention.phase_timer import PhaseTimer
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class KVStats:
     index_time_s: float | None = 0.0
     """Time building partition summaries."""
     attention_time_s: float | None = 0.0
-    """Time in sparse decode attention (offloaded layers)."""
+    """Time in decode attention (every layer's; prefill attention counts in neither phase)."""
 
     @property
     def hit_rate(self) -> float:
@@ -62,11 +62,8 @@ class KVCounters:
         self._prefetch_counts = torch.zeros(4, dtype=torch.int64, device=device)
         self.h2d_bytes = 0  # host-counted transfers (prefix reads, indexing)
         self.d2h_bytes = 0
-        self._seconds = {"select": 0.0, "fetch": 0.0, "index": 0.0, "attention": 0.0}
-        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-        self.timed = True
-        """Time the phases. Off when decode steps replay CUDA graphs (a replay cannot be timed
-        per phase, nor a capture record timing events); `KVStats` then reports no times."""
+        self.timer = PhaseTimer(device, ("select", "fetch", "index", "attention"))
+        """Phase times; the backend's dense layers share it (their decode attention counts)."""
 
     def add_lookups(self, lookups: torch.Tensor | int, hits: torch.Tensor | int) -> None:
         self._counts[0] += lookups
@@ -91,29 +88,10 @@ class KVCounters:
         """Bytes of page fetches counted on the device (`h2d_bytes` adds them up)."""
         self._counts[3] += num_bytes
 
-    @contextmanager
-    def phase(self, name: str):
-        if not self.timed:
-            yield
-        elif self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._pending.append((name, start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self._seconds[name] += time.perf_counter() - t0
-
     def snapshot(self, **gauges: int) -> KVStats:
-        for name, start, end in self._pending:
-            end.synchronize()
-            self._seconds[name] += start.elapsed_time(end) / 1e3
-        self._pending.clear()
         lookups, hits, evictions, fetched = self._counts.tolist()
         _, _, prefetch_evictions, prefetched = self._prefetch_counts.tolist()
-        seconds = self._seconds if self.timed else dict.fromkeys(self._seconds)
+        seconds = self.timer.seconds()
         return KVStats(
             lookups=lookups,
             hits=hits,
