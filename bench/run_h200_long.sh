@@ -36,6 +36,9 @@
 #              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
 #              dense saturates
 #
+# REPEATS=N (default 1) passes --repeats N to every `spin-ray bench` stage (runs of each mode,
+# compared run by run and by median).
+#
 # Everything printed also lands in $OUT/results.tgz (*.log, *.json; commands.txt lists every
 # command), repacked after each stage: the device tool brings back at most 8 files, and a call
 # cut off by its time limit still brings back the stages that finished.
@@ -61,7 +64,8 @@ bench() {  # name, then the bench arguments
     shift
     echo "=== $name (t=${SECONDS}s): spin-ray bench $*" | tee -a "$OUT/commands.txt"
     (cd "$PKG" && python3 -m spin_ray.cli bench --model llama-3.1-8b --device cuda --dtype bfloat16 \
-        --no-progress --output "$OUT/$name.json" "$@") 2>&1 | tee "$OUT/$name.log"
+        --no-progress --repeats "${REPEATS:-1}" --output "$OUT/$name.json" "$@") 2>&1 \
+        | tee "$OUT/$name.log"
 }
 
 for stage in "$@"; do

@@ -13,6 +13,7 @@ RESULT_FIELDS = {
     "num_requests",
     "completed",
     "truncated",
+    "repeat",
     "duration",
     "input_tokens",
     "output_tokens",
@@ -141,6 +142,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         (["--sparse", "nope"], "sparse"),
         (["--token-budget", "many"], "token_budget"),
         (["--min-buffer-ratio", "-1"], "min_buffer_ratio"),
+        (["--repeats", "0"], "repeats"),
         (["--model", "llama-3.1-8b", "--modes", "dense,vllm"], "modes"),
     ],
 )
@@ -173,6 +175,31 @@ def test_enforce_eager_reaches_every_engine_and_the_json(tmp_path, monkeypatch):
     assert main(argv) == 0
     assert flags == [True, True, False, False]
     assert json.loads(out.read_text())["config"]["enforce_eager"] is False
+
+
+def test_repeats_run_each_mode_again_and_compare_medians(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["bench", "--device", "cpu", "--modes", "dense,spin", "--num-prompts", "2",
+            "--input-len", "40", "--output-len", "3", "--repeats", "3", "--no-progress",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    runs = [(r["mode"], r["repeat"]) for r in document["results"]]
+    assert runs == [(mode, i) for mode in ("dense", "spin") for i in range(3)]
+    assert all(r["completed"] == 2 for r in document["results"])
+    per_run = document["comparisons"][:3]
+    median = document["comparisons"][3]
+    assert [c["repeat"] for c in per_run] == [0, 1, 2] and median["repeat"] == "median"
+    by_run = {(r["mode"], r["repeat"]): r for r in document["results"]}
+    for c in per_run:  # run i of spin against run i of dense
+        spin, dense = by_run["spin", c["repeat"]], by_run["dense", c["repeat"]]
+        expected = spin["output_throughput"] / dense["output_throughput"]
+        assert c["throughput_vs_dense"] == pytest.approx(expected)
+    ratios = sorted(c["throughput_vs_dense"] for c in per_run)
+    assert median["throughput_vs_dense"] == pytest.approx(ratios[1])
+    assert median["same_batch_size"] is None
+    table = capsys.readouterr().out
+    assert "| rate | run |" in table and "| inf | median |" in table
 
 
 def test_rates_and_budget_parse():

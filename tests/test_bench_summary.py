@@ -243,3 +243,23 @@ def test_a_step_with_a_prefill_chunk_is_no_decode_step():
     # step 3: short decodes, long's first token; step 4: both decode
     assert record.batch_sizes == (1, 1, 2, 2)
     assert [batch for batch, _ in record.decode_steps] == [2]
+
+
+def test_repeated_runs_compare_run_by_run_and_by_median():
+    def result(mode, repeat, throughput, tpot):
+        return dict(mode=mode, request_rate="inf", repeat=repeat, output_throughput=throughput,
+                    ttft_p50=100.0, tpot_p50=tpot, mean_batch=2.0,
+                    decode_step_ms_by_batch={})  # fmt: skip
+
+    results = [result("dense", i, 100.0, 10.0) for i in range(3)]
+    results += [result("spin", i, t, 20.0) for i, t in enumerate((50.0, 300.0, 200.0))]
+    results += [result("sparse-naive", i, 10.0, 40.0) for i in range(3)]
+    rows = compare_modes(results)
+    assert [r["repeat"] for r in rows] == [0, 1, 2, "median"]
+    assert [r["throughput_vs_dense"] for r in rows] == pytest.approx([0.5, 3.0, 2.0, 2.0])
+    assert rows[-1]["tpot_p50_reduction_vs_sparse_naive"] == pytest.approx(0.5)
+    assert (
+        rows[-1]["same_batch_size"] is None and rows[-1]["decode_step_vs_dense_same_batch"] is None
+    )
+    single = compare_modes([r for r in results if r["repeat"] == 0])
+    assert [r["repeat"] for r in single] == [0], "one run: no median row"

@@ -68,6 +68,10 @@ class BenchConfig:
     time_limit: float | None = None
     """Seconds one mode may run at one rate; past it, unfinished requests are aborted and the
     result is marked truncated. None: no limit."""
+    repeats: int = 1
+    """Runs of every mode at every rate (one engine, warmed up once), each reported; the
+    comparisons come per run and as medians over the runs (a machine's noise, not the
+    modes', moves single runs)."""
     warmup: bool = True
     """Run two short requests through each engine before timing (compilation, graph capture)."""
     progress: bool = True
@@ -105,6 +109,8 @@ class BenchConfig:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit: must be > 0 seconds, got {self.time_limit}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats: must be >= 1, got {self.repeats}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
 

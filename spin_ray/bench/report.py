@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from spin_ray.bench.config import BenchConfig
@@ -87,6 +88,9 @@ COLUMNS = (
     ("rest", "rest_share", "{:.0%}"),
 )
 
+RUN_COLUMN = ("run", "repeat", "{}")
+"""Shown when a benchmark repeated its runs (`--repeats`)."""
+
 COMPARISON_COLUMNS = (
     ("rate", "request_rate", "{}"),
     ("spin/dense throughput", "throughput_vs_dense", "{:.2f}x"),
@@ -117,7 +121,12 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[str, str]) -> str:
-    parts = [markdown_table(results)]
+    repeated = any(r.get("repeat") for r in results)
+    columns, comparison_columns = COLUMNS, COMPARISON_COLUMNS
+    if repeated:  # a run column after the rate
+        columns = (*COLUMNS[:2], RUN_COLUMN, *COLUMNS[2:])
+        comparison_columns = (COMPARISON_COLUMNS[0], RUN_COLUMN, *COMPARISON_COLUMNS[1:])
+    parts = [markdown_table(results, columns)]
     untimed = [r["mode"] for r in results if r["lookups"] is not None and r["rest_share"] is None]
     if untimed:  # the engine keeps cache statistics but could not time its phases
         parts.append(
@@ -125,9 +134,11 @@ def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[
             "(CUDA graphs replay the decode steps untimed)"
         )
     if comparisons:
-        parts.append(markdown_table(comparisons, COMPARISON_COLUMNS))
+        parts.append(markdown_table(comparisons, comparison_columns))
     parts += [
-        f"{r['mode']} at rate {r['request_rate']}: stopped by the time limit after "
+        f"{r['mode']} at rate {r['request_rate']}"
+        + (f", run {r['repeat']}" if repeated else "")
+        + ": stopped by the time limit after "
         f"{r['duration']:g} s, {r['completed']}/{r['num_requests']} requests finished"
         + (
             f"; {r['ttft_censored']} had no first token yet and count in its TTFT as waiting "
@@ -144,7 +155,8 @@ def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[
 
 def write_plots(results: list[dict], plot_dir: str | Path) -> list[Path]:
     """Throughput and latency against request rate, one line per mode (inf plotted last, as
-    "offline"). Needs at least two rates; returns the files written."""
+    "offline"; repeated runs as their median). Needs at least two rates; returns the files
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,11 +179,12 @@ def write_plots(results: list[dict], plot_dir: str | Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(figures), figsize=(6 * len(figures), 4), squeeze=False)
         for ax, (key, ylabel) in zip(axes[0], figures, strict=True):
             for mode in modes:
-                points = sorted(
-                    (positions[_rate_value(r["request_rate"])], r[key])
-                    for r in results
-                    if r["mode"] == mode and r[key] is not None
-                )
+                runs: dict[int, list[float]] = {}  # rate position -> the runs' values
+                for r in results:
+                    if r["mode"] == mode and r[key] is not None:
+                        x = positions[_rate_value(r["request_rate"])]
+                        runs.setdefault(x, []).append(r[key])
+                points = sorted((x, float(np.median(values))) for x, values in runs.items())
                 if points:
                     ax.plot(*zip(*points, strict=True), marker="o", label=mode)
             ax.set_xticks(range(len(rates)), labels)

@@ -8,7 +8,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
@@ -81,6 +81,8 @@ class RunRecord:
     """Every numeric `kv_stats()` field at the end of the run."""
     truncated: bool = False
     """The time limit stopped the run; unfinished requests were aborted."""
+    repeat: int = 0
+    """Which of the `BenchConfig.repeats` runs of this mode and rate."""
 
 
 @dataclass(frozen=True)
@@ -234,12 +236,18 @@ def run_benchmark(
                 warm_up(engine, requests[0], config)
             for rate in config.request_rates:
                 arrivals = poisson_arrivals(len(requests), rate, config.workload.seed).tolist()
-                record = drive(engine, requests, arrivals, rate, config.progress, config.time_limit)
-                records.append(record)
-                cut = " (time limit: truncated)" if record.truncated else ""
-                log(f"[{mode}] request rate {_rate_label(rate)}: {record.duration:.2f} s{cut}")
-                if on_record is not None:
-                    on_record(record)
+                for repeat in range(config.repeats):
+                    record = drive(
+                        engine, requests, arrivals, rate, config.progress, config.time_limit
+                    )
+                    record = replace(record, repeat=repeat)
+                    records.append(record)
+                    cut = " (time limit: truncated)" if record.truncated else ""
+                    run = f", run {repeat + 1}/{config.repeats}" if config.repeats > 1 else ""
+                    log(f"[{mode}] request rate {_rate_label(rate)}{run}: "
+                        f"{record.duration:.2f} s{cut}")  # fmt: skip
+                    if on_record is not None:
+                        on_record(record)
         except Exception as err:
             failed[mode] = _failure(mode, err, log)
         finally:

@@ -27,6 +27,8 @@ UNITS = {
     "(every output a request's second or later token, no prefill chunk in the step) of that "
     "size, for sizes with MIN_STEPS_PER_BATCH or more such steps",
     "same_batch_size": "largest batch size in both spin's and dense's decode_step_ms_by_batch",
+    "repeat": 'which run of a mode and rate (--repeats); in comparisons also "median": the '
+    "median of each ratio over the runs",
     "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
 }
 
@@ -66,6 +68,7 @@ def summarize(record: RunRecord) -> dict:
         "num_requests": len(record.timings),
         "completed": len(done),
         "truncated": record.truncated,
+        "repeat": record.repeat,
         "duration": duration,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
@@ -98,14 +101,16 @@ def summarize(record: RunRecord) -> dict:
 def compare_modes(results: list[dict]) -> list[dict]:
     """At each request rate, `spin` against `dense` and `sparse-naive`: the goal ratios. TPOT
     p50s come from different batch sizes (spin batches more), so `spin` is also compared with
-    `dense` by median decode step time at the largest batch size both ran often enough."""
-    by_key = {(r["mode"], str(r["request_rate"])): r for r in results}
+    `dense` by median decode step time at the largest batch size both ran often enough.
+    With repeated runs, run i of each mode is compared with run i of the others, and each rate
+    gets a row more (`repeat` "median") with the median of every ratio over the runs."""
+    by_key = {(r["mode"], str(r["request_rate"]), r.get("repeat", 0)): r for r in results}
     comparisons = []
-    for (mode, rate), spin in by_key.items():
+    for (mode, rate, repeat), spin in by_key.items():
         if mode != "spin":
             continue
-        row = {"request_rate": spin["request_rate"]}
-        dense = by_key.get(("dense", rate))
+        row = {"request_rate": spin["request_rate"], "repeat": repeat}
+        dense = by_key.get(("dense", rate, repeat))
         if dense is not None:
             row["throughput_vs_dense"] = _ratio(
                 spin["output_throughput"], dense["output_throughput"]
@@ -120,12 +125,30 @@ def compare_modes(results: list[dict]) -> list[dict]:
             row["decode_step_vs_dense_same_batch"] = (
                 None if size is None else _ratio(spin_steps[size], dense_steps[size])
             )
-        naive = by_key.get(("sparse-naive", rate))
+        naive = by_key.get(("sparse-naive", rate, repeat))
         if naive is not None:
             ratio = _ratio(spin["tpot_p50"], naive["tpot_p50"])
             row["tpot_p50_reduction_vs_sparse_naive"] = None if ratio is None else 1.0 - ratio
         comparisons.append(row)
-    return comparisons
+    return comparisons + _medians(comparisons)
+
+
+def _medians(comparisons: list[dict]) -> list[dict]:
+    """Per rate compared in more than one run: the median of each ratio over the runs that
+    have it (`same_batch_size` differs between runs, so it has none)."""
+    by_rate: dict[str, list[dict]] = {}
+    for row in comparisons:
+        by_rate.setdefault(str(row["request_rate"]), []).append(row)
+    medians = []
+    for rows in by_rate.values():
+        if len(rows) < 2:
+            continue
+        row = {"request_rate": rows[0]["request_rate"], "repeat": "median"}
+        for key in rows[0].keys() - row.keys():
+            values = [r[key] for r in rows if r[key] is not None]
+            row[key] = float(np.median(values)) if values and key != "same_batch_size" else None
+        medians.append({key: row[key] for key in rows[0]})  # the runs' key order
+    return medians
 
 
 def _percentiles(name: str, values_ms: list[float]) -> dict:

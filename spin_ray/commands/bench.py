@@ -72,6 +72,12 @@ def add_parser(subparsers) -> None:
         default=None,
         help="seconds per mode and rate; past it, unfinished requests are aborted (truncated)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every mode at every rate (each reported; comparisons also as medians)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
@@ -112,6 +118,7 @@ def bench_config(args: argparse.Namespace):
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         time_limit=args.time_limit,
+        repeats=args.repeats,
         warmup=not args.no_warmup,
         progress=not args.no_progress,
     )
