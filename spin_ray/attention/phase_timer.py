@@ -9,6 +9,9 @@ from contextlib import contextmanager
 
 import torch
 
+_FOLD_AFTER = 4096
+"""Pending event pairs past which `phase` folds the finished ones into the totals."""
+
 
 class PhaseTimer:
     def __init__(self, device: torch.device, names: tuple[str, ...]):
@@ -29,6 +32,8 @@ class PhaseTimer:
             yield
             end.record()
             self._pending.append((name, start, end))
+            if len(self._pending) > _FOLD_AFTER:  # a long run nobody asks: fold what finished
+                self._fold(wait=False)
         else:
             t0 = time.perf_counter()
             yield
@@ -36,8 +41,17 @@ class PhaseTimer:
 
     def seconds(self) -> dict[str, float | None]:
         """Total seconds per phase since the start (None for all once untimed)."""
+        self._fold(wait=True)
+        return dict(self._seconds) if self.timed else dict.fromkeys(self._seconds)
+
+    def _fold(self, wait: bool) -> None:
+        """Add the pending phases to the totals, oldest first; without `wait`, only those whose
+        end event has completed (no synchronisation)."""
+        done = 0
         for name, start, end in self._pending:
+            if not wait and not end.query():
+                break
             end.synchronize()
             self._seconds[name] += start.elapsed_time(end) / 1e3
-        self._pending.clear()
-        return dict(self._seconds) if self.timed else dict.fromkeys(self._seconds)
+            done += 1
+        del self._pending[:done]

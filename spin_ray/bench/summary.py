@@ -27,9 +27,9 @@ UNITS = {
     "(every output a request's second or later token, no prefill chunk in the step) of that "
     "size, for sizes with MIN_STEPS_PER_BATCH or more such steps",
     "same_batch_size": "largest batch size in both spin's and dense's decode_step_ms_by_batch",
+    "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
     "repeat": 'which run of a mode and rate (--repeats); in comparisons also "median": the '
     "median of each ratio over the runs",
-    "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
 }
 
 MIN_STEPS_PER_BATCH = 5
