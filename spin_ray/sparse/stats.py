@@ -44,7 +44,7 @@ class KVStats:
     index_time_s: float | None = 0.0
     """Time building partition summaries."""
     attention_time_s: float | None = 0.0
-    """Time in decode attention (every layer's; prefill attention counts in neither phase)."""
+    """Time in decode attention, every layer's (prefill attention is in no phase)."""
 
     @property
     def hit_rate(self) -> float:
