@@ -57,10 +57,15 @@ def test_closing_the_stream_aborts_and_frees_pages(make_llm):
         while engine.engine.has_unfinished_requests() or pool.num_used:
             await asyncio.sleep(0.01)
 
+    async def run_to_the_end():
+        return [delta async for delta in engine.generate("r1", "x", SamplingParams(max_tokens=2))]
+
     try:
         asyncio.run(open_then_leave())
-        assert engine.load().num_running == 0
+        assert engine.load().num_running == 0 and engine.load().num_aborted == 1
         assert_cache_clean(llm.llm_engine)
+        assert asyncio.run(run_to_the_end())[-1].finished
+        assert engine.load().num_aborted == 1, "a request that finished is not counted"
     finally:
         engine.shutdown()
 

@@ -39,6 +39,8 @@ class EngineLoad:
     num_waiting: int
     num_tokens: int
     """Prompt + generated tokens of the unfinished requests."""
+    num_aborted: int = 0
+    """Requests aborted unfinished since the engine started (caller gone or cancelled)."""
 
 
 @dataclass
@@ -61,6 +63,7 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._load = EngineLoad(0, 0, 0)
+        self._num_aborted = 0
         self._error: BaseException | None = None
         self._stopped = False
         self._lock = threading.Lock()  # orders `_submit` against the loop stopping
@@ -154,7 +157,9 @@ class AsyncEngine:
                 self._add(*command[1:])
             elif kind == "abort":
                 self.engine.abort_request(command[1])
-                self._streams.pop(command[1], None)
+                if self._streams.pop(command[1], None) is not None:  # not finished meanwhile
+                    self._num_aborted += 1
+                    self._publish_load()
             else:  # stop
                 for request_id, stream in self._streams.items():
                     self.engine.abort_request(request_id)
@@ -184,6 +189,7 @@ class AsyncEngine:
             num_running=self.engine.num_running,
             num_waiting=self.engine.num_waiting,
             num_tokens=sum(s.num_tokens for s in self._streams.values()),
+            num_aborted=self._num_aborted,
         )
 
     def _fail_pending_adds(self) -> None:

@@ -71,6 +71,7 @@ class SpinEngine:
             request_ids=tuple(self.working_sets),
             hbm_pages_used=hbm_used,
             host_pages_used=host_used,
+            requests_aborted=load.num_aborted,
         ).to_dict()
 
     def check_health(self) -> None:

@@ -142,6 +142,8 @@ class ReplicaStats:
     hbm_pages_used: int = 0
     """Pages in use now (for dashboards; fit uses `hbm_pages_committed`)."""
     host_pages_used: int = 0
+    requests_aborted: int = 0
+    """Requests aborted unfinished since the replica started (client gone, cancelled)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
