@@ -143,7 +143,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         (["--token-budget", "many"], "token_budget"),
         (["--min-buffer-ratio", "-1"], "min_buffer_ratio"),
         (["--repeats", "0"], "repeats"),
-        (["--model", "llama-3.1-8b", "--modes", "dense,vllm"], "modes"),
+        (["--device", "cuda:1", "--modes", "dense,vllm"], "modes"),
     ],
 )
 def test_bad_arguments_name_the_field(extra, field, capsys):

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass, field
 
 from spin_ray.bench.workloads import WorkloadSpec
-from spin_ray.models.named_shapes import is_named_shape
 from spin_ray.sparse.config import SparseConfig
 
 SPIN_MODES = ("dense", "dense-offload", "sparse-naive", "spin")
@@ -85,10 +84,10 @@ class BenchConfig:
                 raise ValueError(f"modes: unknown mode {mode!r}; use {', '.join(MODES)}")
         if len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes: a mode is named twice in {self.modes}")
-        if "vllm" in self.modes and is_named_shape(self.model):
+        if "vllm" in self.modes and self.device.startswith("cuda:") and self.device != "cuda:0":
             raise ValueError(
-                f"modes: vllm needs a checkpoint folder or hub id, not the random-weight shape "
-                f"{self.model!r}"
+                f"modes: vllm runs on the first GPU CUDA_VISIBLE_DEVICES names, not {self.device}"
+                f"; set CUDA_VISIBLE_DEVICES={self.device.removeprefix('cuda:')} and --device cuda"
             )
         if not self.request_rates:
             raise ValueError("request_rate: name at least one rate")

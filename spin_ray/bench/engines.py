@@ -52,11 +52,13 @@ def vllm_installed() -> bool:
 
 def build_engine(mode: str, config: BenchConfig, max_model_len: int) -> BenchEngine:
     if mode == "vllm":
+        from spin_ray.bench.vllm_engine import VllmBenchEngine
+
         return VllmBenchEngine(config, max_model_len)
     return SpinBenchEngine(mode, config, max_model_len)
 
 
-def _free_gpu_memory() -> None:
+def free_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -121,55 +123,4 @@ class SpinBenchEngine:
 
     def close(self) -> None:
         del self.engine, self.llm
-        _free_gpu_memory()
-
-
-class VllmBenchEngine:
-    """Real vLLM's engine, from its offline `LLM` API, on the same requests."""
-
-    mode = "vllm"
-
-    def __init__(self, config: BenchConfig, max_model_len: int):
-        import vllm
-
-        self._vllm = vllm
-        self.llm = vllm.LLM(
-            model=config.model,
-            dtype=config.dtype,
-            max_model_len=max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            seed=config.seed,
-            enforce_eager=config.enforce_eager,
-            enable_prefix_caching=False,
-        )
-        self.engine = self.llm.llm_engine
-        tokenizer = self.llm.get_tokenizer()
-        self.vocab_size = min(len(tokenizer), self.llm.llm_engine.model_config.get_vocab_size())
-        self.special_token_ids = list(tokenizer.all_special_ids)
-
-    def add(self, request: BenchRequest, arrival_time: float) -> None:
-        params = self._vllm.SamplingParams(
-            max_tokens=request.output_len, temperature=0.0, ignore_eos=True
-        )
-        prompt = {"prompt_token_ids": request.prompt_token_ids}
-        self.engine.add_request(request.request_id, prompt, params)
-
-    def step(self) -> list:
-        return self.engine.step()
-
-    def last_step_tokens(self) -> None:
-        return None  # vLLM's offline engine does not report its batch's tokens
-
-    def has_unfinished(self) -> bool:
-        return self.engine.has_unfinished_requests()
-
-    def abort(self, request_id: str) -> None:
-        self.engine.abort_request([request_id])
-
-    def kv_stats(self) -> None:
-        return None
-
-    def close(self) -> None:
-        del self.engine, self.llm
-        _free_gpu_memory()
+        free_gpu_memory()

@@ -100,6 +100,8 @@ COMPARISON_COLUMNS = (
     ("same batch", "same_batch_size", "{}"),
     ("spin/dense decode step at same batch", "decode_step_vs_dense_same_batch", "{:.2f}x"),
     ("TPOT p50 below sparse-naive", "tpot_p50_reduction_vs_sparse_naive", "{:.0%}"),
+    ("spin/vllm throughput", "throughput_vs_vllm", "{:.2f}x"),
+    ("dense/vllm throughput", "dense_throughput_vs_vllm", "{:.2f}x"),
 )
 
 

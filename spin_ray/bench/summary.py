@@ -102,6 +102,7 @@ def compare_modes(results: list[dict]) -> list[dict]:
     """At each request rate, `spin` against `dense` and `sparse-naive`: the goal ratios. TPOT
     p50s come from different batch sizes (spin batches more), so `spin` is also compared with
     `dense` by median decode step time at the largest batch size both ran often enough.
+    Where vLLM ran too, spin's and dense's throughput are also given as ratios to its.
     With repeated runs, run i of each mode is compared with run i of the others, and each rate
     gets a row more (`repeat` "median") with the median of every ratio over the runs."""
     by_key = {(r["mode"], str(r["request_rate"]), r.get("repeat", 0)): r for r in results}
@@ -125,6 +126,12 @@ def compare_modes(results: list[dict]) -> list[dict]:
             row["decode_step_vs_dense_same_batch"] = (
                 None if size is None else _ratio(spin_steps[size], dense_steps[size])
             )
+        vllm = by_key.get(("vllm", rate, repeat))
+        if vllm is not None:  # real vLLM on the same requests: checks dense and spin alike
+            theirs = vllm["output_throughput"]
+            row["throughput_vs_vllm"] = _ratio(spin["output_throughput"], theirs)
+            ours = dense["output_throughput"] if dense is not None else None
+            row["dense_throughput_vs_vllm"] = _ratio(ours, theirs)
         naive = by_key.get(("sparse-naive", rate, repeat))
         if naive is not None:
             ratio = _ratio(spin["tpot_p50"], naive["tpot_p50"])
