@@ -123,7 +123,7 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[str, str]) -> str:
-    repeated = any(r.get("repeat") for r in results)
+    repeated = any(r.get("repeat", 1) > 1 for r in results)
     columns, comparison_columns = COLUMNS, COMPARISON_COLUMNS
     if repeated:  # a run column after the rate
         columns = (*COLUMNS[:2], RUN_COLUMN, *COLUMNS[2:])

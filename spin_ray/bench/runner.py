@@ -81,8 +81,8 @@ class RunRecord:
     """Every numeric `kv_stats()` field at the end of the run."""
     truncated: bool = False
     """The time limit stopped the run; unfinished requests were aborted."""
-    repeat: int = 0
-    """Which of the `BenchConfig.repeats` runs of this mode and rate."""
+    repeat: int = 1
+    """Which of the `BenchConfig.repeats` runs of this mode and rate (from 1)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def drive(
         while next_index < len(order) or engine.has_unfinished():
             now = time.monotonic() - start
             if time_limit is not None and now > time_limit:
-                truncated = True
+                truncated, stopped = True, now  # past the limit by at most one step
                 for i in order[:next_index]:
                     if requests[i].request_id not in finished:
                         engine.abort(requests[i].request_id)
@@ -177,7 +177,7 @@ def drive(
     return RunRecord(
         mode=engine.mode,
         request_rate=request_rate,
-        duration=time_limit if truncated else max(ends, default=time.monotonic() - start),
+        duration=stopped if truncated else max(ends, default=time.monotonic() - start),
         step_time=step_time,
         batch_sizes=tuple(batch_sizes),
         decode_steps=tuple(decode_steps),
@@ -236,14 +236,14 @@ def run_benchmark(
                 warm_up(engine, requests[0], config)
             for rate in config.request_rates:
                 arrivals = poisson_arrivals(len(requests), rate, config.workload.seed).tolist()
-                for repeat in range(config.repeats):
+                for repeat in range(1, config.repeats + 1):
                     record = drive(
                         engine, requests, arrivals, rate, config.progress, config.time_limit
                     )
                     record = replace(record, repeat=repeat)
                     records.append(record)
                     cut = " (time limit: truncated)" if record.truncated else ""
-                    run = f", run {repeat + 1}/{config.repeats}" if config.repeats > 1 else ""
+                    run = f", run {repeat}/{config.repeats}" if config.repeats > 1 else ""
                     log(f"[{mode}] request rate {_rate_label(rate)}{run}: "
                         f"{record.duration:.2f} s{cut}")  # fmt: skip
                     if on_record is not None:

@@ -22,14 +22,15 @@ UNITS = {
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
     "*_share": "fraction of the time spent inside step(); attention is decode attention (prefill "
     "counts in rest); None where the phases went untimed (CUDA-graph decode: --enforce-eager)",
-    "duration": "s, first arrival to last finish (or the time limit when truncated)",
+    "duration": "s, first arrival to last finish (when truncated: to the end of the step that "
+    "crossed the time limit)",
     "decode_step_ms_by_batch": "batch size -> median ms inside step() of the decode-only steps "
     "(every output a request's second or later token, no prefill chunk in the step) of that "
     "size, for sizes with MIN_STEPS_PER_BATCH or more such steps",
     "same_batch_size": "largest batch size in both spin's and dense's decode_step_ms_by_batch",
     "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
-    "repeat": 'which run of a mode and rate (--repeats); in comparisons also "median": the '
-    "median of each ratio over the runs",
+    "repeat": 'which run of a mode and rate (--repeats), from 1; in comparisons also "median": '
+    "the median of each ratio over the runs",
 }
 
 MIN_STEPS_PER_BATCH = 5
@@ -105,7 +106,7 @@ def compare_modes(results: list[dict]) -> list[dict]:
     Where vLLM ran too, spin's and dense's throughput are also given as ratios to its.
     With repeated runs, run i of each mode is compared with run i of the others, and each rate
     gets a row more (`repeat` "median") with the median of every ratio over the runs."""
-    by_key = {(r["mode"], str(r["request_rate"]), r.get("repeat", 0)): r for r in results}
+    by_key = {(r["mode"], str(r["request_rate"]), r.get("repeat", 1)): r for r in results}
     comparisons = []
     for (mode, rate, repeat), spin in by_key.items():
         if mode != "spin":
