@@ -143,6 +143,9 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         (["--token-budget", "many"], "token_budget"),
         (["--min-buffer-ratio", "-1"], "min_buffer_ratio"),
         (["--repeats", "0"], "repeats"),
+        (["--plot-dir", "plots"], "plot_dir"),  # one rate: nothing to plot against
+        (["--model", "no-such-model"], "model"),  # neither folder, hub id nor shape
+        (["--dtype", "int8"], "dtype"),
         (["--device", "cuda:1", "--modes", "dense,vllm"], "modes"),
     ],
 )

@@ -216,11 +216,12 @@ def run_benchmark(
     records: list[RunRecord] = []
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
-    for mode in config.modes:
-        if mode == "vllm" and not vllm_installed():
-            skipped[mode] = "vllm is not installed"
-            log("vllm is not installed: skipping mode vllm")
-            continue
+    modes = list(config.modes)
+    if "vllm" in modes and not vllm_installed():  # said up front, not after the other modes
+        modes.remove("vllm")
+        skipped["vllm"] = "vllm is not installed"
+        log("vllm is not installed: skipping mode vllm")
+    for mode in modes:
         log(f"[{mode}] building the engine")
         try:
             engine = build_engine(mode, config, max_model_len)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 
@@ -31,8 +32,13 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--sparse", default="quest", help="quest, shadowkv, retroinfer or seer")
     parser.add_argument("--workload", default=None, help="longbench-v2 or longgenbench")
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink a workload's lengths")
-    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="with --workload: multiply its input and output lengths (e.g. 0.25)",
+    )
+    parser.add_argument("--num-prompts", type=int, default=8, help="requests in the workload")
     parser.add_argument(
         "--input-len", type=int, default=None, help="fixed prompt length (default 1024)"
     )
@@ -50,7 +56,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--token-budget", default=None, help="tokens per step (int) or fraction of the context"
     )
-    parser.add_argument("--buffer-ratio", type=float, default=None)
+    parser.add_argument(
+        "--buffer-ratio",
+        type=float,
+        default=None,
+        help="spin: HBM buffer per selected page a request may grow to (default 15)",
+    )
     parser.add_argument(
         "--min-buffer-ratio",
         type=float,
@@ -62,8 +73,18 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="spin: fetch each layer's pages one layer early (SparseConfig.lookahead)",
     )
-    parser.add_argument("--gpu-cache-tokens", type=int, default=None)
-    parser.add_argument("--cpu-cache-tokens", type=int, default=None)
+    parser.add_argument(
+        "--gpu-cache-tokens",
+        type=int,
+        default=None,
+        help="HBM KV capacity in tokens, the same for every mode (default: free GPU memory)",
+    )
+    parser.add_argument(
+        "--cpu-cache-tokens",
+        type=int,
+        default=None,
+        help="host-memory KV capacity in tokens of the offloading modes (default: free RAM)",
+    )
     parser.add_argument("--output", default=None, help="write the JSON results here")
     parser.add_argument("--plot-dir", default=None, help="write PNG plots here (needs 2+ rates)")
     parser.add_argument(
@@ -78,7 +99,7 @@ def add_parser(subparsers) -> None:
         default=1,
         help="runs of every mode at every rate (each reported; comparisons also as medians)",
     )
-    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up request")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -97,7 +118,7 @@ def bench_config(args: argparse.Namespace):
         scale=args.scale,
         seed=args.seed,
     )
-    return BenchConfig(
+    config = BenchConfig(
         model=args.model,
         workload=workload,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
@@ -122,6 +143,22 @@ def bench_config(args: argparse.Namespace):
         warmup=not args.no_warmup,
         progress=not args.no_progress,
     )
+    _check_before_running(config, args.plot_dir)
+    return config
+
+
+def _check_before_running(config, plot_dir: str | None) -> None:
+    """What would otherwise fail only once engines are built, or after the whole run."""
+    from spin_ray.config import resolve_device, resolve_dtype
+    from spin_ray.models.loader import model_arch
+
+    model_arch(config.model)  # an unknown model or folder
+    resolve_dtype(config.dtype, resolve_device(config.device))
+    if plot_dir is not None:
+        if len(config.request_rates) < 2:
+            raise ValueError("plot_dir: plots are against request rate; give 2+ --request-rate")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("plot_dir: plots need matplotlib (pip install 'spin-ray[bench]')")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,15 +7,25 @@ import argparse
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="spin-tiny", help="checkpoint folder, hub id, or spin-tiny"
+        "--model",
+        default="spin-tiny",
+        help="checkpoint folder, hub id, spin-tiny, or a named shape with random weights "
+        "(llama-3.1-8b, llama-3.2-1b, qwen3-14b, ...)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="longest sequence (default: the model's)"
+    )
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most requests at once")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="most tokens per step, i.e. the prefill chunk (default 8192)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and workloads")
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
