@@ -294,15 +294,28 @@ def test_windows_respect_budget_and_mandatory_bound(token_budget):
     """For every context and index state the runtime may meet, the attended pages fit the
     budget (beyond sink + local), never exceed `mandatory_pages`, and the HBM floor and
     target are never below mandatory."""
-    budget = _budget(token_budget, sink=PAGE + 3, local=2 * PAGE + 1)
+    sink_tokens, local_tokens = PAGE + 3, 2 * PAGE + 1
+    budget = _budget(token_budget, sink=sink_tokens, local=local_tokens)
     for context in range(1, 40 * PAGE):
-        pages = budget.num_pages(context)
+        pages = math.ceil(context / PAGE)
         complete = (context - 1) // PAGE
         for indexed in {complete, max(0, complete - 1), max(0, complete - 2)}:
             windows = DecodeWindows.build(budget, [context], [indexed], torch.device("cpu"))
             scores = torch.randn(1, HKV, pages)
             listed = select_pages(scores, windows)[0]
             count = int((listed[0] >= 0).sum())
+            # the windows, written out: sink pages, the always-attended tail from the local
+            # window (or the first page the index does not cover), top-k in between
+            sink = min(pages, math.ceil(sink_tokens / PAGE))
+            start = max(sink, min(indexed, max(0, context - local_tokens) // PAGE))
+            budget_tokens = (
+                math.ceil(token_budget * context) if isinstance(token_budget, float)
+                else token_budget
+            )  # fmt: skip
+            k = max(0, math.ceil(budget_tokens / PAGE) - sink - math.ceil(local_tokens / PAGE))
+            k = min(k, start - sink)
+            assert (int(windows.local_start[0]), int(windows.topk[0])) == (start, k)
+            assert count == sink + k + (pages - start)
             assert count <= budget.mandatory_pages(context)
             assert budget.mandatory_pages(context) <= budget.floor_pages(context)
             assert budget.floor_pages(context) <= budget.target_pages(context)
