@@ -156,12 +156,23 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm,
         if layer == 0 or not decodes:
             return
         pages = selected["pages"]  # [B_decode, Hkv, K] logical pages, decode sequences in order
-        k_cache, v_cache = dense.kv_cache.k[layer], dense.kv_cache.v[layer]  # [P, S, Hkv, D]
+        truth_k, truth_v = dense.kv_cache.k[layer], dense.kv_cache.v[layer]  # [P, S, Hkv, D]
+        k_cache, v_cache = truth_k, truth_v
         if algorithm == "retroinfer":  # its pages hold tokens in cluster order: read the tier
-            host = holder["backend"].host
+            host = holder["backend"].host  # (checked below against the dense cache)
             k_cache, v_cache = host.k[layer - 1].transpose(1, 2), host.v[layer - 1].transpose(1, 2)
         for i, b in enumerate(decodes):
             ctx, row = meta.context_lens_cpu[b], starts[b]
+            if algorithm == "retroinfer":  # the tier holds the context's K/V, reordered
+                every = torch.arange(ctx)
+                ids = meta.page_table[b, every // PAGE].long()
+                for cache, truth in ((k_cache, truth_k), (v_cache, truth_v)):
+                    held = cache[ids, every % PAGE].transpose(0, 1)  # [Hkv, ctx, D]
+                    real = truth[ids, every % PAGE].transpose(0, 1)
+                    same = (held[:, :, None] == real[:, None]).all(-1)  # [Hkv, ctx, ctx]
+                    order = same.float().argmax(-1)  # [Hkv, ctx] the true token of each row
+                    assert same.any(-1).all(), "a tier row that is no token of the context"
+                    assert all(len(set(o.tolist())) == ctx for o in order), "not a permutation"
             for h in range(HKV):
                 listed = [p for p in pages[i, h].tolist() if p >= 0]
                 if ctx > 12 * PAGE:
