@@ -125,10 +125,15 @@ def test_replica_reports_the_working_sets_it_holds(kwargs):
             "r0", [1 + i % 250 for i in range(599)], SamplingParams(max_tokens=3)
         )
         need = predict_working_set(request.demand, replica.layout)
+        sparse = "sparse" in kwargs
+        context_pages = -(-(599 + 3) // 16)  # prompt + max_tokens, 16-token pages
+        if sparse:  # the whole context in the host tier, a working set of it in HBM
+            assert need.host_pages == context_pages and 0 < need.hbm_pages < context_pages
+        else:  # dense: the whole context in HBM
+            assert (need.hbm_pages, need.host_pages) == (context_pages, 0)
         idle = replica.record_routing_stats()
         assert idle["hbm_pages_committed"] == idle["host_pages_committed"] == 0
         assert not idle["request_ids"]
-        sparse = "sparse" in kwargs
         assert (idle["host_pages_total"] > 0) == sparse
         assert (idle["layout"]["budget"] is not None) == sparse
 
