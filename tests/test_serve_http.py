@@ -150,3 +150,23 @@ def test_default_max_tokens_fill_the_context(served):
     assert engine.requests[0].params.max_tokens == 64 - prompt  # chat: the rest of the context
     client.post("/v1/completions", json={"model": "m", "prompt": "ab"})
     assert engine.requests[1].params.max_tokens == 16  # completions: OpenAI's default
+
+
+def test_the_official_client_reads_these_shapes(served):
+    """The same responses through the `openai` client (TestClient is an httpx.Client)."""
+    import openai
+
+    _, http = served
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "yo"}], stream=True, max_tokens=3,
+            logprobs=True, top_logprobs=2, stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi!"
+    assert chunks[1].choices[0].logprobs.content[0].top_logprobs[1].token == "b"
+    assert chunks[-1].usage.completion_tokens == 3
+    completion = client.completions.create(model="m", prompt="ab", max_tokens=3, logprobs=1)
+    assert completion.choices[0].logprobs.text_offset == [0, 1, 2]
+    assert completion.choices[0].finish_reason == "stop" and completion.usage.completion_tokens == 3
