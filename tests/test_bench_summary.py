@@ -44,6 +44,9 @@ def test_figures_follow_their_formulas():
     assert r["ttft_p50"] == pytest.approx(500.0) and r["ttft_mean"] == pytest.approx(1750 / 3)
     assert r["ttft_p99"] == pytest.approx(500 + 0.98 * 500)  # linear between 500 and 1000
     assert r["tpot_p50"] == pytest.approx(350.0) and r["tpot_p99"] == pytest.approx(497.0)
+    # arrival to finish: 2500, 250, 3000 ms
+    assert r["e2el_p50"] == pytest.approx(2500.0) and r["e2el_mean"] == pytest.approx(5750 / 3)
+    assert r["e2el_p99"] == pytest.approx(2500 + 0.98 * 500)
     assert r["mean_batch"] == 2.0 and r["max_batch"] == 3
     assert r["hbm_hit_rate"] == 0.75 and r["evictions"] == 7
     assert r["h2d_gbps"] == pytest.approx(0.4) and r["d2h_gbps"] == pytest.approx(0.2)

@@ -18,6 +18,7 @@ UNITS = {
     "preemptions": "requests preempted during the run (their KV dropped and computed again)",
     "ttft_censored": "requests whose TTFT is that lower bound (0 unless the run was truncated)",
     "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
+    "e2el_*": "ms, planned arrival to finish, per finished request",
     "*_bytes": "bytes",
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
     "*_share": "fraction of the time spent inside step(); attention is decode attention (prefill "
@@ -59,6 +60,7 @@ def summarize(record: RunRecord) -> dict:
         for t in record.timings
         if t.output_len > 1
     ]
+    e2els = [(t.finished - t.arrival) * 1e3 for t in done]
     output_tokens = sum(t.output_len for t in record.timings)
     input_tokens = sum(t.input_len for t in done)
     stats = record.kv_stats or {}
@@ -79,6 +81,7 @@ def summarize(record: RunRecord) -> dict:
         **_percentiles("ttft", ttfts),
         "ttft_censored": len(waiting),
         **_percentiles("tpot", tpots),
+        **_percentiles("e2el", e2els),
         "mean_batch": float(np.mean(record.batch_sizes)) if record.batch_sizes else None,
         "max_batch": max(record.batch_sizes, default=None),
         "num_steps_with_tokens": len(record.batch_sizes),
