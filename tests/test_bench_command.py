@@ -128,6 +128,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
 
     if not document["environment"]["vllm"]:
         assert document["skipped_modes"] == {"vllm": "vllm is not installed"}
+        assert document["failed_modes"] == {}
         assert "vllm is not installed" in captured.err
     for mode in MODES:
         assert captured.out.count(f"| {mode} |") == 2
@@ -251,7 +252,8 @@ def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys, m
     assert "spin: not run (failed: RuntimeError: out of pinned memory)" in captured.out
     document = json.loads(out.read_text())
     assert [r["mode"] for r in document["results"]] == ["dense"]
-    assert document["skipped_modes"] == {"spin": "failed: RuntimeError: out of pinned memory"}
+    assert document["failed_modes"] == {"spin": "RuntimeError: out of pinned memory"}
+    assert document["skipped_modes"] == {}
 
 
 def test_spin_holds_the_same_hbm_kv_bytes_as_dense():

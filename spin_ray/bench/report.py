@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ def build_document(
     results: list[dict],
     comparisons: list[dict],
     skipped: dict[str, str],
+    failed: dict[str, str],
     env: dict,
 ) -> dict:
     return {
@@ -56,6 +58,7 @@ def build_document(
         "results": _jsonable(results),
         "comparisons": _jsonable(comparisons),
         "skipped_modes": skipped,
+        "failed_modes": failed,
     }
 
 
@@ -155,10 +158,10 @@ def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[
     return "\n\n".join(parts)
 
 
-def write_plots(results: list[dict], plot_dir: str | Path) -> list[Path]:
-    """Throughput and latency against request rate, one line per mode (inf plotted last, as
-    "offline"; repeated runs as their median). Needs at least two rates; returns the files
-    written."""
+def write_plots(results: list[dict], plot_dir: str | Path, title: str = "") -> list[Path]:
+    """Throughput and latency (p50 solid, p99 dashed) against request rate, one colour per mode
+    (inf plotted last, as "offline"; repeated runs as their median), under `title`. Needs at
+    least two rates; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,15 +175,19 @@ def write_plots(results: list[dict], plot_dir: str | Path) -> list[Path]:
     modes = list(dict.fromkeys(r["mode"] for r in results))
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    panels = {
-        "throughput.png": [("output_throughput", "output tokens/s")],
-        "latency.png": [("ttft_p50", "TTFT p50 (ms)"), ("tpot_p50", "TPOT p50 (ms)")],
+    panels = {  # file -> panels of (y label, the keys plotted, each with its line style)
+        "throughput.png": [("output tokens/s", [("output_throughput", "-")])],
+        "latency.png": [
+            ("TTFT (ms)", [("ttft_p50", "-"), ("ttft_p99", "--")]),
+            ("TPOT (ms)", [("tpot_p50", "-"), ("tpot_p99", "--")]),
+        ],
     }
+    colours = {mode: f"C{i}" for i, mode in enumerate(modes)}
     written = []
     for filename, figures in panels.items():
         fig, axes = plt.subplots(1, len(figures), figsize=(6 * len(figures), 4), squeeze=False)
-        for ax, (key, ylabel) in zip(axes[0], figures, strict=True):
-            for mode in modes:
+        for ax, (ylabel, keys) in zip(axes[0], figures, strict=True):
+            for mode, (key, style) in itertools.product(modes, keys):
                 runs: dict[int, list[float]] = {}  # rate position -> the runs' values
                 for r in results:
                     if r["mode"] == mode and r[key] is not None:
@@ -188,12 +195,16 @@ def write_plots(results: list[dict], plot_dir: str | Path) -> list[Path]:
                         runs.setdefault(x, []).append(r[key])
                 points = sorted((x, float(np.median(values))) for x, values in runs.items())
                 if points:
-                    ax.plot(*zip(*points, strict=True), marker="o", label=mode)
+                    label = mode if len(keys) == 1 else f"{mode} {key.rsplit('_', 1)[1]}"
+                    ax.plot(*zip(*points, strict=True), style, color=colours[mode], marker="o",
+                            label=label)  # fmt: skip
             ax.set_xticks(range(len(rates)), labels)
             ax.set_xlabel("request rate (req/s)")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend()
+        if title:
+            fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(plot_dir / filename, dpi=120)
         plt.close(fig)

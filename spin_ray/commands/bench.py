@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         log(markdown_table(results[-1:]))
         if args.output:
             write_json(
-                build_document(config, results, compare_modes(results), {}, env), args.output
+                build_document(config, results, compare_modes(results), {}, {}, env), args.output
             )
 
     run = run_benchmark(config, log=log, on_record=on_record)
@@ -192,10 +192,14 @@ def run(args: argparse.Namespace) -> int:
     not_run = {**run.skipped, **{mode: f"failed: {why}" for mode, why in run.failed.items()}}
     print(markdown_report(results, comparisons, not_run))
     if args.output:
-        write_json(build_document(config, results, comparisons, not_run, env), args.output)
+        document = build_document(config, results, comparisons, run.skipped, run.failed, env)
+        write_json(document, args.output)
         log(f"results written to {args.output}")
     if args.plot_dir:
-        written = write_plots(results, args.plot_dir)
+        spec = config.workload
+        workload = spec.name if spec.name != "fixed" else f"{spec.input_len}/{spec.output_len} tok"
+        title = f"{config.model}, {workload}, {env['gpu'] or 'CPU'}, sparse {config.sparse}"
+        written = write_plots(results, args.plot_dir, title)
         log(f"plots: {', '.join(map(str, written))}" if written else "plots need 2+ rates")
     return 1 if run.failed else 0
 
