@@ -15,7 +15,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument(
-        "--max-model-len", type=int, default=None, help="longest sequence (default: the model's)"
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest sequence (default: the model's; in bench, the workload's longest request)",
     )
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most requests at once")
