@@ -21,7 +21,13 @@ from spin_ray.cache.kv_cache import KVCache, KVCacheShape
 from spin_ray.models import spin_tiny
 from spin_ray.models.arch import ModelArch
 from spin_ray.models.byte_tokenizer import VOCAB_SIZE
-from spin_ray.models.loader import load_arch, load_model, load_random_model, resolve_model_path
+from spin_ray.models.loader import (
+    _target,
+    load_arch,
+    load_model,
+    load_random_model,
+    resolve_model_path,
+)
 from spin_ray.models.named_shapes import NAMED_SHAPES, named_shape_arch, named_shape_config
 from spin_ray.models.rope import Llama3RopeScaling, rope_inv_freq
 
@@ -333,5 +339,17 @@ def test_load_random_model_is_seeded_and_runs():
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
     assert abs(pa.std().item() - 0.02) < 0.002
     assert torch.equal(a.model.norm.weight, torch.ones(arch.hidden_size))
-    logits = PagedRun(a).step({"s": [1, 2, 3, 4, 5]})["s"]
-    assert logits.shape == (5, arch.vocab_size) and logits.isfinite().all()
+    # the same weights in transformers' model give the same logits
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_dict("qwen3"))).eval()
+    ours = dict(a.named_parameters())
+    with torch.no_grad():
+        for hf_name, hf_param in hf.named_parameters():
+            name, shard = _target(hf_name, arch)
+            param = ours[name]
+            if ".qkv_proj." in name:
+                param = param.split([arch.q_size, arch.kv_size, arch.kv_size])[shard]
+            elif ".gate_up_proj." in name:
+                param = param.split(arch.intermediate_size)[shard]
+            hf_param.copy_(param)
+    tokens = [1, 2, 3, 4, 5]
+    torch.testing.assert_close(PagedRun(a).step({"s": tokens})["s"], hf_logits(hf, tokens), **TOL)
