@@ -88,7 +88,7 @@ def _gather_kernel(
                 tl.store(dst_v_ptr + dst, tl.load(src_v_ptr + src, mask=mask), mask=mask)
 
 
-_MAX_PROGRAMS = 1024
+MAX_PROGRAMS = 1024
 """Programs of one gather launch (each strides over items): enough to keep the copy engine of
 the link busy with reads in flight, few enough that idle items cost no launches."""
 
@@ -101,7 +101,7 @@ def gather_pages(
     src_page: torch.Tensor,  # [M] int32/int64
     head: torch.Tensor,  # [M] int64
     dst_slot: torch.Tensor,  # [M] int64, < 0 = skip
-    programs: int = _MAX_PROGRAMS,
+    programs: int = MAX_PROGRAMS,
 ) -> None:
     """Triton version of `gather_pages_ref`: one launch for every (page, head) of K and V, by at
     most `programs` programs (fewer leave SMs to kernels running beside it on other streams)."""

@@ -68,16 +68,13 @@ class DenseAttentionBackend(AttentionBackend):
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         self._store(k_cache, v_cache, k, v, meta.slot_mapping)
         if not self._prefills:
-            with self.timer.phase("attention"):
-                return self._decode(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
+            return self._decode(q, k_cache, v_cache, meta.page_table, meta.context_lens, scale)
         out = torch.empty_like(q)  # [N, Hq, D]
         if self._decode_rows is not None:
             rows, tokens = self._decode_rows, self._decode_tokens
-            with self.timer.phase("attention"):
-                out[tokens] = self._decode(
-                    q[tokens], k_cache, v_cache, meta.page_table[rows], meta.context_lens[rows],
-                    scale,
-                )  # fmt: skip
+            out[tokens] = self._decode(
+                q[tokens], k_cache, v_cache, meta.page_table[rows], meta.context_lens[rows], scale
+            )
         for b, start, n, ctx in self._prefills:
             pages = meta.page_table[b, : -(-ctx // meta.page_size)]
             rows = slice(start, start + n)
@@ -95,6 +92,10 @@ class DenseAttentionBackend(AttentionBackend):
             store_kv_ref(k_cache, v_cache, k, v, slot_mapping)
 
     def _decode(self, q, k_cache, v_cache, page_table, context_lens, scale):
+        with self.timer.phase("attention"):
+            return self._decode_kernel(q, k_cache, v_cache, page_table, context_lens, scale)
+
+    def _decode_kernel(self, q, k_cache, v_cache, page_table, context_lens, scale):
         if self.on_cuda:
             from spin_ray.kernels.paged_decode_attention import paged_decode_attention
 

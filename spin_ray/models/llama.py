@@ -70,9 +70,8 @@ class Attention(nn.Module):
         k = k.view(n, a.num_kv_heads, a.head_dim)  # [N, Hkv, D]
         v = v.view(n, a.num_kv_heads, a.head_dim)  # [N, Hkv, D]
         if a.qk_norm:  # per head: [N * H, D] rows
-            q = self.q_norm(q.reshape(-1, a.head_dim)).view(n, a.num_heads, a.head_dim)
             k = self.k_norm(k.reshape(-1, a.head_dim)).view(n, a.num_kv_heads, a.head_dim)
-        q, k = self.rope.rotate(q, positions), self.rope.rotate(k, positions)
+        q, k = self._position_query(q, positions), self.rope.rotate(k, positions)
         out = backend.forward(self.layer_idx, q, k, v, self.scale)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, a.q_size))
 
@@ -85,8 +84,12 @@ class Attention(nn.Module):
         weight = self.qkv_proj.weight[: a.q_size]
         bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[: a.q_size]
         q = F.linear(x, weight, bias).view(-1, a.num_heads, a.head_dim)
-        if a.qk_norm:
-            q = self.q_norm(q.reshape(-1, a.head_dim)).view(-1, a.num_heads, a.head_dim)
+        return self._position_query(q, positions)
+
+    def _position_query(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q_norm (per head, where the model has it), then RoPE: [M, Hq, D] → [M, Hq, D]."""
+        if self.arch.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.arch.head_dim)).view(q.shape)
         return self.rope.rotate(q, positions)
 
 

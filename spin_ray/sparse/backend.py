@@ -47,6 +47,7 @@ from spin_ray.kernels.sparse_decode_attention import (
     sparse_decode_attention_ref,
 )
 from spin_ray.kernels.spin_retrieve import fits, spin_retrieve
+from spin_ray.kernels.uva_gather import MAX_PROGRAMS
 from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
@@ -142,7 +143,7 @@ class SpinAttentionBackend(AttentionBackend):
         self._prefetch_programs = (
             torch.cuda.get_device_properties(self.device).multi_processor_count // 2
             if on_stream
-            else None
+            else MAX_PROGRAMS
         )
         """Programs of a lookahead gather: one per second SM, so the fetch streams over PCIe
         while the layer's compute keeps most of the GPU (a full-width gather, 1024 programs,
@@ -561,7 +562,7 @@ class SpinAttentionBackend(AttentionBackend):
             raise RuntimeError("residency segments were not reserved for this step")
         return slots, dst
 
-    def _fetch(self, layer, tier_layer, pages, dst, step, programs=None, counted=False) -> None:
+    def _fetch(self, layer, tier_layer, pages, dst, step, programs=MAX_PROGRAMS, counted=False):
         """Copy page pages[b, h, j] of K/V head h into GPU slot dst[b, h, j] where dst >= 0
         (`counted`: the bytes are already counted; `programs`: `HostTier.fetch`'s)."""
         b, h, k = pages.shape

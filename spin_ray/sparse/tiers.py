@@ -19,7 +19,12 @@ import torch
 
 from spin_ray.kernels.slot_token_store import store_decode_tokens, store_decode_tokens_ref
 from spin_ray.kernels.sparse_kv_store import store_kv_head_major, store_kv_head_major_ref
-from spin_ray.kernels.uva_gather import gather_pages, gather_pages_ref, uva_device_view
+from spin_ray.kernels.uva_gather import (
+    MAX_PROGRAMS,
+    gather_pages,
+    gather_pages_ref,
+    uva_device_view,
+)
 
 
 @dataclass(frozen=True)
@@ -127,17 +132,15 @@ class HostTier:
         src_pages: torch.Tensor,  # [M] int32/int64 engine page ids
         heads: torch.Tensor,  # [M] int64
         dst_slots: torch.Tensor,  # [M] int64
-        programs: int | None = None,
+        programs: int = MAX_PROGRAMS,
     ) -> None:
         """One batched gather of (page, head) runs into GPU-tier slots (on CUDA by at most
-        `programs` Triton programs when given, so the gather leaves SMs to concurrent work)."""
+        `programs` Triton programs: fewer leave SMs to concurrent work)."""
         args = (self.k_dev[layer], self.v_dev[layer], dst_k, dst_v, src_pages, heads, dst_slots)
-        if not self.on_cuda:
-            gather_pages_ref(*args)
-        elif programs is None:
-            gather_pages(*args)
+        if self.on_cuda:
+            gather_pages(*args, programs)
         else:
-            gather_pages(*args, programs=programs)
+            gather_pages_ref(*args)
 
     def write_pages(
         self,
