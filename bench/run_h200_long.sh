@@ -26,7 +26,9 @@
 #              half scale, with the same HBM KV capacity for every mode (so dense is capacity-bound)
 #   longbenchdecode  dense and spin on that workload with its own output lengths (mean 2.5K at
 #              half scale) instead of 256: saturating throughput when decode dominates, over a
-#              LONGBENCH_LIMIT-second window (default 120)
+#              LONGBENCH_LIMIT-second window (default 120); LONGBENCH_SCALE (0.5), LONGBENCH_PROMPTS
+#              (24), LONGBENCH_GPU_TOKENS (131072) and LONGBENCH_CPU_TOKENS (524288) change the
+#              workload and the KV capacities for it and for longbenchfloor / longbenchlookahead
 #   longbenchfloor  spin alone on the longbenchdecode workload with --min-buffer-ratio R for each
 #              R of MIN_BUFFER_RATIOS (default "4 8"): a larger floor admits fewer requests, each
 #              with a larger HBM buffer (compare with longbenchdecode's dense in the same call)
@@ -67,6 +69,17 @@ bench() {  # name, then the bench arguments
         --no-progress --repeats "${REPEATS:-1}" --output "$OUT/$name.json" "$@") 2>&1 \
         | tee "$OUT/$name.log"
 }
+
+# the longbenchdecode workload: half scale (16K-60K inputs) by default; LONGBENCH_SCALE,
+# LONGBENCH_PROMPTS, LONGBENCH_GPU_TOKENS, LONGBENCH_CPU_TOKENS change it (and name the logs)
+LONGBENCH_TAG=""
+if [ -n "${LONGBENCH_SCALE:-}${LONGBENCH_PROMPTS:-}${LONGBENCH_GPU_TOKENS:-}${LONGBENCH_CPU_TOKENS:-}" ]; then
+    LONGBENCH_TAG="-scale${LONGBENCH_SCALE:-0.5}"
+fi
+longbench_decode=(--sparse quest --workload longbench-v2 --scale "${LONGBENCH_SCALE:-0.5}"
+    --num-prompts "${LONGBENCH_PROMPTS:-24}" --request-rate inf --token-budget 2048
+    --gpu-cache-tokens "${LONGBENCH_GPU_TOKENS:-131072}"
+    --cpu-cache-tokens "${LONGBENCH_CPU_TOKENS:-524288}" --time-limit "${LONGBENCH_LIMIT:-120}")
 
 for stage in "$@"; do
     case $stage in
@@ -167,24 +180,18 @@ for stage in "$@"; do
             --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 --time-limit 150
         ;;
     longbenchdecode)  # the workload's own output lengths: decode-bound, truncated at the limit
-        bench longbench-decode --modes "${LONGBENCH_MODES:-dense,spin}" --sparse quest \
-            --workload longbench-v2 --scale 0.5 --num-prompts 24 --request-rate inf \
-            --token-budget 2048 --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 \
-            --time-limit "${LONGBENCH_LIMIT:-120}"
+        bench "longbench-decode$LONGBENCH_TAG" --modes "${LONGBENCH_MODES:-dense,spin}" \
+            "${longbench_decode[@]}"
         ;;
     longbenchfloor)  # longbenchdecode with spin's admission floor raised: batch vs hit rate
         for ratio in ${MIN_BUFFER_RATIOS:-4 8}; do
-            bench "longbench-decode-floor$ratio" --modes spin --min-buffer-ratio "$ratio" \
-                --sparse quest --workload longbench-v2 --scale 0.5 --num-prompts 24 \
-                --request-rate inf --token-budget 2048 --gpu-cache-tokens 131072 \
-                --cpu-cache-tokens 524288 --time-limit "${LONGBENCH_LIMIT:-120}"
+            bench "longbench-decode$LONGBENCH_TAG-floor$ratio" --modes spin \
+                --min-buffer-ratio "$ratio" "${longbench_decode[@]}"
         done
         ;;
     longbenchlookahead)  # longbenchdecode's spin, fetching each layer's pages one layer early
-        bench longbench-decode-lookahead --modes spin --lookahead --sparse quest \
-            --workload longbench-v2 --scale 0.5 --num-prompts 24 --request-rate inf \
-            --token-budget 2048 --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 \
-            --time-limit "${LONGBENCH_LIMIT:-120}"
+        bench "longbench-decode$LONGBENCH_TAG-lookahead" --modes spin --lookahead \
+            "${longbench_decode[@]}"
         ;;
     longbenchrate)  # the same at a finite rate (LONGBENCH_RATE req/s) past dense's capacity
         bench "longbench-rate${LONGBENCH_RATE:-0.1}" --modes dense,spin --sparse quest \
