@@ -18,7 +18,8 @@
 #              8 x 32K, 8 x 64K, 4 x 128K, budget 2048, CUDA graphs
 #   steady     the same after 64 warm-up decode steps (the HBM buffer filled); STEP_MODES
 #              (default "dense spin") may name spin:R for spin with buffer ratio R and
-#              spin+lookahead (or spin+lookahead:R) for spin fetching one layer early
+#              spin+lookahead (or spin+lookahead:R) for spin fetching one layer early, and
+#              spin+lookahead@S (:R) for it fetching the best-scored share S of the top-k
 #   steadykernels  GPU time per kernel of eager spin decode steps after 64 warm-up steps
 #   modes      the previous session's run (1/8-scale LongBench-v2-like, 8 requests), now with graphs
 #   scaling    dense vs spin at 16K, 32K, 64K, 128K inputs (SCALING_LENS), 4 requests at once
@@ -33,7 +34,8 @@
 #              R of MIN_BUFFER_RATIOS (default "4 8"): a larger floor admits fewer requests, each
 #              with a larger HBM buffer (compare with longbenchdecode's dense in the same call)
 #   longbenchlookahead  spin alone on the longbenchdecode workload with --lookahead (compare
-#              with longbenchdecode's spin and dense in the same call)
+#              with longbenchdecode's spin and dense in the same call); LOOKAHEAD_SHARE=S adds
+#              --lookahead-share S
 #   longbenchrate  dense and spin on 16 of those requests arriving at LONGBENCH_RATE req/s
 #              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
 #              dense saturates
@@ -127,6 +129,8 @@ for stage in "$@"; do
                 mode=${run%%:*}
                 ratio=()
                 [[ $run == *:* ]] && ratio=(--buffer-ratio "${run#*:}")
+                [[ $mode == *+lookahead@* ]] && ratio+=(--lookahead-share "${mode#*@}") \
+                    && mode=${mode%@*}
                 [[ $mode == *+lookahead ]] && ratio+=(--lookahead) && mode=${mode%+lookahead}
                 name="$stage-${run/:/-buffer}-$1x$2"
                 echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
@@ -190,8 +194,10 @@ for stage in "$@"; do
         done
         ;;
     longbenchlookahead)  # longbenchdecode's spin, fetching each layer's pages one layer early
-        bench "longbench-decode$LONGBENCH_TAG-lookahead" --modes spin --lookahead \
-            "${longbench_decode[@]}"
+        share=()
+        [[ -n ${LOOKAHEAD_SHARE:-} ]] && share=(--lookahead-share "$LOOKAHEAD_SHARE")
+        bench "longbench-decode$LONGBENCH_TAG-lookahead${LOOKAHEAD_SHARE:-}" --modes spin \
+            --lookahead "${share[@]}" "${longbench_decode[@]}"
         ;;
     longbenchrate)  # the same at a finite rate (LONGBENCH_RATE req/s) past dense's capacity
         bench "longbench-rate${LONGBENCH_RATE:-0.1}" --modes dense,spin --sparse quest \

@@ -45,6 +45,9 @@ def main() -> None:
         "--lookahead", action="store_true", help="spin: fetch each layer's pages one layer early"
     )
     parser.add_argument(
+        "--lookahead-share", type=float, default=None, help="share of the top-k fetched early"
+    )
+    parser.add_argument(
         "--warmup-steps",
         type=int,
         default=2,
@@ -63,7 +66,8 @@ def main() -> None:
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
                       buffer_ratio=args.buffer_ratio,
-                      lookahead=args.lookahead or None)  # fmt: skip
+                      lookahead=args.lookahead or None,
+                      lookahead_share=args.lookahead_share)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
               max_num_seqs=args.batch, max_model_len=max_len,
               max_num_batched_tokens=(args.chunk_tokens if args.prefill

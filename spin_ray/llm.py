@@ -58,6 +58,7 @@ class LLM:
         buffer_ratio: float | None = None,
         min_buffer_ratio: float | None = None,
         lookahead: bool | None = None,
+        lookahead_share: float | None = None,
         gpu_cache_tokens: int | None = None,
         cpu_cache_tokens: int | None = None,
         sparse_config: SparseConfig | None = None,
@@ -89,6 +90,7 @@ class LLM:
             buffer_ratio=buffer_ratio,
             min_buffer_ratio=min_buffer_ratio,
             lookahead=lookahead,
+            lookahead_share=lookahead_share,
             gpu_cache_tokens=gpu_cache_tokens,
             cpu_cache_tokens=cpu_cache_tokens,
         )

@@ -230,6 +230,17 @@ def test_rates_and_budget_parse():
     assert config.cache_kwargs("spin", 32)["lookahead"] is True
     assert "lookahead" not in config.cache_kwargs("sparse-naive", 32)
     assert "lookahead" not in bench_config(args).cache_kwargs("spin", 32)
+    args = build_parser().parse_args(["bench", "--lookahead", "--lookahead-share", "0.5"])
+    kwargs = bench_config(args).cache_kwargs("spin", 32)
+    assert (kwargs["lookahead"], kwargs["lookahead_share"]) == (True, 0.5)
+    assert "lookahead_share" not in bench_config(args).cache_kwargs("sparse-naive", 32)
+    bad = [
+        (["--lookahead-share", "0.5"], "needs lookahead"),
+        (["--lookahead", "--lookahead-share", "1.5"], r"in \(0, 1\]"),
+    ]
+    for flags, message in bad:
+        with pytest.raises(ValueError, match=message):
+            bench_config(build_parser().parse_args(["bench", *flags]))
 
 
 def test_a_failing_mode_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):

@@ -283,17 +283,18 @@ LOOKAHEAD_COMMON = dict(
 )
 
 
-@pytest.mark.parametrize("algorithm", ["quest", "shadowkv"])
-def test_lookahead_fetches_one_layer_early_and_keeps_the_tokens(make_llm, algorithm):
-    """With lookahead every offloaded layer's pages are also selected one layer early, from a
-    predicted query, placed and fetched; the layer still attends over its own selection, so
-    the tokens, and the real lookups, are those of the engine without it, with buffers small
-    enough that both retrievals evict."""
+@pytest.mark.parametrize("algorithm, share", [("quest", 1.0), ("shadowkv", 1.0), ("quest", 0.5)])
+def test_lookahead_fetches_one_layer_early_and_keeps_the_tokens(make_llm, algorithm, share):
+    """With lookahead every offloaded layer's pages (or the best-scored `share` of its top-k)
+    are also selected one layer early, from a predicted query, placed and fetched; the layer
+    still attends over its own selection, so the tokens, and the real lookups, are those of
+    the engine without it, with buffers small enough that both retrievals evict."""
     prompts = _prompts((300, 360, 410))
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     runs = {}
     for lookahead in (False, True):
-        llm = _sparse_llm(make_llm, sparse=algorithm, lookahead=lookahead, **LOOKAHEAD_COMMON)
+        ahead = dict(lookahead=True, lookahead_share=share) if lookahead else {}
+        llm = _sparse_llm(make_llm, sparse=algorithm, **ahead, **LOOKAHEAD_COMMON)
         runs[lookahead] = (_tokens(llm.generate(prompts, params, use_tqdm=False)), llm.kv_stats())
         _assert_tiers_empty(llm)
     (plain, plain_stats), (ahead, ahead_stats) = runs[False], runs[True]
@@ -304,20 +305,30 @@ def test_lookahead_fetches_one_layer_early_and_keeps_the_tokens(make_llm, algori
     assert ahead_stats.evictions > 0
 
 
-def test_lookahead_with_exact_predictions_leaves_every_real_lookup_a_hit(make_llm):
-    """With every layer's attention and MLP output zeroed, each layer's input is the embedding,
-    so the query predicted from the layer before's input is the real one: the lookahead brings
-    in every page the layer then selects, and its real lookups all hit."""
-    llm = _sparse_llm(make_llm, sparse="quest", lookahead=True, **LOOKAHEAD_COMMON)
+def _exact_lookahead_stats(make_llm, share: float):
+    """KV stats of a lookahead whose predicted queries are the real ones: with every layer's
+    attention and MLP output zeroed, each layer's input is the embedding."""
+    common = {**LOOKAHEAD_COMMON, "token_budget": 11 * PAGE}  # top-k: 8 pages
+    llm = _sparse_llm(make_llm, sparse="quest", lookahead=True, lookahead_share=share, **common)
     for layer in llm.llm_engine.model.model.layers:
         layer.self_attn.o_proj.weight.data.zero_()
         layer.mlp.down_proj.weight.data.zero_()
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     llm.generate(_prompts((300, 360, 410)), params, use_tqdm=False)
-    stats = llm.kv_stats()
+    _assert_tiers_empty(llm)
+    return llm.kv_stats()
+
+
+def test_lookahead_with_exact_predictions_leaves_every_real_lookup_a_hit(make_llm):
+    """Exact predictions: the lookahead brings in every page the layer then selects, and its
+    real lookups all hit; fetching only the better half of the top-k early leaves the real
+    retrieval some misses and moves fewer bytes early."""
+    stats = _exact_lookahead_stats(make_llm, 1.0)
     assert stats.lookups > 0 and stats.hits == stats.lookups
     assert stats.prefetched_bytes > 0
-    _assert_tiers_empty(llm)
+    half = _exact_lookahead_stats(make_llm, 0.5)
+    assert half.lookups == stats.lookups and half.hits < half.lookups
+    assert 0 < half.prefetched_bytes < stats.prefetched_bytes
 
 
 @pytest.mark.parametrize(

@@ -345,3 +345,30 @@ def test_buffer_target_is_capped_at_what_fused_retrieval_holds():
         floor = capped.floor_pages(context)
         uncapped = min(capped.num_pages(context), math.ceil(mandatory * 3))  # buffer_ratio 2
         assert capped.target_pages(context) == min(uncapped, max(20, floor))
+
+
+@pytest.mark.parametrize("share", [0.5, 0.3, 1.0])
+def test_prefetch_selects_the_best_scored_share_of_the_topk(share):
+    """A lookahead's selection (`prefetch_topk`, `SparseConfig.lookahead_share`): the sink, the
+    ceil(share × k) best-scored pages of the selectable range, the local tail — for rows of
+    different contexts in one step, against torch.topk written out."""
+    budget = _budget(10 * PAGE, sink=PAGE, local=2 * PAGE)
+    contexts = [40 * PAGE, 23 * PAGE + 5, 9 * PAGE]
+    indexed = [(t - 1) // PAGE for t in contexts]
+    windows = DecodeWindows.build(
+        budget, contexts, indexed, torch.device("cpu"), prefetch_share=share
+    )
+    scores = torch.randn(len(contexts), HKV, int(windows.num_pages.max()))
+    listed = select_pages(scores, windows, windows.prefetch_topk)
+    full = select_pages(scores, windows)
+    for b in range(len(contexts)):
+        sink, start = 1, int(windows.local_start[b])
+        k = int(windows.topk[b])
+        assert int(windows.prefetch_topk[b]) == math.ceil(round(k * share, 9))
+        for h in range(HKV):
+            row = listed[b, h][listed[b, h] >= 0].tolist()
+            best = scores[b, h, sink:start].topk(math.ceil(round(k * share, 9))).indices + sink
+            local = list(range(start, int(windows.num_pages[b])))
+            assert row[:sink] == [0] and row[len(row) - len(local) :] == local
+            assert sorted(row[sink : len(row) - len(local)]) == sorted(best.tolist())
+            assert set(row) <= set(full[b, h].tolist())  # a subset of the real selection

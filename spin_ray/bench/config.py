@@ -44,6 +44,8 @@ class BenchConfig:
     admission needs it, so it bounds spin's batch by HBM; None: the default."""
     lookahead: bool = False
     """`spin` mode fetches each layer's pages one layer early (`SparseConfig.lookahead`)."""
+    lookahead_share: float | None = None
+    """The share of the top-k that lookahead fetches early; None: the default."""
     gpu_cache_tokens: int | None = None
     """HBM KV capacity in tokens of every layer's KV, the same for every spin-ray mode: the KV
     pool of `dense` (`num_pages`), the working-set slots of the tiered modes (`spin`: less its
@@ -102,6 +104,11 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}: must be >= 0, got {value}")
+        if self.lookahead_share is not None:
+            if not self.lookahead:
+                raise ValueError("lookahead_share: needs lookahead (--lookahead)")
+            if not 0 < self.lookahead_share <= 1:
+                raise ValueError(f"lookahead_share: must be in (0, 1], got {self.lookahead_share}")
         for name in ("gpu_cache_tokens", "cpu_cache_tokens", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -134,6 +141,7 @@ class BenchConfig:
             buffer_ratio=self.buffer_ratio,
             min_buffer_ratio=self.min_buffer_ratio,
             lookahead=True if self.lookahead and mode == "spin" else None,
+            lookahead_share=self.lookahead_share if self.lookahead and mode == "spin" else None,
             gpu_cache_tokens=slots,
             cpu_cache_tokens=self.cpu_cache_tokens,
         )

@@ -74,6 +74,12 @@ def add_parser(subparsers) -> None:
         help="spin: fetch each layer's pages one layer early (SparseConfig.lookahead)",
     )
     parser.add_argument(
+        "--lookahead-share",
+        type=float,
+        default=None,
+        help="share of the top-k pages --lookahead fetches early, its best-scored (default 1)",
+    )
+    parser.add_argument(
         "--gpu-cache-tokens",
         type=int,
         default=None,
@@ -130,6 +136,7 @@ def bench_config(args: argparse.Namespace):
         buffer_ratio=args.buffer_ratio,
         min_buffer_ratio=args.min_buffer_ratio,
         lookahead=args.lookahead,
+        lookahead_share=args.lookahead_share,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
         max_num_seqs=args.max_num_seqs,

@@ -82,6 +82,12 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="spin: fetch each layer's pages one layer early, selected with a predicted query",
     )
+    group.add_argument(
+        "--lookahead-share",
+        type=float,
+        default=None,
+        help="share of the top-k pages --lookahead fetches early, its best-scored (default 1)",
+    )
     group.add_argument("--gpu-cache-tokens", type=int, default=None)
     group.add_argument("--cpu-cache-tokens", type=int, default=None)
 
@@ -98,6 +104,7 @@ def sparse_kwargs(args: argparse.Namespace) -> dict:
         buffer_ratio=args.buffer_ratio,
         min_buffer_ratio=args.min_buffer_ratio,
         lookahead=args.lookahead,
+        lookahead_share=args.lookahead_share,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
     )

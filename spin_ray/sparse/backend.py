@@ -99,6 +99,7 @@ class SpinAttentionBackend(AttentionBackend):
         retains: bool,
         index_interval: int,
         lookahead: bool = False,
+        lookahead_share: float = 1.0,
     ):
         self.manager = manager
         self.residency = manager.residency
@@ -138,6 +139,8 @@ class SpinAttentionBackend(AttentionBackend):
         self.lookahead = lookahead and retains
         """Fetch each offloaded layer's pages one layer early, selected with a predicted query
         (`SparseConfig.lookahead`)."""
+        self.lookahead_share = lookahead_share
+        """The share of the top-k a lookahead selects (`SparseConfig.lookahead_share`)."""
         on_stream = self.on_cuda and self.lookahead
         self.prefetch_stream = torch.cuda.Stream(self.device) if on_stream else None
         self._prefetch_programs = (
@@ -236,7 +239,7 @@ class SpinAttentionBackend(AttentionBackend):
         self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
         windows = DecodeWindows.build(
             self.budget, contexts, indexed, device, max_pages=table_i32.shape[1],
-            buffers=buffers, num_padded=pad,
+            buffers=buffers, num_padded=pad, prefetch_share=self.lookahead_share,
         )  # fmt: skip
         if self.retains:  # segments the step's inserts may take: one per row and page at most,
             # per retrieval (two per layer with lookahead: the predicted and the real one)
@@ -443,7 +446,7 @@ class SpinAttentionBackend(AttentionBackend):
         layer = layer_idx - self.first_layer
         step = self._step
         with self.timer.phase("fetch"):
-            pages = self._select(layer, q, step)
+            pages = self._select(layer, q, step, step.windows.prefetch_topk)
             _, dst = self._retrieve(layer, pages, step, self.counters.prefetch_counts)
             if not self.on_cuda:
                 self._fetch(layer, layer, pages, dst, step, counted=True)
@@ -461,9 +464,9 @@ class SpinAttentionBackend(AttentionBackend):
         if entry is not None:
             torch.cuda.current_stream(self.device).wait_event(entry[0])
 
-    def _select(self, layer, q, step):  # [B, Hkv, K] pages
+    def _select(self, layer, q, step, topk=None):  # [B, Hkv, K] pages
         scores = self.algorithm.page_scores(layer, q, step.batch)  # [B, Hkv, maxp]
-        return select_pages(scores, step.windows)
+        return select_pages(scores, step.windows, topk)
 
     def _decode(self, layer, q, k, v, scale):
         step = self._step

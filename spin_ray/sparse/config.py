@@ -56,6 +56,11 @@ class SparseConfig:
     the previous step's selection 48%. On the H200 (8 x 64K, random weights) a step takes the
     same time with it at buffer ratio 4 (the mispredicted 22% add PCIe traffic that the overlap
     then hides) and 8% longer at 15; at saturation it gained ~15% throughput (RESULTS.md)."""
+    lookahead_share: float = 1.0
+    """The share of the top-k pages a lookahead selects and fetches early: its best-scored
+    ones (rounded up; sink and local pages always). Below 1 it spends less PCIe time on
+    mispredictions: on the scaled-down Llama the real selection took 88% of the predicted
+    pages a buffer lacked from the better-scored half, 57% from the other (RESULTS.md)."""
     gpu_cache_tokens: int | None = None
     """Tokens of HBM working-set slots (each holds one page of every offloaded layer and KV
     head); None: what GPU memory leaves after weights (CUDA), the CPU tier's size (CPU)."""
@@ -113,6 +118,8 @@ class SparseConfig:
             raise ValueError(f"min_buffer_ratio: must be >= 0, got {self.min_buffer_ratio}")
         if self.lookahead and self.mode != "spin":
             raise ValueError(f"lookahead: needs mode 'spin' (an HBM buffer), got {self.mode!r}")
+        if not 0.0 < self.lookahead_share <= 1.0:
+            raise ValueError(f"lookahead_share: must be in (0, 1], got {self.lookahead_share}")
         if self.lookahead and min(self.min_buffer_ratio, self.buffer_ratio) < 1:
             raise ValueError(
                 "lookahead: needs min_buffer_ratio and buffer_ratio >= 1 (a request's buffer "

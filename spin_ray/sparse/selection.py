@@ -3,6 +3,7 @@ in between, for each (sequence, KV head) — the runtime half of `select`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ class DecodeWindows:
     num_pages: torch.Tensor  # [B] int64
     local_start: torch.Tensor  # [B] int64  first page of the local tail
     topk: torch.Tensor  # [B] int64  pages to select by score
+    prefetch_topk: torch.Tensor  # [B] int64  of those, the ones a lookahead selects early
     sink_pages: int  # pages of the sink (same for every sequence past its first pages)
     max_topk: int
     max_local: int
@@ -38,6 +40,7 @@ class DecodeWindows:
         max_pages: int | None = None,
         buffers: StepBuffers | None = None,
         num_padded: int = 0,
+        prefetch_share: float = 1.0,
     ) -> DecodeWindows:
         """The windows of sequences with these contexts and indexed pages, then `num_padded`
         padding rows that select nothing; with `buffers` (a CUDA-graph batch) the tensors go to
@@ -46,7 +49,9 @@ class DecodeWindows:
         same numbers eagerly as in a graph (the attention kernel splits by width). The page
         masks and the sink and local lists are the same for every layer, so they are built
         here once per step: the integers on the host, in one transfer, the page mask from them on
-        the device; `max_pages`: the scores' width (default: the longest context)."""
+        the device; `max_pages`: the scores' width (default: the longest context);
+        `prefetch_share`: the share of each top-k a lookahead selects (its best-scored pages;
+        rounded up)."""
         num_pages = [budget.num_pages(t) for t in context_lens]
         local_start = [budget.local_start(t, i) for t, i in zip(context_lens, indexed_pages)]
         sink = [budget.sink_pages(t) for t in context_lens]
@@ -55,22 +60,23 @@ class DecodeWindows:
         ]
         sink_width = budget.max_sink_pages()
         max_local = budget.max_local_pages()
+        prefetch_topk = [math.ceil(round(k * prefetch_share, 9)) for k in topk]  # 10 × 0.3 -> 3
         pad = [0] * num_padded  # padding rows: no pages, so empty lists and nothing selectable
-        rows = [num_pages + pad, local_start + pad, topk + pad, sink + pad]
-        rows = np.array(rows, dtype=np.int64)  # [4, B]
+        rows = [num_pages + pad, local_start + pad, topk + pad, sink + pad, prefetch_topk + pad]
+        rows = np.array(rows, dtype=np.int64)  # [5, B]
         pages, start, sinks = rows[0][:, None], rows[1][:, None], rows[3][:, None]  # [B, 1]
         sink_list = np.arange(sink_width)[None, :]  # [1, sink_width]
         sink_list = np.where(sink_list < sinks, sink_list, -1)  # [B, sink_width]
         local_list = start + np.arange(max_local)[None, :]  # [B, max_local]
         local_list = np.where(local_list < pages, local_list, -1)
-        # the integers in one transfer: [4 * B] rows, then the sink and local lists
+        # the integers in one transfer: [5 * B] rows, then the sink and local lists
         ints = torch.from_numpy(
             np.concatenate([rows.ravel(), sink_list.ravel(), local_list.ravel()])
         )
         ints = to_step("windows.ints", ints, device, buffers)
         b = rows.shape[1]
-        row_ints, sink_ints, local_ints = ints.split([4 * b, b * sink_width, b * max_local])
-        num_pages_t, local_start_t, topk_t, sink_t = row_ints.view(4, b)  # [B] each
+        row_ints, sink_ints, local_ints = ints.split([5 * b, b * sink_width, b * max_local])
+        num_pages_t, local_start_t, topk_t, sink_t, prefetch_topk_t = row_ints.view(5, b)
         # the page mask on the device: [B, maxp] on the host would cost O(B · maxp) there
         page = torch.arange(max_pages or max(num_pages), device=device)  # [maxp]
         unselectable = (page < sink_t[:, None, None]) | (page >= local_start_t[:, None, None])
@@ -78,6 +84,7 @@ class DecodeWindows:
             num_pages=num_pages_t,
             local_start=local_start_t,
             topk=topk_t,
+            prefetch_topk=prefetch_topk_t,
             sink_pages=sink_width,
             max_topk=bucket(max(topk)),
             max_local=max_local,
@@ -90,13 +97,15 @@ class DecodeWindows:
 def select_pages(
     scores: torch.Tensor,  # [B, H, maxp] float  page scores (only the selectable range is read)
     windows: DecodeWindows,
+    topk: torch.Tensor | None = None,  # [B] int64 pages to select by score (<= windows.topk)
 ) -> torch.Tensor:  # [B, H, K] int64 logical pages, -1 = unused
-    """Sink pages, then the `topk[b]` best pages in [sink, local_start), then the local tail."""
+    """Sink pages, then the `topk[b]` best pages in [sink, local_start) (default
+    `windows.topk`), then the local tail."""
     b, h, maxp = scores.shape
     assert windows.unselectable.shape[-1] == maxp, "windows built for another score width"
     masked = scores.float().masked_fill(windows.unselectable, float("-inf"))
     top_partitions = partition_topk if masked.is_cuda else partition_topk_ref
-    k = windows.topk[:, None].expand(b, h)  # [B, H]
+    k = (windows.topk if topk is None else topk)[:, None].expand(b, h)  # [B, H]
     chosen = top_partitions(masked, k, min(windows.max_topk, maxp))  # [B, H, <= max_topk]
     sink = windows.sink_list.expand(b, h, -1)
     local = windows.local_list.expand(b, h, -1)
