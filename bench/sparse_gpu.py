@@ -184,17 +184,21 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
     # as without it, since each layer still attends over its own selection
     small = dict(**common, sparse="quest", token_budget=128, dense_layers=1, buffer_ratio=1.0,
                  cpu_cache_tokens=2 * kv_tokens, gpu_cache_tokens=kv_tokens // 2)  # fmt: skip
-    runs = []
-    for lookahead in (False, True):
-        llm = LLM(**small, lookahead=lookahead)
-        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    runs = {}
+    for lookahead, share in ((False, None), (True, None), (True, 0.5)):
+        llm = LLM(**small, lookahead=lookahead, lookahead_share=share)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.llm_engine.check_integrity()
-        stats = llm.kv_stats()
+        runs[lookahead, share] = got, llm.kv_stats().hit_rate
         del llm
-    same = sum(a == b for g, w in zip(runs[1], runs[0]) for a, b in zip(g, w))
-    rows.append(dict(algorithm="quest (budget 128, vs spin without lookahead)",
-                     mode="spin+lookahead", tokens_equal=same,
-                     tokens=sum(len(w) for w in runs[0]), hit_rate=stats.hit_rate))  # fmt: skip
+    plain = runs[False, None][0]
+    for (lookahead, share), (got, hit_rate) in runs.items():
+        if lookahead:
+            same = sum(a == b for g, w in zip(got, plain) for a, b in zip(g, w))
+            mode = "spin+lookahead" + (f" (share {share})" if share else "")
+            rows.append(dict(algorithm="quest (budget 128, vs spin without lookahead)",
+                             mode=mode, tokens_equal=same,
+                             tokens=sum(len(w) for w in plain), hit_rate=hit_rate))  # fmt: skip
     return rows
 
 

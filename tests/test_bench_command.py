@@ -34,6 +34,10 @@ RESULT_FIELDS = {
     "max_batch",
     "num_steps_with_tokens",
     "decode_step_ms_by_batch",
+    "decode_only_s",
+    "other_steps_s",
+    "graph_captures",
+    "graph_capture_s",
     "preemptions",
     "hbm_hit_rate",
     "lookups",
@@ -97,6 +101,10 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         # JSON keys are strings; batch sizes of decode steps, each with a positive median
         for batch, ms in r["decode_step_ms_by_batch"].items():
             assert 1 <= int(batch) <= NUM_PROMPTS and ms > 0
+        # inside step(): the decode-only steps and the rest; no CUDA graphs on the CPU
+        assert r["decode_only_s"] > 0 and r["other_steps_s"] > 0
+        assert r["decode_only_s"] + r["other_steps_s"] <= r["duration"]
+        assert r["graph_captures"] is None and r["graph_capture_s"] is None
     for r in results:
         if r["request_rate"] == "inf":
             assert r["max_batch"] == NUM_PROMPTS  # all arrive at once, all decode together

@@ -38,6 +38,11 @@ def test_figures_follow_their_formulas():
                  preemptions=3)  # fmt: skip
     r = summarize(_record(kv_stats=stats))
     assert r["preemptions"] == 3
+    timed = summarize(_record(kv_stats=dict(stats, graph_captures=4, graph_capture_s=2.5),
+                              decode_steps=((2, 0.5), (3, 0.75))))  # fmt: skip
+    assert timed["decode_only_s"] == pytest.approx(1.25)
+    assert timed["other_steps_s"] == pytest.approx(4.0 - 1.25)  # step_time less decode-only
+    assert (timed["graph_captures"], timed["graph_capture_s"]) == (4, 2.5)
     assert r["completed"] == 3 and r["request_throughput"] == pytest.approx(3 / 5)
     assert r["output_throughput"] == pytest.approx(17 / 5)
     assert r["total_token_throughput"] == pytest.approx((600 + 17) / 5)

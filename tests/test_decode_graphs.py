@@ -112,3 +112,22 @@ def test_sparse_graph_layout_matches_eager(make_llm, monkeypatch, chunk):
         assert getattr(got, field) == getattr(want, field), field
     assert want.evictions > 0 and 0 < want.hits < want.lookups
     assert graphs.generation == llm.llm_engine.backend.residency.generation > 0
+
+
+def test_graphs_count_the_layouts_they_capture(make_llm):
+    """One capture per distinct layout (batch size, table width), counted with its time; the
+    same workload again meets only layouts it has, so it captures nothing more."""
+    llm = make_llm(model="spin-tiny", page_size=PAGE)
+    graphs = _graph_layout(llm)
+    keys = []
+    real_run = graphs.run
+    graphs.run = lambda inputs, key: (
+        keys.append((tuple(inputs.input_ids.shape), tuple(inputs.attention.page_table.shape)))
+        or real_run(inputs, key)
+    )
+    _generate(llm)
+    assert graphs.captures == len(set(keys)) > 1 and graphs.capture_seconds > 0
+    assert len(keys) > graphs.captures  # most steps replay a layout met before
+    first = graphs.captures
+    _generate(llm)
+    assert graphs.captures == len(set(keys)) == first

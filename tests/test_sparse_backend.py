@@ -139,8 +139,8 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm,
     selected = {}
     real_select = backend_module.select_pages
 
-    def recording_select(scores, windows):
-        selected["pages"] = real_select(scores, windows)
+    def recording_select(scores, windows, topk=None):
+        selected["pages"] = real_select(scores, windows, topk)
         return selected["pages"]
 
     monkeypatch.setattr(backend_module, "select_pages", recording_select)

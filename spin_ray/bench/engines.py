@@ -39,8 +39,9 @@ class BenchEngine(Protocol):
         """Stop a request and free what it holds."""
 
     def kv_stats(self) -> dict[str, float] | None:
-        """Numeric cache statistics (cumulative counters and times) and `preemptions` (requests
-        preempted so far), or None if the engine keeps none."""
+        """Numeric cache statistics (cumulative counters and times), `preemptions` (requests
+        preempted so far) and, with CUDA-graph decode, `graph_captures` and `graph_capture_s`
+        (graphs captured so far, seconds of those steps), or None if the engine keeps none."""
 
     def close(self) -> None:
         """Drop the engine and give its GPU memory back."""
@@ -119,7 +120,11 @@ class SpinBenchEngine:
         stats = dataclasses.asdict(self.engine.kv_stats())
         # None fields (phase times under CUDA graphs) are left out: the summary reports None
         numeric = {k: v for k, v in stats.items() if isinstance(v, numbers.Real)}
-        return {**numeric, "preemptions": self.engine.num_preemptions}
+        numeric["preemptions"] = self.engine.num_preemptions
+        graphs = self.engine.decode_graphs
+        if graphs is not None:  # CUDA graphs: captures (with any compilation they trigger)
+            numeric.update(graph_captures=graphs.captures, graph_capture_s=graphs.capture_seconds)
+        return numeric
 
     def close(self) -> None:
         del self.engine, self.llm

@@ -34,6 +34,8 @@ COUNTER_STATS = (
     "fetch_time_s",
     "index_time_s",
     "attention_time_s",
+    "graph_captures",
+    "graph_capture_s",
 )
 """Cumulative `kv_stats()` fields whose change over a run the summary uses."""
 

@@ -25,6 +25,12 @@ UNITS = {
     "counts in rest); None where the phases went untimed (CUDA-graph decode: --enforce-eager)",
     "duration": "s, first arrival to last finish (when truncated: to the end of the step that "
     "crossed the time limit)",
+    "decode_only_s": "s inside step() in decode-only steps (see decode_step_ms_by_batch)",
+    "other_steps_s": "s inside the other steps: those with a prefill chunk (and, for vLLM, all)",
+    "graph_captures": "decode CUDA graphs captured during the run (a new batch layout or shape; "
+    "None without graphs)",
+    "graph_capture_s": "s of the steps that captured them (their eager run, any compilation of "
+    "a new shape, the capture)",
     "decode_step_ms_by_batch": "batch size -> median ms inside step() of the decode-only steps "
     "(every output a request's second or later token, no prefill chunk in the step) of that "
     "size, for sizes with MIN_STEPS_PER_BATCH or more such steps",
@@ -64,6 +70,7 @@ def summarize(record: RunRecord) -> dict:
     output_tokens = sum(t.output_len for t in record.timings)
     input_tokens = sum(t.input_len for t in done)
     stats = record.kv_stats or {}
+    decode_only = sum(seconds for _, seconds in record.decode_steps)
     lookups, hits = stats.get("lookups"), stats.get("hits")
     figures = {
         "mode": record.mode,
@@ -86,6 +93,10 @@ def summarize(record: RunRecord) -> dict:
         "max_batch": max(record.batch_sizes, default=None),
         "num_steps_with_tokens": len(record.batch_sizes),
         "decode_step_ms_by_batch": _median_step_ms_by_batch(record.decode_steps),
+        "decode_only_s": decode_only,
+        "other_steps_s": record.step_time - decode_only,
+        "graph_captures": stats.get("graph_captures"),
+        "graph_capture_s": stats.get("graph_capture_s"),
         "preemptions": stats.get("preemptions"),
         "hbm_hit_rate": hits / lookups if lookups else None,
         "lookups": lookups,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import torch
 
@@ -44,11 +45,19 @@ class DecodeGraphs:
     def __init__(self, model, max_num_seqs: int, device: torch.device, capture: bool = True):
         self.model = model
         self.sizes = graph_batch_sizes(max_num_seqs)
+        self.device = device
         self.buffers = StepBuffers(device)
         self.capture = capture
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.generation = 0
         self._pool = None
+        self.captures = 0
+        """Graphs captured so far (with `capture=False`: keys first met since the last
+        generation change, the graphs a GPU would capture)."""
+        self.capture_seconds = 0.0
+        """Wall time of those steps' eager run and capture (compilation and autotuning of
+        a new shape happen there)."""
+        self._seen: set[tuple] = set()  # keys met without capturing (`capture=False`)
 
     def layout(self, num_seqs: int) -> GraphBatch | None:
         """The padded layout of a decode batch of `num_seqs`; None above the largest size."""
@@ -60,6 +69,7 @@ class DecodeGraphs:
         backend."""
         if backend_key.generation != self.generation:  # tables moved: old graphs are stale
             self.graphs.clear()
+            self._seen.clear()
             self._pool = None
             self.generation = backend_key.generation
         key = (tuple(inputs.input_ids.shape), tuple(inputs.attention.page_table.shape),
@@ -69,6 +79,10 @@ class DecodeGraphs:
             graph, logits = entry
             graph.replay()
             return logits
+        if not self.capture and key in self._seen:
+            return self._forward(inputs)
+        self._synchronize()
+        start = time.perf_counter()
         logits = self._forward(inputs)  # this step's result; warms up what the capture records
         if self.capture:
             graph = torch.cuda.CUDAGraph()
@@ -77,7 +91,16 @@ class DecodeGraphs:
             self._pool = graph.pool()
             self.graphs[key] = (graph, captured)
             logger.debug("captured a decode graph for %s (%d graphs)", key, len(self.graphs))
+        else:
+            self._seen.add(key)
+        self._synchronize()
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - start
         return logits
+
+    def _synchronize(self) -> None:
+        if self.capture:  # CUDA: time the capture's work, not just its launches
+            torch.cuda.synchronize(self.device)
 
     def _forward(self, inputs: BatchInputs) -> torch.Tensor:
         hidden = self.model.forward(inputs.input_ids, inputs.positions)  # [Bp, H]
