@@ -27,9 +27,11 @@
 #              half scale, with the same HBM KV capacity for every mode (so dense is capacity-bound)
 #   longbenchdecode  dense and spin on that workload with its own output lengths (mean 2.5K at
 #              half scale) instead of 256: saturating throughput when decode dominates, over a
-#              LONGBENCH_LIMIT-second window (default 120); LONGBENCH_SCALE (0.5), LONGBENCH_PROMPTS
-#              (24), LONGBENCH_GPU_TOKENS (131072) and LONGBENCH_CPU_TOKENS (524288) change the
-#              workload and the KV capacities for it and for longbenchfloor / longbenchlookahead
+#              LONGBENCH_LIMIT-second window (default 120; none: to the end); LONGBENCH_SCALE
+#              (0.5), LONGBENCH_PROMPTS (24), LONGBENCH_GPU_TOKENS (131072) and LONGBENCH_CPU_TOKENS
+#              (524288) change the workload and the KV capacities for it and for longbenchfloor /
+#              longbenchlookahead (the CPU tier is pinned: 589824 tokens, 72 GB, failed to pin on
+#              the H200 machine; 524288, 64 GB, pins)
 #   longbenchfloor  spin alone on the longbenchdecode workload with --min-buffer-ratio R for each
 #              R of MIN_BUFFER_RATIOS (default "4 8"): a larger floor admits fewer requests, each
 #              with a larger HBM buffer (compare with longbenchdecode's dense in the same call)
@@ -81,7 +83,10 @@ fi
 longbench_decode=(--sparse quest --workload longbench-v2 --scale "${LONGBENCH_SCALE:-0.5}"
     --num-prompts "${LONGBENCH_PROMPTS:-24}" --request-rate inf --token-budget 2048
     --gpu-cache-tokens "${LONGBENCH_GPU_TOKENS:-131072}"
-    --cpu-cache-tokens "${LONGBENCH_CPU_TOKENS:-524288}" --time-limit "${LONGBENCH_LIMIT:-120}")
+    --cpu-cache-tokens "${LONGBENCH_CPU_TOKENS:-524288}")
+if [[ ${LONGBENCH_LIMIT:-120} != none ]]; then  # none: every request runs to its end
+    longbench_decode+=(--time-limit "${LONGBENCH_LIMIT:-120}")
+fi
 
 for stage in "$@"; do
     case $stage in
