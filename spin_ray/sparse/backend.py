@@ -143,14 +143,7 @@ class SpinAttentionBackend(AttentionBackend):
         """The share of the top-k a lookahead selects (`SparseConfig.lookahead_share`)."""
         on_stream = self.on_cuda and self.lookahead
         self.prefetch_stream = torch.cuda.Stream(self.device) if on_stream else None
-        self._prefetch_programs = (
-            torch.cuda.get_device_properties(self.device).multi_processor_count // 2
-            if on_stream
-            else MAX_PROGRAMS
-        )
-        """Programs of a lookahead gather: one per second SM, so the fetch streams over PCIe
-        while the layer's compute keeps most of the GPU (a full-width gather, 1024 programs,
-        occupies every SM and the two do not overlap)."""
+        """The lookahead's fetches (with `HostTier.overlap_programs`: beside the compute)."""
         self._prefetched: dict[int, tuple[torch.cuda.Event, tuple]] = {}
         """Offloaded layer → (event after its lookahead fetch, tensors that fetch reads)."""
         self.fused_retrieve = self.on_cuda and os.environ.get("SPIN_RAY_FUSED_RETRIEVE") != "0"
@@ -453,7 +446,8 @@ class SpinAttentionBackend(AttentionBackend):
                 return
             self.prefetch_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.prefetch_stream):
-                self._fetch(layer, layer, pages, dst, step, self._prefetch_programs, counted=True)
+                programs = self.host.overlap_programs
+                self._fetch(layer, layer, pages, dst, step, programs, counted=True)
                 done = torch.cuda.Event()
                 done.record()
             self._prefetched[layer] = (done, (pages, dst))  # alive until the join
