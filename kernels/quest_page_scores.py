@@ -17,15 +17,21 @@ def quest_page_scores_ref(
     kmin: torch.Tensor,  # [P, Hkv, D]  elementwise min of each page's keys
     kmax: torch.Tensor,  # [P, Hkv, D]
     page_table: torch.Tensor,  # [B, maxp] int  page ids
+    num_pages: torch.Tensor | None = None,  # [B] int  pages of each sequence (None: maxp)
 ) -> torch.Tensor:  # [B, Hkv, maxp] float32
-    """Score of every page slot of the table (the caller masks slots past a sequence's end)."""
+    """Score of every page of each sequence; -inf past its `num_pages` (slots the table pads)."""
     b, hq, d = q.shape
     hkv = kmin.shape[1]
     qg = q.float().view(b, hkv, hq // hkv, 1, d)  # [B, Hkv, G, 1, D]
     pages = page_table.long()
     lo = kmin[pages].float().permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, maxp, D]
     hi = kmax[pages].float().permute(0, 2, 1, 3)[:, :, None]
-    return torch.maximum(qg * hi, qg * lo).sum(-1).amax(2)  # [B, Hkv, maxp]
+    scores = torch.maximum(qg * hi, qg * lo).sum(-1).amax(2)  # [B, Hkv, maxp]
+    if num_pages is None:
+        return scores
+    slot = torch.arange(pages.shape[1], device=scores.device)  # [maxp]
+    past = slot >= num_pages.to(scores.device)[:, None]  # [B, maxp]
+    return scores.masked_fill(past[:, None, :], float("-inf"))
 
 
 @triton.jit
@@ -34,6 +40,7 @@ def _quest_kernel(
     kmin_ptr,
     kmax_ptr,
     table_ptr,
+    num_pages_ptr,
     out_ptr,
     stride_qb,
     stride_qh,
@@ -52,10 +59,11 @@ def _quest_kernel(
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
     p_mask = p < MAX_PAGES
+    live = p_mask & (p < tl.load(num_pages_ptr + b))  # past a sequence's end: nothing read
     d_mask = d < HEAD_DIM
-    pages = tl.load(table_ptr + b * stride_tb + p, mask=p_mask, other=0).to(tl.int64)
+    pages = tl.load(table_ptr + b * stride_tb + p, mask=live, other=0).to(tl.int64)
     off = (pages * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
-    mask = p_mask[:, None] & d_mask[None, :]
+    mask = live[:, None] & d_mask[None, :]
     lo = tl.load(kmin_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
     hi = tl.load(kmax_ptr + off, mask=mask, other=0.0).to(tl.float32)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -63,6 +71,7 @@ def _quest_kernel(
         qg = tl.load(q_ptr + b * stride_qb + (h * GROUP + g) * stride_qh + d, mask=d_mask)
         qg = qg.to(tl.float32)[None, :]
         best = tl.maximum(best, tl.sum(tl.maximum(qg * hi, qg * lo), 1))
+    best = tl.where(live, best, float("-inf"))
     tl.store(out_ptr + b * stride_ob + h * stride_oh + p, best, mask=p_mask)
 
 
@@ -71,8 +80,11 @@ def quest_page_scores(
     kmin: torch.Tensor,  # [P, Hkv, D] contiguous
     kmax: torch.Tensor,  # [P, Hkv, D] contiguous
     page_table: torch.Tensor,  # [B, maxp] int32/int64
+    num_pages: torch.Tensor | None = None,  # [B] int64 (None: maxp)
 ) -> torch.Tensor:  # [B, Hkv, maxp] float32
-    """Triton version of `quest_page_scores_ref`."""
+    """Triton version of `quest_page_scores_ref`: a sequence's pages past its end (the table's
+    padding to a shared, bucketed width) are not read, so a short sequence beside a long one
+    costs its own pages only."""
     b, hq, d = q.shape
     _, hkv, dk = kmin.shape
     assert dk == d and hq % hkv == 0 and q.stride(-1) == 1
@@ -82,12 +94,15 @@ def quest_page_scores(
     out = torch.empty(b, hkv, max_pages, dtype=torch.float32, device=q.device)
     if b == 0 or max_pages == 0:
         return out
+    if num_pages is None:
+        num_pages = torch.full((b,), max_pages, dtype=torch.int64, device=q.device)
     block_p = 32
     _quest_kernel[(b, hkv, triton.cdiv(max_pages, block_p))](
         q,
         kmin,
         kmax,
         page_table,
+        num_pages,
         out,
         q.stride(0),
         q.stride(1),

@@ -148,6 +148,21 @@ def test_quest_page_scores_kernel_matches_reference():
     table = torch.randint(0, 40, (3, 45), generator=gen, dtype=torch.int32)
     ref = quest_page_scores_ref(q, kmin, kmax, table)
     torch.testing.assert_close(quest_page_scores(q, kmin, kmax, table), ref)
+    # the formula written out for one (sequence, head, page): max over the group's heads
+    s = max(float(torch.maximum(q[1, g] * kmax[table[1, 7], 1], q[1, g] * kmin[table[1, 7], 1])
+                  .sum()) for g in (4, 5, 6, 7))  # fmt: skip
+    assert float(ref[1, 1, 7]) == pytest.approx(s, rel=1e-5)
+    # sequences of 45, 12 and 0 pages in one table: past its end a sequence's pages are -inf
+    # (and unread: a table entry there may name any page)
+    num_pages = torch.tensor([45, 12, 0])
+    ragged = table.clone()
+    ragged[1, 12:] = 10**6
+    ragged[2] = 10**6
+    got = quest_page_scores(q, kmin, kmax, ragged, num_pages)
+    torch.testing.assert_close(got, quest_page_scores_ref(q, kmin, kmax, table, num_pages))
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1, :, :12], ref[1, :, :12])
+    assert torch.isneginf(got[1, :, 12:]).all() and torch.isneginf(got[2]).all()
 
 
 def test_head_major_store_kernel_matches_reference():

@@ -40,4 +40,4 @@ class Quest(SparseAlgorithm):
 
     def page_scores(self, layer, q, batch):
         score = quest_page_scores if q.is_cuda else quest_page_scores_ref
-        return score(q, self.kmin[layer], self.kmax[layer], batch.page_table)
+        return score(q, self.kmin[layer], self.kmax[layer], batch.page_table, batch.num_pages)
