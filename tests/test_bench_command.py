@@ -27,6 +27,9 @@ RESULT_FIELDS = {
     "tpot_mean",
     "tpot_p50",
     "tpot_p99",
+    "itl_mean",
+    "itl_p50",
+    "itl_p99",
     "e2el_mean",
     "e2el_p50",
     "e2el_p99",
@@ -97,6 +100,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN
         assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
+        assert 0 < r["itl_p50"] <= r["itl_p99"]  # one gap per token after a request's first
         assert 1 <= r["mean_batch"] <= r["max_batch"] <= NUM_PROMPTS
         # JSON keys are strings; batch sizes of decode steps, each with a positive median
         for batch, ms in r["decode_step_ms_by_batch"].items():
@@ -155,6 +159,8 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         (["--token-budget", "many"], "token_budget"),
         (["--min-buffer-ratio", "-1"], "min_buffer_ratio"),
         (["--repeats", "0"], "repeats"),
+        (["--burstiness", "0"], "burstiness"),
+        (["--max-concurrency", "0"], "max_concurrency"),
         (["--plot-dir", "plots"], "plot_dir"),  # one rate: nothing to plot against
         (["--model", "no-such-model"], "model"),  # neither folder, hub id nor shape
         (["--dtype", "int8"], "dtype"),
@@ -190,6 +196,22 @@ def test_enforce_eager_reaches_every_engine_and_the_json(tmp_path, monkeypatch):
     assert main(argv) == 0
     assert flags == [True, True, False, False]
     assert json.loads(out.read_text())["config"]["enforce_eager"] is False
+
+
+def test_max_concurrency_and_burstiness_reach_the_run(tmp_path):
+    out = tmp_path / "c.json"
+    argv = ["bench", "--device", "cpu", "--modes", "dense", "--num-prompts", "3",
+            "--input-len", "40", "--output-len", "3", "--request-rate", "inf",
+            "--burstiness", "0.5", "--max-concurrency", "1", "--no-progress",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    assert document["config"]["burstiness"] == 0.5
+    assert document["config"]["max_concurrency"] == 1
+    (result,) = document["results"]
+    # all three due at once, sent one at a time: never two in a step, each timed from its send
+    assert result["completed"] == 3 and result["max_batch"] == 1
+    assert result["ttft_p99"] < 0.5 * result["duration"] * 1e3
 
 
 def test_repeats_run_each_mode_again_and_compare_medians(tmp_path, capsys):

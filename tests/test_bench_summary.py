@@ -1,5 +1,6 @@
 """Benchmark figures against their formulas written out by hand, and the runner's arrival loop."""
 
+import dataclasses
 import math
 import time
 from types import SimpleNamespace
@@ -61,6 +62,19 @@ def test_figures_follow_their_formulas():
     partly = summarize(_record(kv_stats=dict(stats, attention_time_s=None)))
     assert partly["select_share"] == pytest.approx(0.1) and partly["attention_share"] is None
     assert partly["rest_share"] is None, "an untimed part leaves the rest unknown"
+
+
+def test_inter_token_latencies_are_the_gaps_between_tokens():
+    timings = (
+        RequestTiming("a", 100, 3, 0.0, 0.5, 1.0, 1.0, token_times=(0.5, 0.7, 1.0)),
+        RequestTiming("b", 100, 1, 0.0, 1.25, 1.25, 1.25, token_times=(1.25,)),  # no gap
+        RequestTiming("c", 100, 2, 2.0, 3.0, 3.5, 3.5, token_times=(3.0, 3.5)),
+    )
+    r = summarize(dataclasses.replace(_record(), timings=timings))
+    # gaps: 200, 300 (a), 500 (c) ms
+    assert r["itl_mean"] == pytest.approx(1000 / 3) and r["itl_p50"] == pytest.approx(300.0)
+    assert r["itl_p99"] == pytest.approx(300 + 0.98 * 200)
+    assert summarize(_record())["itl_p50"] is None  # no token times: no gaps, no guess
 
 
 def test_missing_statistics_stay_missing():
@@ -200,7 +214,35 @@ def test_requests_join_no_earlier_than_their_arrival():
     assert [t.output_len for t in record.timings] == [3, 3, 3]
     for t in record.timings:
         assert t.arrival <= t.first_token <= t.last_token == t.finished <= record.duration
+        assert len(t.token_times) == 3 and t.token_times[0] == t.first_token
+        assert t.token_times[-1] == t.last_token and sorted(t.token_times) == list(t.token_times)
     assert sum(record.batch_sizes) == 9
+
+
+def test_max_concurrency_holds_requests_until_one_finishes():
+    class Counting(_RecordingEngine):
+        most = 0
+
+        def add(self, request, arrival_time):
+            super().add(request, arrival_time)
+            self.most = max(self.most, len(self.left))
+            self.arrival_times = {**getattr(self, "arrival_times", {}),
+                                  request.request_id: arrival_time}  # fmt: skip
+
+    engine = Counting()
+    requests = [BenchRequest(f"r{i}", [1], output_len=3) for i in range(5)]
+    record = drive(engine, requests, [0.0] * 5, math.inf, False, max_concurrency=2)
+    assert engine.most == 2 and all(t.output_len == 3 for t in record.timings)
+    by_id = {t.request_id: t for t in record.timings}
+    # r0, r1 go at once; each later one waits for a finish and is timed from when it is sent
+    assert by_id["r0"].arrival == by_id["r1"].arrival == 0.0
+    for rid in ("r2", "r3", "r4"):
+        assert by_id[rid].arrival > 0.0
+        assert by_id[rid].arrival >= min(t.finished for t in record.timings if t.finished)
+        assert engine.arrival_times[rid] - engine.arrival_times["r0"] == pytest.approx(
+            by_id[rid].arrival
+        )
+    assert summarize(record)["max_batch"] == 2
 
 
 def test_time_limit_aborts_and_marks_the_run_truncated():

@@ -9,8 +9,8 @@ from spin_ray.bench.workloads import (
     K,
     LengthDistribution,
     WorkloadSpec,
+    arrival_times,
     build_requests,
-    poisson_arrivals,
     sample_lengths,
 )
 
@@ -75,7 +75,7 @@ def test_prompts_avoid_special_ids_and_have_requested_lengths():
 
 @pytest.mark.parametrize("rate", [0.5, 4.0, 100.0])
 def test_poisson_inter_arrival_mean_is_inverse_rate(rate):
-    arrivals = poisson_arrivals(20000, rate, seed=5)
+    arrivals = arrival_times(20000, rate, seed=5)
     gaps = np.diff(arrivals)
     assert arrivals[0] == 0.0 and np.all(gaps >= 0)
     assert gaps.mean() == pytest.approx(1.0 / rate, rel=0.03)
@@ -83,8 +83,24 @@ def test_poisson_inter_arrival_mean_is_inverse_rate(rate):
     assert gaps.std() == pytest.approx(1.0 / rate, rel=0.05)
 
 
+@pytest.mark.parametrize("burstiness", [0.25, 4.0])
+def test_gamma_gaps_keep_the_rate_and_spread_by_burstiness(burstiness):
+    """Gamma(b, 1 / (rate b)) gaps: mean 1 / rate for any b, coefficient of variation
+    1 / sqrt(b) (burstier below 1, more even above)."""
+    rate = 2.0
+    gaps = np.diff(arrival_times(40000, rate, seed=3, burstiness=burstiness))
+    assert gaps.mean() == pytest.approx(1.0 / rate, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0 / math.sqrt(burstiness), rel=0.05)
+
+
+def test_burstiness_one_is_the_poisson_stream():
+    rng = np.random.default_rng([7, 2])
+    expected = np.concatenate([[0.0], np.cumsum(rng.exponential(1 / 3.0, size=9))])
+    assert np.array_equal(arrival_times(10, 3.0, seed=7, burstiness=1.0), expected)
+
+
 def test_infinite_rate_is_offline():
-    assert np.array_equal(poisson_arrivals(5, math.inf), np.zeros(5))
+    assert np.array_equal(arrival_times(5, math.inf), np.zeros(5))
 
 
 @pytest.mark.parametrize(
@@ -105,6 +121,8 @@ def test_bad_workload_names_the_field(kwargs, field):
 
 def test_bad_rate_and_distribution_name_the_field():
     with pytest.raises(ValueError, match="request_rate"):
-        poisson_arrivals(3, 0.0)
+        arrival_times(3, 0.0)
+    with pytest.raises(ValueError, match="burstiness"):
+        arrival_times(3, 1.0, burstiness=0.0)
     with pytest.raises(ValueError, match="mean"):
         LengthDistribution(10, 20, 25)

@@ -66,6 +66,12 @@ class BenchConfig:
     """Run every step eagerly (spin-ray and vLLM alike). Otherwise, on CUDA, decode-only steps
     replay CUDA graphs, and spin-ray's cache phases (select, fetch, index, attention) go
     untimed: their time shares are None."""
+    burstiness: float = 1.0
+    """Shape of the Gamma inter-arrival times at a finite rate (`vllm bench serve`'s): 1 is
+    Poisson, below 1 burstier, above 1 more even; the mean rate stays the request rate."""
+    max_concurrency: int | None = None
+    """Requests in flight at most (a due request waits for one to finish; its TTFT counts
+    from when it is sent, as `vllm bench serve` counts it); None: no limit."""
     time_limit: float | None = None
     """Seconds one mode may run at one rate; past it, unfinished requests are aborted and the
     result is marked truncated. None: no limit."""
@@ -113,6 +119,10 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if not self.burstiness > 0:
+            raise ValueError(f"burstiness: must be > 0, got {self.burstiness}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency: must be >= 1, got {self.max_concurrency}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit: must be > 0 seconds, got {self.time_limit}")
         if self.repeats < 1:

@@ -77,6 +77,7 @@ COLUMNS = (
     ("TTFT p99 ms", "ttft_p99", "{:.1f}"),
     ("TPOT p50 ms", "tpot_p50", "{:.2f}"),
     ("TPOT p99 ms", "tpot_p99", "{:.2f}"),
+    ("ITL p99 ms", "itl_p99", "{:.2f}"),
     ("batch mean", "mean_batch", "{:.1f}"),
     ("batch max", "max_batch", "{}"),
     ("preempted", "preemptions", "{}"),

@@ -4,6 +4,7 @@ steps, and every request's first-token and finish times are taken when `step()` 
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 import traceback
@@ -16,8 +17,8 @@ from spin_ray.bench.config import BenchConfig
 from spin_ray.bench.engines import BenchEngine, build_engine, vllm_installed
 from spin_ray.bench.workloads import (
     BenchRequest,
+    arrival_times,
     build_requests,
-    poisson_arrivals,
     sample_lengths,
 )
 from spin_ray.config import DEFAULT_CHUNK_TOKENS
@@ -52,11 +53,15 @@ class RequestTiming:
     output_len: int
     """Tokens generated."""
     arrival: float
-    """Planned arrival (TTFT counts from here, queueing included)."""
+    """When it was sent: its planned arrival, or later if `max_concurrency` requests were in
+    flight then (TTFT counts from here, the engine's queueing included, as `vllm bench serve`
+    counts it)."""
     first_token: float | None
     last_token: float | None
     """When its latest token came (its finish, unless a time limit cut it short)."""
     finished: float | None
+    token_times: tuple[float, ...] = ()
+    """When each of its tokens came (inter-token latencies are their differences)."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +108,17 @@ def drive(
     request_rate: float,
     progress: bool = True,
     time_limit: float | None = None,
+    max_concurrency: int | None = None,
 ) -> RunRecord:
-    """Send `requests` at `arrivals` (seconds from now) and step `engine` until all finish, or
-    until `time_limit` seconds have passed (then the unfinished requests are aborted)."""
+    """Send `requests` at `arrivals` (seconds from now), at most `max_concurrency` in flight
+    (a request due while that many are waits for one to finish), and step `engine` until all
+    finish, or until `time_limit` seconds have passed (then the unfinished requests are
+    aborted)."""
     order = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    sent: dict[str, float] = {}
+    due = [arrivals[i] for i in order]  # arrival times in sending order
+    held = 0  # requests (in sending order) once held back by max_concurrency
+    token_times: dict[str, list[float]] = {}
     first_token: dict[str, float] = {}
     last_token: dict[str, float] = {}
     finished: dict[str, float] = {}
@@ -134,10 +146,18 @@ def drive(
                     if requests[i].request_id not in finished:
                         engine.abort(requests[i].request_id)
                 break
-            while next_index < len(order) and arrivals[order[next_index]] <= now:
+            while (
+                next_index < len(order)
+                and arrivals[order[next_index]] <= now
+                and (max_concurrency is None or next_index - len(finished) < max_concurrency)
+            ):
                 i = order[next_index]
-                engine.add(requests[i], arrival_time=start + arrivals[i])
+                # held back by max_concurrency: sent now, and timed from now (as vLLM does)
+                sent[requests[i].request_id] = now if next_index < held else arrivals[i]
+                engine.add(requests[i], arrival_time=start + sent[requests[i].request_id])
                 next_index += 1
+            # requests due now but not sent wait for max_concurrency: the first `held` in order
+            held = max(held, bisect.bisect_right(due, now))
             if not engine.has_unfinished():
                 time.sleep(max(0.0, arrivals[order[next_index]] - (time.monotonic() - start)))
                 continue
@@ -155,6 +175,8 @@ def drive(
                 if count > generated.get(rid, 0):
                     bar.update(count - generated.get(rid, 0))
                     last_token[rid] = step_end - start
+                    new = count - generated.get(rid, 0)
+                    token_times.setdefault(rid, []).extend([step_end - start] * new)
                 generated[rid] = count
                 if count and rid not in first_token:
                     first_token[rid] = step_end - start
@@ -168,10 +190,11 @@ def drive(
             request_id=r.request_id,
             input_len=len(r.prompt_token_ids),
             output_len=generated.get(r.request_id, 0),
-            arrival=float(arrivals[i]),
+            arrival=float(sent.get(r.request_id, arrivals[i])),
             first_token=first_token.get(r.request_id),
             last_token=last_token.get(r.request_id),
             finished=finished.get(r.request_id),
+            token_times=tuple(token_times.get(r.request_id, ())),
         )
         for i, r in enumerate(requests)
     )
@@ -238,11 +261,12 @@ def run_benchmark(
             if config.warmup:
                 warm_up(engine, requests[0], config)
             for rate in config.request_rates:
-                arrivals = poisson_arrivals(len(requests), rate, config.workload.seed).tolist()
+                arrivals = arrival_times(
+                    len(requests), rate, config.workload.seed, config.burstiness
+                ).tolist()
                 for repeat in range(1, config.repeats + 1):
-                    record = drive(
-                        engine, requests, arrivals, rate, config.progress, config.time_limit
-                    )
+                    record = drive(engine, requests, arrivals, rate, config.progress,
+                                   config.time_limit, config.max_concurrency)  # fmt: skip
                     record = replace(record, repeat=repeat)
                     records.append(record)
                     cut = " (time limit: truncated)" if record.truncated else ""

@@ -13,12 +13,15 @@ UNITS = {
     "request_throughput": "requests/s",
     "output_throughput": "output tokens/s",
     "total_token_throughput": "input + output tokens/s",
-    "ttft_*": "ms, planned arrival to first token; in a truncated run a request that arrived "
-    "but got no token counts as (time limit - arrival), a lower bound (see ttft_censored)",
+    "ttft_*": "ms, arrival (planned; with --max-concurrency, when sent) to first token; in a "
+    "truncated run a request that arrived but got no token counts as (time limit - arrival), "
+    "a lower bound (see ttft_censored)",
     "preemptions": "requests preempted during the run (their KV dropped and computed again)",
     "ttft_censored": "requests whose TTFT is that lower bound (0 unless the run was truncated)",
     "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
-    "e2el_*": "ms, planned arrival to finish, per finished request",
+    "itl_*": "ms, inter-token latency: the gaps between a request's consecutive tokens, over "
+    "every request (the stalls a mean TPOT hides: a prefill chunk or a graph capture in a step)",
+    "e2el_*": "ms, arrival (as for TTFT) to finish, per finished request",
     "*_bytes": "bytes",
     "*_gbps": "GB/s (1e9 bytes) over the run's duration",
     "*_share": "fraction of the time spent inside step(); attention is decode attention (prefill "
@@ -67,6 +70,7 @@ def summarize(record: RunRecord) -> dict:
         if t.output_len > 1
     ]
     e2els = [(t.finished - t.arrival) * 1e3 for t in done]
+    itls = [gap * 1e3 for t in record.timings for gap in np.diff(t.token_times)]
     output_tokens = sum(t.output_len for t in record.timings)
     input_tokens = sum(t.input_len for t in done)
     stats = record.kv_stats or {}
@@ -88,6 +92,7 @@ def summarize(record: RunRecord) -> dict:
         **_percentiles("ttft", ttfts),
         "ttft_censored": len(waiting),
         **_percentiles("tpot", tpots),
+        **_percentiles("itl", itls),
         **_percentiles("e2el", e2els),
         "mean_batch": float(np.mean(record.batch_sizes)) if record.batch_sizes else None,
         "max_batch": max(record.batch_sizes, default=None),

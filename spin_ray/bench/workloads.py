@@ -1,4 +1,5 @@
-"""Seeded benchmark workloads: request lengths, random prompt token ids, Poisson arrivals.
+"""Seeded benchmark workloads: request lengths, random prompt token ids, Poisson (or burstier /
+smoother Gamma) arrivals.
 
 Named workloads follow the length statistics SPIN reports for its benchmarks (K = 1024 tokens):
 - `longbench-v2`: input 32K–120K, mean 55K; output 500–15K, mean 5K.
@@ -143,15 +144,24 @@ def build_requests(
     ]
 
 
-def poisson_arrivals(num_requests: int, request_rate: float, seed: int = 0) -> np.ndarray:
-    """Arrival offsets in seconds ([num_requests], float64, first at 0): a Poisson process at
-    `request_rate` requests/s, or all at 0 (offline) when the rate is infinite."""
+def arrival_times(
+    num_requests: int, request_rate: float, seed: int = 0, burstiness: float = 1.0
+) -> np.ndarray:
+    """Arrival offsets in seconds ([num_requests], float64, first at 0) at `request_rate`
+    requests/s on average, or all at 0 (offline) when the rate is infinite. The gaps are
+    Gamma(burstiness, 1 / (rate * burstiness)) as in `vllm bench serve`: burstiness 1 is a
+    Poisson process (exponential gaps), below 1 burstier, above 1 more even."""
     if num_requests < 1:
         raise ValueError(f"num_requests: must be >= 1, got {num_requests}")
     if not request_rate > 0:
         raise ValueError(f"request_rate: must be > 0 or inf, got {request_rate}")
+    if not burstiness > 0:
+        raise ValueError(f"burstiness: must be > 0, got {burstiness}")
     if math.isinf(request_rate):
         return np.zeros(num_requests)
     rng = np.random.default_rng([seed, 2])
-    gaps = rng.exponential(1.0 / request_rate, size=num_requests - 1)  # [n - 1]
+    if burstiness == 1.0:  # the exponential draws (the same stream as before burstiness)
+        gaps = rng.exponential(1.0 / request_rate, size=num_requests - 1)  # [n - 1]
+    else:
+        gaps = rng.gamma(burstiness, 1.0 / (request_rate * burstiness), size=num_requests - 1)
     return np.concatenate([[0.0], np.cumsum(gaps)])

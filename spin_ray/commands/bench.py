@@ -54,6 +54,18 @@ def add_parser(subparsers) -> None:
         help="requests/s of Poisson arrivals, comma-separated for a sweep; inf = all at once",
     )
     parser.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="Gamma shape of the inter-arrival times: 1 Poisson, < 1 burstier, > 1 more even",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="requests in flight at most; a due request waits for one to finish (default: no cap)",
+    )
+    parser.add_argument(
         "--token-budget", default=None, help="tokens per step (int) or fraction of the context"
     )
     parser.add_argument(
@@ -145,6 +157,8 @@ def bench_config(args: argparse.Namespace):
         page_size=args.page_size,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
         time_limit=args.time_limit,
         repeats=args.repeats,
         warmup=not args.no_warmup,
