@@ -6,6 +6,7 @@ request finishes, pages cross the tiers and the HBM buffer hits."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from spin_ray import SamplingParams
 from spin_ray.attention.dense import DenseAttentionBackend
@@ -338,3 +339,22 @@ def test_lookahead_with_exact_predictions_leaves_every_real_lookup_a_hit(make_ll
 def test_lookahead_needs_the_spin_mode_and_room_for_two_selections(fields):
     with pytest.raises(ValueError, match="lookahead"):
         SparseConfig(lookahead=True, **fields)
+
+
+def test_a_cpu_tier_that_cannot_be_allocated_names_the_setting(make_llm, monkeypatch):
+    """Pinning too much host memory fails with a CUDA out-of-memory error; the engine says
+    which setting to lower and how much it asked for. Other errors pass through unchanged."""
+    import spin_ray.sparse.build as build
+
+    def refuse(message):
+        def host_tier(*args):
+            raise torch.AcceleratorError(message)
+
+        return host_tier
+
+    monkeypatch.setattr(build, "HostTier", refuse("CUDA error: out of memory"))
+    with pytest.raises(ValueError, match=r"cpu_cache_tokens: .* GiB of host memory \(4096 tokens"):
+        _sparse_llm(make_llm, sparse="quest", cpu_cache_tokens=4096)
+    monkeypatch.setattr(build, "HostTier", refuse("CUDA error: invalid argument"))
+    with pytest.raises(torch.AcceleratorError, match="invalid argument"):
+        _sparse_llm(make_llm, sparse="quest", cpu_cache_tokens=4096)
