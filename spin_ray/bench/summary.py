@@ -28,7 +28,8 @@ UNITS = {
     "counts in rest); None where the phases went untimed (CUDA-graph decode: --enforce-eager)",
     "duration": "s, first arrival to last finish (when truncated: to the end of the step that "
     "crossed the time limit)",
-    "decode_only_s": "s inside step() in decode-only steps (see decode_step_ms_by_batch)",
+    "decode_only_s": "s inside step() in decode-only steps (see decode_step_ms_by_batch), the "
+    "steps that captured a graph (graph_capture_s) included",
     "other_steps_s": "s inside the other steps: those with a prefill chunk (and, for vLLM, all)",
     "graph_captures": "decode CUDA graphs captured during the run (a new batch layout or shape; "
     "None without graphs)",
