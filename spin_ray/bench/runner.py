@@ -118,9 +118,7 @@ def drive(
     sent: dict[str, float] = {}
     due = [arrivals[i] for i in order]  # arrival times in sending order
     held = 0  # requests (in sending order) once held back by max_concurrency
-    token_times: dict[str, list[float]] = {}
-    first_token: dict[str, float] = {}
-    last_token: dict[str, float] = {}
+    token_times: dict[str, list[float]] = {}  # request id -> when each of its tokens came
     finished: dict[str, float] = {}
     generated: dict[str, int] = {}
     batch_sizes: list[int] = []
@@ -172,32 +170,29 @@ def drive(
             for output in outputs:
                 rid = output.request_id
                 count = len(output.outputs[0].token_ids)
-                if count > generated.get(rid, 0):
-                    bar.update(count - generated.get(rid, 0))
-                    last_token[rid] = step_end - start
-                    new = count - generated.get(rid, 0)
+                new = count - generated.get(rid, 0)
+                if new > 0:
+                    bar.update(new)
                     token_times.setdefault(rid, []).extend([step_end - start] * new)
                 generated[rid] = count
-                if count and rid not in first_token:
-                    first_token[rid] = step_end - start
                 if output.finished:
                     finished[rid] = step_end - start
     finally:
         bar.close()
     stats_after = engine.kv_stats()
-    timings = tuple(
-        RequestTiming(
+    timings = []
+    for i, r in enumerate(requests):
+        times = tuple(token_times.get(r.request_id, ()))
+        timings.append(RequestTiming(
             request_id=r.request_id,
             input_len=len(r.prompt_token_ids),
             output_len=generated.get(r.request_id, 0),
             arrival=float(sent.get(r.request_id, arrivals[i])),
-            first_token=first_token.get(r.request_id),
-            last_token=last_token.get(r.request_id),
+            first_token=times[0] if times else None,
+            last_token=times[-1] if times else None,
             finished=finished.get(r.request_id),
-            token_times=tuple(token_times.get(r.request_id, ())),
-        )
-        for i, r in enumerate(requests)
-    )
+            token_times=times,
+        ))  # fmt: skip
     ends = [t.finished for t in timings if t.finished is not None]
     return RunRecord(
         mode=engine.mode,
@@ -206,7 +201,7 @@ def drive(
         step_time=step_time,
         batch_sizes=tuple(batch_sizes),
         decode_steps=tuple(decode_steps),
-        timings=timings,
+        timings=tuple(timings),
         kv_stats=_counter_change(stats_before, stats_after),
         kv_stats_end=stats_after,
         truncated=truncated,

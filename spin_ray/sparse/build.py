@@ -49,7 +49,17 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
     page_run = 2 * page_size * heads * head_dim * itemsize  # K+V of one page, one layer
 
     num_cpu_pages = _cpu_pages(config, offloaded * page_run)
-    host = _host_tier(offloaded, num_cpu_pages, heads, page_size, head_dim, dtype, device)
+    try:
+        host = HostTier(offloaded, num_cpu_pages, heads, page_size, head_dim, dtype, device)
+    except RuntimeError as err:  # pinning fails with a CUDA out-of-memory error
+        if not _out_of_memory(err):
+            raise
+        raise ValueError(
+            f"cpu_cache_tokens: the CPU tier's {offloaded * num_cpu_pages * page_run / 2**30:.1f}"
+            f" GiB of host memory ({num_cpu_pages * page_size} tokens x {offloaded} layers; "
+            "pinned on CUDA) could not be allocated; set a smaller cpu_cache_tokens (or "
+            "host_memory_fraction)"
+        ) from err
     counters = KVCounters(device)
     dense = None
     if first:
@@ -100,24 +110,11 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
     return TieredKVCache(manager, backend, capacity)
 
 
-def _host_tier(num_layers: int, num_pages: int, *shape_and_place) -> HostTier:
-    """The CPU tier, or a ValueError naming the setting when its (pinned) memory cannot be had:
-    pinning fails with a CUDA out-of-memory error that reads like a GPU problem (on the H200
-    machine here 64 GB pinned and 72.5 GB did not)."""
-    try:
-        return HostTier(num_layers, num_pages, *shape_and_place)
-    except RuntimeError as err:
-        message = str(err).lower()
-        if "out of memory" not in message and "can't allocate memory" not in message:
-            raise
-        heads, page_size, head_dim, dtype = shape_and_place[:4]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        size = 2 * num_layers * num_pages * heads * page_size * head_dim * itemsize
-        raise ValueError(
-            f"cpu_cache_tokens: the CPU tier's {size / 2**30:.1f} GiB of host memory "
-            f"({num_pages * page_size} tokens x {num_layers} layers; pinned on CUDA) could not be "
-            "allocated; set a smaller cpu_cache_tokens (or host_memory_fraction)"
-        ) from err
+def _out_of_memory(err: RuntimeError) -> bool:
+    """A failed allocation: reads like a GPU problem when pinning host memory fails (on the
+    H200 machine here 64 GB pinned, 72.5 GB did not)."""
+    message = str(err).lower()
+    return "out of memory" in message or "can't allocate memory" in message
 
 
 def _cpu_pages(config: EngineConfig, page_bytes: int) -> int:
