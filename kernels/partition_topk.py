@@ -2,7 +2,9 @@
 best scores, -1 where a row has fewer than k selectable (finite) scores. -inf marks a partition
 that must not be chosen (past the context, or already attended through the sink/local window).
 
-Kernel: one program per row, the whole row in registers (P <= `MAX_PARTITIONS`). Scores are
+Kernel: one program per row, the whole row in registers (P <= `MAX_PARTITIONS`; a row with a
+given length, e.g. its context's pages, uses the smallest of 1/8, 1/2 or the whole register
+block that holds it, chosen at run time, so CUDA graphs can fix P). Scores are
 mapped to int32 keys whose signed order is the float order; a 32-step bisection over the key
 range finds T, the k-th largest key; a compaction pass then writes every index with key > T
 and, of those with key == T, the lowest indices that complete k (cumulative sums give each
@@ -25,8 +27,12 @@ def partition_topk_ref(
     scores: torch.Tensor,  # [B, H, P] float32, -inf = not selectable
     k: torch.Tensor,  # [B, H] int  partitions to choose in each row (<= K)
     num_out: int,  # K
+    lengths: torch.Tensor | None = None,  # [B] int64: partitions >= lengths[b] not selectable
 ) -> torch.Tensor:  # [B, H, K] int64, -1 = unused
     """The best min(k, finite scores) partitions of each row by torch.topk, -1 padded."""
+    if lengths is not None:
+        past = torch.arange(scores.shape[-1], device=scores.device) >= lengths[:, None, None]
+        scores = scores.masked_fill(past, float("-inf"))
     kk = min(num_out, scores.shape[-1])
     values, top = scores.topk(kk, dim=-1)  # [B, H, kk], best first
     rank = torch.arange(kk, device=scores.device)
@@ -36,33 +42,20 @@ def partition_topk_ref(
 
 
 @triton.jit
-def _partition_topk_kernel(
-    scores_ptr,
-    k_ptr,
-    out_ptr,
-    stride_sb,
-    stride_sh,
-    stride_kb,
-    stride_kh,
-    stride_ob,
-    stride_oh,
-    NUM_PARTITIONS,
+def _topk_row(
+    row_ptr,  # this row's scores
+    out_row,  # this row's output
+    length,  # partitions to read (the rest count as -inf)
+    want,  # partitions to choose
     NUM_OUT,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
     p = tl.arange(0, BLOCK_P)
-    x = tl.load(
-        scores_ptr + b * stride_sb + h * stride_sh + p,
-        mask=p < NUM_PARTITIONS,
-        other=float("-inf"),
-    )  # [BLOCK_P] float32
+    x = tl.load(row_ptr + p, mask=p < length, other=float("-inf"))  # [BLOCK_P] float32
     valid = x > float("-inf")
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order = float order
-    want = tl.load(k_ptr + b * stride_kb + h * stride_kh).to(tl.int32)
     want = tl.minimum(tl.minimum(want, NUM_OUT), tl.sum(valid.to(tl.int32), 0))
 
     # bisection for T = the want-th largest key: count(key >= lo) >= want > count(key > hi)
@@ -79,30 +72,72 @@ def _partition_topk_kernel(
     # with want = 0, room = 0 takes nothing; with no valid score, `valid` takes nothing
     chosen = (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))) & valid
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1  # output position of each chosen index
-    out_row = out_ptr + b * stride_ob + h * stride_oh
     tl.store(out_row + slot, p.to(tl.int64), mask=chosen & (slot < NUM_OUT))  # slot < want
     r = tl.arange(0, BLOCK_K)
     tl.store(out_row + r, tl.full([BLOCK_K], -1, tl.int64), mask=(r >= want) & (r < NUM_OUT))
+
+
+@triton.jit
+def _partition_topk_kernel(
+    scores_ptr,
+    k_ptr,
+    lengths_ptr,  # [B] int64, or any pointer without HAS_LENGTHS
+    out_ptr,
+    stride_sb,
+    stride_sh,
+    stride_kb,
+    stride_kh,
+    stride_ob,
+    stride_oh,
+    NUM_PARTITIONS,
+    NUM_OUT,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # >= NUM_PARTITIONS, >= 128
+    BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row_ptr = scores_ptr + b * stride_sb + h * stride_sh
+    out_row = out_ptr + b * stride_ob + h * stride_oh
+    want = tl.load(k_ptr + b * stride_kb + h * stride_kh).to(tl.int32)
+    length = NUM_PARTITIONS
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.load(lengths_ptr + b), NUM_PARTITIONS).to(tl.int32)
+    # the row's length picks the register block at run time: a short row beside a long one
+    # (or in a table padded wide) costs its own length, and one compiled kernel serves all
+    if length <= BLOCK_P // 8:
+        _topk_row(row_ptr, out_row, length, want, NUM_OUT, BLOCK_P // 8, BLOCK_K)
+    elif length <= BLOCK_P // 2:
+        _topk_row(row_ptr, out_row, length, want, NUM_OUT, BLOCK_P // 2, BLOCK_K)
+    else:
+        _topk_row(row_ptr, out_row, length, want, NUM_OUT, BLOCK_P, BLOCK_K)
 
 
 def partition_topk(
     scores: torch.Tensor,  # [B, H, P] float32, last dim contiguous, -inf = not selectable
     k: torch.Tensor,  # [B, H] int32/int64 (any strides, e.g. an expanded [B])
     num_out: int,  # K
+    lengths: torch.Tensor | None = None,  # [B] int64 contiguous: rows end there (not read past)
 ) -> torch.Tensor:  # [B, H, K] int64, -1 = unused
-    """Triton version of `partition_topk_ref` (same set of indices up to ties, ascending)."""
+    """Triton version of `partition_topk_ref` (same set of indices up to ties, ascending).
+    One compiled kernel serves every row length up to the scores' width: a row at most 1/8
+    (1/2) of the block wide runs in a block of that size, so with `lengths` a row costs about
+    its own length, however wide the (e.g. CUDA-graph-fixed) score tensor is."""
     assert scores.dim() == 3 and scores.dtype == torch.float32 and scores.stride(-1) == 1
     b, h, num_partitions = scores.shape
     assert k.shape == (b, h) and k.dtype in (torch.int32, torch.int64)
     assert k.device == scores.device and num_out >= 0
+    if lengths is not None:
+        assert lengths.shape == (b,) and lengths.dtype == torch.int64 and lengths.is_contiguous()
     if num_partitions > MAX_PARTITIONS:
-        return partition_topk_ref(scores, k, num_out)
+        return partition_topk_ref(scores, k, num_out, lengths)
     out = torch.empty(b, h, num_out, dtype=torch.int64, device=scores.device)
     if out.numel() == 0:
         return out
     _partition_topk_kernel[(b, h)](
         scores,
         k,
+        k if lengths is None else lengths,
         out,
         scores.stride(0),
         scores.stride(1),
@@ -112,7 +147,8 @@ def partition_topk(
         out.stride(1),
         num_partitions,
         num_out,
-        BLOCK_P=triton.next_power_of_2(max(num_partitions, 16)),
+        HAS_LENGTHS=lengths is not None,
+        BLOCK_P=triton.next_power_of_2(max(num_partitions, 128)),
         BLOCK_K=triton.next_power_of_2(max(num_out, 16)),
         num_warps=8 if num_partitions > 2048 else 4,
     )

@@ -19,7 +19,9 @@ segment off the stack for each directory entry still empty: the first miss of an
 it with a compare-and-swap, the others read the segment it took); mark the misses' slots newest.
 
 Every per-row structure is a vector of K or N entries (no K x N or K x K matrices), so rows of
-thousands of candidate slots fit one program.
+thousands of candidate slots fit one program. A row's candidate count picks its vector width at
+run time (1/16, 1/4 or all of N's register block), so one compiled kernel and one CUDA graph
+serve lists padded to a fixed width while each row costs about its own slots.
 
 Reference: the torch path these kernels replace, `SpinAttentionBackend._retrieve_torch` with
 `ResidencyTable.replace` / `touch` and `lru_victims_ref` (same pairing, same victims); tests
@@ -34,10 +36,71 @@ import triton.language as tl
 
 
 @triton.jit
+def _evict_victims(
+    cand_row,  # [N] int64 the request's slots, -1 padded
+    n_row,  # its slots (the list's first n_row entries)
+    need,  # victims to take: the row's misses
+    row_victims,  # scratch [K] int64: the victims' slots in rank order
+    slot_page_row,  # [Q] int32 this (layer, head)'s slot contents
+    bucket_row,  # [Q] uint8 its recency
+    dir_ptr,
+    dir_base,
+    seg_ptr,
+    count_ptr,
+    home_ptr,
+    stack_ptr,
+    top_ptr,
+    SEG: tl.constexpr,
+    NUM_KEYS: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # >= n_row
+):
+    """List the row's `need` LRU victims in rank order and forget the pages they held; returns
+    the number of pages forgotten (evictions)."""
+    nn = tl.arange(0, BLOCK_N)
+    n_in = nn < n_row
+    cand = tl.load(cand_row + nn, mask=n_in, other=-1)
+    own = cand >= 0
+    at = tl.where(own, cand, 0)
+    occupant = tl.load(slot_page_row + at, mask=own, other=-1)
+    bucket = tl.load(bucket_row + at, mask=own, other=0).to(tl.int32)
+    keys = tl.where(occupant < 0, 0, bucket + 1)
+    keys = tl.where(own, keys, NUM_KEYS - 1)
+
+    # victims: the `need` smallest keys, lowest index first (histogram, no sort)
+    hist = tl.histogram(keys, NUM_BINS)
+    upto = tl.cumsum(hist, 0)
+    threshold = tl.sum((upto < need).to(tl.int32), 0)
+    bins = tl.arange(0, NUM_BINS)
+    before = tl.sum(tl.where(bins < threshold, hist, 0), 0)
+    at_threshold = (keys == threshold) & n_in
+    rank = tl.cumsum(at_threshold.to(tl.int32), 0) - 1
+    victim = ((keys < threshold) | (at_threshold & (rank < need - before))) & n_in
+    victim_rank = tl.cumsum(victim.to(tl.int32), 0) - 1
+    tl.store(row_victims + tl.where(victim, victim_rank, 0), cand, mask=victim)
+
+    # forget the pages the victims held; emptied segments go back on the stack
+    gone = victim & (occupant >= 0)
+    old = tl.where(gone, occupant, 0).to(tl.int64)
+    old_seg = tl.load(dir_ptr + dir_base + old // SEG, mask=gone, other=0).to(tl.int64)
+    tl.store(seg_ptr + old_seg * SEG + old % SEG, tl.full([BLOCK_N], -1, tl.int32), mask=gone)
+    left = tl.atomic_add(count_ptr + old_seg, tl.full([BLOCK_N], -1, tl.int32), mask=gone)
+    emptied = gone & (left == 1)
+    home = tl.load(home_ptr + old_seg, mask=emptied, other=0)
+    tl.store(dir_ptr + home, tl.full([BLOCK_N], -1, tl.int32), mask=emptied)
+    tl.store(home_ptr + old_seg, tl.full([BLOCK_N], -1, tl.int64), mask=emptied)
+    ones = tl.full([BLOCK_N], 1, tl.int64)
+    pos = tl.atomic_add(top_ptr + tl.zeros([BLOCK_N], tl.int32), ones, mask=emptied)
+    tl.store(stack_ptr + tl.where(emptied, pos, 0), old_seg, mask=emptied)
+    return tl.sum(gone.to(tl.int64), 0)
+
+
+@triton.jit
 def _lookup_evict_kernel(
     pages_ptr,  # [B, H, K] int64, -1 = none
     rows_ptr,  # [B] int64 directory rows
     cand_ptr,  # [B, N] int64 the request's slots, -1 padded
+    cand_len_ptr,  # [B] int64 how many (each list's first entries)
     dir_ptr,  # [R, L, H, DL] int32
     seg_ptr,  # [C, SEG] int32
     count_ptr,  # [C] int32
@@ -85,55 +148,43 @@ def _lookup_evict_kernel(
     tl.store(bucket_ptr + h * num_slots + tl.where(hit, slot, 0), newest, mask=hit)
     tl.debug_barrier()  # the candidates' keys below read the hits' new recency
 
-    nn = tl.arange(0, BLOCK_N)
-    n_in = nn < N
-    cand = tl.load(cand_ptr + b * N + nn, mask=n_in, other=-1)
-    own = cand >= 0
-    at = h * num_slots + tl.where(own, cand, 0)
-    occupant = tl.load(slot_page_ptr + at, mask=own, other=-1)
-    bucket = tl.load(bucket_ptr + at, mask=own, other=0).to(tl.int32)
-    keys = tl.where(occupant < 0, 0, bucket + 1)
-    keys = tl.where(own, keys, NUM_KEYS - 1)
-
-    # victims: the `need` smallest keys, lowest index first (histogram, no sort)
+    # the row's candidate count picks the register block at run time (one compiled kernel
+    # for every buffer size: a row costs about its own slots, however wide the lists are)
+    n_row = tl.load(cand_len_ptr + b)
     need = tl.sum(miss.to(tl.int32), 0)
-    hist = tl.histogram(keys, NUM_BINS)
-    upto = tl.cumsum(hist, 0)
-    threshold = tl.sum((upto < need).to(tl.int32), 0)
-    bins = tl.arange(0, NUM_BINS)
-    before = tl.sum(tl.where(bins < threshold, hist, 0), 0)
-    at_threshold = (keys == threshold) & n_in
-    rank = tl.cumsum(at_threshold.to(tl.int32), 0) - 1
-    victim = ((keys < threshold) | (at_threshold & (rank < need - before))) & n_in
+    row_victims = victims_ptr + (b * num_heads + h) * K
+    cand_row = cand_ptr + b * N
+    slot_page_row = slot_page_ptr + h * num_slots
+    bucket_row = bucket_ptr + h * num_slots
+    if n_row <= BLOCK_N // 16:
+        evicted = _evict_victims(
+            cand_row, n_row, need, row_victims, slot_page_row, bucket_row, dir_ptr, dir_base,
+            seg_ptr, count_ptr, home_ptr, stack_ptr, top_ptr, SEG, NUM_KEYS, NUM_BINS,
+            BLOCK_N // 16,
+        )  # fmt: skip
+    elif n_row <= BLOCK_N // 4:
+        evicted = _evict_victims(
+            cand_row, n_row, need, row_victims, slot_page_row, bucket_row, dir_ptr, dir_base,
+            seg_ptr, count_ptr, home_ptr, stack_ptr, top_ptr, SEG, NUM_KEYS, NUM_BINS,
+            BLOCK_N // 4,
+        )  # fmt: skip
+    else:
+        evicted = _evict_victims(
+            cand_row, n_row, need, row_victims, slot_page_row, bucket_row, dir_ptr, dir_base,
+            seg_ptr, count_ptr, home_ptr, stack_ptr, top_ptr, SEG, NUM_KEYS, NUM_BINS, BLOCK_N,
+        )  # fmt: skip
+    tl.debug_barrier()  # the row's victims are listed
 
     # the r-th miss takes the r-th victim
-    row_victims = victims_ptr + (b * num_heads + h) * K
-    victim_rank = tl.cumsum(victim.to(tl.int32), 0) - 1
-    tl.store(row_victims + tl.where(victim, victim_rank, 0), cand, mask=victim)
-    tl.debug_barrier()
     miss_rank = tl.cumsum(miss.to(tl.int32), 0) - 1
     dst = tl.load(row_victims + tl.where(miss, miss_rank, 0), mask=miss, other=-1)
     dst = tl.where(miss, dst, -1)
     tl.store(dst_ptr + out, dst, mask=k_in)
     tl.store(slots_ptr + out, tl.where(hit, slot, dst), mask=k_in)
 
-    # forget the pages the victims held; emptied segments go back on the stack
-    gone = victim & (occupant >= 0)
-    old = tl.where(gone, occupant, 0).to(tl.int64)
-    old_seg = tl.load(dir_ptr + dir_base + old // SEG, mask=gone, other=0).to(tl.int64)
-    tl.store(seg_ptr + old_seg * SEG + old % SEG, tl.full([BLOCK_N], -1, tl.int32), mask=gone)
-    left = tl.atomic_add(count_ptr + old_seg, tl.full([BLOCK_N], -1, tl.int32), mask=gone)
-    emptied = gone & (left == 1)
-    home = tl.load(home_ptr + old_seg, mask=emptied, other=0)
-    tl.store(dir_ptr + home, tl.full([BLOCK_N], -1, tl.int32), mask=emptied)
-    tl.store(home_ptr + old_seg, tl.full([BLOCK_N], -1, tl.int64), mask=emptied)
-    ones = tl.full([BLOCK_N], 1, tl.int64)
-    pos = tl.atomic_add(top_ptr + tl.zeros([BLOCK_N], tl.int32), ones, mask=emptied)
-    tl.store(stack_ptr + tl.where(emptied, pos, 0), old_seg, mask=emptied)
-
     tl.atomic_add(counters_ptr + 0, tl.sum(valid.to(tl.int64), 0))
     tl.atomic_add(counters_ptr + 1, tl.sum(hit.to(tl.int64), 0))
-    tl.atomic_add(counters_ptr + 2, tl.sum(gone.to(tl.int64), 0))
+    tl.atomic_add(counters_ptr + 2, evicted)
     tl.atomic_add(counters_ptr + 3, need.to(tl.int64) * page_bytes)
 
 
@@ -203,6 +254,7 @@ def spin_retrieve(
     pages: torch.Tensor,  # [B, H, K] int64 logical pages, -1 = none (distinct per row)
     rows: torch.Tensor,  # [B] int64 directory rows
     cand: torch.Tensor,  # [B, N] int64 each request's slots, -1 padded
+    cand_len: torch.Tensor,  # [B] int64 each request's slot count (its list's first entries)
     layer: int,
     directory: torch.Tensor,  # [R, L, H, DL] int32
     segments: torch.Tensor,  # [C, SEG] int32
@@ -222,13 +274,14 @@ def spin_retrieve(
     elsewhere); the residency maps and counters are updated in place."""
     b, h, k = pages.shape
     n = cand.shape[1]
-    assert rows.shape == (b,) and cand.shape[0] == b
+    assert rows.shape == cand_len.shape == (b,) and cand.shape[0] == b
     assert directory.dim() == 4 and directory.shape[2] == h and slot_page.shape[0] == h
     assert slot_bucket.shape == slot_page.shape and slot_bucket.dtype == torch.uint8
     assert directory.dtype == segments.dtype == seg_count.dtype == slot_page.dtype == torch.int32
-    assert pages.dtype == rows.dtype == cand.dtype == seg_home.dtype == torch.int64
+    assert pages.dtype == rows.dtype == cand.dtype == cand_len.dtype == torch.int64
+    assert seg_home.dtype == torch.int64
     assert free_stack.dtype == free_top.dtype == counters.dtype == torch.int64
-    for t in (pages, rows, cand, directory, segments, seg_count, seg_home, free_stack,
+    for t in (pages, rows, cand, cand_len, directory, segments, seg_count, seg_home, free_stack,
               slot_page, slot_bucket, counters):  # fmt: skip
         assert t.is_contiguous()
     assert 0 < num_keys <= 256 and fits(k, n)
@@ -249,10 +302,10 @@ def spin_retrieve(
         BLOCK_K=triton.next_power_of_2(k),
     )
     _lookup_evict_kernel[(b, h)](
-        pages, rows, cand, directory, segments, seg_count, seg_home, free_stack, free_top,
-        slot_page, slot_bucket, slots, dst, victims, counters,
+        pages, rows, cand, cand_len, directory, segments, seg_count, seg_home, free_stack,
+        free_top, slot_page, slot_bucket, slots, dst, victims, counters,
         N=n, page_bytes=page_bytes, NUM_KEYS=num_keys,
-        NUM_BINS=triton.next_power_of_2(num_keys + 1), BLOCK_N=triton.next_power_of_2(n),
+        NUM_BINS=triton.next_power_of_2(num_keys + 1), BLOCK_N=max(256, triton.next_power_of_2(n)),
         **common,
     )  # fmt: skip
     _insert_touch_kernel[(b, h)](

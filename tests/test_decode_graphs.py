@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from spin_ray import SamplingParams
+from spin_ray.attention.step_buffers import bucket
 from spin_ray.engine.decode_graphs import DecodeGraphs, graph_batch_sizes
 
 PAGE = 8
@@ -39,8 +40,13 @@ def _generate(llm):
 def _graph_layout(llm) -> DecodeGraphs:
     """Give the engine the graph path, without capturing (the CPU cannot)."""
     engine = llm.llm_engine
+    sched = engine.config.scheduler
     engine.decode_graphs = DecodeGraphs(
-        engine.model, engine.config.scheduler.max_num_seqs, engine.device, capture=False
+        engine.model,
+        sched.max_num_seqs,
+        engine.device,
+        capture=False,
+        page_width=engine.backend.graph_page_width(sched.max_model_len),
     )
     return engine.decode_graphs
 
@@ -131,3 +137,36 @@ def test_graphs_count_the_layouts_they_capture(make_llm):
     first = graphs.captures
     _generate(llm)
     assert graphs.captures == len(set(keys)) == first
+
+
+def test_sparse_graphs_keep_one_layout_per_batch_size(make_llm):
+    """Spin's graph batches have a fixed page-table width (every context up to max_model_len)
+    and fixed slot-list width (the largest buffer), so while contexts cross powers of two
+    and buffers grow, a batch size keeps one key: a server captures (and compiles) once per
+    batch size, not whenever a width bucket changes."""
+    llm = make_llm(model="spin-tiny", page_size=PAGE, sparse="quest", token_budget=4 * PAGE,
+                   sink_tokens=PAGE, local_tokens=PAGE, buffer_ratio=1.0, dense_layers=1,
+                   max_model_len=512)  # fmt: skip
+    graphs = _graph_layout(llm)
+    engine = llm.llm_engine
+    keys, own_widths = [], set()
+    real_run = graphs.run
+
+    def run(inputs, key):
+        keys.append((tuple(inputs.input_ids.shape), tuple(inputs.attention.page_table.shape),
+                     key.shapes))  # fmt: skip
+        longest = max(inputs.attention.context_lens_cpu[: -inputs.attention.num_padded or None])
+        own_widths.add(bucket(-(-longest // PAGE)))
+        return real_run(inputs, key)
+
+    graphs.run = run
+    prompts = [{"prompt_token_ids": [(j * 17 + n) % 250 + 3 for j in range(n)]} for n in (60, 120)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (30, 16)]
+    llm.generate(prompts, params, use_tqdm=False)  # 120 tokens pass 128 (16 pages) as they run
+    assert graphs.page_width == 512 // PAGE
+    assert len(own_widths) > 1  # the steps' own page widths crossed a power of two
+    assert {k[1][1] for k in keys} == {graphs.page_width}
+    slot_width = engine.backend.manager.slot_width
+    assert slot_width > 1 and {k[2][0][1] for k in keys} == {slot_width}
+    batch_sizes = {k[0] for k in keys}
+    assert len(set(keys)) == len(batch_sizes) == graphs.captures > 1

@@ -138,3 +138,24 @@ def test_select_pages_with_the_kernel_chooses_what_the_reference_chooses(monkeyp
             assert sorted(scores[b, h, p].item() for p in middle_got) == sorted(
                 scores[b, h, p].item() for p in middle_want
             )
+
+
+def test_partition_topk_rows_end_at_their_lengths():
+    """With per-row lengths, a row's partitions at or past its length are never chosen (their
+    scores here are finite and large) and the rest are chosen as torch.topk over the row's
+    own length chooses: rows of 100, 400 and 1000 of 1000 run in the 128-, 512- and 1024-wide
+    blocks the kernel picks at run time."""
+    gen = torch.Generator().manual_seed(11)
+    scores = _scores(gen, 3, 2, 1000, holes=0.1)
+    lengths = torch.tensor([100, 400, 1000])
+    for b, n in enumerate(lengths.tolist()):
+        scores[b, :, n:] = 1e6  # would win if read
+    k = torch.tensor([[30, 100], [64, 5], [64, 0]])
+    out = partition_topk(scores, k, 64, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        own = scores[b : b + 1, :, :n]
+        _assert_same_choice(
+            own, k[b : b + 1], 64, out[b : b + 1], partition_topk_ref(own, k[b : b + 1], 64)
+        )
+    ref = partition_topk_ref(scores, k, 64, lengths)  # the reference masks the same way
+    _assert_same_choice(scores.masked_fill(scores == 1e6, float("-inf")), k, 64, out, ref)

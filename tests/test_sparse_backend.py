@@ -78,7 +78,10 @@ def _steps(prompts: dict[str, int], decodes: int, chunk: int):
     return steps
 
 
-def _run(sparse: SparseConfig, prompts, decodes, check, seed=0, holder=None, fused=False):
+def _run(
+    sparse: SparseConfig, prompts, decodes, check, seed=0, holder=None, fused=False, slot_width=1
+):
+    """`slot_width`: the least width of the slot lists (what `presize` fixes for graphs)."""
     config = EngineConfig(
         model="test",
         cache=CacheConfig(page_size=PAGE),
@@ -89,6 +92,7 @@ def _run(sparse: SparseConfig, prompts, decodes, check, seed=0, holder=None, fus
     tiered = build_tiered_cache(config, ARCH, reserve_bytes=0)
     manager, spin = tiered.manager, tiered.backend
     spin.fused_retrieve = fused
+    manager.slot_width = slot_width
     spin.debug_checks = True
     if holder is not None:
         holder["backend"] = spin
@@ -223,6 +227,30 @@ def test_fused_retrieval_kernels_match_the_torch_path(monkeypatch, budget_pages,
         algorithm="quest", token_budget=budget_pages * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
         dense_layers=1, buffer_ratio=buffer_ratio, index_interval=3,
     )  # fmt: skip
+    _assert_fused_matches_torch(monkeypatch, sparse, PROMPTS, decodes=8, seed=2)
+
+
+def test_fused_retrieval_on_wide_slot_lists_matches_the_torch_path(monkeypatch):
+    """Slot lists padded to a fixed width of 256 (as `presize` fixes them for CUDA graphs),
+    with rows of 8, 23 and 68 slots: the kernel picks a 16-, 64- and 256-wide block per row
+    at run time, and every row retrieves as the torch path does (evictions in the widest)."""
+    sparse = SparseConfig(
+        algorithm="quest", token_budget=20 * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
+        dense_layers=1, buffer_ratio=2.2, index_interval=3,
+    )  # fmt: skip
+    prompts = {"a": 600, "b": 90, "c": 30}
+    holder = _assert_fused_matches_torch(
+        monkeypatch, sparse, prompts, decodes=8, seed=3, slot_width=256
+    )
+    manager = holder["backend"].manager
+    held = sorted(len(s) for s in manager.slots.values())
+    assert held[0] <= 16 < held[1] <= 64 < held[2] < len(manager.table("a"))  # one row per
+    # block; a's buffer holds fewer slots than it has pages
+
+
+def _assert_fused_matches_torch(monkeypatch, sparse, prompts, decodes, seed, slot_width=1):
+    """Run the steps with the torch path, then with the fused kernels; compare after every
+    layer. Returns the fused run's holder (its backend)."""
     launches = []
     real = backend_module.spin_retrieve
     monkeypatch.setattr(backend_module, "spin_retrieve", lambda *a: launches.append(1) or real(*a))
@@ -241,15 +269,17 @@ def test_fused_retrieval_kernels_match_the_torch_path(monkeypatch, budget_pages,
             trace.append((out.clone(), residency.slot_page.clone(), residency.slot_bucket.clone(),
                           found, int(residency.free_top), counts))  # fmt: skip
 
-        stats = _run(sparse, PROMPTS, decodes=8, check=check, seed=2, holder=holder, fused=fused)
+        stats = _run(sparse, prompts, decodes=decodes, check=check, seed=seed, holder=holder,
+                     fused=fused, slot_width=slot_width)  # fmt: skip
         traces.append(trace)
     assert stats.evictions > 0 and 0 < stats.hits < stats.lookups
-    assert len(launches) >= 8 * (LAYERS - 1), "the fused kernels ran on every sparse decode layer"
+    assert len(launches) >= decodes * (LAYERS - 1), "the fused kernels ran on every decode layer"
     for ref, got in zip(*traces, strict=True):
         torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-6)
         assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
         assert all(torch.equal(a, b) for a, b in zip(got[3], ref[3]))
         assert got[4:] == ref[4:]
+    return holder
 
 
 @pytest.mark.parametrize("mode", ["spin", "sparse-naive"])

@@ -77,6 +77,13 @@ class AttentionBackend(ABC):
         `supports_cuda_graphs`."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
+    def graph_page_width(self, max_model_len: int) -> int:
+        """The least page-table width of a CUDA-graph batch (0, the default: each step's own,
+        rounded up to a power of two, so a new width bucket is a new graph). A backend whose
+        kernels cost the same at any width returns a fixed width, so steps keep one graph as
+        contexts grow."""
+        return 0
+
     def use_cuda_graphs(self) -> None:
         """Decode steps will replay CUDA graphs from now on (the engine calls this once, only
         when `supports_cuda_graphs`); a backend drops what a replay cannot do, e.g. timing."""

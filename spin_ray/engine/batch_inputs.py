@@ -33,7 +33,8 @@ def build_batch_inputs(
 
     With `graph` (a decode-only step run as a CUDA graph), the batch is padded to
     `graph.batch_size` sequences (see `AttentionMetadata.num_padded`), the page table to a
-    power-of-two width, and every tensor lands in `graph.buffers`."""
+    power-of-two width of at least `graph.page_width`, and every tensor lands in
+    `graph.buffers`."""
     input_ids: list[int] = []
     positions: list[np.ndarray] = []
     slots: list[np.ndarray] = []
@@ -70,7 +71,7 @@ def build_batch_inputs(
         query_start.extend(range(query_start[-1] + 1, query_start[-1] + 1 + num_padded))
         query_lens.extend([1] * num_padded)
         context_lens.extend([1] * num_padded)
-        max_pages = bucket(max_pages)
+        max_pages = max(graph.page_width, bucket(max_pages))
     padded = np.zeros((len(tables) + num_padded, max_pages), dtype=np.int32)  # padding: page 0
     for row, table in zip(padded, tables):
         row[: len(table)] = table
@@ -108,3 +109,5 @@ class GraphBatch:
     """Sequences of the graph (>= the step's; the rest are padding)."""
     buffers: StepBuffers
     """Where the step's tensors go (the addresses the graph reads)."""
+    page_width: int = 0
+    """The least width of the page table (`AttentionBackend.graph_page_width`)."""

@@ -42,9 +42,18 @@ class DecodeGraphs:
     `capture=False` runs the same padded, persistent-buffer steps eagerly (what the CPU can
     check of the graph path; nothing is captured)."""
 
-    def __init__(self, model, max_num_seqs: int, device: torch.device, capture: bool = True):
+    def __init__(
+        self,
+        model,
+        max_num_seqs: int,
+        device: torch.device,
+        capture: bool = True,
+        page_width: int = 0,
+    ):
         self.model = model
         self.sizes = graph_batch_sizes(max_num_seqs)
+        self.page_width = page_width
+        """The least page-table width of a graph batch (`AttentionBackend.graph_page_width`)."""
         self.device = device
         self.buffers = StepBuffers(device)
         self.capture = capture
@@ -62,7 +71,9 @@ class DecodeGraphs:
     def layout(self, num_seqs: int) -> GraphBatch | None:
         """The padded layout of a decode batch of `num_seqs`; None above the largest size."""
         i = bisect.bisect_left(self.sizes, num_seqs)
-        return GraphBatch(self.sizes[i], self.buffers) if i < len(self.sizes) else None
+        if i == len(self.sizes):
+            return None
+        return GraphBatch(self.sizes[i], self.buffers, self.page_width)
 
     def run(self, inputs: BatchInputs, backend_key: GraphKey) -> torch.Tensor:  # [Bp, V] fp32
         """Logits of every (padded) row of a step laid out by `layout` and planned by the

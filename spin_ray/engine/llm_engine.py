@@ -98,7 +98,12 @@ class LLMEngine:
             and not config.enforce_eager
             and self.backend.supports_cuda_graphs
         ):
-            self.decode_graphs = DecodeGraphs(self.model, sched.max_num_seqs, self.device)
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                sched.max_num_seqs,
+                self.device,
+                page_width=self.backend.graph_page_width(sched.max_model_len),
+            )
             self.backend.use_cuda_graphs()
         self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         self.scheduler = Scheduler(sched, self.page_tables)

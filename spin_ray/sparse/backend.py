@@ -39,9 +39,10 @@ import torch
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
-from spin_ray.attention.step_buffers import StepBuffers, to_step
+from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
 from spin_ray.kernels.paged_attention_ref import prefill_attention_ref
+from spin_ray.kernels.partition_topk import MAX_PARTITIONS
 from spin_ray.kernels.sparse_decode_attention import (
     sparse_decode_attention,
     sparse_decode_attention_ref,
@@ -72,6 +73,7 @@ class _DecodeStep:
     last_page: torch.Tensor  # [Bd] int64 logical page of the new token
     last_offset: torch.Tensor  # [Bd] int64 its row in that page
     slot_lists: torch.Tensor  # [Bd, n_max] int64 each request's GPU slots, -1 padded
+    slot_counts: torch.Tensor  # [Bd] int64 how many (each list's first entries)
     listed_heads: torch.Tensor  # [Bd * Hkv * K] int64 the head of each listed page, flattened
     windows: DecodeWindows
     batch: SelectBatch
@@ -210,8 +212,8 @@ class SpinAttentionBackend(AttentionBackend):
         def placed(name, values):  # host or device values -> the step's device tensor
             return to_step(name, values, device, buffers)
 
-        # the per-row integers in one transfer, [6, Bd]: the real rows, then the padding's
-        # (it stores into the scratch slot: last page -2 is listed nowhere)
+        # the per-row integers in one transfer, [7, Bd]: the real rows, then the padding's
+        # (it stores into the scratch slot: last page -2 is listed nowhere; it holds no slots)
         ints = placed("decode_ints", torch.tensor([
             tokens,
             [self.manager.rows[rid] for rid in request_ids] + [0] * pad,
@@ -219,8 +221,9 @@ class SpinAttentionBackend(AttentionBackend):
             [(t - 1) // self.page_size for t in contexts] + [-2] * pad,
             [(t - 1) % self.page_size for t in contexts] + [0] * pad,
             indexed + [0] * pad,
+            [len(self.manager.slots[rid]) for rid in request_ids] + [0] * pad,
         ], dtype=torch.int64))  # fmt: skip
-        tokens_t, rows, context_lens, last_page, last_offset, indexed_pages = ints
+        tokens_t, rows, context_lens, last_page, last_offset, indexed_pages, slot_counts = ints
 
         if meta.graph_batch:  # decode only: every row is a decode row (a persistent buffer)
             table_i32 = meta.page_table  # [Bd, maxp] int32
@@ -249,6 +252,7 @@ class SpinAttentionBackend(AttentionBackend):
             last_page=last_page,
             last_offset=last_offset,
             slot_lists=slot_lists,
+            slot_counts=slot_counts,
             listed_heads=self._listed_heads(len(decode), listed),
             windows=windows,
             batch=SelectBatch(
@@ -280,6 +284,15 @@ class SpinAttentionBackend(AttentionBackend):
 
     def use_cuda_graphs(self) -> None:
         self.timer.timed = False  # a replay cannot be timed per phase (the dense layers' too)
+
+    def graph_page_width(self, max_model_len: int) -> int:
+        """The page table of every context up to max_model_len (at most `MAX_PARTITIONS`
+        pages: longer rows take the torch top-k, so they keep bucketed widths): page scoring
+        and the top-k read a row's own pages only, and the slot lists are fixed too
+        (`TieredCacheManager.slot_width`), so decode graphs are captured per batch size, not
+        again (with Triton compiles, seconds each) whenever a context or buffer crosses a
+        power of two."""
+        return min(bucket(-(-max_model_len // self.page_size)), MAX_PARTITIONS)
 
     def graph_key(self) -> GraphKey:
         step = self._step
@@ -503,7 +516,7 @@ class SpinAttentionBackend(AttentionBackend):
             return self._retrieve_torch(layer, pages, step, counts)
         residency = self.residency
         slots, dst = spin_retrieve(
-            pages, step.rows, step.slot_lists, layer,
+            pages, step.rows, step.slot_lists, step.slot_counts, layer,
             residency.directory, residency.segments, residency.seg_count, residency.seg_home,
             residency.free_stack, residency.free_top,
             residency.slot_page[layer], residency.slot_bucket[layer],

@@ -51,6 +51,10 @@ class TieredCacheManager:
         self.rows: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
         self._free_rows: list[int] = []
+        self.slot_width = 1
+        """The least width of slot lists (`slot_lists`); `presize` sets it to the most slots a
+        request can hold, so decode steps keep one shape (one CUDA graph) while buffers grow
+        and shrink."""
         self._slot_table = torch.full((1, 1), -1, dtype=torch.int64, device=residency.device)
         """[rows, width] each directory row's slots in `slots` order, -1 padded: the device
         copy of `slots`, kept in step when slots are given or taken, so a step's slot lists
@@ -67,7 +71,11 @@ class TieredCacheManager:
         tier's pages / segment_pages + one partial per request, per (layer, head), and a step
         reserves at most as many again per retrieval of a layer (`retrievals`: 2 with
         lookahead). For Llama-3.1-8B, 64 requests of 128K tokens and a 512K-token CPU tier: a
-        31 MB directory and 85 MB of segments (one retrieval per layer)."""
+        31 MB directory and 85 MB of segments (one retrieval per layer). Slot lists: as wide as
+        the most slots a request can hold (its buffer target at max_model_len)."""
+        target = self.budget.target_pages(max_model_len)
+        self.slot_width = bucket(min(target, self.slot_pool.num_pages))
+        self._fit_slot_table(1, self.slot_width)
         residency = self.residency
         residency.ensure_rows(max_num_seqs)
         residency.ensure_pages(self.pages_for(max_model_len))
@@ -182,9 +190,10 @@ class TieredCacheManager:
         request_ids: tuple[str, ...],
         rows: torch.Tensor,  # [B + P] int64 their directory rows, then P padding rows (any)
     ) -> torch.Tensor:  # [B + P, n] int64 on the device
-        """Each request's slot ids, padded with -1 to a power-of-two width n (steps share
-        shapes), then a row of -1 for each padding row."""
-        width = bucket(max(1, max(len(self.slots[rid]) for rid in request_ids)))
+        """Each request's slot ids, padded with -1 to a power-of-two width n, at least
+        `slot_width` (steps share shapes), then a row of -1 for each padding row."""
+        longest = max(len(self.slots[rid]) for rid in request_ids)
+        width = max(self.slot_width, bucket(max(1, longest)))
         lists = self._slot_table[rows, :width]  # [B + P, n]
         lists[len(request_ids) :] = -1
         return lists

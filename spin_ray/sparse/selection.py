@@ -106,7 +106,8 @@ def select_pages(
     masked = scores.float().masked_fill(windows.unselectable, float("-inf"))
     top_partitions = partition_topk if masked.is_cuda else partition_topk_ref
     k = (windows.topk if topk is None else topk)[:, None].expand(b, h)  # [B, H]
-    chosen = top_partitions(masked, k, min(windows.max_topk, maxp))  # [B, H, <= max_topk]
+    # a row's selectable pages end at its local tail: the kernel reads no further
+    chosen = top_partitions(masked, k, min(windows.max_topk, maxp), windows.local_start)
     sink = windows.sink_list.expand(b, h, -1)
     local = windows.local_list.expand(b, h, -1)
     return torch.cat([sink, chosen, local], dim=-1)
