@@ -39,6 +39,8 @@ RESULT_FIELDS = {
     "decode_step_ms_by_batch",
     "decode_only_s",
     "other_steps_s",
+    "prefill_tokens",
+    "prefill_tok_per_s",
     "graph_captures",
     "graph_capture_s",
     "preemptions",
@@ -108,6 +110,8 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         # inside step(): the decode-only steps and the rest; no CUDA graphs on the CPU
         assert r["decode_only_s"] > 0 and r["other_steps_s"] > 0
         assert r["decode_only_s"] + r["other_steps_s"] <= r["duration"]
+        assert r["prefill_tokens"] == r["input_tokens"]  # every prompt once, no preemption
+        assert r["prefill_tok_per_s"] == pytest.approx(r["prefill_tokens"] / r["other_steps_s"])
         assert r["graph_captures"] is None and r["graph_capture_s"] is None
     for r in results:
         if r["request_rate"] == "inf":

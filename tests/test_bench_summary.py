@@ -13,7 +13,7 @@ from spin_ray.bench.summary import compare_modes, summarize
 from spin_ray.bench.workloads import BenchRequest
 
 
-def _record(mode="spin", kv_stats=None, step_time=4.0, decode_steps=()):
+def _record(mode="spin", kv_stats=None, step_time=4.0, decode_steps=(), prefill_tokens=None):
     timings = (
         # id, input, output, arrival, first token, last token, finished
         RequestTiming("a", 100, 11, 0.0, 0.5, 2.5, 2.5),  # TTFT 500 ms, TPOT 200 ms
@@ -28,6 +28,7 @@ def _record(mode="spin", kv_stats=None, step_time=4.0, decode_steps=()):
         batch_sizes=(1, 2, 3, 2),
         decode_steps=decode_steps,
         timings=timings,
+        prefill_tokens=prefill_tokens,
         kv_stats=kv_stats,
         kv_stats_end=None,
     )
@@ -40,9 +41,12 @@ def test_figures_follow_their_formulas():
     r = summarize(_record(kv_stats=stats))
     assert r["preemptions"] == 3
     timed = summarize(_record(kv_stats=dict(stats, graph_captures=4, graph_capture_s=2.5),
-                              decode_steps=((2, 0.5), (3, 0.75))))  # fmt: skip
+                              decode_steps=((2, 0.5), (3, 0.75)), prefill_tokens=1100))  # fmt: skip
     assert timed["decode_only_s"] == pytest.approx(1.25)
     assert timed["other_steps_s"] == pytest.approx(4.0 - 1.25)  # step_time less decode-only
+    assert timed["prefill_tokens"] == 1100
+    assert timed["prefill_tok_per_s"] == pytest.approx(1100 / (4.0 - 1.25))
+    assert r["prefill_tokens"] is None and r["prefill_tok_per_s"] is None  # vLLM says none
     assert (timed["graph_captures"], timed["graph_capture_s"]) == (4, 2.5)
     assert r["completed"] == 3 and r["request_throughput"] == pytest.approx(3 / 5)
     assert r["output_throughput"] == pytest.approx(17 / 5)

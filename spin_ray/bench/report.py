@@ -83,6 +83,7 @@ COLUMNS = (
     ("preempted", "preemptions", "{}"),
     ("decode-only s", "decode_only_s", "{:.1f}"),
     ("other steps s", "other_steps_s", "{:.1f}"),
+    ("prefill tok/s", "prefill_tok_per_s", "{:.0f}"),
     ("graphs", "graph_captures", "{}"),
     ("capture s", "graph_capture_s", "{:.1f}"),
     ("HBM hit", "hbm_hit_rate", "{:.1%}"),

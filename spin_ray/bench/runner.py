@@ -82,6 +82,9 @@ class RunRecord:
     output (no prefill chunk rode along). Empty for engines that do not report their steps'
     tokens (vLLM)."""
     timings: tuple[RequestTiming, ...]
+    prefill_tokens: int | None
+    """Prompt tokens the steps computed (a preempted request's again); None for engines that
+    do not report their steps' tokens (vLLM)."""
     kv_stats: dict[str, float] | None
     """Change of the `COUNTER_STATS` over the run; None where the engine keeps none."""
     kv_stats_end: dict[str, float] | None
@@ -123,6 +126,7 @@ def drive(
     generated: dict[str, int] = {}
     batch_sizes: list[int] = []
     decode_steps: list[tuple[int, float]] = []
+    prefill_tokens: int | None = 0
     step_time = 0.0
     stats_before = engine.kv_stats()
     bar = tqdm(
@@ -163,6 +167,13 @@ def drive(
             outputs = engine.step()
             step_end = time.monotonic()
             step_time += step_end - step_start
+            step_tokens = engine.last_step_tokens()
+            if step_tokens is None:
+                prefill_tokens = None
+            elif prefill_tokens is not None:  # less one token per decode row
+                prefill_tokens += step_tokens - sum(
+                    1 for o in outputs if generated.get(o.request_id)
+                )
             if outputs:
                 batch_sizes.append(len(outputs))
                 if _decode_only(engine, outputs, generated):
@@ -202,6 +213,7 @@ def drive(
         batch_sizes=tuple(batch_sizes),
         decode_steps=tuple(decode_steps),
         timings=tuple(timings),
+        prefill_tokens=prefill_tokens,
         kv_stats=_counter_change(stats_before, stats_after),
         kv_stats_end=stats_after,
         truncated=truncated,

@@ -31,6 +31,10 @@ UNITS = {
     "decode_only_s": "s inside step() in decode-only steps (see decode_step_ms_by_batch), the "
     "steps that captured a graph (graph_capture_s) included",
     "other_steps_s": "s inside the other steps: those with a prefill chunk (and, for vLLM, all)",
+    "prefill_tokens": "prompt tokens computed during the run (a preempted request's again; "
+    "None for vLLM)",
+    "prefill_tok_per_s": "prefill_tokens / other_steps_s: the prefill rate of the steps with a "
+    "prefill chunk, decodes riding along included",
     "graph_captures": "decode CUDA graphs captured during the run (a new batch layout or shape; "
     "None without graphs)",
     "graph_capture_s": "s of the steps that captured them (their eager run, any compilation of "
@@ -76,6 +80,7 @@ def summarize(record: RunRecord) -> dict:
     input_tokens = sum(t.input_len for t in done)
     stats = record.kv_stats or {}
     decode_only = sum(seconds for _, seconds in record.decode_steps)
+    other_steps = record.step_time - decode_only
     lookups, hits = stats.get("lookups"), stats.get("hits")
     figures = {
         "mode": record.mode,
@@ -100,7 +105,11 @@ def summarize(record: RunRecord) -> dict:
         "num_steps_with_tokens": len(record.batch_sizes),
         "decode_step_ms_by_batch": _median_step_ms_by_batch(record.decode_steps),
         "decode_only_s": decode_only,
-        "other_steps_s": record.step_time - decode_only,
+        "other_steps_s": other_steps,
+        "prefill_tokens": record.prefill_tokens,
+        "prefill_tok_per_s": (
+            record.prefill_tokens / other_steps if record.prefill_tokens and other_steps else None
+        ),
         "graph_captures": stats.get("graph_captures"),
         "graph_capture_s": stats.get("graph_capture_s"),
         "preemptions": stats.get("preemptions"),
