@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -137,6 +138,20 @@ def check_kernels(device: str) -> list[dict]:
         )  # fmt: skip
         record("store_decode_tokens", dtype, torch.cat([out_k, out_v]).cpu(),
                torch.cat([ref_k, ref_v]), 0.0)  # fmt: skip
+    # partition top-k over a wide score table whose rows end at their lengths: one row per
+    # register block the kernel picks at run time (1/8, 1/2, all of 8192), past-the-end
+    # scores finite and large (never to be chosen)
+    from spin_ray.kernels.partition_topk import partition_topk, partition_topk_ref
+
+    scores = torch.randn(3, 8, 8192, generator=gen)
+    lengths = torch.tensor([700, 3000, 8192])
+    for row, n in enumerate(lengths.tolist()):
+        scores[row, :, n:] = 1e6
+    k = torch.full((3, 8), 120)
+    ref = partition_topk_ref(scores, k, 128, lengths).sort(-1).values
+    out = partition_topk(scores.to(device), k.to(device), 128, lengths.to(device))
+    record("partition_topk (row lengths)", "fp32", out.sort(-1).values.cpu().float(),
+           ref.float(), 0.0)  # fmt: skip
     keys = torch.randint(0, 66, (64, 900), generator=gen, dtype=torch.uint8)
     need = torch.randint(0, 900, (64,), generator=gen)
     ref = lru_victims_ref(keys, need, 66)
@@ -196,6 +211,27 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
         llm.llm_engine.check_integrity()
         runs[lookahead, share] = got, llm.kv_stats().hit_rate
         del llm
+    # the fused retrieval kernels against the torch path they replace (SPIN_RAY_FUSED_RETRIEVE
+    # =0), small buffers (ratio 1: rows of 16 slots) and large (15: up to 128 slots, lists
+    # padded to the largest buffer, so rows run in different register blocks)
+    for ratio in (1.0, 15.0):
+        paths = {}
+        for fused in ("1", "0"):
+            os.environ["SPIN_RAY_FUSED_RETRIEVE"] = fused
+            llm = LLM(**dict(small, buffer_ratio=ratio))
+            got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            llm.llm_engine.check_integrity()
+            paths[fused] = got, llm.kv_stats()
+            del llm
+        os.environ.pop("SPIN_RAY_FUSED_RETRIEVE")
+        (got, fused), (ref, plain_torch) = paths["1"], paths["0"]
+        counters = [(s.lookups, s.hits, s.evictions) for s in (fused, plain_torch)]
+        rows.append(dict(
+            algorithm=f"quest (budget 128, buffer ratio {ratio:g}, vs torch retrieval)",
+            mode="spin", tokens_equal=sum(a == b for g, w in zip(got, ref) for a, b in zip(g, w)),
+            tokens=sum(len(w) for w in ref), hit_rate=fused.hit_rate,
+            same_counters=counters[0] == counters[1],
+        ))  # fmt: skip
     plain = runs[False, None][0]
     for (lookahead, share), (got, hit_rate) in runs.items():
         if lookahead:
