@@ -10,7 +10,8 @@
 #   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
 #              (KERNEL_SECTIONS, default "kernels bandwidth")
 #   prefillprofile  wall and GPU time per kernel of one PREFILL_LEN-token prompt's prefill
-#              (chunks of 8192), PREFILL_MODES (default "dense spin")
+#              (chunks of 8192), PREFILL_MODES (default "dense spin"; spin@cpu: spin with HBM
+#              for half the prompt, so every chunk reads its prefix from the CPU tier)
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
 #              (spin-tiny, fp32, chunked prefill beside decodes)
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
@@ -147,10 +148,13 @@ for stage in "$@"; do
         done
         ;;
     prefillprofile)  # wall and kernel time of one PREFILL_LEN prompt's chunked prefill
-        for mode in ${PREFILL_MODES:-dense spin}; do
-            name="prefillprofile-$mode-${PREFILL_LEN:-64000}"
+        for run in ${PREFILL_MODES:-dense spin}; do  # spin@cpu: the prefix read from the CPU tier
+            mode=${run%@cpu}
+            from_cpu=()
+            [[ $run == *@cpu ]] && from_cpu=(--prefix-from-cpu)
+            name="prefillprofile-${run/@/-}-${PREFILL_LEN:-64000}"
             echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
-            (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --prefill --mode $mode \
+            (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --prefill --mode $mode "${from_cpu[@]}" \
                 --batch 1 --prompt-len "${PREFILL_LEN:-64000}" --token-budget 2048) 2>&1 \
                 | tee "$OUT/$name.log"
         done

@@ -40,6 +40,12 @@ def main() -> None:
         help="profile the prefill steps (chunks of --chunk-tokens) instead of decode steps",
     )
     parser.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per prefill step")
+    parser.add_argument(
+        "--prefix-from-cpu",
+        action="store_true",
+        help="--prefill with HBM for half the prompts only: no prefill slots, so every chunk "
+        "reads its prefix back from the CPU tier (what a prefill beside full buffers does)",
+    )
     parser.add_argument("--buffer-ratio", type=float, default=None, help="spin's HBM buffer")
     parser.add_argument(
         "--lookahead", action="store_true", help="spin: fetch each layer's pages one layer early"
@@ -63,6 +69,8 @@ def main() -> None:
     if args.mode != "dense":
         # --prefill: HBM for the prompt's prefill slots beside the request's buffer
         gpu_tokens = 2 * tokens if args.prefill else tokens
+        if args.prefix_from_cpu:
+            gpu_tokens = tokens // 2
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
                       buffer_ratio=args.buffer_ratio,
@@ -79,7 +87,9 @@ def main() -> None:
     room = args.steps + args.warmup_steps + 16
     params = SamplingParams(max_tokens=room, temperature=0.0, ignore_eos=True)
     if args.prefill:  # compile the kernels of a prefill over a prefix outside the measurement
-        warm = [rng.randrange(3, 259) for _ in range(min(args.chunk_tokens + 16, max_len))]
+        # (with --prefix-from-cpu longer than HBM holds, so the CPU-tier prefix read compiles)
+        warm_len = args.chunk_tokens + 16 + (tokens // 2 if args.prefix_from_cpu else 0)
+        warm = [rng.randrange(3, 259) for _ in range(min(warm_len, max_len))]
         once = SamplingParams(max_tokens=1, ignore_eos=True)
         engine.add_request("warm-up", {"prompt_token_ids": warm}, once)
         while engine.has_unfinished_requests():
