@@ -12,6 +12,10 @@
 #   prefillprofile  wall and GPU time per kernel of one PREFILL_LEN-token prompt's prefill
 #              (chunks of 8192), PREFILL_MODES (default "dense spin"; spin@cpu: spin with HBM
 #              for half the prompt, so every chunk reads its prefix from the CPU tier)
+#   mixedprofile  the same beside decoding requests, as under longbenchdecode's load:
+#              MIXED_RUNS (default "dense:2 spin:9": dense beside 2, its batch of 3 at equal
+#              HBM; spin beside 9 at MIXED_GPU_TOKENS=131072 HBM tokens, its floors) of
+#              BESIDE_LEN (50000) tokens each, with CUDA graphs
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
 #              (spin-tiny, fp32, chunked prefill beside decodes)
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
@@ -157,6 +161,19 @@ for stage in "$@"; do
             (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --prefill --mode $mode "${from_cpu[@]}" \
                 --batch 1 --prompt-len "${PREFILL_LEN:-64000}" --token-budget 2048) 2>&1 \
                 | tee "$OUT/$name.log"
+        done
+        ;;
+    mixedprofile)  # one prompt's prefill beside decoding requests (mixed steps, CUDA graphs)
+        for run in ${MIXED_RUNS:-dense:2 spin:9}; do  # mode:requests decoding beside it
+            mode=${run%%:*}
+            cap=()
+            [[ $mode != dense ]] && cap=(--gpu-cache-tokens "${MIXED_GPU_TOKENS:-131072}")
+            name="mixedprofile-$mode-beside${run#*:}-${PREFILL_LEN:-64000}"
+            echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
+            (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --prefill --graphs \
+                --mode $mode --batch 1 --prompt-len "${PREFILL_LEN:-64000}" --beside "${run#*:}" \
+                --beside-len "${BESIDE_LEN:-50000}" --token-budget 2048 --warmup-steps 16 \
+                "${cap[@]}") 2>&1 | tee "$OUT/$name.log"
         done
         ;;
     tokens)  # spin-tiny fp32: every sparse mode's tokens against the dense engine's

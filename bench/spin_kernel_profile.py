@@ -1,6 +1,7 @@
 """Where a decode step's time goes: the kernels of a few eager decode steps under
 torch.profiler, summed per kernel name; with --graphs, the host side of CUDA-graph steps; with
---prefill, the kernels of the (chunked) prefill steps instead.
+--prefill, the kernels of the (chunked) prefill steps instead (with --beside N, while N
+requests decode: the mixed steps of a loaded server).
 
     python bench/spin_kernel_profile.py [--model llama-3.1-8b] [--mode spin] [--batch 16] \\
         [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs | --prefill]
@@ -41,6 +42,21 @@ def main() -> None:
     )
     parser.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per prefill step")
     parser.add_argument(
+        "--beside",
+        type=int,
+        default=0,
+        help="--prefill with this many requests of --beside-len tokens decoding meanwhile (the "
+        "mixed steps of a loaded server; started, then --warmup-steps decode steps, first)",
+    )
+    parser.add_argument("--beside-len", type=int, default=None, help="default: --prompt-len")
+    parser.add_argument(
+        "--gpu-cache-tokens",
+        type=int,
+        default=None,
+        help="sparse modes: HBM KV tokens (default: every request's context, twice with "
+        "--prefill); e.g. 131072 with --beside 9 at 50K puts their buffers at the floor",
+    )
+    parser.add_argument(
         "--prefix-from-cpu",
         action="store_true",
         help="--prefill with HBM for half the prompts only: no prefill slots, so every chunk "
@@ -63,21 +79,25 @@ def main() -> None:
 
     from spin_ray import LLM, SamplingParams
 
-    max_len = args.prompt_len + args.steps + args.warmup_steps + 32
-    tokens = args.batch * max_len + 1024  # slack for page rounding
+    beside_len = args.beside_len or args.prompt_len
+    # a request beside the prefill decodes through its warm-up and the whole prefill
+    beside_tokens = args.warmup_steps + args.batch * (args.prompt_len // args.chunk_tokens + 2) + 8
+    max_len = max(args.prompt_len + args.steps + args.warmup_steps, beside_len + beside_tokens) + 32
+    tokens = (args.batch + args.beside) * max_len + 1024  # slack for page rounding
     sparse = {}
     if args.mode != "dense":
         # --prefill: HBM for the prompt's prefill slots beside the request's buffer
         gpu_tokens = 2 * tokens if args.prefill else tokens
         if args.prefix_from_cpu:
             gpu_tokens = tokens // 2
+        gpu_tokens = args.gpu_cache_tokens or gpu_tokens
         sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
                       buffer_ratio=args.buffer_ratio,
                       lookahead=args.lookahead or None,
                       lookahead_share=args.lookahead_share)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
-              max_num_seqs=args.batch, max_model_len=max_len,
+              max_num_seqs=args.batch + args.beside, max_model_len=max_len,
               max_num_batched_tokens=(args.chunk_tokens if args.prefill
                                       else min(args.batch * args.prompt_len, 65536)),
               progress=False,
@@ -93,6 +113,16 @@ def main() -> None:
         once = SamplingParams(max_tokens=1, ignore_eos=True)
         engine.add_request("warm-up", {"prompt_token_ids": warm}, once)
         while engine.has_unfinished_requests():
+            engine.step()
+    if args.beside:  # the decoding requests: prefilled, then decoding when the profile starts
+        beside = SamplingParams(max_tokens=beside_tokens, temperature=0.0, ignore_eos=True)
+        for i in range(args.beside):
+            prompt = [rng.randrange(3, 259) for _ in range(beside_len)]
+            engine.add_request(f"beside-{i}", {"prompt_token_ids": prompt}, beside)
+        running: set[str] = set()
+        while len(running) < args.beside:
+            running.update(o.request_id for o in engine.step())
+        for _ in range(args.warmup_steps):
             engine.step()
     for i in range(args.batch):
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
@@ -127,14 +157,17 @@ def _profile_prefill(engine, started: set[str], args) -> None:
     before = engine.kv_stats()
     steps, start = 0, time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        while len(started) < args.batch:
-            started.update(o.request_id for o in engine.step())
+        while len(started) < args.batch:  # (the --beside requests' tokens do not count)
+            outputs = engine.step()
+            started.update(o.request_id for o in outputs if not o.request_id.startswith("beside"))
             steps += 1
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     read = (engine.kv_stats().h2d_bytes - before.h2d_bytes) / 1e9
-    print(f"prefill of {args.batch} x {args.prompt_len} in {steps} steps: {wall:.2f} s wall "
-          f"(under the profiler), {read:.2f} GB read back from the CPU tier")  # fmt: skip
+    beside = f" beside {args.beside} decoding requests" if args.beside else ""
+    print(f"prefill of {args.batch} x {args.prompt_len}{beside} in {steps} steps: {wall:.2f} s "
+          f"wall ({wall / steps * 1e3:.1f} ms per step, under the profiler), {read:.2f} GB "
+          f"host -> GPU (prefix reads, and the decodes' misses)")  # fmt: skip
     _print_kernels(prof, steps, f"{args.mode}, {args.model}, batch {args.batch} x "
                    f"{args.prompt_len}, chunks of {args.chunk_tokens}", "prefill step")  # fmt: skip
 
