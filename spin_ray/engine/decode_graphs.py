@@ -10,7 +10,9 @@ few batch sizes (`AttentionMetadata.num_padded`), the step's inputs are copied i
 buffers (`StepBuffers`, one per shape), and the backend names the shapes and launch parameters
 its layers use (`AttentionBackend.graph_key`). The first step of a key runs eagerly (it also
 warms up compilation and autotuning) and then captures the graph; later steps with that key
-replay it. A key carries the backend's buffer generation: when the backend reallocates a table
+replay it. The page table is padded to a power-of-two width, at least the backend's
+`graph_page_width`: the sparse backend fixes it (and its slot lists' width), so as contexts
+grow its steps keep one key per batch size instead of capturing anew at each power of two. A key carries the backend's buffer generation: when the backend reallocates a table
 its graphs read, every graph is dropped and recaptured on demand.
 """
 
