@@ -12,8 +12,9 @@ its layers use (`AttentionBackend.graph_key`). The first step of a key runs eage
 warms up compilation and autotuning) and then captures the graph; later steps with that key
 replay it. The page table is padded to a power-of-two width, at least the backend's
 `graph_page_width`: the sparse backend fixes it (and its slot lists' width), so as contexts
-grow its steps keep one key per batch size instead of capturing anew at each power of two. A key carries the backend's buffer generation: when the backend reallocates a table
-its graphs read, every graph is dropped and recaptured on demand.
+grow its steps keep one key per batch size instead of capturing anew at each power of two.
+A key carries the backend's buffer generation: when the backend reallocates a table its graphs
+read, every graph is dropped and recaptured on demand.
 """
 
 from __future__ import annotations
