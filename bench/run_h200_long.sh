@@ -43,9 +43,9 @@
 #   longbenchlookahead  spin alone on the longbenchdecode workload with --lookahead (compare
 #              with longbenchdecode's spin and dense in the same call); LOOKAHEAD_SHARE=S adds
 #              --lookahead-share S
-#   longbenchrate  dense and spin on 16 of those requests arriving at LONGBENCH_RATE req/s
-#              (default 0.1: above dense's ~0.06 req/s there, below spin's ~0.23): TTFT where
-#              dense saturates
+#   longbenchrate  dense and spin (LONGBENCH_MODES) on the longbenchdecode workload arriving
+#              at LONGBENCH_RATE req/s (Poisson; default 0.1, above dense's ~0.05 req/s at full
+#              scale): TTFT where dense saturates
 #
 # REPEATS=N (default 1) passes --repeats N to every `spin-ray bench` stage (runs of each mode,
 # compared run by run and by median).
@@ -86,7 +86,7 @@ if [ -n "${LONGBENCH_SCALE:-}${LONGBENCH_PROMPTS:-}${LONGBENCH_GPU_TOKENS:-}${LO
     LONGBENCH_TAG="-scale${LONGBENCH_SCALE:-0.5}"
 fi
 longbench_decode=(--sparse quest --workload longbench-v2 --scale "${LONGBENCH_SCALE:-0.5}"
-    --num-prompts "${LONGBENCH_PROMPTS:-24}" --request-rate inf --token-budget 2048
+    --num-prompts "${LONGBENCH_PROMPTS:-24}" --token-budget 2048
     --gpu-cache-tokens "${LONGBENCH_GPU_TOKENS:-131072}"
     --cpu-cache-tokens "${LONGBENCH_CPU_TOKENS:-524288}")
 if [[ ${LONGBENCH_LIMIT:-120} != none ]]; then  # none: every request runs to its end
@@ -211,25 +211,24 @@ for stage in "$@"; do
         ;;
     longbenchdecode)  # the workload's own output lengths: decode-bound, truncated at the limit
         bench "longbench-decode$LONGBENCH_TAG" --modes "${LONGBENCH_MODES:-dense,spin}" \
-            "${longbench_decode[@]}"
+            --request-rate inf "${longbench_decode[@]}"
         ;;
     longbenchfloor)  # longbenchdecode with spin's admission floor raised: batch vs hit rate
         for ratio in ${MIN_BUFFER_RATIOS:-4 8}; do
             bench "longbench-decode$LONGBENCH_TAG-floor$ratio" --modes spin \
-                --min-buffer-ratio "$ratio" "${longbench_decode[@]}"
+                --min-buffer-ratio "$ratio" --request-rate inf "${longbench_decode[@]}"
         done
         ;;
     longbenchlookahead)  # longbenchdecode's spin, fetching each layer's pages one layer early
         share=()
         [[ -n ${LOOKAHEAD_SHARE:-} ]] && share=(--lookahead-share "$LOOKAHEAD_SHARE")
         bench "longbench-decode$LONGBENCH_TAG-lookahead${LOOKAHEAD_SHARE:-}" --modes spin \
-            --lookahead "${share[@]}" "${longbench_decode[@]}"
+            --lookahead "${share[@]}" --request-rate inf "${longbench_decode[@]}"
         ;;
     longbenchrate)  # the same at a finite rate (LONGBENCH_RATE req/s) past dense's capacity
-        bench "longbench-rate${LONGBENCH_RATE:-0.1}" --modes dense,spin --sparse quest \
-            --workload longbench-v2 --scale 0.5 --output-len 256 --num-prompts 16 \
-            --request-rate "${LONGBENCH_RATE:-0.1}" --token-budget 2048 \
-            --gpu-cache-tokens 131072 --cpu-cache-tokens 524288 --time-limit 180
+        bench "longbench-rate${LONGBENCH_RATE:-0.1}$LONGBENCH_TAG" \
+            --modes "${LONGBENCH_MODES:-dense,spin}" --request-rate "${LONGBENCH_RATE:-0.1}" \
+            "${longbench_decode[@]}"
         ;;
     *) echo "unknown stage $stage" >&2 ;;
     esac
