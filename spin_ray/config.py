@@ -76,6 +76,10 @@ class CacheConfig:
 DEFAULT_CHUNK_TOKENS = 8192
 """`SchedulerConfig.max_num_batched_tokens` when unset and prefill is chunked."""
 
+WARMUP_OUTPUT_TOKENS = (4, 8)
+"""Tokens each of the two warm-up requests decodes (`LLMEngine.warm_up`, the bench's warm-up):
+decode batches of 2, then of 1."""
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:

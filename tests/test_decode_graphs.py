@@ -170,3 +170,30 @@ def test_sparse_graphs_keep_one_layout_per_batch_size(make_llm):
     assert slot_width > 1 and {k[2][0][1] for k in keys} == {slot_width}
     batch_sizes = {k[0] for k in keys}
     assert len(set(keys)) == len(batch_sizes) == graphs.captures > 1
+
+
+def test_warm_up_captures_the_small_layouts_and_leaves_nothing_behind(make_llm):
+    """`LLMEngine.warm_up` (what a server runs at start on CUDA): two requests over a prefix
+    chunk decode as batches of 2 and 1 — those layouts are captured — and afterwards the engine
+    holds nothing and generates what an engine that never warmed up generates."""
+    kwargs = dict(model="spin-tiny", page_size=PAGE, sparse="quest", token_budget=4 * PAGE,
+                  sink_tokens=PAGE, local_tokens=PAGE, buffer_ratio=1.0, dense_layers=1,
+                  max_num_batched_tokens=64, max_model_len=512)  # fmt: skip
+    fresh = _generate(make_llm(**kwargs))
+    llm = make_llm(**kwargs)
+    graphs = _graph_layout(llm)
+    engine = llm.llm_engine
+    layouts = []
+    real_run = graphs.run
+    graphs.run = lambda inputs, key: (
+        layouts.append(inputs.input_ids.shape[0]) or real_run(inputs, key)
+    )
+    engine.warm_up()
+    assert set(layouts) == {1, 2} and graphs.captures == 2
+    assert engine.last_step_tokens == 1  # the last step decoded the longer request alone
+    assert not engine.has_unfinished_requests() and engine.page_tables.pool.num_used == 0
+    engine.check_integrity()
+    _assert_same(fresh, _generate(llm))
+    engine.add_request("busy", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.warm_up()

@@ -21,7 +21,7 @@ from spin_ray.bench.workloads import (
     build_requests,
     sample_lengths,
 )
-from spin_ray.config import DEFAULT_CHUNK_TOKENS
+from spin_ray.config import DEFAULT_CHUNK_TOKENS, WARMUP_OUTPUT_TOKENS
 
 COUNTER_STATS = (
     "preemptions",
@@ -39,9 +39,6 @@ COUNTER_STATS = (
     "graph_capture_s",
 )
 """Cumulative `kv_stats()` fields whose change over a run the summary uses."""
-
-WARMUP_OUTPUT_TOKENS = (4, 8)
-"""Output lengths of the warm-up copies: they decode together, then one alone."""
 
 
 @dataclass(frozen=True)

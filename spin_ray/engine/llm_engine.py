@@ -14,7 +14,7 @@ from spin_ray.cache.kv_cache import KVCache, KVCacheShape
 from spin_ray.cache.page_pool import PagePool
 from spin_ray.cache.page_table import PageTables
 from spin_ray.cache.sizing import activation_reserve_bytes, num_kv_pages
-from spin_ray.config import DEFAULT_CHUNK_TOKENS, EngineConfig
+from spin_ray.config import DEFAULT_CHUNK_TOKENS, WARMUP_OUTPUT_TOKENS, EngineConfig
 from spin_ray.engine.batch_inputs import GraphBatch, build_batch_inputs
 from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
@@ -193,6 +193,26 @@ class LLMEngine:
             gpu_pages_total=pool.num_pages * per_page,
             attention_time_s=self.backend.timer.seconds()["attention"],
         )
+
+    def warm_up(self) -> None:
+        """Compile and capture before the first request, as vLLM does at start-up: two requests
+        at once, each one and a half prefill chunks long (so a chunk over a prefix runs too),
+        decoding `WARMUP_OUTPUT_TOKENS` tokens (decode batches of 2, then 1). On CUDA that
+        compiles the Triton kernels of both paths and captures those batches' decode graphs
+        (with the sparse cache's fixed widths, every width's). Nothing of them is kept: their
+        pages go back (the cache statistics count them). Only on an idle engine."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up: the engine has requests in flight")
+        sched = self.config.scheduler
+        outputs = WARMUP_OUTPUT_TOKENS[: sched.max_num_seqs]
+        chunk = sched.max_num_batched_tokens
+        length = min(chunk + chunk // 2, sched.max_model_len - max(outputs))
+        prompt = [(7919 * i) % self.arch.vocab_size for i in range(length)]
+        for i, n in enumerate(outputs):
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            self.add_request(f"warm-up-{i}", {"prompt_token_ids": prompt}, params)
+        while self.has_unfinished_requests():
+            self.step()
 
     def check_integrity(self) -> None:
         """Raise `CacheIntegrityError` if a page is leaked or owned twice."""

@@ -22,6 +22,8 @@ class SpinEngine:
         from spin_ray.sparse.manager import TieredCacheManager
 
         engine = LLM(**llm_kwargs).llm_engine
+        if engine.device.type == "cuda":  # compile and capture now, not in the first requests
+            engine.warm_up()  # (on the CPU nothing is compiled or captured)
         self.engine = AsyncEngine(engine)
         capacity = engine.page_tables
         if isinstance(capacity, TieredCacheManager):  # context in host memory, slots in HBM
