@@ -206,7 +206,7 @@ class LLMEngine:
         sched = self.config.scheduler
         outputs = WARMUP_OUTPUT_TOKENS[: sched.max_num_seqs]
         chunk = sched.max_num_batched_tokens
-        length = min(chunk + chunk // 2, sched.max_model_len - max(outputs))
+        length = max(1, min(chunk + chunk // 2, sched.max_model_len - max(outputs)))
         prompt = [(7919 * i) % self.arch.vocab_size for i in range(length)]
         for i, n in enumerate(outputs):
             params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
