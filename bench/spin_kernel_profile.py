@@ -82,8 +82,12 @@ def main() -> None:
     beside_len = args.beside_len or args.prompt_len
     # a request beside the prefill decodes through its warm-up and the whole prefill
     beside_tokens = args.warmup_steps + args.batch * (args.prompt_len // args.chunk_tokens + 2) + 8
-    max_len = max(args.prompt_len + args.steps + args.warmup_steps, beside_len + beside_tokens) + 32
-    tokens = (args.batch + args.beside) * max_len + 1024  # slack for page rounding
+    prompt_max = args.prompt_len + args.steps + args.warmup_steps + 32
+    beside_max = beside_len + beside_tokens + 32
+    max_len = max(prompt_max, beside_max) if args.beside else prompt_max
+    # every request's own context (9 x 50K beside a 64K prompt: 515K tokens, a 63 GB pinned
+    # tier, within the H200 machine's 64 GB), plus slack for page rounding
+    tokens = args.batch * prompt_max + args.beside * beside_max + 1024
     sparse = {}
     if args.mode != "dense":
         # --prefill: HBM for the prompt's prefill slots beside the request's buffer
