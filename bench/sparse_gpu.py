@@ -138,19 +138,21 @@ def check_kernels(device: str) -> list[dict]:
         )  # fmt: skip
         record("store_decode_tokens", dtype, torch.cat([out_k, out_v]).cpu(),
                torch.cat([ref_k, ref_v]), 0.0)  # fmt: skip
-    # partition top-k over a wide score table whose rows end at their lengths: one row per
-    # register block the kernel picks at run time (1/8, 1/2, all of 8192), past-the-end
-    # scores finite and large (never to be chosen)
+    # partition top-k over a wide score table whose rows select in [start, length): one row
+    # per register block the kernel picks at run time (1/8, 1/2, all of 8192), the scores
+    # outside finite and large (never to be chosen)
     from spin_ray.kernels.partition_topk import partition_topk, partition_topk_ref
 
     scores = torch.randn(3, 8, 8192, generator=gen)
-    lengths = torch.tensor([700, 3000, 8192])
-    for row, n in enumerate(lengths.tolist()):
+    starts, lengths = torch.tensor([0, 30, 100]), torch.tensor([700, 3000, 8192])
+    for row, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        scores[row, :, :a] = 1e6
         scores[row, :, n:] = 1e6
     k = torch.full((3, 8), 120)
-    ref = partition_topk_ref(scores, k, 128, lengths).sort(-1).values
-    out = partition_topk(scores.to(device), k.to(device), 128, lengths.to(device))
-    record("partition_topk (row lengths)", "fp32", out.sort(-1).values.cpu().float(),
+    ref = partition_topk_ref(scores, k, 128, lengths, starts).sort(-1).values
+    out = partition_topk(scores.to(device), k.to(device), 128, lengths.to(device),
+                         starts.to(device))  # fmt: skip
+    record("partition_topk (row starts, lengths)", "fp32", out.sort(-1).values.cpu().float(),
            ref.float(), 0.0)  # fmt: skip
     keys = torch.randint(0, 66, (64, 900), generator=gen, dtype=torch.uint8)
     need = torch.randint(0, 900, (64,), generator=gen)

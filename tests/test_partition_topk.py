@@ -159,3 +159,23 @@ def test_partition_topk_rows_end_at_their_lengths():
         )
     ref = partition_topk_ref(scores, k, 64, lengths)  # the reference masks the same way
     _assert_same_choice(scores.masked_fill(scores == 1e6, float("-inf")), k, 64, out, ref)
+
+
+def test_partition_topk_rows_begin_at_their_starts():
+    """With per-row starts (and lengths) a row selects in [start, length): the partitions
+    before its start score highest here and are never chosen; the rest are chosen as
+    torch.topk over that range chooses."""
+    gen = torch.Generator().manual_seed(12)
+    scores = _scores(gen, 3, 2, 300, holes=0.1)
+    starts, lengths = torch.tensor([0, 5, 40]), torch.tensor([300, 120, 200])
+    for b, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        scores[b, :, :a] = 1e6  # would win if read
+        scores[b, :, n:] = 1e6
+    k = torch.tensor([[20, 3], [50, 10], [64, 1]])
+    out = partition_topk(scores, k, 64, lengths, starts)
+    for b, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        assert ((out[b] == -1) | ((out[b] >= a) & (out[b] < n))).all()
+        own = scores[b : b + 1, :, a:n]
+        want = partition_topk_ref(own, k[b : b + 1], 64)
+        got = torch.where(out[b : b + 1] >= 0, out[b : b + 1] - a, -1)  # indices within range
+        _assert_same_choice(own, k[b : b + 1], 64, got, want)

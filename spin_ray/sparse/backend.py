@@ -234,7 +234,7 @@ class SpinAttentionBackend(AttentionBackend):
         spare = self._slot_pos.numel() - 1
         self._slot_pos[torch.where(slot_lists >= 0, slot_lists, spare)] = positions
         windows = DecodeWindows.build(
-            self.budget, contexts, indexed, device, max_pages=table_i32.shape[1],
+            self.budget, contexts, indexed, device,
             buffers=buffers, num_padded=pad, prefetch_share=self.lookahead_share,
         )  # fmt: skip
         if self.retains:  # segments the step's inserts may take: one per row and page at most,

@@ -25,7 +25,7 @@ class DecodeWindows:
     sink_pages: int  # pages of the sink (same for every sequence past its first pages)
     max_topk: int
     max_local: int
-    unselectable: torch.Tensor  # [B, 1, maxp] bool  pages outside [sink, local_start)
+    sink: torch.Tensor  # [B] int64  sink pages of each sequence: the selectable range's start
     sink_list: torch.Tensor  # [B, 1, sink_pages] int64  the sink pages, -1 padded
     local_list: torch.Tensor  # [B, 1, max_local] int64  the local tail, -1 padded
 
@@ -37,7 +37,6 @@ class DecodeWindows:
         indexed_pages: list[int],
         device: torch.device,
         *,
-        max_pages: int | None = None,
         buffers: StepBuffers | None = None,
         num_padded: int = 0,
         prefetch_share: float = 1.0,
@@ -46,12 +45,10 @@ class DecodeWindows:
         padding rows that select nothing; with `buffers` (a CUDA-graph batch) the tensors go to
         persistent buffers. The widths are the budget's bounds (sink, local) and the top-k
         rounded up to a power of two, so that steps share CUDA graphs, and a step computes the
-        same numbers eagerly as in a graph (the attention kernel splits by width). The page
-        masks and the sink and local lists are the same for every layer, so they are built
-        here once per step: the integers on the host, in one transfer, the page mask from them on
-        the device; `max_pages`: the scores' width (default: the longest context);
-        `prefetch_share`: the share of each top-k a lookahead selects (its best-scored pages;
-        rounded up)."""
+        same numbers eagerly as in a graph (the attention kernel splits by width). The windows
+        and the sink and local lists are the same for every layer, so they are built here once
+        per step, the integers on the host, in one transfer; `prefetch_share`: the share of
+        each top-k a lookahead selects (its best-scored pages; rounded up)."""
         num_pages = [budget.num_pages(t) for t in context_lens]
         local_start = [budget.local_start(t, i) for t, i in zip(context_lens, indexed_pages)]
         sink = [budget.sink_pages(t) for t in context_lens]
@@ -77,9 +74,6 @@ class DecodeWindows:
         b = rows.shape[1]
         row_ints, sink_ints, local_ints = ints.split([5 * b, b * sink_width, b * max_local])
         num_pages_t, local_start_t, topk_t, sink_t, prefetch_topk_t = row_ints.view(5, b)
-        # the page mask on the device: [B, maxp] on the host would cost O(B · maxp) there
-        page = torch.arange(max_pages or max(num_pages), device=device)  # [maxp]
-        unselectable = (page < sink_t[:, None, None]) | (page >= local_start_t[:, None, None])
         return cls(
             num_pages=num_pages_t,
             local_start=local_start_t,
@@ -88,7 +82,7 @@ class DecodeWindows:
             sink_pages=sink_width,
             max_topk=bucket(max(topk)),
             max_local=max_local,
-            unselectable=to_step("windows.unselectable", unselectable, device, buffers),
+            sink=sink_t,
             sink_list=sink_ints.view(b, 1, sink_width),
             local_list=local_ints.view(b, 1, max_local),
         )
@@ -102,12 +96,12 @@ def select_pages(
     """Sink pages, then the `topk[b]` best pages in [sink, local_start) (default
     `windows.topk`), then the local tail."""
     b, h, maxp = scores.shape
-    assert windows.unselectable.shape[-1] == maxp, "windows built for another score width"
-    masked = scores.float().masked_fill(windows.unselectable, float("-inf"))
-    top_partitions = partition_topk if masked.is_cuda else partition_topk_ref
+    top_partitions = partition_topk if scores.is_cuda else partition_topk_ref
     k = (windows.topk if topk is None else topk)[:, None].expand(b, h)  # [B, H]
-    # a row's selectable pages end at its local tail: the kernel reads no further
-    chosen = top_partitions(masked, k, min(windows.max_topk, maxp), windows.local_start)
+    # a row selects in [sink, local_start): the kernel reads nothing outside it
+    chosen = top_partitions(
+        scores.float(), k, min(windows.max_topk, maxp), windows.local_start, windows.sink
+    )
     sink = windows.sink_list.expand(b, h, -1)
     local = windows.local_list.expand(b, h, -1)
     return torch.cat([sink, chosen, local], dim=-1)
