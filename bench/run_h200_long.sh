@@ -16,6 +16,8 @@
 #              MIXED_RUNS (default "dense:2 spin:9": dense beside 2, its batch of 3 at equal
 #              HBM; spin beside 9 at MIXED_GPU_TOKENS=131072 HBM tokens, its floors) of
 #              BESIDE_LEN (50000) tokens each, with CUDA graphs
+#   mixedhost  the same without the torch profiler: wall time per mixed step, then the host's
+#              own time per function (cProfile) over a second prompt's prefill
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
 #              (spin-tiny, fp32, chunked prefill beside decodes)
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
@@ -163,12 +165,13 @@ for stage in "$@"; do
                 | tee "$OUT/$name.log"
         done
         ;;
-    mixedprofile)  # one prompt's prefill beside decoding requests (mixed steps, CUDA graphs)
+    mixedprofile|mixedhost)  # one prompt's prefill beside decoding requests (mixed steps)
         for run in ${MIXED_RUNS:-dense:2 spin:9}; do  # mode:requests decoding beside it
             mode=${run%%:*}
             cap=()
             [[ $mode != dense ]] && cap=(--gpu-cache-tokens "${MIXED_GPU_TOKENS:-131072}")
-            name="mixedprofile-$mode-beside${run#*:}-${PREFILL_LEN:-64000}"
+            [[ $stage == mixedhost ]] && cap+=(--host)
+            name="$stage-$mode-beside${run#*:}-${PREFILL_LEN:-64000}"
             echo "=== $name (t=${SECONDS}s)" | tee -a "$OUT/commands.txt"
             (cd "$PKG" && python3 "$REPO/bench/spin_kernel_profile.py" --prefill --graphs \
                 --mode $mode --batch 1 --prompt-len "${PREFILL_LEN:-64000}" --beside "${run#*:}" \

@@ -50,6 +50,13 @@ def main() -> None:
     )
     parser.add_argument("--beside-len", type=int, default=None, help="default: --prompt-len")
     parser.add_argument(
+        "--host",
+        action="store_true",
+        help="--prefill: no torch profiler; the wall time per step, then the host functions "
+        "(cProfile, by own time: waits on the GPU show up as tolist/item/synchronize) of a "
+        "second prompt's prefill",
+    )
+    parser.add_argument(
         "--gpu-cache-tokens",
         type=int,
         default=None,
@@ -81,7 +88,10 @@ def main() -> None:
 
     beside_len = args.beside_len or args.prompt_len
     # a request beside the prefill decodes through its warm-up and the whole prefill
-    beside_tokens = args.warmup_steps + args.batch * (args.prompt_len // args.chunk_tokens + 2) + 8
+    prefills = 2 if args.host else 1
+    beside_tokens = (
+        args.warmup_steps + prefills * args.batch * (args.prompt_len // args.chunk_tokens + 2) + 8
+    )
     prompt_max = args.prompt_len + args.steps + args.warmup_steps + 32
     beside_max = beside_len + beside_tokens + 32
     max_len = max(prompt_max, beside_max) if args.beside else prompt_max
@@ -132,6 +142,9 @@ def main() -> None:
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
     started: set[str] = set()
+    if args.prefill and args.host:
+        _profile_prefill_host(engine, args, params, rng)
+        return
     if args.prefill:
         _profile_prefill(engine, started, args)
         return
@@ -174,6 +187,44 @@ def _profile_prefill(engine, started: set[str], args) -> None:
           f"host -> GPU (prefix reads, and the decodes' misses)")  # fmt: skip
     _print_kernels(prof, steps, f"{args.mode}, {args.model}, batch {args.batch} x "
                    f"{args.prompt_len}, chunks of {args.chunk_tokens}", "prefill step")  # fmt: skip
+
+
+def _prefill_wall(engine, ids: set[str]) -> tuple[int, float]:
+    """Steps and wall seconds until every request in `ids` has its first token."""
+    import time
+
+    torch.cuda.synchronize()
+    started: set[str] = set()
+    steps, start = 0, time.perf_counter()
+    while not ids <= started:
+        started.update(o.request_id for o in engine.step())
+        steps += 1
+    torch.cuda.synchronize()
+    return steps, time.perf_counter() - start
+
+
+def _profile_prefill_host(engine, args, params, rng) -> None:
+    """Wall time per step of the prefill without a profiler, then the host's own time per
+    function over a second, identical prefill under cProfile."""
+    import cProfile
+    import pstats
+
+    steps, wall = _prefill_wall(engine, {str(i) for i in range(args.batch)})
+    beside = f" beside {args.beside} decoding requests" if args.beside else ""
+    print(f"prefill of {args.batch} x {args.prompt_len}{beside} in {steps} steps: {wall:.2f} s "
+          f"wall ({wall / steps * 1e3:.1f} ms per step, no profiler)")  # fmt: skip
+    for i in range(args.batch):  # (its pages go back first: the CPU tier holds one prefill)
+        engine.abort_request(str(i))
+        prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
+        engine.add_request(f"again-{i}", {"prompt_token_ids": prompt}, params)
+    profile = cProfile.Profile()
+    profile.enable()
+    steps, wall = _prefill_wall(engine, {f"again-{i}" for i in range(args.batch)})
+    profile.disable()
+    print(f"again, under cProfile: {steps} steps, {wall / steps * 1e3:.1f} ms per step")
+    stats = pstats.Stats(profile)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
 
 
 def _print_kernels(prof, steps: int, what: str, step_name: str) -> None:
