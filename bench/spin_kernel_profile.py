@@ -53,8 +53,8 @@ def main() -> None:
         "--host",
         action="store_true",
         help="--prefill: no torch profiler; the wall time per step, then the host functions "
-        "(cProfile, by own time: waits on the GPU show up as tolist/item/synchronize) of a "
-        "second prompt's prefill",
+        "(cProfile, by own time) and the lines that wait on the GPU (torch's sync debug mode) "
+        "over a second prompt's prefill",
     )
     parser.add_argument(
         "--gpu-cache-tokens",
@@ -206,8 +206,10 @@ def _prefill_wall(engine, ids: set[str]) -> tuple[int, float]:
 def _profile_prefill_host(engine, args, params, rng) -> None:
     """Wall time per step of the prefill without a profiler, then the host's own time per
     function over a second, identical prefill under cProfile."""
+    import collections
     import cProfile
     import pstats
+    import warnings
 
     steps, wall = _prefill_wall(engine, {str(i) for i in range(args.batch)})
     beside = f" beside {args.beside} decoding requests" if args.beside else ""
@@ -218,10 +220,18 @@ def _profile_prefill_host(engine, args, params, rng) -> None:
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
         engine.add_request(f"again-{i}", {"prompt_token_ids": prompt}, params)
     profile = cProfile.Profile()
-    profile.enable()
-    steps, wall = _prefill_wall(engine, {f"again-{i}" for i in range(args.batch)})
-    profile.disable()
-    print(f"again, under cProfile: {steps} steps, {wall / steps * 1e3:.1f} ms per step")
+    torch.cuda.set_sync_debug_mode("warn")  # every host <- GPU synchronisation, by line
+    with warnings.catch_warnings(record=True) as syncs:
+        warnings.simplefilter("always")
+        profile.enable()
+        steps, wall = _prefill_wall(engine, {f"again-{i}" for i in range(args.batch)})
+        profile.disable()
+    torch.cuda.set_sync_debug_mode("default")
+    print(f"again, under cProfile: {steps} steps, {wall / steps * 1e3:.1f} ms per step; "
+          f"synchronisations per step, by line:")  # fmt: skip
+    lines = collections.Counter(f"{w.filename}:{w.lineno}" for w in syncs)
+    for line, count in lines.most_common():
+        print(f"  {count / steps:6.1f}  {line}")
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(40)

@@ -146,5 +146,5 @@ def quest_append_chunk(
         padded[first_offset : first_offset + n] = k
         rows = reduce(padded.view(num_pages, s, hkv, d), dim=1)  # [p, Hkv, D]
         if first_offset:
-            rows[0] = fold(rows[0], summary[pages[0]])
+            rows[:1] = fold(rows[:1], summary[pages[:1]])  # (a slice: pages[0] would sync)
         summary[pages] = rows
