@@ -187,6 +187,7 @@ def _profile_prefill(engine, started: set[str], args) -> None:
           f"host -> GPU (prefix reads, and the decodes' misses)")  # fmt: skip
     _print_kernels(prof, steps, f"{args.mode}, {args.model}, batch {args.batch} x "
                    f"{args.prompt_len}, chunks of {args.chunk_tokens}", "prefill step")  # fmt: skip
+    _print_gaps(prof, steps)
 
 
 def _prefill_wall(engine, ids: set[str]) -> tuple[int, float]:
@@ -253,6 +254,41 @@ def _print_kernels(prof, steps: int, what: str, step_name: str) -> None:
     print("|---|---:|---:|---:|")
     for us, count, name in rows[:30]:
         print(f"| {name[:90]} | {us:.0f} | {us / total:.1%} | {count:.0f} |")
+
+
+def _print_gaps(prof, steps: int) -> None:
+    """Where the GPU ran nothing: the union of every kernel's, copy's and memset's interval
+    over the measured steps, and its idle gaps (over 20 us) summed by the kernels either side."""
+    import collections
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if not spans:
+        return
+    gaps: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    busy, (start, end, before) = 0.0, spans[0]
+    for s, e, name in spans[1:]:
+        if s > end + 20:
+            pair = f"{before[:50]} -> {name[:50]}"
+            gaps[pair] += s - end
+            counts[pair] += 1
+        if s > end:
+            busy += end - start
+            start = s
+        if e > end:
+            end, before = e, name
+    busy += end - start
+    span = spans[-1][1] - spans[0][0]
+    print(f"GPU busy {busy / steps / 1e3:.1f} ms of {span / steps / 1e3:.1f} ms per step "
+          f"(first to last kernel); idle gaps over 20 us, by the kernels either side:")  # fmt: skip
+    print("| before -> after | ms/step | gaps/step |")
+    print("|---|---:|---:|")
+    for pair, us in gaps.most_common(15):
+        print(f"| {pair} | {us / steps / 1e3:.2f} | {counts[pair] / steps:.1f} |")
 
 
 def _profile_host(engine, steps: int) -> None:
