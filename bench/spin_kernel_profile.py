@@ -173,7 +173,8 @@ def _profile_prefill(engine, started: set[str], args) -> None:
     torch.cuda.synchronize()
     before = engine.kv_stats()
     steps, start = 0, time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:  # CPU too: for the gaps
         while len(started) < args.batch:  # (the --beside requests' tokens do not count)
             outputs = engine.step()
             started.update(o.request_id for o in outputs if not o.request_id.startswith("beside"))
@@ -258,24 +259,26 @@ def _print_kernels(prof, steps: int, what: str, step_name: str) -> None:
 
 def _print_gaps(prof, steps: int) -> None:
     """Where the GPU ran nothing: the union of every kernel's, copy's and memset's interval
-    over the measured steps, and its idle gaps (over 20 us) summed by the kernels either side."""
+    over the measured steps, its idle gaps (over 20 us) summed by the kernels either side, and
+    for the longest gaps the host ops that overlapped them most (what the GPU waited for)."""
     import collections
 
-    spans = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == cuda)  # fmt: skip
     if not spans:
         return
     gaps: collections.Counter[str] = collections.Counter()
     counts: collections.Counter[str] = collections.Counter()
+    longest: list[tuple[float, float, str]] = []  # (start, end, pair)
     busy, (start, end, before) = 0.0, spans[0]
     for s, e, name in spans[1:]:
         if s > end + 20:
             pair = f"{before[:50]} -> {name[:50]}"
             gaps[pair] += s - end
             counts[pair] += 1
+            longest.append((end, s, pair))
         if s > end:
             busy += end - start
             start = s
@@ -289,6 +292,14 @@ def _print_gaps(prof, steps: int) -> None:
     print("|---|---:|---:|")
     for pair, us in gaps.most_common(15):
         print(f"| {pair} | {us / steps / 1e3:.2f} | {counts[pair] / steps:.1f} |")
+    host = [(e.time_range.start, e.time_range.end, e.name) for e in events
+            if e.device_type == cpu]  # fmt: skip
+    for g0, g1, pair in sorted(longest, key=lambda g: g[0] - g[1])[:6]:
+        print(f"gap of {(g1 - g0) / 1e3:.2f} ms ({pair}); host ops overlapping it most:")
+        over = sorted(((min(e, g1) - max(s, g0), e - s, name) for s, e, name in host
+                       if s < g1 and e > g0), reverse=True)  # fmt: skip
+        for overlap, length, name in over[:6]:
+            print(f"    {overlap / 1e3:8.2f} ms of {length / 1e3:8.2f} ms  {name[:90]}")
 
 
 def _profile_host(engine, steps: int) -> None:
