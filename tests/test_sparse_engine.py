@@ -198,8 +198,10 @@ def test_chunked_prefill_keeps_the_prompt_in_hbm_when_slots_allow(
     """Prompts prefilled in 24-token chunks at full budget: with slots to spare each request's
     chunks keep its prompt in HBM prefill slots and no prefix is read back from the CPU tier;
     with 40 slots the 140- and 200-token prompts cannot be held (their chunks read the prefix
-    back). Either way the tokens are exactly dense's and every slot comes back."""
-    reads = []
+    back). Either way the tokens are exactly dense's and every slot comes back, and every chunk
+    over a prefix attends over K/V laid out as the dense layers gather them (token-major:
+    strides that do not change with the context's length, which cuDNN compiles a kernel for)."""
+    reads, layouts = [], set()
     llm = _sparse_llm(
         make_llm,
         sparse="quest",
@@ -214,6 +216,14 @@ def test_chunked_prefill_keeps_the_prompt_in_hbm_when_slots_allow(
         "read_ahead",
         lambda layer, pages: reads.append(layer) or read_ahead(layer, pages),
     )
+    attend = backend._attend_prefill
+
+    def record_layout(q, ctx_k, ctx_v, scale):  # q [n, Hq, D]; ctx [Hkv, T, D]
+        if ctx_k.shape[1] > q.shape[0]:  # a chunk over a prefix
+            layouts.add((ctx_k.stride(), ctx_v.stride()))
+        return attend(q, ctx_k, ctx_v, scale)
+
+    monkeypatch.setattr(backend, "_attend_prefill", record_layout)
     held = []
     hold_prefill = backend.manager.hold_prefill
     monkeypatch.setattr(
@@ -226,6 +236,8 @@ def test_chunked_prefill_keeps_the_prompt_in_hbm_when_slots_allow(
         assert reads and None in held
     assert backend.manager.prefill_slots == {}
     _assert_tiers_empty(llm)
+    heads, dim = backend.host.k.shape[2], backend.host.k.shape[4]
+    assert layouts == {((dim, heads * dim, 1), (dim, heads * dim, 1))}
 
 
 def test_min_buffer_ratio_bounds_the_batch_by_hbm_and_keeps_the_tokens(make_llm):

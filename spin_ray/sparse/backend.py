@@ -82,9 +82,8 @@ class _DecodeStep:
 class _HeldPrefill(NamedTuple):
     """A prefill chunk whose request's context is kept in HBM prefill slots."""
 
-    slots: torch.Tensor  # [p] int64 the slot of each page of the context, in page order
-    token_rows: torch.Tensor  # [n] int64 slot * S + offset of each new token, in a layer's
-    # [Q + 1, S] rows of one head
+    rows: torch.Tensor  # [T] int64 slot * S + offset of each context position (the prefix,
+    # then the chunk's tokens), in a layer's [(Q + 1) * S] rows of one head
 
 
 class SpinAttentionBackend(AttentionBackend):
@@ -190,8 +189,8 @@ class SpinAttentionBackend(AttentionBackend):
         if held is None or len(held) < num_pages:
             return None
         slots = torch.tensor(held[:num_pages], dtype=torch.int64).to(self.device)  # [p]
-        pos = torch.arange(prefix, context_len, device=self.device)  # [n]
-        return _HeldPrefill(slots, slots[pos // s] * s + pos % s)
+        pos = torch.arange(context_len, device=self.device)  # [T]
+        return _HeldPrefill(slots[pos // s] * s + pos % s)
 
     def _plan_decode(self, meta, decode: list[int], tokens: list[int]) -> _DecodeStep:
         """Lay out the decode sequences, with bucketed widths (slot lists, windows: the same
@@ -394,25 +393,32 @@ class SpinAttentionBackend(AttentionBackend):
     def _prefill_held_in_hbm(self, layer, held, q, k, v, context_len, scale):
         """Dense causal attention of a chunk over its context, kept in its prefill slots: the
         chunk's K/V written there, the prefix read from there (HBM)."""
-        gpu_k, gpu_v = self.gpu.k[layer], self.gpu.v[layer]  # [Hkv, Q + 1, S, D]
-        heads, _, _, d = gpu_k.shape
-        gpu_k.view(heads, -1, d)[:, held.token_rows] = k.transpose(0, 1)  # [Hkv, n, D]
-        gpu_v.view(heads, -1, d)[:, held.token_rows] = v.transpose(0, 1)
-        ctx_k = gpu_k[:, held.slots].flatten(1, 2)[:, :context_len]  # [Hkv, T, D]
-        ctx_v = gpu_v[:, held.slots].flatten(1, 2)[:, :context_len]
-        return self._attend_prefill(q, ctx_k, ctx_v, scale)
+        heads, _, _, d = self.gpu.k[layer].shape  # [Hkv, Q + 1, S, D]
+        rows_k = self.gpu.k[layer].view(heads, -1, d).transpose(0, 1)  # [(Q + 1) * S, Hkv, D]
+        rows_v = self.gpu.v[layer].view(heads, -1, d).transpose(0, 1)
+        new = held.rows[context_len - k.shape[0] :]  # [n]
+        rows_k[new] = k
+        rows_v[new] = v
+        # token-major, as the dense layers gather it: strides that do not change with the
+        # context's length, so cuDNN runs the kernel it compiled for them at every chunk (a
+        # head-major copy's strides changed with each chunk's page count, and each chunk's
+        # attention waited ~50 ms for cuDNN to compile a kernel for them)
+        ctx_k = rows_k.index_select(0, held.rows)  # [T, Hkv, D]
+        ctx_v = rows_v.index_select(0, held.rows)
+        return self._attend_prefill(q, ctx_k.transpose(0, 1), ctx_v.transpose(0, 1), scale)
 
     def _prefill(self, layer, b, q, k, v, context_len, scale):
         """Dense causal attention of a chunk over its prefix (read from the CPU tier)."""
         prefix = context_len - k.shape[0]
-        ctx_k, ctx_v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
+        ctx_k, ctx_v = k, v  # [n, Hkv, D]
         if prefix:
             prefix_pages = -(-prefix // self.page_size)
             pk, pv = self._prefix(layer, b, prefix_pages)  # [Hkv, p, S, D]
-            ctx_k = torch.cat([pk.flatten(1, 2)[:, :prefix], ctx_k], 1)  # [Hkv, T, D]
-            ctx_v = torch.cat([pv.flatten(1, 2)[:, :prefix], ctx_v], 1)
+            # token-major (see _prefill_held_in_hbm): [T, Hkv, D]
+            ctx_k = torch.cat([pk.flatten(1, 2)[:, :prefix].transpose(0, 1), k])
+            ctx_v = torch.cat([pv.flatten(1, 2)[:, :prefix].transpose(0, 1), v])
             self.counters.h2d_bytes += prefix_pages * k.shape[1] * self.host.page_bytes
-        return self._attend_prefill(q, ctx_k, ctx_v, scale)
+        return self._attend_prefill(q, ctx_k.transpose(0, 1), ctx_v.transpose(0, 1), scale)
 
     def _attend_prefill(self, q, ctx_k, ctx_v, scale):  # [n, Hq, D]; ctx: [Hkv, T, D]
         if self.on_cuda:
