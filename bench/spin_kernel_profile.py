@@ -243,6 +243,8 @@ def _print_kernels(prof, steps: int, what: str, step_name: str) -> None:
     """Per kernel name: GPU time and launches per step (top 30), and the GPU time in all."""
     rows = []
     for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # a host op (with CPU activities recorded): its kernels are listed apart
         us = getattr(event, "self_device_time_total", None)
         if us is None:
             us = event.self_cuda_time_total
