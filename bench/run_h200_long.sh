@@ -52,6 +52,10 @@
 # REPEATS=N (default 1) passes --repeats N to every `spin-ray bench` stage (runs of each mode,
 # compared run by run and by median).
 #
+# CUDNN_SDPA_AVOID_RECOMPILE=1 exports PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (opt-in,
+# torch 2.9+): cuDNN SDPA on BSHD tensors keys its plans on power-of-two lengths, so chunks of
+# one prompt share plans instead of building one (~50 ms) per chunk; for every engine alike.
+#
 # Everything printed also lands in $OUT/results.tgz (*.log, *.json; commands.txt lists every
 # command), repacked after each stage: the device tool brings back at most 8 files, and a call
 # cut off by its time limit still brings back the stages that finished.
@@ -61,6 +65,9 @@ OUT_DIR=$OUT
 OUT=$(mktemp -d)  # the logs; packed into $OUT_DIR/results.tgz
 pack() { tar czf "$OUT_DIR/results.tgz" -C "$OUT" .; }
 export PYTHONUNBUFFERED=1
+if [[ ${CUDNN_SDPA_AVOID_RECOMPILE:-0} == 1 ]]; then
+    export TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1
+fi
 
 # spin_ray.kernels lives in kernels/ (pyproject's package-dir): assemble the package in /tmp
 PKG=/tmp/spin_ray_pkg
@@ -69,6 +76,7 @@ export PYTHONPATH=$PKG
 REPO=$PWD
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+echo "TORCH_CUDNN_SDPA_AVOID_RECOMPILE=${TORCH_CUDNN_SDPA_AVOID_RECOMPILE:-unset}" | tee -a "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
     | tee -a "$OUT/gpu.txt"
 
