@@ -15,7 +15,8 @@
 #   mixedprofile  the same beside decoding requests, as under longbenchdecode's load:
 #              MIXED_RUNS (default "dense:2 spin:9": dense beside 2, its batch of 3 at equal
 #              HBM; spin beside 9 at MIXED_GPU_TOKENS=131072 HBM tokens, its floors) of
-#              BESIDE_LEN (50000) tokens each, with CUDA graphs
+#              BESIDE_LEN (50000) tokens each, with CUDA graphs; also the GPU's idle gaps and the
+#              host ops behind the longest
 #   mixedhost  the same without the torch profiler: wall time per mixed step, then the host's
 #              own time per function (cProfile) over a second prompt's prefill
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens

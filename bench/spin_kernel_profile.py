@@ -1,10 +1,12 @@
 """Where a decode step's time goes: the kernels of a few eager decode steps under
 torch.profiler, summed per kernel name; with --graphs, the host side of CUDA-graph steps; with
 --prefill, the kernels of the (chunked) prefill steps instead (with --beside N, while N
-requests decode: the mixed steps of a loaded server).
+requests decode: the mixed steps of a loaded server), and the GPU's idle gaps with the host ops
+behind the longest; with --prefill --host, no torch profiler: the wall time per step, then
+cProfile and the lines that synchronise with the GPU over a second prompt's prefill.
 
     python bench/spin_kernel_profile.py [--model llama-3.1-8b] [--mode spin] [--batch 16] \\
-        [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs | --prefill]
+        [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs | --prefill [--host]]
 
 Builds `LLM(enforce_eager=True)` (eager, so each kernel is seen on its own; a CUDA graph runs
 the same kernels), prefills `--batch` random prompts, runs `--warmup-steps` decode steps (2; the
