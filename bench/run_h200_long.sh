@@ -19,6 +19,9 @@
 #              host ops behind the longest
 #   mixedhost  the same without the torch profiler: wall time per mixed step, then the host's
 #              own time per function (cProfile) over a second prompt's prefill
+#   prefillattn  bench/decode_attention.py's correctness checks and prefill section: the bf16
+#              prefill paths (cuDNN prefix + causal chunk, merged) against the reference, timed
+#              (with CUDNN_SDPA_AVOID_RECOMPILE=1: cuDNN's ragged path checked too)
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
 #              (spin-tiny, fp32, chunked prefill beside decodes)
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
@@ -187,6 +190,12 @@ for stage in "$@"; do
                 --beside-len "${BESIDE_LEN:-50000}" --token-budget 2048 --warmup-steps 16 \
                 "${cap[@]}") 2>&1 | tee "$OUT/$name.log"
         done
+        ;;
+    prefillattn)  # bf16 prefill attention (cuDNN prefix + causal chunk) against the reference
+        echo "=== prefillattn (t=${SECONDS}s): decode_attention.py, prefill section" \
+            | tee -a "$OUT/commands.txt"
+        (cd "$PKG" && python3 "$REPO/bench/decode_attention.py" --out "$OUT/prefillattn" \
+            --skip headline sweep sizes) 2>&1 | tee "$OUT/prefillattn.log"
         ;;
     tokens)  # spin-tiny fp32: every sparse mode's tokens against the dense engine's
         echo "=== tokens (t=${SECONDS}s): sparse_gpu.py --sections tokens" | tee -a "$OUT/commands.txt"
