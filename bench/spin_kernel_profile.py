@@ -143,13 +143,13 @@ def main() -> None:
     for i in range(args.batch):
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
-    started: set[str] = set()
     if args.prefill and args.host:
         _profile_prefill_host(engine, args, params, rng)
         return
     if args.prefill:
-        _profile_prefill(engine, started, args)
+        _profile_prefill(engine, args)
         return
+    started: set[str] = set()
     while len(started) < args.batch:  # prefill (chunked), then the warm-up decode steps
         started.update(o.request_id for o in engine.step())
     for _ in range(args.warmup_steps):
@@ -168,21 +168,12 @@ def main() -> None:
                    f"{args.prompt_len}", "decode step")  # fmt: skip
 
 
-def _profile_prefill(engine, started: set[str], args) -> None:
+def _profile_prefill(engine, args) -> None:
     """Wall time and kernels of the steps until every prompt has its first token."""
-    import time
-
-    torch.cuda.synchronize()
     before = engine.kv_stats()
-    steps, start = 0, time.perf_counter()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:  # CPU too: for the gaps
-        while len(started) < args.batch:  # (the --beside requests' tokens do not count)
-            outputs = engine.step()
-            started.update(o.request_id for o in outputs if not o.request_id.startswith("beside"))
-            steps += 1
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+        steps, wall = _prefill_wall(engine, {str(i) for i in range(args.batch)})
     read = (engine.kv_stats().h2d_bytes - before.h2d_bytes) / 1e9
     beside = f" beside {args.beside} decoding requests" if args.beside else ""
     print(f"prefill of {args.batch} x {args.prompt_len}{beside} in {steps} steps: {wall:.2f} s "
