@@ -14,6 +14,12 @@ The context is first gathered from its pages into one contiguous [T, Hkv, D] cop
 elements of copying against 4 n T Hq D flops of attention, under 1% of the time for chunks of
 a few thousand tokens.
 
+Every SDPA call gets q, k and v as views of contiguous token-major ([1, L, H, D], "BSHD")
+tensors: with PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, cuDNN then keys its plans on
+power-of-two lengths instead of building a new one (~50 ms on the H200) for every new prefix
+length; it falls back to the per-shape plans for any other layout. A chunk's q (and its own k/v
+without a prefix) are views of the fused QKV projection, so they are copied (a few MB).
+
 `prefill_attention` is the part after the gather, for a context already laid out head-major
 (the SPIN cache's prefill slots). References: `paged_prefill_attention_ref` and
 `prefill_attention_ref` in paged_attention_ref.py.
@@ -77,9 +83,9 @@ def prefill_attention(
     if not 1 <= n <= context_len:
         raise ValueError(f"context {context_len} must be >= the chunk length {n} >= 1")
     prefix = context_len - n
-    qt = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-    kt = k.unsqueeze(0)  # [1, Hkv, T, D]
-    vt = v.unsqueeze(0)
+    qt = q.contiguous().transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D], BSHD underneath
+    kt = _token_major(k).unsqueeze(0)  # [1, Hkv, T, D], BSHD underneath
+    vt = _token_major(v).unsqueeze(0)
     gqa = num_heads != num_kv_heads
     if prefix == 0:
         out = F.scaled_dot_product_attention(
@@ -105,6 +111,12 @@ def merge_by_lse(
     lse = torch.logaddexp(lse_a, lse_b)
     out = out_a.float() * (lse_a - lse).exp() + out_b.float() * (lse_b - lse).exp()
     return out.to(out_a.dtype)
+
+
+def _token_major(
+    x: torch.Tensor,  # [H, L, D]
+) -> torch.Tensor:  # [H, L, D]: a view of a contiguous [L, H, D] (no copy if it already is one)
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 def _cudnn_takes(q, k, v, gqa: bool) -> bool:

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata
@@ -239,6 +240,39 @@ def test_prefill_matches_reference(n, context_len, group):
     assert _rel_err(head_major, ref) < 1e-5
     ref_head_major = prefill_attention_ref(q, k_all.transpose(0, 1), v_all.transpose(0, 1), 0.2)
     assert _rel_err(ref_head_major, ref) < 1e-6
+
+
+class _SDPALayouts(TorchFunctionMode):
+    """Records, for every SDPA call inside it, whether q, k and v are BSHD-contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.bshd: list[tuple[bool, bool, bool]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.bshd.append(tuple(x.transpose(1, 2).is_contiguous() for x in args[:3]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prefix", [0, 7])
+def test_prefill_hands_sdpa_token_major_views(prefix):
+    """q, k and v reach SDPA as views of contiguous [1, L, H, D] tensors even when they are
+    views of a fused QKV projection (the model's): cuDNN's plan reuse across lengths
+    (TORCH_CUDNN_SDPA_AVOID_RECOMPILE) takes no other layout. The result stays the reference's."""
+    gen = torch.Generator().manual_seed(5 + prefix)
+    n, hq, hkv, d = 6, 4, 2, 16
+    fused = torch.randn(n, (hq + 2 * hkv) * d, generator=gen)  # one [n, (Hq + 2 Hkv) D] matmul
+    q, k_new, v_new = fused.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k_new, v_new = q.view(n, hq, d), k_new.view(n, hkv, d), v_new.view(n, hkv, d)
+    k_prefix = torch.randn(prefix, hkv, d, generator=gen)
+    v_prefix = torch.randn(prefix, hkv, d, generator=gen)
+    k = torch.cat([k_prefix, k_new]).transpose(0, 1) if prefix else k_new.transpose(0, 1)
+    v = torch.cat([v_prefix, v_new]).transpose(0, 1) if prefix else v_new.transpose(0, 1)
+    with _SDPALayouts() as layouts:
+        out = prefill_attention(q, k, v, 0.3)
+    assert layouts.bshd == [(True, True, True)]
+    assert _rel_err(out, prefill_attention_ref(q, k, v, 0.3)) < 1e-5
 
 
 def test_merge_by_lse_equals_attention_over_all_keys():
