@@ -7,6 +7,8 @@ the same run and against torch SDPA on contiguous KV; then the prefill paths.
 Every kernel result is first checked against the torch reference (relative Frobenius error).
 Bandwidth counts the bytes a kernel must move: K and V of every context token once, plus q and
 the output; the copy baseline counts bytes read plus bytes written (as DESIGN.md's 4.17 TB/s).
+The prefill paths run as the engines run them, on cuDNN's plans reused across lengths
+(TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 unless the environment sets 0).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ from spin_ray.kernels.paged_decode_attention import (
     choose_num_splits,
     paged_decode_attention,
 )
-from spin_ray.kernels.paged_prefill_attention import paged_prefill_attention
+from spin_ray.kernels.paged_prefill_attention import (
+    paged_prefill_attention,
+    reuse_cudnn_plans_across_lengths,
+)
 
 
 @dataclass(frozen=True)
@@ -478,6 +483,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
+    reuse_cudnn_plans_across_lengths()  # as the engines do
     bench = Bench(SMOKE if args.smoke else H200, device, args.smoke)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     bench.say(

@@ -21,7 +21,7 @@
 #              own time per function (cProfile) over a second prompt's prefill
 #   prefillattn  bench/decode_attention.py's correctness checks and prefill section: the bf16
 #              prefill paths (cuDNN prefix + causal chunk, merged) against the reference, timed
-#              (with CUDNN_SDPA_AVOID_RECOMPILE=1: cuDNN's ragged path checked too)
+#              (cuDNN's ragged path unless CUDNN_SDPA_AVOID_RECOMPILE=0)
 #   tokens     bench/sparse_gpu.py: every sparse mode generates the dense engine's tokens
 #              (spin-tiny, fp32, chunked prefill beside decodes)
 #   hostprofile  host time of spin graph steps (cProfile) and kernels at 4 x 16K, budget 2048
@@ -56,9 +56,10 @@
 # REPEATS=N (default 1) passes --repeats N to every `spin-ray bench` stage (runs of each mode,
 # compared run by run and by median).
 #
-# CUDNN_SDPA_AVOID_RECOMPILE=1 exports PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (opt-in,
-# torch 2.9+): cuDNN SDPA on BSHD tensors keys its plans on power-of-two lengths, so chunks of
-# one prompt share plans instead of building one (~50 ms) per chunk; for every engine alike.
+# CUDNN_SDPA_AVOID_RECOMPILE=0|1 exports PyTorch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE with that
+# value; unset, the engines set it to 1 themselves (`reuse_cudnn_plans_across_lengths`): cuDNN
+# SDPA on BSHD tensors keys its plans on power-of-two lengths, so chunks of one prompt share
+# plans instead of building one (~50 ms) per chunk; 0 measures the per-length plans.
 #
 # Everything printed also lands in $OUT/results.tgz (*.log, *.json; commands.txt lists every
 # command), repacked after each stage: the device tool brings back at most 8 files, and a call
@@ -69,8 +70,8 @@ OUT_DIR=$OUT
 OUT=$(mktemp -d)  # the logs; packed into $OUT_DIR/results.tgz
 pack() { tar czf "$OUT_DIR/results.tgz" -C "$OUT" .; }
 export PYTHONUNBUFFERED=1
-if [[ ${CUDNN_SDPA_AVOID_RECOMPILE:-0} == 1 ]]; then
-    export TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1
+if [[ -n ${CUDNN_SDPA_AVOID_RECOMPILE:-} ]]; then
+    export TORCH_CUDNN_SDPA_AVOID_RECOMPILE=$CUDNN_SDPA_AVOID_RECOMPILE
 fi
 
 # spin_ray.kernels lives in kernels/ (pyproject's package-dir): assemble the package in /tmp
@@ -80,7 +81,7 @@ export PYTHONPATH=$PKG
 REPO=$PWD
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-echo "TORCH_CUDNN_SDPA_AVOID_RECOMPILE=${TORCH_CUDNN_SDPA_AVOID_RECOMPILE:-unset}" | tee -a "$OUT/gpu.txt"
+echo "TORCH_CUDNN_SDPA_AVOID_RECOMPILE=${TORCH_CUDNN_SDPA_AVOID_RECOMPILE:-unset (the engines set 1)}" | tee -a "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
     | tee -a "$OUT/gpu.txt"
 

@@ -4,6 +4,7 @@ interpreter; and the dense backend's routing of decode and prefill sequences."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from spin_ray.kernels.paged_attention_ref import (
     store_kv_ref,
 )
 from spin_ray.kernels.paged_prefill_attention import (
+    AVOID_RECOMPILE_ENV,
     merge_by_lse,
     paged_prefill_attention,
     prefill_attention,
+    reuse_cudnn_plans_across_lengths,
 )
 
 
@@ -273,6 +276,16 @@ def test_prefill_hands_sdpa_token_major_views(prefix):
         out = prefill_attention(q, k, v, 0.3)
     assert layouts.bshd == [(True, True, True)]
     assert _rel_err(out, prefill_attention_ref(q, k, v, 0.3)) < 1e-5
+
+
+@pytest.mark.parametrize(("preset", "after"), [(None, "1"), ("0", "0"), ("1", "1")])
+def test_cudnn_plan_reuse_is_on_unless_the_environment_says(monkeypatch, preset, after):
+    if preset is None:
+        monkeypatch.delenv(AVOID_RECOMPILE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(AVOID_RECOMPILE_ENV, preset)
+    reuse_cudnn_plans_across_lengths()
+    assert os.environ[AVOID_RECOMPILE_ENV] == after
 
 
 def test_merge_by_lse_equals_attention_over_all_keys():

@@ -22,6 +22,7 @@ from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler, SchedulerOutput
+from spin_ray.kernels.paged_prefill_attention import reuse_cudnn_plans_across_lengths
 from spin_ray.models.arch import ModelArch
 from spin_ray.models.loader import (
     load_model,
@@ -49,6 +50,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = torch.device(config.device)
+        if self.device.type == "cuda":  # before the first prefill's cuDNN SDPA call
+            reuse_cudnn_plans_across_lengths()
         self.arch = arch = model_arch(config.model)
         weight_bytes = arch.num_parameters() * _itemsize(config.dtype)
         sched = config.scheduler
