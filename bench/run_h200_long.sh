@@ -39,8 +39,9 @@
 #   longbenchdecode  dense and spin on that workload with its own output lengths (mean 2.5K at
 #              half scale) instead of 256: saturating throughput when decode dominates, over a
 #              LONGBENCH_LIMIT-second window (default 120; none: to the end); LONGBENCH_SCALE
-#              (0.5), LONGBENCH_PROMPTS (24), LONGBENCH_GPU_TOKENS (131072) and LONGBENCH_CPU_TOKENS
-#              (524288) change the workload and the KV capacities for it and for longbenchfloor /
+#              (0.5), LONGBENCH_PROMPTS (24), LONGBENCH_SEED (0: the prompts, lengths and arrivals),
+#              LONGBENCH_GPU_TOKENS (131072) and LONGBENCH_CPU_TOKENS (524288) change the
+#              workload and the KV capacities for it and for longbenchfloor /
 #              longbenchlookahead (the CPU tier is pinned: 589824 tokens, 72 GB, failed to pin on
 #              the H200 machine; 524288, 64 GB, pins)
 #   longbenchfloor  spin alone on the longbenchdecode workload with --min-buffer-ratio R for each
@@ -100,8 +101,9 @@ LONGBENCH_TAG=""
 if [ -n "${LONGBENCH_SCALE:-}${LONGBENCH_PROMPTS:-}${LONGBENCH_GPU_TOKENS:-}${LONGBENCH_CPU_TOKENS:-}" ]; then
     LONGBENCH_TAG="-scale${LONGBENCH_SCALE:-0.5}"
 fi
+[[ ${LONGBENCH_SEED:-0} != 0 ]] && LONGBENCH_TAG+="-seed$LONGBENCH_SEED"
 longbench_decode=(--sparse quest --workload longbench-v2 --scale "${LONGBENCH_SCALE:-0.5}"
-    --num-prompts "${LONGBENCH_PROMPTS:-24}" --token-budget 2048
+    --num-prompts "${LONGBENCH_PROMPTS:-24}" --token-budget 2048 --seed "${LONGBENCH_SEED:-0}"
     --gpu-cache-tokens "${LONGBENCH_GPU_TOKENS:-131072}"
     --cpu-cache-tokens "${LONGBENCH_CPU_TOKENS:-524288}")
 if [[ ${LONGBENCH_LIMIT:-120} != none ]]; then  # none: every request runs to its end
