@@ -11,6 +11,7 @@ RESULT_FIELDS = {
     "mode",
     "request_rate",
     "num_requests",
+    "arrived",
     "completed",
     "truncated",
     "repeat",
@@ -96,7 +97,8 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
     ]
     for r in results:
         assert set(r) == RESULT_FIELDS
-        assert r["completed"] == NUM_PROMPTS and not r["truncated"] and r["ttft_censored"] == 0
+        assert r["completed"] == r["arrived"] == NUM_PROMPTS and not r["truncated"]
+        assert r["ttft_censored"] == 0
         assert r["preemptions"] == 0  # every mode's cache holds the whole workload
         assert r["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
         assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN

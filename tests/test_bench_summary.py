@@ -267,7 +267,9 @@ def test_time_limit_aborts_and_marks_the_run_truncated():
     assert record.timings[2].first_token is None and r["ttft_censored"] == 1
     served = [(t.first_token - t.arrival) * 1e3 for t in record.timings[:2]]
     assert r["ttft_mean"] == pytest.approx((sum(served) + record.duration * 1e3) / 3)
-    assert "0/4 requests finished; 1 had no first token yet" in markdown_report([r], [], {})
+    assert r["arrived"] == 3  # the late one arrives after the limit
+    report = markdown_report([r], [], {})
+    assert "0/4 requests finished (3 arrived by then); 1 had no first token yet" in report
     # unfinished requests' TPOT runs to their latest token
     for t in record.timings[:2]:
         assert t.finished is None and t.output_len >= 2 and t.last_token > t.first_token

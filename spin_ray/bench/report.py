@@ -151,6 +151,7 @@ def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[
         + (f", run {r['repeat']}" if repeated else "")
         + ": stopped by the time limit after "
         f"{r['duration']:g} s, {r['completed']}/{r['num_requests']} requests finished"
+        + (f" ({r['arrived']} arrived by then)" if r["arrived"] < r["num_requests"] else "")
         + (
             f"; {r['ttft_censored']} had no first token yet and count in its TTFT as waiting "
             "until the limit (a lower bound)"

@@ -18,6 +18,8 @@ UNITS = {
     "a lower bound (see ttft_censored)",
     "preemptions": "requests preempted during the run (their KV dropped and computed again)",
     "ttft_censored": "requests whose TTFT is that lower bound (0 unless the run was truncated)",
+    "arrived": "requests whose arrival came before the run's end (num_requests unless truncated): "
+    "the ones the TTFT and TPOT figures cover",
     "tpot_*": "ms, (last token - first token) / (output tokens - 1), per request with 2+",
     "itl_*": "ms, inter-token latency: the gaps between a request's consecutive tokens, over "
     "every request (the stalls a mean TPOT hides: a prefill chunk or a graph capture in a step)",
@@ -86,6 +88,7 @@ def summarize(record: RunRecord) -> dict:
         "mode": record.mode,
         "request_rate": "inf" if math.isinf(record.request_rate) else record.request_rate,
         "num_requests": len(record.timings),
+        "arrived": sum(t.arrival < duration for t in record.timings),
         "completed": len(done),
         "truncated": record.truncated,
         "repeat": record.repeat,
