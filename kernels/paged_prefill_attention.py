@@ -23,9 +23,9 @@ engine turns that setting on (`reuse_cudnn_plans_across_lengths`); measured on t
 64K prompt's prefill beside 2 decodes went from 488 to 451 ms per step (the ~50 ms plan build
 gone) for kernels ~4% slower, with the same error against the fp32 reference (bench/RESULTS.md).
 
-`prefill_attention` is the part after the gather, for a context already laid out head-major
-(the SPIN cache's prefill slots). References: `paged_prefill_attention_ref` and
-`prefill_attention_ref` in paged_attention_ref.py.
+`prefill_attention` is the part after the gather, for a context already gathered (the SPIN
+cache's prefill slots), taken as [Hkv, T, D] views of token-major K/V. References:
+`paged_prefill_attention_ref` and `prefill_attention_ref` in paged_attention_ref.py.
 """
 
 from __future__ import annotations
@@ -86,12 +86,13 @@ def paged_prefill_attention(
 
 def prefill_attention(
     q: torch.Tensor,  # [n, Hq, D]  the last n of the T positions
-    k: torch.Tensor,  # [Hkv, T, D]  head-major keys of every position (last dim contiguous)
+    k: torch.Tensor,  # [Hkv, T, D]  keys of every position (a view of [T, Hkv, D]: no copy)
     v: torch.Tensor,  # [Hkv, T, D]
     scale: float,
 ) -> torch.Tensor:  # [n, Hq, D]
     """Causal attention of a chunk (the last n positions) over a context already gathered
-    head-major; `paged_prefill_attention` after its gather. Reference: `prefill_attention_ref`."""
+    ([Hkv, T, D] views); `paged_prefill_attention` after its gather. Reference:
+    `prefill_attention_ref`."""
     n, num_heads, _ = q.shape
     num_kv_heads, context_len, _ = k.shape
     if k.dtype != q.dtype or v.dtype != q.dtype:

@@ -238,7 +238,7 @@ def test_prefill_matches_reference(n, context_len, group):
     )
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, pages, context_len, 0.2)
     assert _rel_err(out, ref) < 1e-5
-    # the same context laid out head-major (the SPIN cache's prefill slots), strided views
+    # the same context handed over gathered, as [Hkv, T, D] views (the SPIN cache's prefill slots)
     head_major = prefill_attention(q, k_all.transpose(0, 1), v_all.transpose(0, 1), 0.2)
     assert _rel_err(head_major, ref) < 1e-5
     ref_head_major = prefill_attention_ref(q, k_all.transpose(0, 1), v_all.transpose(0, 1), 0.2)
