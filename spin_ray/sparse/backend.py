@@ -399,10 +399,10 @@ class SpinAttentionBackend(AttentionBackend):
         new = held.rows[context_len - k.shape[0] :]  # [n]
         rows_k[new] = k
         rows_v[new] = v
-        # token-major, as the dense layers gather it: strides that do not change with the
-        # context's length, so cuDNN runs the kernel it compiled for them at every chunk (a
-        # head-major copy's strides changed with each chunk's page count, and each chunk's
-        # attention waited ~50 ms for cuDNN to compile a kernel for them)
+        # token-major, as the dense layers gather it: the BSHD layout cuDNN's plan reuse
+        # across lengths takes (TORCH_CUDNN_SDPA_AVOID_RECOMPILE, see paged_prefill_attention),
+        # with strides that do not change with the context's length (a head-major copy's
+        # changed with each chunk's page count, and each chunk waited ~50 ms for a new plan)
         ctx_k = rows_k.index_select(0, held.rows)  # [T, Hkv, D]
         ctx_v = rows_v.index_select(0, held.rows)
         return self._attend_prefill(q, ctx_k.transpose(0, 1), ctx_v.transpose(0, 1), scale)
