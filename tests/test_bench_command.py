@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from spin_ray.cli import main
@@ -60,6 +61,7 @@ RESULT_FIELDS = {
     "attention_share",
     "rest_share",
     "kv_stats_end",
+    "requests",
 }
 MODES = ["dense", "dense-offload", "sparse-naive", "spin"]
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 200, 6
@@ -99,6 +101,12 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         assert set(r) == RESULT_FIELDS
         assert r["completed"] == r["arrived"] == NUM_PROMPTS and not r["truncated"]
         assert r["ttft_censored"] == 0
+        rows = r["requests"]  # one per request, every one finished with its own TTFT
+        assert [row["request_id"] for row in rows] == [f"bench-{i}" for i in range(NUM_PROMPTS)]
+        assert all(row["status"] == "finished" for row in rows)
+        assert [row["input_len"] for row in rows] == [INPUT_LEN] * NUM_PROMPTS
+        assert [row["output_len"] for row in rows] == [OUTPUT_LEN] * NUM_PROMPTS
+        assert r["ttft_p50"] == pytest.approx(float(np.median([row["ttft_ms"] for row in rows])))
         assert r["preemptions"] == 0  # every mode's cache holds the whole workload
         assert r["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
         assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN

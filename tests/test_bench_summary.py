@@ -58,6 +58,16 @@ def test_figures_follow_their_formulas():
     assert r["e2el_p50"] == pytest.approx(2500.0) and r["e2el_mean"] == pytest.approx(5750 / 3)
     assert r["e2el_p99"] == pytest.approx(2500 + 0.98 * 500)
     assert r["mean_batch"] == 2.0 and r["max_batch"] == 3
+    assert r["requests"] == [
+        dict(request_id="a", input_len=100, output_len=11, arrival_s=0.0, status="finished",
+             ttft_ms=pytest.approx(500.0), tpot_ms=pytest.approx(200.0),
+             e2el_ms=pytest.approx(2500.0)),
+        dict(request_id="b", input_len=300, output_len=1, arrival_s=1.0, status="finished",
+             ttft_ms=pytest.approx(250.0), tpot_ms=None, e2el_ms=pytest.approx(250.0)),
+        dict(request_id="c", input_len=200, output_len=5, arrival_s=2.0, status="finished",
+             ttft_ms=pytest.approx(1000.0), tpot_ms=pytest.approx(500.0),
+             e2el_ms=pytest.approx(3000.0)),
+    ]  # fmt: skip
     assert r["hbm_hit_rate"] == 0.75 and r["evictions"] == 7
     assert r["h2d_gbps"] == pytest.approx(0.4) and r["d2h_gbps"] == pytest.approx(0.2)
     assert r["select_share"] == pytest.approx(0.1) and r["fetch_share"] == pytest.approx(0.25)
@@ -268,6 +278,13 @@ def test_time_limit_aborts_and_marks_the_run_truncated():
     served = [(t.first_token - t.arrival) * 1e3 for t in record.timings[:2]]
     assert r["ttft_mean"] == pytest.approx((sum(served) + record.duration * 1e3) / 3)
     assert r["arrived"] == 3  # the late one arrives after the limit
+    rows = {row["request_id"]: row for row in r["requests"]}
+    assert [rows[i]["status"] for i in ("r0", "r1", "queued", "late")] == [
+        "running", "running", "waiting", "not arrived"
+    ]  # fmt: skip
+    assert rows["queued"]["ttft_ms"] == pytest.approx(record.duration * 1e3)  # the lower bound
+    assert rows["late"]["ttft_ms"] is rows["late"]["tpot_ms"] is rows["late"]["e2el_ms"] is None
+    assert rows["r0"]["e2el_ms"] is None and rows["r0"]["ttft_ms"] == pytest.approx(served[0])
     report = markdown_report([r], [], {})
     assert "0/4 requests finished (3 arrived by then); 1 had no first token yet" in report
     # unfinished requests' TPOT runs to their latest token

@@ -46,6 +46,10 @@ UNITS = {
     "size, for sizes with MIN_STEPS_PER_BATCH or more such steps",
     "same_batch_size": "largest batch size in both spin's and dense's decode_step_ms_by_batch",
     "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
+    "requests": "one row per request, in workload order: request_id, input_len, output_len "
+    "(tokens generated), arrival_s (s from the run's start), status (finished, running: cut "
+    "off after its first token, waiting: no first token at the limit, its ttft_ms the lower "
+    "bound above, not arrived), ttft_ms, tpot_ms, e2el_ms (None where there is none)",
     "repeat": 'which run of a mode and rate (--repeats), from 1; in comparisons also "median": '
     "the median of each ratio over the runs",
 }
@@ -66,17 +70,10 @@ def summarize(record: RunRecord) -> dict:
     """Per-mode figures of `record`; a figure the engine cannot supply is None, never a guess."""
     done = [t for t in record.timings if t.finished is not None]
     duration = record.duration
-    # a request still waiting for its first token when a truncated run stopped has waited at
-    # least until then: leaving it out would flatter the mode that queued it
-    waiting = [t for t in record.timings if t.first_token is None and t.arrival < duration]
-    ttfts = [(t.first_token - t.arrival) * 1e3 for t in record.timings if t.first_token is not None]
-    ttfts += [(duration - t.arrival) * 1e3 for t in waiting]
-    tpots = [  # unfinished requests of a truncated run count up to their latest token
-        (t.last_token - t.first_token) / (t.output_len - 1) * 1e3
-        for t in record.timings
-        if t.output_len > 1
-    ]
-    e2els = [(t.finished - t.arrival) * 1e3 for t in done]
+    requests = request_rows(record)
+    ttfts = [row["ttft_ms"] for row in requests if row["ttft_ms"] is not None]
+    tpots = [row["tpot_ms"] for row in requests if row["tpot_ms"] is not None]
+    e2els = [row["e2el_ms"] for row in requests if row["e2el_ms"] is not None]
     itls = [gap * 1e3 for t in record.timings for gap in np.diff(t.token_times)]
     output_tokens = sum(t.output_len for t in record.timings)
     input_tokens = sum(t.input_len for t in done)
@@ -88,7 +85,7 @@ def summarize(record: RunRecord) -> dict:
         "mode": record.mode,
         "request_rate": "inf" if math.isinf(record.request_rate) else record.request_rate,
         "num_requests": len(record.timings),
-        "arrived": sum(t.arrival < duration for t in record.timings),
+        "arrived": sum(row["status"] != "not arrived" for row in requests),
         "completed": len(done),
         "truncated": record.truncated,
         "repeat": record.repeat,
@@ -99,7 +96,7 @@ def summarize(record: RunRecord) -> dict:
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
         **_percentiles("ttft", ttfts),
-        "ttft_censored": len(waiting),
+        "ttft_censored": sum(row["status"] == "waiting" for row in requests),
         **_percentiles("tpot", tpots),
         **_percentiles("itl", itls),
         **_percentiles("e2el", e2els),
@@ -128,7 +125,46 @@ def summarize(record: RunRecord) -> dict:
     figures["prefetched_bytes"] = stats.get("prefetched_bytes")  # of h2d_bytes: lookahead
     figures.update(_time_shares(stats, record.step_time))
     figures["kv_stats_end"] = record.kv_stats_end
+    figures["requests"] = requests
     return figures
+
+
+def request_rows(record: RunRecord) -> list[dict]:
+    """One row per request of `record`, in workload order: what the TTFT, TPOT and E2EL
+    percentiles are taken over, kept so a truncated run's censored TTFTs can be told apart."""
+    rows = []
+    for t in record.timings:
+        if t.finished is not None:
+            status = "finished"
+        elif t.first_token is not None:
+            status = "running"  # cut off by the time limit after its first token
+        elif t.arrival < record.duration:
+            status = "waiting"
+        else:
+            status = "not arrived"
+        if t.first_token is not None:
+            ttft = (t.first_token - t.arrival) * 1e3
+        elif status == "waiting":
+            # it waited at least until the truncated run stopped: leaving it out would flatter
+            # the mode that queued it
+            ttft = (record.duration - t.arrival) * 1e3
+        else:
+            ttft = None
+        rows.append({
+            "request_id": t.request_id,
+            "input_len": t.input_len,
+            "output_len": t.output_len,
+            "arrival_s": t.arrival,
+            "status": status,
+            "ttft_ms": ttft,
+            # an unfinished request of a truncated run counts up to its latest token
+            "tpot_ms": (
+                (t.last_token - t.first_token) / (t.output_len - 1) * 1e3
+                if t.output_len > 1 else None
+            ),
+            "e2el_ms": (t.finished - t.arrival) * 1e3 if t.finished is not None else None,
+        })  # fmt: skip
+    return rows
 
 
 def compare_modes(results: list[dict]) -> list[dict]:
