@@ -171,6 +171,7 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         (["--workload", "longbench-v2", "--input-len", "5"], "input_len"),
         (["--sparse", "nope"], "sparse"),
         (["--token-budget", "many"], "token_budget"),
+        (["--token-budget", "1.5"], "token_budget"),  # a fraction past 1: SparseConfig says so
         (["--min-buffer-ratio", "-1"], "min_buffer_ratio"),
         (["--repeats", "0"], "repeats"),
         (["--burstiness", "0"], "burstiness"),

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from spin_ray.bench.workloads import WorkloadSpec
-from spin_ray.sparse.config import SparseConfig
+from spin_ray.sparse.config import SparseConfig, sparse_config_from_args
 
 SPIN_MODES = ("dense", "dense-offload", "sparse-naive", "spin")
 """spin-ray's own modes, one engine each (issue 3)."""
@@ -104,17 +104,11 @@ class BenchConfig:
                 raise ValueError(f"request_rate: must be > 0 or inf, got {rate}")
         if self.sparse not in SPARSE_ALGORITHMS:
             raise ValueError(f"sparse: unknown algorithm {self.sparse!r}; use {SPARSE_ALGORITHMS}")
-        if self.token_budget is not None and not self.token_budget > 0:
-            raise ValueError(f"token_budget: must be > 0, got {self.token_budget}")
-        for name in ("buffer_ratio", "min_buffer_ratio"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
-        if self.lookahead_share is not None:
-            if not self.lookahead:
-                raise ValueError("lookahead_share: needs lookahead (--lookahead)")
-            if not 0 < self.lookahead_share <= 1:
-                raise ValueError(f"lookahead_share: must be in (0, 1], got {self.lookahead_share}")
+        if self.lookahead_share is not None and not self.lookahead:
+            raise ValueError("lookahead_share: needs lookahead (--lookahead)")
+        # spin's settings, checked by its own config now rather than when its engine is built
+        # (after the modes before it have run)
+        sparse_config_from_args(self.sparse, **self._sparse_kwargs("spin"))
         for name in ("gpu_cache_tokens", "cpu_cache_tokens", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -147,12 +141,19 @@ class BenchConfig:
                 )
         kwargs = dict(
             sparse=self.sparse,
-            token_budget=self.token_budget,
-            buffer_ratio=self.buffer_ratio,
-            min_buffer_ratio=self.min_buffer_ratio,
-            lookahead=True if self.lookahead and mode == "spin" else None,
-            lookahead_share=self.lookahead_share if self.lookahead and mode == "spin" else None,
+            **self._sparse_kwargs(mode),
             gpu_cache_tokens=slots,
             cpu_cache_tokens=self.cpu_cache_tokens,
         )
         return {k: v for k, v in kwargs.items() if v is not None}
+
+    def _sparse_kwargs(self, mode: str) -> dict:
+        """`SparseConfig` fields this benchmark sets for `mode` (None: the default)."""
+        lookahead = self.lookahead and mode == "spin"
+        return dict(
+            token_budget=self.token_budget,
+            buffer_ratio=self.buffer_ratio,
+            min_buffer_ratio=self.min_buffer_ratio,
+            lookahead=True if lookahead else None,
+            lookahead_share=self.lookahead_share if lookahead else None,
+        )
