@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -79,13 +78,6 @@ class _DecodeStep:
     batch: SelectBatch
 
 
-class _HeldPrefill(NamedTuple):
-    """A prefill chunk whose request's context is kept in HBM prefill slots."""
-
-    rows: torch.Tensor  # [T] int64 slot * S + offset of each context position (the prefix,
-    # then the chunk's tokens), in a layer's [(Q + 1) * S] rows of one head
-
-
 class SpinAttentionBackend(AttentionBackend):
     def __init__(
         self,
@@ -122,8 +114,10 @@ class SpinAttentionBackend(AttentionBackend):
         self._index: dict[str, _IndexState] = {}
         self._step: _DecodeStep | None = None
         self._prefills: list[PrefillChunk] = []
-        self._prefill_held: list[_HeldPrefill | None] = []
-        """Per prefill chunk: its pages in the GPU tier's prefill slots (None: CPU tier)."""
+        self._prefill_held: list[torch.Tensor | None] = []
+        """Per prefill chunk whose request's context is kept in HBM prefill slots: [T] int64
+        slot * S + offset of each context position (the prefix, then the chunk's tokens), in a
+        layer's [(Q + 1) * S] rows of one head; None: the prefix is read from the CPU tier."""
         self._prefix_reads: dict[tuple[int, int], PendingRead] = {}
         """(layer, chunk index) → its prefix, being read ahead on the host's side stream."""
         num_slots = gpu.k.shape[2]
@@ -174,10 +168,11 @@ class SpinAttentionBackend(AttentionBackend):
             else None
         )
 
-    def _held_prefill(self, meta: AttentionMetadata, chunk: PrefillChunk) -> _HeldPrefill | None:
-        """The chunk's pages in HBM prefill slots, taken at its request's first chunk when more
-        chunks follow; None (read any prefix from the CPU tier) when there were not enough
-        slots, or when the GPU tier is a one-layer staging area (`retains=False`)."""
+    def _held_prefill(self, meta: AttentionMetadata, chunk: PrefillChunk) -> torch.Tensor | None:
+        """The rows of the chunk's context in HBM prefill slots ([T] int64), the slots taken
+        at its request's first chunk when more chunks follow; None (read any prefix from the
+        CPU tier) when there were not enough slots, or when the GPU tier is a one-layer staging
+        area (`retains=False`)."""
         if not self.retains:
             return None
         b, _, n, context_len = chunk
@@ -190,7 +185,7 @@ class SpinAttentionBackend(AttentionBackend):
             return None
         slots = torch.tensor(held[:num_pages], dtype=torch.int64).to(self.device)  # [p]
         pos = torch.arange(context_len, device=self.device)  # [T]
-        return _HeldPrefill(slots[pos // s] * s + pos % s)
+        return slots[pos // s] * s + pos % s  # [T]
 
     def _plan_decode(self, meta, decode: list[int], tokens: list[int]) -> _DecodeStep:
         """Lay out the decode sequences, with bucketed widths (slot lists, windows: the same
@@ -372,7 +367,7 @@ class SpinAttentionBackend(AttentionBackend):
                 out[rows] = self._prefill(layer, b, q[rows], k[rows], v[rows], ctx, scale)
             else:
                 out[rows] = self._prefill_held_in_hbm(layer, held, q[rows], k[rows], v[rows],
-                                                      ctx, scale)  # fmt: skip
+                                                      scale)  # fmt: skip
         return out
 
     def _append(self, layer, k):
@@ -390,21 +385,21 @@ class SpinAttentionBackend(AttentionBackend):
             first_offset = (context_len - n) % self.page_size
             self.algorithm.append_chunk(layer, slots[rows], k[rows], first_offset)
 
-    def _prefill_held_in_hbm(self, layer, held, q, k, v, context_len, scale):
+    def _prefill_held_in_hbm(self, layer, held_rows, q, k, v, scale):
         """Dense causal attention of a chunk over its context, kept in its prefill slots: the
         chunk's K/V written there, the prefix read from there (HBM)."""
         heads, _, _, d = self.gpu.k[layer].shape  # [Hkv, Q + 1, S, D]
         rows_k = self.gpu.k[layer].view(heads, -1, d).transpose(0, 1)  # [(Q + 1) * S, Hkv, D]
         rows_v = self.gpu.v[layer].view(heads, -1, d).transpose(0, 1)
-        new = held.rows[context_len - k.shape[0] :]  # [n]
+        new = held_rows[-k.shape[0] :]  # [n] the chunk's own rows, after its prefix
         rows_k[new] = k
         rows_v[new] = v
         # token-major, as the dense layers gather it: the BSHD layout cuDNN's plan reuse
         # across lengths takes (TORCH_CUDNN_SDPA_AVOID_RECOMPILE, see paged_prefill_attention),
         # with strides that do not change with the context's length (a head-major copy's
         # changed with each chunk's page count, and each chunk waited ~50 ms for a new plan)
-        ctx_k = rows_k.index_select(0, held.rows)  # [T, Hkv, D]
-        ctx_v = rows_v.index_select(0, held.rows)
+        ctx_k = rows_k.index_select(0, held_rows)  # [T, Hkv, D]
+        ctx_v = rows_v.index_select(0, held_rows)
         return self._attend_prefill(q, ctx_k.transpose(0, 1), ctx_v.transpose(0, 1), scale)
 
     def _prefill(self, layer, b, q, k, v, context_len, scale):
