@@ -273,10 +273,6 @@ class ResidencyTable:
     # ------------------------------------------------------------------ accounting
 
     @property
-    def resident_pages(self) -> int:
-        return int((self.slot_page >= 0).sum())
-
-    @property
     def segments_in_use(self) -> int:
         return int((self.seg_home >= 0).sum())
 
