@@ -175,10 +175,8 @@ def _profile_prefill(engine, args) -> None:
     with torch.profiler.profile(activities=activities) as prof:  # CPU too: for the gaps
         steps, wall = _prefill_wall(engine, {str(i) for i in range(args.batch)})
     read = (engine.kv_stats().h2d_bytes - before.h2d_bytes) / 1e9
-    beside = f" beside {args.beside} decoding requests" if args.beside else ""
-    print(f"prefill of {args.batch} x {args.prompt_len}{beside} in {steps} steps: {wall:.2f} s "
-          f"wall ({wall / steps * 1e3:.1f} ms per step, under the profiler), {read:.2f} GB "
-          f"host -> GPU (prefix reads, and the decodes' misses)")  # fmt: skip
+    print(_prefill_line(args, steps, wall, "under the profiler") + f", {read:.2f} GB host -> GPU "
+          "(prefix reads, and the decodes' misses)")  # fmt: skip
     _print_kernels(prof, steps, f"{args.mode}, {args.model}, batch {args.batch} x "
                    f"{args.prompt_len}, chunks of {args.chunk_tokens}", "prefill step")  # fmt: skip
     _print_gaps(prof, steps)
@@ -198,6 +196,12 @@ def _prefill_wall(engine, ids: set[str]) -> tuple[int, float]:
     return steps, time.perf_counter() - start
 
 
+def _prefill_line(args, steps: int, wall: float, how: str) -> str:
+    beside = f" beside {args.beside} decoding requests" if args.beside else ""
+    return (f"prefill of {args.batch} x {args.prompt_len}{beside} in {steps} steps: {wall:.2f} s "
+            f"wall ({wall / steps * 1e3:.1f} ms per step, {how})")  # fmt: skip
+
+
 def _profile_prefill_host(engine, args, params, rng) -> None:
     """Wall time per step of the prefill without a profiler, then the host's own time per
     function over a second, identical prefill under cProfile."""
@@ -207,9 +211,7 @@ def _profile_prefill_host(engine, args, params, rng) -> None:
     import warnings
 
     steps, wall = _prefill_wall(engine, {str(i) for i in range(args.batch)})
-    beside = f" beside {args.beside} decoding requests" if args.beside else ""
-    print(f"prefill of {args.batch} x {args.prompt_len}{beside} in {steps} steps: {wall:.2f} s "
-          f"wall ({wall / steps * 1e3:.1f} ms per step, no profiler)")  # fmt: skip
+    print(_prefill_line(args, steps, wall, "no profiler"))
     for i in range(args.batch):  # (its pages go back first: the CPU tier holds one prefill)
         engine.abort_request(str(i))
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
