@@ -23,7 +23,13 @@ steps. Needs CUDA.
 from __future__ import annotations
 
 import argparse
+import collections
+import cProfile
+import pstats
 import random
+import statistics
+import time
+import warnings
 
 import torch
 
@@ -184,8 +190,6 @@ def _profile_prefill(engine, args) -> None:
 
 def _prefill_wall(engine, ids: set[str]) -> tuple[int, float]:
     """Steps and wall seconds until every request in `ids` has its first token."""
-    import time
-
     torch.cuda.synchronize()
     started: set[str] = set()
     steps, start = 0, time.perf_counter()
@@ -205,11 +209,6 @@ def _prefill_line(args, steps: int, wall: float, how: str) -> str:
 def _profile_prefill_host(engine, args, params, rng) -> None:
     """Wall time per step of the prefill without a profiler, then the host's own time per
     function over a second, identical prefill under cProfile."""
-    import collections
-    import cProfile
-    import pstats
-    import warnings
-
     steps, wall = _prefill_wall(engine, {str(i) for i in range(args.batch)})
     print(_prefill_line(args, steps, wall, "no profiler"))
     for i in range(args.batch):  # (its pages go back first: the CPU tier holds one prefill)
@@ -258,8 +257,6 @@ def _print_gaps(prof, steps: int) -> None:
     """Where the GPU ran nothing: the union of every kernel's, copy's and memset's interval
     over the measured steps, its idle gaps (over 20 us) summed by the kernels either side, and
     for the longest gaps the host ops that overlapped them most (what the GPU waited for)."""
-    import collections
-
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     events = prof.events()
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
@@ -300,11 +297,6 @@ def _print_gaps(prof, steps: int) -> None:
 
 
 def _profile_host(engine, steps: int) -> None:
-    import cProfile
-    import pstats
-    import statistics
-    import time
-
     engine.step()  # capture any graph this batch shape still lacks
     graphs = engine.decode_graphs
     replays: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
