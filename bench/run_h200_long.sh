@@ -41,7 +41,8 @@
 #              LONGBENCH_LIMIT-second window (default 120; none: to the end); LONGBENCH_SCALE
 #              (0.5), LONGBENCH_PROMPTS (24), LONGBENCH_SEED (0: the prompts, lengths and arrivals),
 #              LONGBENCH_GPU_TOKENS (131072), LONGBENCH_CPU_TOKENS (524288) and LONGBENCH_BUDGET
-#              (spin's token budget, 2048; a tag "-budgetN" names the logs) change the
+#              (spin's token budget, 2048; a tag "-budgetN" names the logs) and
+#              LONGBENCH_BUFFER_RATIO (spin's --buffer-ratio, 15; tag "-bufferR") change the
 #              workload and the KV capacities for it and for longbenchfloor /
 #              longbenchlookahead (the CPU tier is pinned: 589824 tokens, 72 GB, failed to pin on
 #              the H200 machine; 524288, 64 GB, pins)
@@ -104,10 +105,12 @@ if [ -n "${LONGBENCH_SCALE:-}${LONGBENCH_PROMPTS:-}${LONGBENCH_GPU_TOKENS:-}${LO
 fi
 [[ ${LONGBENCH_SEED:-0} != 0 ]] && LONGBENCH_TAG+="-seed$LONGBENCH_SEED"
 [[ ${LONGBENCH_BUDGET:-2048} != 2048 ]] && LONGBENCH_TAG+="-budget$LONGBENCH_BUDGET"
+[[ -n ${LONGBENCH_BUFFER_RATIO:-} ]] && LONGBENCH_TAG+="-buffer$LONGBENCH_BUFFER_RATIO"
 longbench_decode=(--sparse quest --workload longbench-v2 --scale "${LONGBENCH_SCALE:-0.5}"
     --num-prompts "${LONGBENCH_PROMPTS:-24}" --token-budget "${LONGBENCH_BUDGET:-2048}" --seed "${LONGBENCH_SEED:-0}"
     --gpu-cache-tokens "${LONGBENCH_GPU_TOKENS:-131072}"
     --cpu-cache-tokens "${LONGBENCH_CPU_TOKENS:-524288}")
+[[ -n ${LONGBENCH_BUFFER_RATIO:-} ]] && longbench_decode+=(--buffer-ratio "$LONGBENCH_BUFFER_RATIO")
 if [[ ${LONGBENCH_LIMIT:-120} != none ]]; then  # none: every request runs to its end
     longbench_decode+=(--time-limit "${LONGBENCH_LIMIT:-120}")
 fi
