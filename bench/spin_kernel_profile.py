@@ -85,6 +85,20 @@ def main() -> None:
         "--lookahead-share", type=float, default=None, help="share of the top-k fetched early"
     )
     parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="the engine's max_model_len (default: the longest request's context): the bench "
+        "sets its workload's longest, which fixes the graphs' page-table and slot-list widths",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="the engine's max_num_seqs (default: --batch + --beside): the bench's 64 pads a "
+        "decode graph batch to the next of 1, 2, 4, 8, 16, 24, ...",
+    )
+    parser.add_argument(
         "--warmup-steps",
         type=int,
         default=2,
@@ -100,9 +114,10 @@ def main() -> None:
     beside_tokens = (
         args.warmup_steps + prefills * args.batch * (args.prompt_len // args.chunk_tokens + 2) + 8
     )
-    prompt_max = args.prompt_len + args.steps + args.warmup_steps + 32
+    prompt_max = args.prompt_len + 3 * args.steps + args.warmup_steps + 32
     beside_max = beside_len + beside_tokens + 32
     max_len = max(prompt_max, beside_max) if args.beside else prompt_max
+    max_len = max(max_len, args.max_model_len or 0)
     # every request's own context (9 x 50K beside a 64K prompt: 515K tokens, a 63 GB pinned
     # tier, within the H200 machine's 64 GB), plus slack for page rounding
     tokens = args.batch * prompt_max + args.beside * beside_max + 1024
@@ -119,14 +134,14 @@ def main() -> None:
                       lookahead=args.lookahead or None,
                       lookahead_share=args.lookahead_share)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
-              max_num_seqs=args.batch + args.beside, max_model_len=max_len,
+              max_num_seqs=args.max_num_seqs or args.batch + args.beside, max_model_len=max_len,
               max_num_batched_tokens=(args.chunk_tokens if args.prefill
                                       else min(args.batch * args.prompt_len, 65536)),
               progress=False,
               **sparse)  # fmt: skip
     engine = llm.llm_engine
     rng = random.Random(0)
-    room = args.steps + args.warmup_steps + 16
+    room = 3 * args.steps + args.warmup_steps + 16  # --graphs: three rounds of steps
     params = SamplingParams(max_tokens=room, temperature=0.0, ignore_eos=True)
     if args.prefill:  # compile the kernels of a prefill over a prefix outside the measurement
         # (with --prefix-from-cpu longer than HBM holds, so the CPU-tier prefix read compiles)
@@ -341,6 +356,11 @@ def _profile_host(engine, steps: int) -> None:
         engine.step()
     profile.disable()
     pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):  # the kernels the replays run (the padded batch, fixed widths)
+            engine.step()
+        torch.cuda.synchronize()
+    _print_kernels(prof, steps, "graph replays", "decode step")
 
 
 def _print_cache(before, after, steps: int) -> None:

@@ -56,23 +56,29 @@ def _quest_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    d = tl.arange(0, BLOCK_D)
+    first = tl.program_id(2) * BLOCK_P
+    p = first + tl.arange(0, BLOCK_P)
     p_mask = p < MAX_PAGES
-    live = p_mask & (p < tl.load(num_pages_ptr + b))  # past a sequence's end: nothing read
-    d_mask = d < HEAD_DIM
-    pages = tl.load(table_ptr + b * stride_tb + p, mask=live, other=0).to(tl.int64)
-    off = (pages * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
-    mask = live[:, None] & d_mask[None, :]
-    lo = tl.load(kmin_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
-    hi = tl.load(kmax_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for g in tl.static_range(GROUP):
-        qg = tl.load(q_ptr + b * stride_qb + (h * GROUP + g) * stride_qh + d, mask=d_mask)
-        qg = qg.to(tl.float32)[None, :]
-        best = tl.maximum(best, tl.sum(tl.maximum(qg * hi, qg * lo), 1))
-    best = tl.where(live, best, float("-inf"))
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + p, best, mask=p_mask)
+    num_pages = tl.load(num_pages_ptr + b)
+    out_row = out_ptr + b * stride_ob + h * stride_oh
+    if first < num_pages:
+        d = tl.arange(0, BLOCK_D)
+        live = p_mask & (p < num_pages)
+        d_mask = d < HEAD_DIM
+        pages = tl.load(table_ptr + b * stride_tb + p, mask=live, other=0).to(tl.int64)
+        off = (pages * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
+        mask = live[:, None] & d_mask[None, :]
+        lo = tl.load(kmin_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
+        hi = tl.load(kmax_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for g in tl.static_range(GROUP):
+            qg = tl.load(q_ptr + b * stride_qb + (h * GROUP + g) * stride_qh + d, mask=d_mask)
+            qg = qg.to(tl.float32)[None, :]
+            best = tl.maximum(best, tl.sum(tl.maximum(qg * hi, qg * lo), 1))
+        tl.store(out_row + p, tl.where(live, best, float("-inf")), mask=p_mask)
+    else:  # wholly past the sequence's end (graph padding rows, a table wider than the row)
+        # only the -inf fill: the scoring's math would cost almost as much as a live block's
+        tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p_mask)
 
 
 def quest_page_scores(
