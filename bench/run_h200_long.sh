@@ -70,6 +70,7 @@
 set -u
 OUT=${OUT:?set OUT to a folder for logs and results}
 OUT_DIR=$OUT
+mkdir -p "$OUT_DIR"  # e.g. OUT=$OUT/a for a second run in one device call
 OUT=$(mktemp -d)  # the logs; packed into $OUT_DIR/results.tgz
 pack() { tar czf "$OUT_DIR/results.tgz" -C "$OUT" .; }
 export PYTHONUNBUFFERED=1
