@@ -16,8 +16,9 @@ launches per step (top 30), and the GPU time per step in all. With --graphs the 
 CUDA graphs instead: the wall time of `--steps` decode steps of the whole batch (p50, min, max;
 no request finishes or prefills meanwhile: the TPOT at that batch size) and the GPU time of
 their graph replays, then the host functions with the most time over 8 more steps under
-cProfile. Sparse modes also print the HBM hit rate and host -> GPU bytes of the measured
-steps. Needs CUDA.
+cProfile, and the lines that synchronise with the GPU over 4 more (--no-async-scheduling: the
+engine waits for each step's tokens). Sparse modes also print the HBM hit rate and host -> GPU
+bytes of the measured steps. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def main() -> None:
         "sets its workload's longest, which fixes the graphs' page-table and slot-list widths",
     )
     parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's async scheduling (default on; with --graphs a step's wall time is "
+        "then the time between two steps' tokens reaching the host)",
+    )
+    parser.add_argument(
         "--max-num-seqs",
         type=int,
         default=None,
@@ -137,7 +145,7 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs or args.batch + args.beside, max_model_len=max_len,
               max_num_batched_tokens=(args.chunk_tokens if args.prefill
                                       else min(args.batch * args.prompt_len, 65536)),
-              progress=False,
+              progress=False, async_scheduling=args.async_scheduling,
               **sparse)  # fmt: skip
     engine = llm.llm_engine
     rng = random.Random(0)
@@ -356,11 +364,28 @@ def _profile_host(engine, steps: int) -> None:
         engine.step()
     profile.disable()
     pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
+    _print_syncs(engine, 4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):  # the kernels the replays run (the padded batch, fixed widths)
             engine.step()
         torch.cuda.synchronize()
     _print_kernels(prof, steps, "graph replays", "decode step")
+
+
+def _print_syncs(engine, steps: int) -> None:
+    """The lines that make the host wait for the GPU over `steps` graph steps (with async
+    scheduling only the read of the previous step's tokens should, and it is an event wait,
+    which the sync debug mode does not report)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as syncs:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            engine.step()
+    torch.cuda.set_sync_debug_mode("default")
+    lines = collections.Counter(f"{w.filename}:{w.lineno}" for w in syncs)
+    print(f"synchronisations per graph step, by line ({steps} steps): {len(lines) or 'none'}")
+    for line, count in lines.most_common():
+        print(f"  {count / steps:6.1f}  {line}")
 
 
 def _print_cache(before, after, steps: int) -> None:

@@ -155,6 +155,11 @@ class EngineConfig:
     enforce_eager: bool = False
     """Run every step eagerly. Otherwise, on CUDA, decode-only steps replay CUDA graphs
     captured per padded batch size (engine/decode_graphs.py); the CPU always runs eagerly."""
+    async_scheduling: bool = True
+    """Schedule and launch each step before reading the previous step's tokens (vLLM's async
+    scheduling): the GPU runs while the host samples' results are detokenized and the next
+    step is planned; `LLMEngine.step` then returns each step's outputs one call later. The
+    tokens are the same either way."""
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -48,6 +48,7 @@ class LLM:
         cpu_kv_tokens: int = 65536,
         seed: int = 0,
         enforce_eager: bool = False,
+        async_scheduling: bool = True,
         progress: bool = True,
         sparse: str | None = None,
         mode: str | None = None,
@@ -104,6 +105,7 @@ class LLM:
             scheduler=scheduler,
             sparse=sparse_cfg,
             enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         )
         self.llm_engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()

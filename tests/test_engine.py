@@ -261,8 +261,11 @@ def test_cli_sparse_flags_reach_the_engine(capsys):
     assert quest["token_ids"] == dense["token_ids"]
 
 
-def test_last_step_tokens_counts_prompt_chunks_and_decodes(make_llm):
-    llm = make_llm(model="spin-tiny", page_size=4, max_num_batched_tokens=16)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_last_step_tokens_counts_prompt_chunks_and_decodes(make_llm, async_scheduling):
+    llm = make_llm(
+        model="spin-tiny", page_size=4, max_num_batched_tokens=16, async_scheduling=async_scheduling
+    )
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     engine.add_request("r0", random_prompts((40,), seed=3)[0], params)
@@ -271,8 +274,10 @@ def test_last_step_tokens_counts_prompt_chunks_and_decodes(make_llm):
         engine.step()
         counts.append(engine.last_step_tokens)
     # the 40-token prompt in chunks of 16, 16 and 8 (which samples the first token), then two
-    # decodes
-    assert counts == [16, 16, 8, 1, 1]
+    # decodes; async, each step's count comes with its outputs, one call later (the last call
+    # launches nothing: the third token ends the request by length)
+    expected = [16, 16, 8, 1, 1]
+    assert counts == ([0, *expected] if async_scheduling else expected)
 
 
 def test_a_prompt_waits_for_pages_for_all_of_it(make_llm):

@@ -5,6 +5,10 @@ must sit in the same tensor at every replay. `StepBuffers.put` copies a step's v
 buffer named for them and returns it; each (name, shape, dtype) gets one buffer for good, so
 two steps with the same shapes read the same memory. `to_step` is how a step's tensors reach
 the device either way.
+
+Host values go over from pinned memory without waiting (`to_device_async`): a copy from
+pageable memory may wait for the GPU to finish its queue, which would stall the host while
+it prepares the next step as the current one runs (async scheduling).
 """
 
 from __future__ import annotations
@@ -18,13 +22,23 @@ def bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def to_device_async(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`values` on `device`; a host tensor bound for CUDA is staged in pinned memory (torch's
+    pinned-memory cache keeps the block until the copy has run, so it is never overwritten
+    early) and copied without the host waiting."""
+    device = torch.device(device)
+    if device.type == "cuda" and values.device.type == "cpu":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)
+
+
 def to_step(
     name: str, values: torch.Tensor, device: torch.device | str, buffers: StepBuffers | None
 ) -> torch.Tensor:
     """`values` (host or device) as a tensor of the step: in the persistent buffer `name` for
     a CUDA-graph step (`buffers`), else on `device` (a copy only if it is elsewhere)."""
     if buffers is None:
-        return values.to(device, non_blocking=True)
+        return to_device_async(values, device)
     return buffers.put(name, values)
 
 
@@ -40,5 +54,7 @@ class StepBuffers:
         if buffer is None:
             buffer = torch.empty(key[1], dtype=values.dtype, device=self.device)
             self._buffers[key] = buffer
+        if self.device.type == "cuda" and values.device.type == "cpu":
+            values = values.pin_memory()  # see to_device_async
         buffer.copy_(values, non_blocking=True)
         return buffer

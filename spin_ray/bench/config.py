@@ -66,6 +66,9 @@ class BenchConfig:
     """Run every step eagerly (spin-ray and vLLM alike). Otherwise, on CUDA, decode-only steps
     replay CUDA graphs, and spin-ray's cache phases (select, fetch, index, attention) go
     untimed: their time shares are None."""
+    async_scheduling: bool = True
+    """spin-ray launches each step before reading the previous step's tokens
+    (`EngineConfig.async_scheduling`); False waits for each step."""
     burstiness: float = 1.0
     """Shape of the Gamma inter-arrival times at a finite rate (`vllm bench serve`'s): 1 is
     Poisson, below 1 burstier, above 1 more even; the mean rate stays the request rate."""

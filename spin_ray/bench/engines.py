@@ -83,6 +83,7 @@ class SpinBenchEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             seed=config.seed,
             enforce_eager=config.enforce_eager,
+            async_scheduling=config.async_scheduling,
             progress=False,
         )
         if mode != "dense":

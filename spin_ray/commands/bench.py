@@ -157,6 +157,7 @@ def bench_config(args: argparse.Namespace):
         page_size=args.page_size,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         burstiness=args.burstiness,
         max_concurrency=args.max_concurrency,
         time_limit=args.time_limit,

@@ -34,6 +34,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no CUDA graphs: run decode steps eagerly (graphs are used on CUDA by default)",
     )
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="launch each step before reading the previous step's tokens, so the GPU runs "
+        "while the host schedules (default: on; --no-async-scheduling waits for each step)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -48,6 +55,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
-from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
+from spin_ray.attention.step_buffers import StepBuffers, bucket, to_device_async, to_step
 from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.scheduler import SchedulerOutput
 
@@ -22,20 +22,35 @@ class BatchInputs:
     sample_request_ids: tuple[str, ...]  # [M] the request each sampled row belongs to
 
 
+@dataclass(frozen=True)
+class DeviceTokens:
+    """The tokens sampled by the step in flight (async scheduling), still on the device: a
+    decode row whose input is one of them reads it from here."""
+
+    token_ids: torch.Tensor
+    """[M] int64, on the device."""
+    rows: dict[str, int]
+    """Request id -> its row of `token_ids`."""
+
+
 def build_batch_inputs(
     step: SchedulerOutput,
     page_tables: HostPageTables,
     page_size: int,
     device: torch.device | str,
     graph: GraphBatch | None = None,
+    pending: DeviceTokens | None = None,
 ) -> BatchInputs:
-    """Pack the step's chunks in order, with each request's page ids from `page_tables`.
+    """Pack the step's chunks in order, with each request's page ids from `page_tables`; a
+    chunk ending in a pending token (`Request.num_pending_tokens`) takes its id from `pending`,
+    on the device.
 
     With `graph` (a decode-only step run as a CUDA graph), the batch is padded to
     `graph.batch_size` sequences (see `AttentionMetadata.num_padded`), the page table to a
     power-of-two width of at least `graph.page_width`, and every tensor lands in
     `graph.buffers`."""
     input_ids: list[int] = []
+    from_device: list[tuple[int, int]] = []  # (packed row, row of pending.token_ids)
     positions: list[np.ndarray] = []
     slots: list[np.ndarray] = []
     query_start = [0]
@@ -48,7 +63,12 @@ def build_batch_inputs(
         request, n = chunk.request, chunk.num_new_tokens
         start = request.num_computed_tokens
         table = page_tables.row(request.request_id)  # [pages]
-        input_ids.extend(request.token_ids(start, start + n))
+        known = min(start + n, request.num_known_tokens)
+        input_ids.extend(request.token_ids(start, known))
+        if known < start + n:  # the last token is still on the device
+            assert start + n - known == 1 and pending is not None, "one pending token at most"
+            from_device.append((len(input_ids), pending.rows[request.request_id]))
+            input_ids.append(0)
         position = np.arange(start, start + n)  # [n]
         positions.append(position)
         slots.append(table[position // page_size] * page_size + position % page_size)
@@ -92,11 +112,15 @@ def build_batch_inputs(
         graph_batch=graph is not None,
         num_padded=num_padded,
     )
+    input_ids_t = tensor(input_ids, torch.int64, "input_ids")  # [N]
+    if from_device:
+        dst, src = to_device_async(torch.tensor(list(zip(*from_device))), device)  # 2 x [k]
+        input_ids_t.index_copy_(0, dst, pending.token_ids.index_select(0, src))
     return BatchInputs(
-        input_ids=tensor(input_ids, torch.int64, "input_ids"),
+        input_ids=input_ids_t,
         positions=tensor(np.concatenate(positions), torch.int64, "positions"),
         attention=meta,
-        sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(device, non_blocking=True),
+        sample_rows=to_device_async(torch.tensor(sample_rows, dtype=torch.int64), device),
         sample_request_ids=tuple(sample_ids),
     )
 

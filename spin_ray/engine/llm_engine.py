@@ -19,6 +19,7 @@ from spin_ray.engine.batch_inputs import GraphBatch, build_batch_inputs
 from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.host_page_tables import HostPageTables
+from spin_ray.engine.in_flight import InFlightStep
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler, SchedulerOutput
@@ -116,8 +117,11 @@ class LLMEngine:
         self.detokenizers: dict[str, Detokenizer] = {}
         self.generators: dict[str, torch.Generator] = {}
         self.logprobs: dict[str, list[TokenLogprob]] = {}
+        self.in_flight: InFlightStep | None = None
+        """The step launched last, its tokens not read yet (async scheduling)."""
         self.last_step_tokens = 0
-        """Tokens the last `step()` ran through the model: prompt chunks and decodes."""
+        """Tokens the step whose outputs the last `step()` returned ran through the model:
+        prompt chunks and decodes (with async scheduling, the step before that call's)."""
         self.num_preemptions = 0
         """Requests preempted so far (their pages taken back; they are computed again)."""
         self.eos_token_ids = frozenset(arch.eos_token_ids) or (
@@ -173,9 +177,11 @@ class LLMEngine:
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         self.backend.release(request_id)
         self._forget(request_id)
+        self._drop_dead_in_flight()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests waiting or running, or a step whose tokens are still to be read."""
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     @property
     def num_running(self) -> int:
@@ -227,20 +233,44 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one step; return the outputs of requests that got a token or finished."""
+        """Run one step; return the outputs of requests that got a token or finished.
+
+        With async scheduling (`EngineConfig.async_scheduling`) a call schedules and launches
+        its step, then reads the tokens of the step before (waiting for that one only): the
+        GPU runs this step while the host detokenizes the last one's tokens and, at the next
+        call, schedules and plans the one after. Outputs come one call after their step, and
+        a last call with nothing to schedule reads the final step. A request whose token ends
+        it was already scheduled once more: that step's token for it is dropped."""
         scheduled = self.scheduler.schedule()
-        self.last_step_tokens = scheduled.num_batched_tokens
         self.num_preemptions += len(scheduled.preempted)
         for request_id in scheduled.preempted:
             self.backend.release(request_id)
-        if scheduled.is_empty:
-            return []
+        launched = None if scheduled.is_empty else self._launch(scheduled)
+        if self.config.async_scheduling:
+            done, self.in_flight = self.in_flight, launched
+        else:
+            done = launched
+        self.last_step_tokens = 0 if done is None else done.num_tokens
+        outputs = [] if done is None else self._read(done)
+        self._drop_dead_in_flight()
+        return outputs
+
+    def _drop_dead_in_flight(self) -> None:
+        """Forget the step in flight once every request of it has finished: its tokens would
+        all be dropped (the GPU still runs it; later steps queue behind)."""
+        if self.in_flight is not None and not self.in_flight.live:
+            self.in_flight = None
+
+    def _launch(self, scheduled: SchedulerOutput) -> InFlightStep:
+        """Run the step's forwards and sample on the device; nothing waits for the GPU."""
         self.host_page_tables.keep_only(c.request.request_id for c in scheduled.chunks)
+        pending = self.in_flight.device_tokens if self.in_flight is not None else None
         logits, sample_ids = [], []
         for part, graph in self._forwards(scheduled):
             inputs = build_batch_inputs(
-                part, self.host_page_tables, self.page_tables.page_size, self.device, graph
-            )
+                part, self.host_page_tables, self.page_tables.page_size, self.device, graph,
+                pending,
+            )  # fmt: skip
             self.backend.plan(inputs.attention)
             if graph is not None:  # [Bp, V] -> [M, V]
                 run = self.decode_graphs.run(inputs, self.backend.graph_key())
@@ -251,17 +281,30 @@ class LLMEngine:
             sample_ids.extend(inputs.sample_request_ids)
         for chunk in scheduled.chunks:
             chunk.request.num_computed_tokens += chunk.num_new_tokens
-        if not sample_ids:
+        requests = tuple(self.requests[rid] for rid in sample_ids)
+        sampled = None
+        if requests:
+            sampled = self.sampler.sample_async(
+                torch.cat(logits) if len(logits) > 1 else logits[0],
+                [r.sampling_params for r in requests],
+                [self.generators.get(r.request_id) for r in requests],
+            )
+            for request in requests:
+                request.num_pending_tokens += 1
+        return InFlightStep(scheduled.num_batched_tokens, requests, sampled)
+
+    def _read(self, step: InFlightStep) -> list[RequestOutput]:
+        """Wait for the step's tokens and append them; a request that finished (or was
+        aborted) since the step was launched drops its token."""
+        if step.sampled is None:
             return []
-        sampled_requests = [self.requests[rid] for rid in sample_ids]
-        sampled = self.sampler.sample(
-            torch.cat(logits) if len(logits) > 1 else logits[0],
-            [r.sampling_params for r in sampled_requests],
-            [self.generators.get(r.request_id) for r in sampled_requests],
-        )
+        sampled = step.sampled.result()
         now = time.monotonic()  # the sampled ids are on the host: the step is done
         outputs = []
-        for row, request in enumerate(sampled_requests):
+        for row, request in enumerate(step.requests):
+            request.num_pending_tokens -= 1
+            if request.is_finished:
+                continue
             logprob = sampled.logprobs[row] if sampled.logprobs is not None else None
             outputs.append(self._append_token(request, sampled.token_ids[row], logprob, now))
         return outputs

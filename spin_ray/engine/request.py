@@ -30,6 +30,10 @@ class Request:
     `num_computed_tokens` counts tokens whose KV is stored; the request's next step computes
     tokens from there on. Preemption (recompute) resets it to 0 and keeps the output tokens,
     which are then prefilled again with the prompt.
+
+    With async scheduling a sampled token reaches the host one step late: until then it counts
+    in `num_pending_tokens` (and in `num_tokens`, so the next step decodes it, reading its id on
+    the device), not in `output_token_ids`.
     """
 
     def __init__(
@@ -46,6 +50,9 @@ class Request:
         self.sampling_params = sampling_params
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
+        """Tokens sampled on the device whose ids the host has not read yet (0 or 1 when the
+        scheduler runs; 2 while a step that decodes the pending one is in flight)."""
         self.status = RequestStatus.WAITING
         self.stop_reason: str | int | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -55,7 +62,9 @@ class Request:
         self.num_preemptions = 0
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without concatenating the two lists."""
+        """Tokens [start, end) of prompt + output, without concatenating the two lists (known
+        tokens only: `end` <= `num_known_tokens`)."""
+        assert end <= self.num_known_tokens, "a pending token's id is only on the device"
         num_prompt = len(self.prompt_token_ids)
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt : end - num_prompt]
@@ -64,8 +73,19 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
     @property
-    def num_tokens(self) -> int:
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens whose ids are on the host."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens and pending ones."""
+        return self.num_known_tokens + self.num_pending_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

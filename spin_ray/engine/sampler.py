@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spin_ray.attention.step_buffers import to_device_async
 from spin_ray.outputs import TokenLogprob
 from spin_ray.sampling_params import SamplingParams
 
@@ -70,7 +71,7 @@ class SamplingBatch:
         sampling = [p for p in params if not p.greedy]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device_async(torch.tensor(values, dtype=dtype), device)
 
         def neutral_unless_sampling(field: str, neutral: float) -> list:
             return [neutral if p.greedy else getattr(p, field) for p in params]
@@ -111,6 +112,56 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None] | None
     """[B] per row, its sampled token's raw logprob and its top alternatives (None for rows
     that did not ask); None when no row asked."""
+
+
+class SampledTokens:
+    """One step's sampled tokens on the device, already on their way to the host: `result()`
+    waits for them there. The engine reads a step's tokens only after launching the next step
+    (async scheduling), which decodes them from `token_ids` on the device meanwhile."""
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,  # [B] int64 on the logits' device
+        logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        num_logprobs: tuple[int | None, ...],
+    ):
+        self.token_ids = token_ids
+        """[B] int64, on the device: what the next step's decode rows read."""
+        self._num_logprobs = num_logprobs
+        # sampled token's logprob [B], top logprobs [B, N], top ids [B, N]: copies to the host
+        # started now (into pinned memory on CUDA), read once `_ready` has passed
+        tensors = (token_ids, *(logprobs or ()))
+        self._host = tuple(to_host_async(t) for t in tensors)
+        self._ready: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> SamplerOutput:
+        """The tokens (and logprobs) on the host; waits for the step that sampled them."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids = self._host[0].tolist()
+        if len(self._host) == 1:
+            return SamplerOutput(token_ids=token_ids, logprobs=None)
+        sampled, top_logprobs, top_ids = (t.tolist() for t in self._host[1:])
+        logprobs: list[TokenLogprob | None] = []
+        for row, (token_id, n) in enumerate(zip(token_ids, self._num_logprobs, strict=True)):
+            if n is None:
+                logprobs.append(None)
+                continue
+            top = dict(zip(top_ids[row][:n], top_logprobs[row][:n], strict=True))
+            logprobs.append(TokenLogprob(token_id=token_id, logprob=sampled[row], top=top))
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t`, started without waiting (into pinned memory from CUDA): read it
+    only after the stream has passed this point."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def apply_top_k_top_p(
@@ -163,7 +214,17 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
     ) -> SamplerOutput:
         """Sample a token for each row of `logits` [B, V] float32; `generators[i]` is row i's
-        generator (a request's own, seeded one, or None / a shared one)."""
+        generator (a request's own, seeded one, or None / a shared one). Waits for the tokens."""
+        return self.sample_async(logits, params, generators).result()
+
+    def sample_async(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SampledTokens:
+        """`sample` without waiting: the tokens stay on the device, their host copy started.
+        Nothing here waits for the GPU (the settings go over from pinned memory)."""
         if logits.dim() != 2 or logits.dtype != torch.float32:
             raise ValueError(
                 f"logits: expected [B, V] float32, got {tuple(logits.shape)} {logits.dtype}"
@@ -180,8 +241,8 @@ class Sampler:
                 )
         batch = SamplingBatch.from_params(params, logits.device)
         token_ids = self.sample_tensor(logits, batch, generators)  # [B]
-        return SamplerOutput(
-            token_ids=token_ids.tolist(), logprobs=token_logprobs(logits, token_ids, batch)
+        return SampledTokens(
+            token_ids, token_logprob_tensors(logits, token_ids, batch), batch.num_logprobs
         )
 
     def sample_tensor(
@@ -224,23 +285,16 @@ class Sampler:
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
-def token_logprobs(
+def token_logprob_tensors(
     logits: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch
-) -> list[TokenLogprob | None] | None:
-    """Per row that asked for logprobs: its sampled token's raw logprob, log_softmax(logits),
-    and its `logprobs` most likely tokens; None for rows that did not ask. None if no row did."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """On the logits' device: each row's sampled token's raw logprob, log_softmax(logits),
+    [B], and the `max_num_logprobs` most likely tokens' logprobs and ids, [B, N] each; None
+    when no row asks for logprobs (`SampledTokens.result` keeps each row's own count)."""
     max_n = batch.max_num_logprobs
     if max_n is None:
         return None
     raw = logits.log_softmax(dim=-1)  # [B, V]
-    sampled = raw.gather(-1, token_ids[:, None]).squeeze(-1).tolist()  # [B]
+    sampled = raw.gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
     top_logprobs, top_ids = raw.topk(min(max_n, logits.shape[-1]), dim=-1)  # [B, N], [B, N]
-    top_logprobs, top_ids = top_logprobs.tolist(), top_ids.tolist()
-    out: list[TokenLogprob | None] = []
-    for row, (token_id, n) in enumerate(zip(token_ids.tolist(), batch.num_logprobs, strict=True)):
-        if n is None:
-            out.append(None)
-            continue
-        top = dict(zip(top_ids[row][:n], top_logprobs[row][:n], strict=True))
-        out.append(TokenLogprob(token_id=token_id, logprob=sampled[row], top=top))
-    return out
+    return sampled, top_logprobs, top_ids

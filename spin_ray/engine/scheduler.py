@@ -53,7 +53,8 @@ class Scheduler:
     allow; a request is admitted only when pages for its whole prompt are free, and takes them
     all at once. When a running request cannot get pages for a new token, the most recently
     admitted request is preempted: its pages are freed and it goes back to the front of the
-    queue to be recomputed."""
+    queue to be recomputed. A request whose pending token (async scheduling) is its last by
+    length is not scheduled again: it finishes when that token reaches the host."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCapacity):
         self.config = config
@@ -75,6 +76,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._ends_with_pending_token(request):
+                i += 1
+                continue
             n = min(request.num_uncomputed_tokens, budget)
             target = request.num_computed_tokens + n
             while not self.kv.can_grow(request.request_id, target):
@@ -126,6 +130,15 @@ class Scheduler:
         request.status = status
         request.finished_time = time.monotonic()
         self.kv.release(request.request_id)
+
+    def _ends_with_pending_token(self, request: Request) -> bool:
+        """Its pending token reaches max_tokens or max_model_len (the detokenizer's "length"
+        finish), so there is nothing more to compute for it."""
+        limit = self.config.max_model_len
+        return request.num_pending_tokens > 0 and (
+            request.num_output_tokens >= request.sampling_params.max_tokens
+            or (limit is not None and request.num_tokens >= limit)
+        )
 
     def _preempt(self, request: Request) -> None:
         self.kv.release(request.request_id)
