@@ -350,6 +350,7 @@ def _profile_host(engine, steps: int) -> None:
         engine.step()  # returns once the sampled tokens are on the host
         times.append(time.perf_counter() - start)
     after = engine.kv_stats()
+    torch.cuda.synchronize()  # async scheduling: the last replay may still be running
     gpu = [s.elapsed_time(e) for s, e in replays]
     times_ms = sorted(t * 1e3 for t in times)
     print(f"graph decode step: p50 {statistics.median(times_ms):.2f} ms, "

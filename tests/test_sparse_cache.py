@@ -239,6 +239,22 @@ def test_metadata_bytes_follow_the_working_set_not_max_batch_times_context():
     assert large < flat / 100
 
 
+def test_reserve_counts_what_was_reserved_since_its_last_look_at_the_stack():
+    """`reserve` reads a copy of the stack's top taken at its previous call (on CUDA, one
+    that may still be on its way), less what was reserved since: after a step pops all it
+    reserved, the next reserve must still grow the pool, though the copy shows a full stack."""
+    table = ResidencyTable(LAYERS, HEADS, 8, 4, BUCKETS, "cpu")
+    table.reserve(10)  # grows to hold 10; copies the top (>= 10) for the next call
+    free = int(table.free_top)
+    assert free >= 10
+    table.free_top -= free  # the step's inserts pop every free segment
+    table.reserve(3)
+    assert int(table.free_top) >= 3  # grown, not trusted to the stale copy
+    table.free_top -= 3
+    table.reserve(1)
+    assert int(table.free_top) >= 1
+
+
 def test_masked_replace_and_touch_match_a_plain_model():
     """The decode path's fixed-shape updates (`replace` with a work mask, entries without work
     carrying garbage slots; `touch`) against a dictionary of (row, layer, head, page) -> slot,

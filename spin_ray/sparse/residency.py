@@ -19,7 +19,8 @@ Free segments sit on a stack (`free_stack[:free_top]`, the top kept on the devic
 path updates the maps with `replace` / `touch`: fixed-shape tensors with a mask of the entries
 that have work, no data-dependent shapes and no host synchronisation — allocation pops the
 stack, emptied segments are pushed back. `reserve` (host, once per step) makes sure the stack
-holds enough segments for what the step may allocate.
+holds enough segments for what the step may allocate, without waiting for the GPU in the steady
+state: it reads a copy of the top started at an earlier call, less what was reserved since.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class ResidencyTable:
         self.generation = 0
         """Bumped whenever a table is reallocated (growth): CUDA graphs that read the old
         tensors are stale."""
+        self._free_bound = 0  # host: segments surely on the stack (<= free_top)
+        self._top_copy: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        """A host copy of `free_top` on its way (and the event it has arrived at)."""
+        self._reserved_since_copy = 0  # segments reserved after that copy was started
 
     # ------------------------------------------------------------------ rows and slots
 
@@ -251,11 +256,26 @@ class ResidencyTable:
                     pages, work)  # fmt: skip
 
     def reserve(self, num_segments: int) -> None:
-        """Make the free stack hold at least `num_segments` segments (reads its top: one host
-        synchronisation; call once per step, not per layer)."""
-        free = int(self.free_top)
-        if free < num_segments:
-            self._grow_segments(max(num_segments - free, self.seg_home.numel()))
+        """Make the free stack hold at least `num_segments` segments for the work launched
+        until the next call (call once per step, not per layer). The host keeps a lower bound
+        of the stack's top: a copy of the top started at an earlier call, once it has arrived,
+        less every segment reserved since (what that work may have popped). Only when the
+        bound falls short does it wait for the GPU to read the top itself (and grow the pool
+        if that is short too) — with async scheduling the previous step is still running."""
+        if self._top_copy is not None and _arrived(self._top_copy[1]):
+            self._free_bound = int(self._top_copy[0]) - self._reserved_since_copy
+            self._top_copy = None
+        if self._free_bound < num_segments:
+            self._free_bound = free = int(self.free_top)  # waits for the GPU
+            self._top_copy = None
+            if free < num_segments:
+                self._grow_segments(max(num_segments - free, self.seg_home.numel()))
+                self._free_bound = int(self.free_top)
+        if self._top_copy is None:  # the top as of the work launched so far
+            self._top_copy = _copy_to_host(self.free_top)
+            self._reserved_since_copy = 0
+        self._free_bound -= num_segments
+        self._reserved_since_copy += num_segments
 
     @torch.inference_mode(False)
     def _grow_segments(self, extra: int) -> None:
@@ -354,3 +374,19 @@ def _first_index(
 def _first_of(key: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:  # [M] bool
     """One entry per distinct key among the masked ones (the lowest index)."""
     return mask & (_first_index(key, mask, size) == torch.arange(key.numel(), device=key.device))
+
+
+def _copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of `t` started now (pinned, without waiting, from CUDA) and the event
+    that marks its arrival (None: already there)."""
+    if not t.is_cuda:
+        return t.clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return host, arrived
+
+
+def _arrived(event: torch.cuda.Event | None) -> bool:
+    return event is None or event.query()
