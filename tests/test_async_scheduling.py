@@ -107,6 +107,32 @@ def test_preemption_with_tokens_in_flight_gives_the_sync_tokens(make_llm):
     assert runs[True] == runs[False]
 
 
+@pytest.mark.parametrize(
+    "num_pages,first_max_tokens,lengths", [(7, 3, (3, 6, 7)), (7, 6, (5, 11)), (8, 6, (3, 6, 7))]
+)
+def test_a_request_waits_for_a_finishing_ones_pages_instead_of_preempting(
+    make_llm, num_pages, first_max_tokens, lengths
+):
+    """Tight pages, the first request ending by length: async, its last token is still in
+    flight when the next step is scheduled, so its pages are not back yet. A request that
+    cannot grow then waits a step; preempting it (as these cases did) would recompute its
+    context. As many preemptions as the synchronous engine, the same tokens."""
+    prompts = _prompts(lengths, seed=4)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=first_max_tokens, **greedy)] + [
+        SamplingParams(max_tokens=12, **greedy)
+    ] * (len(lengths) - 1)
+    runs = {}
+    for mode in (False, True):
+        llm = make_llm(
+            model="spin-tiny", page_size=PAGE, max_model_len=28, num_pages=num_pages,
+            async_scheduling=mode,
+        )  # fmt: skip
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        runs[mode] = (llm.llm_engine.num_preemptions, [o.outputs[0].token_ids for o in outputs])
+    assert runs[True] == runs[False]
+
+
 @pytest.mark.parametrize("engine_kind", list(ENGINES))
 def test_abort_with_a_token_in_flight(make_llm, engine_kind):
     """Aborting a request whose token is still on the device drops that token and gives its

@@ -54,7 +54,9 @@ class Scheduler:
     all at once. When a running request cannot get pages for a new token, the most recently
     admitted request is preempted: its pages are freed and it goes back to the front of the
     queue to be recomputed. A request whose pending token (async scheduling) is its last by
-    length is not scheduled again: it finishes when that token reaches the host."""
+    length is not scheduled again: it finishes when that token reaches the host, and until
+    then a request that cannot grow waits for its pages instead of preempting (the synchronous
+    engine would have had them back already)."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCapacity):
         self.config = config
@@ -81,6 +83,9 @@ class Scheduler:
                 continue
             n = min(request.num_uncomputed_tokens, budget)
             target = request.num_computed_tokens + n
+            if not self.kv.can_grow(request.request_id, target) and self._pages_return_soon():
+                i += 1  # wait a step rather than preempt (a recompute of the whole context)
+                continue
             while not self.kv.can_grow(request.request_id, target):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -139,6 +144,10 @@ class Scheduler:
             request.num_output_tokens >= request.sampling_params.max_tokens
             or (limit is not None and request.num_tokens >= limit)
         )
+
+    def _pages_return_soon(self) -> bool:
+        """A running request finishes when its pending token is read, later in this step."""
+        return any(self._ends_with_pending_token(r) for r in self.running)
 
     def _preempt(self, request: Request) -> None:
         self.kv.release(request.request_id)
