@@ -157,8 +157,8 @@ class EngineConfig:
     captured per padded batch size (engine/decode_graphs.py); the CPU always runs eagerly."""
     async_scheduling: bool = True
     """Schedule and launch each step before reading the previous step's tokens (vLLM's async
-    scheduling): the GPU runs while the host samples' results are detokenized and the next
-    step is planned; `LLMEngine.step` then returns each step's outputs one call later. The
+    scheduling): the GPU runs while the host detokenizes the previous step's tokens and plans
+    the next step; `LLMEngine.step` then returns each step's outputs one call later. The
     tokens are the same either way."""
 
     def __post_init__(self) -> None:
