@@ -111,8 +111,7 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
-    """A failed allocation: reads like a GPU problem when pinning host memory fails (on the
-    H200 machine here 64 GB pinned, 72.5 GB did not)."""
+    """A failed allocation: reads like a GPU problem when pinning host memory fails."""
     message = str(err).lower()
     return "out of memory" in message or "can't allocate memory" in message
 

@@ -1,10 +1,11 @@
 """The two tiers of page storage.
 
 CPU tier: K and V of every offloaded layer for every engine page, head-major
-([L, P, Hkv, S, D]: one (page, head) is a contiguous S×D run), in pinned host memory on CUDA
-machines and plain memory on the CPU. New KV is written there straight from the GPU by a store
-kernel through unified virtual addressing, on a side stream, so offload overlaps compute;
-`sync` makes the compute stream wait before the tier is read.
+([L, P, Hkv, S, D]: one (page, head) is a contiguous S×D run), in page-locked host memory of
+exactly its size on CUDA machines (`pinned_empty`) and plain memory on the CPU. New KV is
+written there straight from the GPU by a store kernel through unified virtual addressing, on a
+side stream, so offload overlaps compute; `sync` makes the compute stream wait before the tier
+is read.
 
 GPU tier: working-set slots, [L, Hkv, Q + 1, S, D]: slot q of (layer, head) holds one page of
 one request; the last slot is scratch. On the CPU it is a bounded pool on the same device, so
@@ -13,6 +14,7 @@ the same logic runs.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +62,9 @@ class HostTier:
         self.on_cuda = device.type == "cuda"
         shape = (num_layers, num_pages, num_heads, page_size, head_dim)
         # never zeroed (pinning tens of GB is slow enough): every read is masked to tokens written
-        self.k = torch.empty(shape, dtype=dtype, pin_memory=self.on_cuda)
-        self.v = torch.empty(shape, dtype=dtype, pin_memory=self.on_cuda)
+        empty = pinned_empty if self.on_cuda else torch.empty
+        self.k = empty(shape, dtype=dtype)
+        self.v = empty(shape, dtype=dtype)
         # what kernels address: UVA views of the pinned tensors on CUDA, the tensors on the CPU
         self.k_dev = uva_device_view(self.k) if self.on_cuda else self.k
         self.v_dev = uva_device_view(self.v) if self.on_cuda else self.v
@@ -164,6 +167,32 @@ class HostTier:
         idx = pages.to(dst_k.device).long()
         dst_k[layer, idx] = k.transpose(0, 1).to(dst_k.device)
         dst_v[layer, idx] = v.transpose(0, 1).to(dst_v.device)
+
+
+_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised host tensor in page-locked memory of exactly its size, which kernels
+    reach through unified virtual addressing (`uva_device_view`).
+
+    `torch.empty(..., pin_memory=True)` rounds every allocation up to a power of two (ATen's
+    CachingHostAllocator, to reuse blocks), so a 30 GiB K or V tier took 32 GiB and a 33.75
+    GiB one asked for 64 GiB: on the 128 GB H200 machine a 72.5 GB tier could not be pinned.
+    Plain memory registered with CUDA instead (portable, mapped: on a UVA system its device
+    address is its host address) pins what is used; it is unregistered when the tensor is
+    freed. Raises RuntimeError ("out of memory") when the registration fails."""
+    host = torch.empty(shape, dtype=dtype)
+    nbytes = host.numel() * host.element_size()
+    cudart = torch.cuda.cudart()
+    error = int(cudart.cudaHostRegister(host.data_ptr(), nbytes, _HOST_REGISTER_PORTABLE_MAPPED))
+    if error:
+        raise RuntimeError(
+            f"pinning {nbytes / 2**30:.1f} GiB of host memory failed (cudaHostRegister: "
+            f"cudaError {error}): out of memory"
+        )
+    weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
+    return host
 
 
 class DeviceTier:
