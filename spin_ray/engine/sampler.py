@@ -279,8 +279,9 @@ class Sampler:
                 noise.exponential_(generator=g)
             elif len(rows) == 1:
                 noise[rows[0]].exponential_(generator=g)
-            else:
-                noise[rows] = noise.new_empty(len(rows), noise.shape[1]).exponential_(generator=g)
+            else:  # the row indices go over without waiting for the GPU
+                index = to_device_async(torch.tensor(rows), noise.device)  # [r]
+                noise[index] = noise.new_empty(len(rows), noise.shape[1]).exponential_(generator=g)
         # exponential_ may return exactly 0: a dropped token's 0/0 would be NaN, which argmax picks.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
