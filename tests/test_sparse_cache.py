@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.residency import ResidencyTable
 from spin_ray.sparse.stats import KVCounters
+from spin_ray.sparse.tiers import pinned_empty
 
 PAGE = 4
 LAYERS, HEADS, BUCKETS = 2, 2, 8
@@ -347,3 +349,45 @@ def test_clear_slots_drops_one_owner_in_every_layer_and_head_at_once():
     table.check({1: (owned[1], num_pages)})
     live = {(lt, h, p // seg) for (r, lt, h), m in model.items() if r == 1 for p in m}
     assert table.segments_in_use == len(live), "row 0's segments went back to the pool"
+
+
+class _RecordingCudart:
+    """Stands in for `torch.cuda.cudart()` on a machine without CUDA: records what
+    `pinned_empty` asks of the runtime (the registration itself needs a GPU)."""
+
+    def __init__(self, register_error: int = 0):
+        self.calls: list[tuple] = []
+        self.register_error = register_error
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (the CUDA runtime's name)
+        self.calls.append(("register", ptr, size, flags))
+        return self.register_error
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+def test_pinned_empty_registers_exactly_its_bytes_and_unregisters_when_freed(monkeypatch):
+    """The CPU tier is pinned at its exact size (torch's pinned allocator would round 33.75 GiB
+    up to 64), and the pages are unregistered when the tensor goes (or they stay locked)."""
+    cudart = _RecordingCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    tier = pinned_empty((3, 5, 7), torch.bfloat16)
+    ptr = tier.data_ptr()
+    assert cudart.calls == [("register", ptr, 3 * 5 * 7 * 2, 3)]  # portable | mapped
+    view = tier[1]  # a view keeps the memory (and its registration) alive
+    del tier
+    assert cudart.calls[-1][0] == "register"
+    del view
+    assert cudart.calls[-1] == ("unregister", ptr)
+
+
+def test_pinned_empty_failure_reads_as_out_of_memory(monkeypatch):
+    """A failed registration raises what build_tiered_cache turns into its cpu_cache_tokens
+    error, and leaves nothing registered."""
+    cudart = _RecordingCudart(register_error=2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pinned_empty((4, 4), torch.float32)
+    assert [c[0] for c in cudart.calls] == ["register"]
