@@ -7,7 +7,7 @@ import torch
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
 from spin_ray.attention.phase_timer import PhaseTimer
-from spin_ray.attention.step_buffers import bucket
+from spin_ray.attention.step_buffers import bucket, to_device_async
 from spin_ray.cache.kv_cache import KVCache
 from spin_ray.kernels.paged_attention_ref import (
     paged_decode_attention_ref,
@@ -44,8 +44,8 @@ class DenseAttentionBackend(AttentionBackend):
         self._decode_rows = self._decode_tokens = None
         if split.decode_seqs and split.prefills:  # mixed step: gather the decode sequences
             device = meta.page_table.device
-            self._decode_rows = torch.tensor(split.decode_seqs, device=device)
-            self._decode_tokens = torch.tensor(split.decode_rows, device=device)
+            self._decode_rows = to_device_async(torch.tensor(split.decode_seqs), device)
+            self._decode_tokens = to_device_async(torch.tensor(split.decode_rows), device)
         if self.on_cuda and split.decode_seqs:
             from spin_ray.kernels.paged_decode_attention import decode_num_splits
 

@@ -38,7 +38,7 @@ import torch
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
-from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
+from spin_ray.attention.step_buffers import StepBuffers, bucket, to_device_async, to_step
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
 from spin_ray.kernels.paged_attention_ref import prefill_attention_ref
 from spin_ray.kernels.partition_topk import MAX_PARTITIONS
@@ -183,7 +183,7 @@ class SpinAttentionBackend(AttentionBackend):
         num_pages = -(-context_len // s)
         if held is None or len(held) < num_pages:
             return None
-        slots = torch.tensor(held[:num_pages], dtype=torch.int64).to(self.device)  # [p]
+        slots = to_device_async(torch.tensor(held[:num_pages], dtype=torch.int64), self.device)
         pos = torch.arange(context_len, device=self.device)  # [T]
         return slots[pos // s] * s + pos % s  # [T]
 
@@ -222,7 +222,8 @@ class SpinAttentionBackend(AttentionBackend):
         if meta.graph_batch:  # decode only: every row is a decode row (a persistent buffer)
             table_i32 = meta.page_table  # [Bd, maxp] int32
         else:
-            table_i32 = meta.page_table[torch.tensor(decode, device=meta.page_table.device)]
+            rows_t = to_device_async(torch.tensor(decode), meta.page_table.device)  # [Bd]
+            table_i32 = meta.page_table[rows_t]
         slot_lists = placed("slot_lists", self.manager.slot_lists(request_ids, rows))  # [Bd, n]
         positions = torch.arange(slot_lists.shape[1], device=device).expand_as(slot_lists)
         spare = self._slot_pos.numel() - 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from spin_ray.attention.step_buffers import to_device_async
 from spin_ray.cache.page_pool import CacheIntegrityError
 
 
@@ -102,12 +103,12 @@ class ResidencyTable:
 
     def assign_slots(self, slots: list[int], row: int) -> None:
         """Slots (empty in every layer and head) now belong to directory row `row`."""
-        self.slot_row[torch.tensor(slots, dtype=torch.int64, device=self.device)] = row
+        self.slot_row[to_device_async(torch.tensor(slots, dtype=torch.int64), self.device)] = row
 
     def clear_slots(self, slots: list[int]) -> torch.Tensor:
         """Drop every page held by `slots` in every layer and head and disown the slots;
         returns how many pages left the GPU tier (a 0-dim device tensor: no host sync)."""
-        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)  # [n]
+        idx = to_device_async(torch.tensor(slots, dtype=torch.int64), self.device)  # [n]
         held = self.slot_page[:, :, idx] >= 0  # [L, H, n]
         layers = torch.arange(self.num_layers, device=self.device)
         heads = torch.arange(self.num_heads, device=self.device)
