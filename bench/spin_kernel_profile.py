@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import pstats
 import random
@@ -239,18 +240,13 @@ def _profile_prefill_host(engine, args, params, rng) -> None:
         prompt = [rng.randrange(3, 259) for _ in range(args.prompt_len)]
         engine.add_request(f"again-{i}", {"prompt_token_ids": prompt}, params)
     profile = cProfile.Profile()
-    torch.cuda.set_sync_debug_mode("warn")  # every host <- GPU synchronisation, by line
-    with warnings.catch_warnings(record=True) as syncs:
-        warnings.simplefilter("always")
+    with _sync_lines() as lines:
         profile.enable()
         steps, wall = _prefill_wall(engine, {f"again-{i}" for i in range(args.batch)})
         profile.disable()
-    torch.cuda.set_sync_debug_mode("default")
     print(f"again, under cProfile: {steps} steps, {wall / steps * 1e3:.1f} ms per step; "
           f"synchronisations per step, by line:")  # fmt: skip
-    lines = collections.Counter(f"{w.filename}:{w.lineno}" for w in syncs)
-    for line, count in lines.most_common():
-        print(f"  {count / steps:6.1f}  {line}")
+    _print_lines(lines, steps)
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(40)
@@ -377,14 +373,29 @@ def _print_syncs(engine, steps: int) -> None:
     """The lines that make the host wait for the GPU over `steps` graph steps (with async
     scheduling only the read of the previous step's tokens should, and it is an event wait,
     which the sync debug mode does not report)."""
-    torch.cuda.set_sync_debug_mode("warn")
-    with warnings.catch_warnings(record=True) as syncs:
-        warnings.simplefilter("always")
+    with _sync_lines() as lines:
         for _ in range(steps):
             engine.step()
-    torch.cuda.set_sync_debug_mode("default")
-    lines = collections.Counter(f"{w.filename}:{w.lineno}" for w in syncs)
     print(f"synchronisations per graph step, by line ({steps} steps): {len(lines) or 'none'}")
+    _print_lines(lines, steps)
+
+
+@contextlib.contextmanager
+def _sync_lines():
+    """Yields a Counter that, once the block ends, holds each source line that made the host
+    wait for the GPU inside it (torch's sync debug mode) and how often."""
+    lines: collections.Counter[str] = collections.Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            yield lines
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lines.update(f"{w.filename}:{w.lineno}" for w in syncs)
+
+
+def _print_lines(lines: collections.Counter, steps: int) -> None:
     for line, count in lines.most_common():
         print(f"  {count / steps:6.1f}  {line}")
 

@@ -8,7 +8,8 @@ the device either way.
 
 Host values go over from pinned memory without waiting (`to_device_async`): a copy from
 pageable memory may wait for the GPU to finish its queue, which would stall the host while
-it prepares the next step as the current one runs (async scheduling).
+it prepares the next step as the current one runs (async scheduling). Results come back the
+same way (`to_host_async`), read once a `stream_mark` recorded after their copies has passed.
 """
 
 from __future__ import annotations
@@ -22,14 +23,37 @@ def bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-def to_device_async(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`values` on `device`; a host tensor bound for CUDA is staged in pinned memory (torch's
-    pinned-memory cache keeps the block until the copy has run, so it is never overwritten
-    early) and copied without the host waiting."""
-    device = torch.device(device)
+def _staged(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor bound for CUDA, in pinned memory (torch's pinned-memory cache keeps the
+    block until the copy has run, so it is never overwritten early); else `values`."""
     if device.type == "cuda" and values.device.type == "cpu":
-        values = values.pin_memory()
-    return values.to(device, non_blocking=True)
+        return values.pin_memory()
+    return values
+
+
+def to_device_async(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`values` on `device`, copied from pinned memory without the host waiting."""
+    device = torch.device(device)
+    return _staged(values, device).to(device, non_blocking=True)
+
+
+def to_host_async(values: torch.Tensor) -> torch.Tensor:
+    """A host copy of `values`, started without waiting (into pinned memory from CUDA): read
+    it only once a `stream_mark` recorded after it has passed (on the CPU it is done)."""
+    if not values.is_cuda:
+        return values.clone()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
+
+
+def stream_mark(like: torch.Tensor) -> torch.cuda.Event | None:
+    """An event after the work queued so far on the current stream, for a CUDA tensor `like`;
+    None on the CPU, where that work is done already."""
+    if not like.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def to_step(
@@ -54,7 +78,5 @@ class StepBuffers:
         if buffer is None:
             buffer = torch.empty(key[1], dtype=values.dtype, device=self.device)
             self._buffers[key] = buffer
-        if self.device.type == "cuda" and values.device.type == "cpu":
-            values = values.pin_memory()  # see to_device_async
-        buffer.copy_(values, non_blocking=True)
+        buffer.copy_(_staged(values, self.device), non_blocking=True)
         return buffer

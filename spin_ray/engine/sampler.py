@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spin_ray.attention.step_buffers import to_device_async
+from spin_ray.attention.step_buffers import stream_mark, to_device_async, to_host_async
 from spin_ray.outputs import TokenLogprob
 from spin_ray.sampling_params import SamplingParams
 
@@ -132,10 +132,7 @@ class SampledTokens:
         # started now (into pinned memory on CUDA), read once `_ready` has passed
         tensors = (token_ids, *(logprobs or ()))
         self._host = tuple(to_host_async(t) for t in tensors)
-        self._ready: torch.cuda.Event | None = None
-        if token_ids.is_cuda:
-            self._ready = torch.cuda.Event()
-            self._ready.record()
+        self._ready = stream_mark(token_ids)
 
     def result(self) -> SamplerOutput:
         """The tokens (and logprobs) on the host; waits for the step that sampled them."""
@@ -153,15 +150,6 @@ class SampledTokens:
             top = dict(zip(top_ids[row][:n], top_logprobs[row][:n], strict=True))
             logprobs.append(TokenLogprob(token_id=token_id, logprob=sampled[row], top=top))
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
-
-
-def to_host_async(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of `t`, started without waiting (into pinned memory from CUDA): read it
-    only after the stream has passed this point."""
-    if not t.is_cuda:
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 def apply_top_k_top_p(

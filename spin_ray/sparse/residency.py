@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from spin_ray.attention.step_buffers import to_device_async
+from spin_ray.attention.step_buffers import stream_mark, to_device_async, to_host_async
 from spin_ray.cache.page_pool import CacheIntegrityError
 
 
@@ -263,7 +263,7 @@ class ResidencyTable:
         less every segment reserved since (what that work may have popped). Only when the
         bound falls short does it wait for the GPU to read the top itself (and grow the pool
         if that is short too) — with async scheduling the previous step is still running."""
-        if self._top_copy is not None and _arrived(self._top_copy[1]):
+        if self._top_copy is not None and _passed(self._top_copy[1]):
             self._free_bound = int(self._top_copy[0]) - self._reserved_since_copy
             self._top_copy = None
         if self._free_bound < num_segments:
@@ -273,7 +273,7 @@ class ResidencyTable:
                 self._grow_segments(max(num_segments - free, self.seg_home.numel()))
                 self._free_bound = int(self.free_top)
         if self._top_copy is None:  # the top as of the work launched so far
-            self._top_copy = _copy_to_host(self.free_top)
+            self._top_copy = to_host_async(self.free_top), stream_mark(self.free_top)
             self._reserved_since_copy = 0
         self._free_bound -= num_segments
         self._reserved_since_copy += num_segments
@@ -377,17 +377,5 @@ def _first_of(key: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
     return mask & (_first_index(key, mask, size) == torch.arange(key.numel(), device=key.device))
 
 
-def _copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A host copy of `t` started now (pinned, without waiting, from CUDA) and the event
-    that marks its arrival (None: already there)."""
-    if not t.is_cuda:
-        return t.clone(), None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    arrived = torch.cuda.Event()
-    arrived.record()
-    return host, arrived
-
-
-def _arrived(event: torch.cuda.Event | None) -> bool:
+def _passed(event: torch.cuda.Event | None) -> bool:
     return event is None or event.query()
