@@ -174,10 +174,12 @@ def sparse_decode_attention(
     context_lens: torch.Tensor,  # [B] int32/int64 contiguous
     scale: float,
     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    entries_per_split: int = 16,
+    entries_per_split: int = 4,
 ) -> torch.Tensor:  # [B, Hq, D]
     """Triton version of `sparse_decode_attention_ref`: two launches (split partials, merge),
-    no host sync, no data-dependent allocation (CUDA-graph safe)."""
+    no host sync, no data-dependent allocation (CUDA-graph safe). A program walks
+    `entries_per_split` pages one after another, each iteration waiting for its page's loads,
+    so short runs (4) put more programs beside each other; the merge reads one partial per run."""
     b, hq, d = q.shape
     hkv, _, page_size, head_dim = k_slots.shape
     assert head_dim == d and hq % hkv == 0 and q.stride(-1) == 1
