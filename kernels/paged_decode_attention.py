@@ -152,8 +152,7 @@ def _decode_split_kernel(
 
 
 @functools.cache
-def num_sms(device: torch.device) -> int:
-    """Multiprocessors of `device` (an H200's count off CUDA, for the interpreter)."""
+def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return _FALLBACK_NUM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -192,7 +191,7 @@ def decode_num_splits(
 ) -> int:
     """`choose_num_splits` for the multiprocessors of `device` (the kernel's default)."""
     config = config or DecodeKernelConfig()
-    return choose_num_splits(batch, num_kv_heads, max_context_len, num_sms(device), config)
+    return choose_num_splits(batch, num_kv_heads, max_context_len, _num_sms(device), config)
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -11,10 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from spin_ray.kernels.paged_decode_attention import num_sms
-
-_PROGRAMS_PER_SM = 8
-
 
 def quest_page_scores_ref(
     q: torch.Tensor,  # [B, Hq, D]
@@ -58,21 +54,17 @@ def _quest_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # program j of a (sequence, head) takes its blocks j, j + n, j + 2n, ... (n programs):
-    # a handful of programs walk the sequence's live pages, and the table's width past them
-    # (graph padding rows, a table wider than the row) costs only its -inf fill
     b = tl.program_id(0)
     h = tl.program_id(1)
-    step = tl.num_programs(2) * BLOCK_P
-    first_block = tl.program_id(2) * BLOCK_P
-    num_pages = tl.minimum(tl.load(num_pages_ptr + b), MAX_PAGES)
+    first = tl.program_id(2) * BLOCK_P
+    p = first + tl.arange(0, BLOCK_P)
+    p_mask = p < MAX_PAGES
+    num_pages = tl.load(num_pages_ptr + b)
     out_row = out_ptr + b * stride_ob + h * stride_oh
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    q_rows = q_ptr + b * stride_qb + (h * GROUP) * stride_qh
-    for first in range(first_block, num_pages, step):  # blocks with a live page
-        p = first + tl.arange(0, BLOCK_P)
-        live = p < num_pages
+    if first < num_pages:
+        d = tl.arange(0, BLOCK_D)
+        live = p_mask & (p < num_pages)
+        d_mask = d < HEAD_DIM
         pages = tl.load(table_ptr + b * stride_tb + p, mask=live, other=0).to(tl.int64)
         off = (pages * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
         mask = live[:, None] & d_mask[None, :]
@@ -80,14 +72,13 @@ def _quest_kernel(
         hi = tl.load(kmax_ptr + off, mask=mask, other=0.0).to(tl.float32)
         best = tl.full([BLOCK_P], float("-inf"), tl.float32)
         for g in tl.static_range(GROUP):
-            qg = tl.load(q_rows + g * stride_qh + d, mask=d_mask).to(tl.float32)[None, :]
+            qg = tl.load(q_ptr + b * stride_qb + (h * GROUP + g) * stride_qh + d, mask=d_mask)
+            qg = qg.to(tl.float32)[None, :]
             best = tl.maximum(best, tl.sum(tl.maximum(qg * hi, qg * lo), 1))
-        tl.store(out_row + p, tl.where(live, best, float("-inf")), mask=p < MAX_PAGES)
-    for first in range(first_block, MAX_PAGES, step):  # blocks wholly past the end: -inf
-        if first >= num_pages:
-            p = first + tl.arange(0, BLOCK_P)
-            fill = tl.full([BLOCK_P], float("-inf"), tl.float32)
-            tl.store(out_row + p, fill, mask=p < MAX_PAGES)
+        tl.store(out_row + p, tl.where(live, best, float("-inf")), mask=p_mask)
+    else:  # wholly past the sequence's end (graph padding rows, a table wider than the row)
+        # only the -inf fill: the scoring's math would cost almost as much as a live block's
+        tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p_mask)
 
 
 def quest_page_scores(
@@ -96,12 +87,10 @@ def quest_page_scores(
     kmax: torch.Tensor,  # [P, Hkv, D] contiguous
     page_table: torch.Tensor,  # [B, maxp] int32/int64
     num_pages: torch.Tensor | None = None,  # [B] int64 (None: maxp)
-    programs_per_head: int | None = None,
 ) -> torch.Tensor:  # [B, Hkv, maxp] float32
     """Triton version of `quest_page_scores_ref`: a sequence's pages past its end (the table's
     padding to a shared, bucketed width) are not read, so a short sequence beside a long one
-    costs its own pages only. Each (sequence, KV head) gets `programs_per_head` programs
-    (default: about 8 per multiprocessor in all), each walking a share of the table."""
+    costs its own pages only."""
     b, hq, d = q.shape
     _, hkv, dk = kmin.shape
     assert dk == d and hq % hkv == 0 and q.stride(-1) == 1
@@ -114,10 +103,7 @@ def quest_page_scores(
     if num_pages is None:
         num_pages = torch.full((b,), max_pages, dtype=torch.int64, device=q.device)
     block_p = 32
-    if programs_per_head is None:
-        programs_per_head = triton.cdiv(_PROGRAMS_PER_SM * num_sms(q.device), b * hkv)
-    programs = max(1, min(programs_per_head, triton.cdiv(max_pages, block_p)))
-    _quest_kernel[(b, hkv, programs)](
+    _quest_kernel[(b, hkv, triton.cdiv(max_pages, block_p))](
         q,
         kmin,
         kmax,
