@@ -44,9 +44,9 @@
 #              (spin's token budget, 2048; a tag "-budgetN" names the logs) and
 #              LONGBENCH_BUFFER_RATIO (spin's --buffer-ratio, 15; tag "-bufferR") change the
 #              workload and the KV capacities for it and for longbenchfloor /
-#              longbenchlookahead (the CPU tier is pinned: with torch's pinned allocator, which
-#              rounds up to a power of two, 589824 tokens, 72 GB, failed on the H200 machine and
-#              524288, 64 GB, pinned; the tier is now pinned at its exact size, not yet tried larger)
+#              longbenchlookahead (the CPU tier is pinned at its exact size: 786432 tokens, 96 GiB,
+#              pinned on the H200 machine; torch's pinned allocator, rounding up to a power of
+#              two, had failed at 589824)
 #   longbenchfloor  spin alone on the longbenchdecode workload with --min-buffer-ratio R for each
 #              R of MIN_BUFFER_RATIOS (default "4 8"): a larger floor admits fewer requests, each
 #              with a larger HBM buffer (compare with longbenchdecode's dense in the same call)

@@ -21,6 +21,7 @@ RESULT_FIELDS = {
     "output_tokens",
     "request_throughput",
     "output_throughput",
+    "second_half_output_throughput",
     "total_token_throughput",
     "ttft_mean",
     "ttft_p50",
@@ -111,6 +112,9 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         assert r["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
         assert r["input_tokens"] == NUM_PROMPTS * INPUT_LEN
         assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration"])
+        # at most every token in half the time: the last token ends the run, so never zero
+        late = r["second_half_output_throughput"] * r["duration"] / 2
+        assert 1 <= round(late) <= r["output_tokens"]
         assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
         assert 0 < r["itl_p50"] <= r["itl_p99"]  # one gap per token after a request's first
         assert 1 <= r["mean_batch"] <= r["max_batch"] <= NUM_PROMPTS

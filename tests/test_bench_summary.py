@@ -91,6 +91,19 @@ def test_inter_token_latencies_are_the_gaps_between_tokens():
     assert summarize(_record())["itl_p50"] is None  # no token times: no gaps, no guess
 
 
+def test_second_half_throughput_counts_the_tokens_after_half_the_duration():
+    timings = (  # the run lasts 5 s: its second half is [2.5, 5]
+        RequestTiming("a", 100, 4, 0.0, 0.5, 2.5, 2.5, token_times=(0.5, 1.0, 2.0, 2.5)),
+        RequestTiming("b", 100, 3, 0.0, 2.4, 4.0, None, token_times=(2.4, 3.0, 4.0)),
+        RequestTiming("c", 100, 2, 2.0, 4.5, 5.0, 5.0, token_times=(4.5, 5.0)),
+    )
+    r = summarize(dataclasses.replace(_record(), timings=timings))
+    # after 2.5 s: a's last token (at 2.5), b's last two, both of c's: 5 tokens in 2.5 s
+    assert r["second_half_output_throughput"] == pytest.approx(5 / 2.5)
+    assert r["output_throughput"] == pytest.approx(9 / 5)
+    assert summarize(_record())["second_half_output_throughput"] is None  # no token times
+
+
 def test_missing_statistics_stay_missing():
     r = summarize(_record(mode="dense"))
     for key in ("hbm_hit_rate", "h2d_bytes", "h2d_gbps", "select_share", "rest_share"):
@@ -119,13 +132,16 @@ def test_untimed_phases_give_no_shares_and_a_note():
 
 
 def test_goal_ratios_between_modes():
-    dense = dict(mode="dense", request_rate="inf", output_throughput=100.0, ttft_p50=7000.0,
+    dense = dict(mode="dense", request_rate="inf", output_throughput=100.0,
+                 second_half_output_throughput=110.0, ttft_p50=7000.0,
                  tpot_p50=20.0, mean_batch=10.0, decode_step_ms_by_batch={1: 5.0})  # fmt: skip
     naive = dict(dense, mode="sparse-naive", tpot_p50=40.0)
-    spin = dict(mode="spin", request_rate="inf", output_throughput=300.0, ttft_p50=1000.0,
+    spin = dict(mode="spin", request_rate="inf", output_throughput=300.0,
+                second_half_output_throughput=385.0, ttft_p50=1000.0,
                 tpot_p50=22.0, mean_batch=25.0, decode_step_ms_by_batch={2: 6.0})  # fmt: skip
     (row,) = compare_modes([dense, naive, spin])
     assert row["throughput_vs_dense"] == 3.0 and row["ttft_p50_speedup_vs_dense"] == 7.0
+    assert row["second_half_throughput_vs_dense"] == pytest.approx(3.5)
     assert row["tpot_p50_vs_dense"] == pytest.approx(1.1) and row["mean_batch_vs_dense"] == 2.5
     assert row["tpot_p50_reduction_vs_sparse_naive"] == pytest.approx(0.45)
     # no batch size in common: no same-batch comparison
@@ -323,8 +339,8 @@ def test_a_step_with_a_prefill_chunk_is_no_decode_step():
 def test_repeated_runs_compare_run_by_run_and_by_median():
     def result(mode, repeat, throughput, tpot):
         return dict(mode=mode, request_rate="inf", repeat=repeat, output_throughput=throughput,
-                    ttft_p50=100.0, tpot_p50=tpot, mean_batch=2.0,
-                    decode_step_ms_by_batch={})  # fmt: skip
+                    second_half_output_throughput=throughput, ttft_p50=100.0, tpot_p50=tpot,
+                    mean_batch=2.0, decode_step_ms_by_batch={})  # fmt: skip
 
     results = [result("dense", i, 100.0, 10.0) for i in (1, 2, 3)]
     results += [result("spin", i, t, 20.0) for i, t in enumerate((50.0, 300.0, 200.0), start=1)]

@@ -73,6 +73,7 @@ COLUMNS = (
     ("done", "completed", "{}"),
     ("req/s", "request_throughput", "{:.3f}"),
     ("out tok/s", "output_throughput", "{:.1f}"),
+    ("2nd half tok/s", "second_half_output_throughput", "{:.1f}"),
     ("TTFT p50 ms", "ttft_p50", "{:.1f}"),
     ("TTFT p99 ms", "ttft_p99", "{:.1f}"),
     ("TPOT p50 ms", "tpot_p50", "{:.2f}"),
@@ -103,6 +104,7 @@ RUN_COLUMN = ("run", "repeat", "{}")
 COMPARISON_COLUMNS = (
     ("rate", "request_rate", "{}"),
     ("spin/dense throughput", "throughput_vs_dense", "{:.2f}x"),
+    ("2nd half", "second_half_throughput_vs_dense", "{:.2f}x"),
     ("dense/spin TTFT p50", "ttft_p50_speedup_vs_dense", "{:.2f}x"),
     ("spin/dense TPOT p50", "tpot_p50_vs_dense", "{:.2f}x"),
     ("spin/dense mean batch", "mean_batch_vs_dense", "{:.2f}x"),

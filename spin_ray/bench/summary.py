@@ -12,6 +12,10 @@ from spin_ray.bench.runner import RunRecord
 UNITS = {
     "request_throughput": "requests/s",
     "output_throughput": "output tokens/s",
+    "second_half_output_throughput": "output tokens/s over the run's second half (tokens that "
+    "came after duration / 2): an offline run starts from an empty engine, and the whole-run "
+    "figure averages that ramp in; in a run to the end the second half holds the drain of the "
+    "last requests instead. None without per-token times",
     "total_token_throughput": "input + output tokens/s",
     "ttft_*": "ms, arrival (planned; with --max-concurrency, when sent) to first token; in a "
     "truncated run a request that arrived but got no token counts as (time limit - arrival), "
@@ -44,6 +48,7 @@ UNITS = {
     "decode_step_ms_by_batch": "batch size -> median ms inside step() of the decode-only steps "
     "(every output a request's second or later token, no prefill chunk in the step) of that "
     "size, for sizes with MIN_STEPS_PER_BATCH or more such steps",
+    "second_half_throughput_vs_dense": "spin / dense second_half_output_throughput",
     "same_batch_size": "largest batch size in both spin's and dense's decode_step_ms_by_batch",
     "decode_step_vs_dense_same_batch": "spin / dense median decode step ms at same_batch_size",
     "requests": "one row per request, in workload order: request_id, input_len, output_len "
@@ -75,6 +80,7 @@ def summarize(record: RunRecord) -> dict:
     tpots = [row["tpot_ms"] for row in requests if row["tpot_ms"] is not None]
     e2els = [row["e2el_ms"] for row in requests if row["e2el_ms"] is not None]
     itls = [gap * 1e3 for t in record.timings for gap in np.diff(t.token_times)]
+    token_times = [at for t in record.timings for at in t.token_times]
     output_tokens = sum(t.output_len for t in record.timings)
     input_tokens = sum(t.input_len for t in done)
     stats = record.kv_stats or {}
@@ -94,6 +100,9 @@ def summarize(record: RunRecord) -> dict:
         "output_tokens": output_tokens,
         "request_throughput": len(done) / duration,
         "output_throughput": output_tokens / duration,
+        "second_half_output_throughput": (
+            sum(at >= duration / 2 for at in token_times) / (duration / 2) if token_times else None
+        ),
         "total_token_throughput": (input_tokens + output_tokens) / duration,
         **_percentiles("ttft", ttfts),
         "ttft_censored": sum(row["status"] == "waiting" for row in requests),
@@ -184,6 +193,9 @@ def compare_modes(results: list[dict]) -> list[dict]:
         if dense is not None:
             row["throughput_vs_dense"] = _ratio(
                 spin["output_throughput"], dense["output_throughput"]
+            )
+            row["second_half_throughput_vs_dense"] = _ratio(
+                spin["second_half_output_throughput"], dense["second_half_output_throughput"]
             )
             row["ttft_p50_speedup_vs_dense"] = _ratio(dense["ttft_p50"], spin["ttft_p50"])
             row["tpot_p50_vs_dense"] = _ratio(spin["tpot_p50"], dense["tpot_p50"])
