@@ -87,10 +87,13 @@ def quest_page_scores(
     kmax: torch.Tensor,  # [P, Hkv, D] contiguous
     page_table: torch.Tensor,  # [B, maxp] int32/int64
     num_pages: torch.Tensor | None = None,  # [B] int64 (None: maxp)
+    block_pages: int = 32,
+    num_warps: int = 4,
 ) -> torch.Tensor:  # [B, Hkv, maxp] float32
     """Triton version of `quest_page_scores_ref`: a sequence's pages past its end (the table's
     padding to a shared, bucketed width) are not read, so a short sequence beside a long one
-    costs its own pages only."""
+    costs its own pages only. One program per `block_pages` pages of a (sequence, KV head);
+    bench/decode_kernel_variants.py times other blocks and warps at the bench's shape."""
     b, hq, d = q.shape
     _, hkv, dk = kmin.shape
     assert dk == d and hq % hkv == 0 and q.stride(-1) == 1
@@ -102,8 +105,7 @@ def quest_page_scores(
         return out
     if num_pages is None:
         num_pages = torch.full((b,), max_pages, dtype=torch.int64, device=q.device)
-    block_p = 32
-    _quest_kernel[(b, hkv, triton.cdiv(max_pages, block_p))](
+    _quest_kernel[(b, hkv, triton.cdiv(max_pages, block_pages))](
         q,
         kmin,
         kmax,
@@ -119,7 +121,8 @@ def quest_page_scores(
         NUM_KV_HEADS=hkv,
         GROUP=hq // hkv,
         HEAD_DIM=d,
-        BLOCK_P=block_p,
+        BLOCK_P=block_pages,
         BLOCK_D=triton.next_power_of_2(d),
+        num_warps=num_warps,
     )
     return out

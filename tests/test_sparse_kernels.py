@@ -140,14 +140,15 @@ def test_lru_victims_kernel_and_reference_match_the_sort_spec():
     assert torch.equal(lru_victims(keys, need, num_keys), lru_victims_ref(keys, need, num_keys))
 
 
-def test_quest_page_scores_kernel_matches_reference():
+@pytest.mark.parametrize("block_pages", [32, 8])
+def test_quest_page_scores_kernel_matches_reference(block_pages):
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(3, 8, 16, generator=gen)
     kmin = torch.randn(40, 2, 16, generator=gen)
     kmax = kmin + torch.rand(40, 2, 16, generator=gen)
     table = torch.randint(0, 40, (3, 45), generator=gen, dtype=torch.int32)
     ref = quest_page_scores_ref(q, kmin, kmax, table)
-    torch.testing.assert_close(quest_page_scores(q, kmin, kmax, table), ref)
+    torch.testing.assert_close(quest_page_scores(q, kmin, kmax, table, None, block_pages), ref)
     # the formula written out for one (sequence, head, page): max over the group's heads
     s = max(float(torch.maximum(q[1, g] * kmax[table[1, 7], 1], q[1, g] * kmin[table[1, 7], 1])
                   .sum()) for g in (4, 5, 6, 7))  # fmt: skip
@@ -158,7 +159,7 @@ def test_quest_page_scores_kernel_matches_reference():
     ragged = table.clone()
     ragged[1, 12:] = 10**6
     ragged[2] = 10**6
-    got = quest_page_scores(q, kmin, kmax, ragged, num_pages)
+    got = quest_page_scores(q, kmin, kmax, ragged, num_pages, block_pages)
     torch.testing.assert_close(got, quest_page_scores_ref(q, kmin, kmax, table, num_pages))
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1, :, :12], ref[1, :, :12])
