@@ -64,8 +64,8 @@ def quest_variants(shape: DecodeShape, device: str, timed: bool) -> list[dict]:
     for r in range(s.live_rows):
         table[r, : s.pages_per_row] = torch.arange(r * s.pages_per_row, (r + 1) * s.pages_per_row)
         ends[r] = s.pages_per_row
-    ref = quest_page_scores_ref(q, kmin, kmax, table, ends)
     args = [t.to(device) for t in (q, kmin, kmax, table, ends)]
+    ref = quest_page_scores_ref(*args).cpu()
     rows = []
     for block, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
         run = functools.partial(quest_page_scores, *args, block_pages=block, num_warps=warps)
@@ -95,8 +95,8 @@ def attention_variants(shape: DecodeShape, device: str, timed: bool) -> list[dic
     pages[s.live_rows :] = -1  # padding rows list nothing
     slots = torch.where(pages >= 0, slots, -1)
     lens = torch.full((s.rows,), context - 5, dtype=torch.int64)
-    ref = sparse_decode_attention_ref(q, k, v, slots, pages, lens, 0.088)
     args = [t.to(device) for t in (q, k, v, slots, pages, lens)]
+    ref = sparse_decode_attention_ref(*args, 0.088).cpu()
     rows = []
     for per_split in (1, 2, 4, 8, 16):
         run = functools.partial(sparse_decode_attention, *args, 0.088, entries_per_split=per_split)
