@@ -46,7 +46,7 @@
 #              (spin's token budget, 2048; a tag "-budgetN" names the logs) and
 #              LONGBENCH_BUFFER_RATIO (spin's --buffer-ratio, 15; tag "-bufferR") change the
 #              workload and the KV capacities for it and for longbenchfloor /
-#              longbenchlookahead (the CPU tier is pinned at its exact size: 786432 tokens, 96 GiB,
+#              longbenchlookahead (the CPU tier is pinned at its exact size: 786432 tokens, 96.6 GB,
 #              pinned on the H200 machine; torch's pinned allocator, rounding up to a power of
 #              two, had failed at 589824)
 #   longbenchfloor  spin alone on the longbenchdecode workload with --min-buffer-ratio R for each
