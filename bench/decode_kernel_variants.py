@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from triton.testing import do_bench
 
+from spin_ray.bench.report import markdown_table
 from spin_ray.kernels.quest_page_scores import quest_page_scores, quest_page_scores_ref
 from spin_ray.kernels.sparse_decode_attention import (
     sparse_decode_attention,
@@ -69,13 +70,12 @@ def quest_variants(shape: DecodeShape, device: str, timed: bool) -> list[dict]:
     rows = []
     for block, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
         run = functools.partial(quest_page_scores, *args, block_pages=block, num_warps=warps)
-        out = run()
-        same = torch.equal(torch.isfinite(out.cpu()), torch.isfinite(ref))
+        out = run().cpu()
         finite = torch.isfinite(ref)
-        err = (out.cpu()[finite] - ref[finite]).abs().max().item()
-        ok = same and err <= _tolerance(s.dtype, 1e-1, 1e-3)
+        err = (out[finite] - ref[finite]).abs().max().item()
+        ok = torch.equal(torch.isfinite(out), finite) and err <= _tolerance(s.dtype, 1e-1, 1e-3)
         rows.append(dict(block_pages=block, num_warps=warps, max_abs_err=err, ok=ok,
-                         us=_median_us(run, timed)))  # fmt: skip
+                         **_median_us(run, timed)))  # fmt: skip
     return rows
 
 
@@ -103,7 +103,7 @@ def attention_variants(shape: DecodeShape, device: str, timed: bool) -> list[dic
         err = (run().cpu().float() - ref.float()).abs().max().item()
         ok = err <= _tolerance(s.dtype, 2e-2, 1e-4)
         rows.append(dict(entries_per_split=per_split, max_abs_err=err, ok=ok,
-                         us=_median_us(run, timed)))  # fmt: skip
+                         **_median_us(run, timed)))  # fmt: skip
     return rows
 
 
@@ -112,26 +112,17 @@ def _tolerance(dtype: torch.dtype, low_precision: float, fp32: float) -> float:
     return fp32 if dtype == torch.float32 else low_precision
 
 
-def _median_us(fn, timed: bool) -> float | None:
-    return do_bench(fn, return_mode="median") * 1e3 if timed else None
+def _median_us(fn, timed: bool) -> dict:
+    """Median µs per launch and per step (None untimed)."""
+    us = do_bench(fn, return_mode="median") * 1e3 if timed else None
+    return dict(us=us, us_per_step=None if us is None else us * SPARSE_LAYERS)
 
 
-def _table(rows: list[dict]) -> str:
-    keys = list(rows[0]) + ["us per step"]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        step = None if row["us"] is None else row["us"] * SPARSE_LAYERS
-        cells = [*row.values(), step]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+_CHECKED = (("max abs err", "max_abs_err", "{:.3g}"), ("ok", "ok", "{}"))
+_TIMED = (("µs", "us", "{:.1f}"), ("µs per step", "us_per_step", "{:.0f}"))
+QUEST_COLUMNS = (("block_pages", "block_pages", "{}"), ("num_warps", "num_warps", "{}"),
+                 *_CHECKED, *_TIMED)  # fmt: skip
+ATTENTION_COLUMNS = (("entries_per_split", "entries_per_split", "{}"), *_CHECKED, *_TIMED)
 
 
 def main() -> None:
@@ -142,9 +133,10 @@ def main() -> None:
     if not args.quick:
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print(f"shape: {shape}\n\n### quest_page_scores\n")
-    print(_table(quest_variants(shape, device, timed=not args.quick)))
+    print(markdown_table(quest_variants(shape, device, timed=not args.quick), QUEST_COLUMNS))
     print("\n### sparse_decode_attention\n")
-    print(_table(attention_variants(shape, device, timed=not args.quick)))
+    print(markdown_table(attention_variants(shape, device, timed=not args.quick),
+                         ATTENTION_COLUMNS))  # fmt: skip
 
 
 if __name__ == "__main__":
