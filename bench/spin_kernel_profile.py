@@ -18,8 +18,7 @@ no request finishes or prefills meanwhile: the TPOT at that batch size) and the 
 their graph replays, then the host functions with the most time over 8 more steps under
 cProfile, and the lines that synchronise with the GPU over 4 more (--no-async-scheduling: the
 engine waits for each step's tokens). Sparse modes also print the HBM hit rate and host -> GPU
-bytes of the measured steps. With --graphs and --retrieval-groups 1,2,3 (spin) all of that runs
-once per row grouping of the pipelined retrieval, in turn on the same requests. Needs CUDA.
+bytes of the measured steps. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -88,13 +87,6 @@ def main() -> None:
         "--lookahead-share", type=float, default=None, help="share of the top-k fetched early"
     )
     parser.add_argument(
-        "--retrieval-groups",
-        default=None,
-        help="spin with --graphs: row groups of the pipelined retrieval "
-        "(SparseConfig.retrieval_groups); a comma list (1,2,3) measures each in turn on the "
-        "same requests, the engine's backend switched between rounds",
-    )
-    parser.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -131,9 +123,7 @@ def main() -> None:
     beside_tokens = (
         args.warmup_steps + prefills * args.batch * (args.prompt_len // args.chunk_tokens + 2) + 8
     )
-    groups = [int(g) for g in args.retrieval_groups.split(",")] if args.retrieval_groups else []
-    rounds = max(len(groups), 1)
-    prompt_max = args.prompt_len + rounds * (3 * args.steps + 16) + args.warmup_steps + 32
+    prompt_max = args.prompt_len + 3 * args.steps + args.warmup_steps + 32
     beside_max = beside_len + beside_tokens + 32
     max_len = max(prompt_max, beside_max) if args.beside else prompt_max
     max_len = max(max_len, args.max_model_len or 0)
@@ -151,8 +141,7 @@ def main() -> None:
                       gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
                       buffer_ratio=args.buffer_ratio,
                       lookahead=args.lookahead or None,
-                      lookahead_share=args.lookahead_share,
-                      retrieval_groups=groups[0] if groups else None)  # fmt: skip
+                      lookahead_share=args.lookahead_share)  # fmt: skip
     llm = LLM(model=args.model, device="cuda", dtype="bfloat16", enforce_eager=not args.graphs,
               max_num_seqs=args.max_num_seqs or args.batch + args.beside, max_model_len=max_len,
               max_num_batched_tokens=(args.chunk_tokens if args.prefill
@@ -161,7 +150,7 @@ def main() -> None:
               **sparse)  # fmt: skip
     engine = llm.llm_engine
     rng = random.Random(0)
-    room = rounds * (3 * args.steps + 16) + args.warmup_steps  # --graphs: 3 rounds per group
+    room = 3 * args.steps + args.warmup_steps + 16  # --graphs: three rounds of steps
     params = SamplingParams(max_tokens=room, temperature=0.0, ignore_eos=True)
     if args.prefill:  # compile the kernels of a prefill over a prefix outside the measurement
         # (with --prefix-from-cpu longer than HBM holds, so the CPU-tier prefix read compiles)
@@ -197,11 +186,7 @@ def main() -> None:
         engine.step()
     torch.cuda.synchronize()
     if args.graphs:
-        for g in groups or [None]:
-            if g is not None:  # the next steps' plans group their rows so (new graphs)
-                engine.backend.retrieval_groups = g
-                print(f"\n## retrieval groups {g}")
-            _profile_host(engine, args.steps)
+        _profile_host(engine, args.steps)
         return
     before = engine.kv_stats()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

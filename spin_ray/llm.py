@@ -60,7 +60,6 @@ class LLM:
         min_buffer_ratio: float | None = None,
         lookahead: bool | None = None,
         lookahead_share: float | None = None,
-        retrieval_groups: int | None = None,
         gpu_cache_tokens: int | None = None,
         cpu_cache_tokens: int | None = None,
         sparse_config: SparseConfig | None = None,
@@ -93,7 +92,6 @@ class LLM:
             min_buffer_ratio=min_buffer_ratio,
             lookahead=lookahead,
             lookahead_share=lookahead_share,
-            retrieval_groups=retrieval_groups,
             gpu_cache_tokens=gpu_cache_tokens,
             cpu_cache_tokens=cpu_cache_tokens,
         )

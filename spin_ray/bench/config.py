@@ -46,9 +46,6 @@ class BenchConfig:
     """`spin` mode fetches each layer's pages one layer early (`SparseConfig.lookahead`)."""
     lookahead_share: float | None = None
     """The share of the top-k that lookahead fetches early; None: the default."""
-    retrieval_groups: int | None = None
-    """Row groups of `spin`'s pipelined retrieval (`SparseConfig.retrieval_groups`); None: the
-    default."""
     gpu_cache_tokens: int | None = None
     """HBM KV capacity in tokens of every layer's KV, the same for every spin-ray mode: the KV
     pool of `dense` (`num_pages`), the working-set slots of the tiered modes (`spin`: less its
@@ -162,5 +159,4 @@ class BenchConfig:
             min_buffer_ratio=self.min_buffer_ratio,
             lookahead=True if lookahead else None,
             lookahead_share=self.lookahead_share if lookahead else None,
-            retrieval_groups=self.retrieval_groups if mode == "spin" else None,
         )

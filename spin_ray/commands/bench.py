@@ -92,13 +92,6 @@ def add_parser(subparsers) -> None:
         help="share of the top-k pages --lookahead fetches early, its best-scored (default 1)",
     )
     parser.add_argument(
-        "--retrieval-groups",
-        type=int,
-        default=None,
-        help="spin: retrieve a decode step's sequences in this many pipelined groups "
-        "(SparseConfig.retrieval_groups; default 2, 1: all at once)",
-    )
-    parser.add_argument(
         "--gpu-cache-tokens",
         type=int,
         default=None,
@@ -156,7 +149,6 @@ def bench_config(args: argparse.Namespace):
         min_buffer_ratio=args.min_buffer_ratio,
         lookahead=args.lookahead,
         lookahead_share=args.lookahead_share,
-        retrieval_groups=args.retrieval_groups,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
         max_num_seqs=args.max_num_seqs,

@@ -96,13 +96,6 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="share of the top-k pages --lookahead fetches early, its best-scored (default 1)",
     )
-    group.add_argument(
-        "--retrieval-groups",
-        type=int,
-        default=None,
-        help="spin: retrieve a decode step's sequences in this many groups, each group's PCIe "
-        "fetch beside the next group's selection (default 2; 1: all at once)",
-    )
     group.add_argument("--gpu-cache-tokens", type=int, default=None)
     group.add_argument("--cpu-cache-tokens", type=int, default=None)
 
@@ -120,7 +113,6 @@ def sparse_kwargs(args: argparse.Namespace) -> dict:
         min_buffer_ratio=args.min_buffer_ratio,
         lookahead=args.lookahead,
         lookahead_share=args.lookahead_share,
-        retrieval_groups=args.retrieval_groups,
         gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_cache_tokens=args.cpu_cache_tokens,
     )

@@ -77,22 +77,6 @@ class _DecodeStep:
     windows: DecodeWindows
     batch: SelectBatch
 
-    def sequences(self, lo: int, hi: int) -> _DecodeStep:
-        """The sequences lo..hi-1 (views of the same tensors)."""
-        per_row = self.listed_heads.numel() // self.tokens.numel()  # Hkv * K
-        return _DecodeStep(
-            tokens=self.tokens[lo:hi],
-            rows=self.rows[lo:hi],
-            context_lens=self.context_lens[lo:hi],
-            last_page=self.last_page[lo:hi],
-            last_offset=self.last_offset[lo:hi],
-            slot_lists=self.slot_lists[lo:hi],
-            slot_counts=self.slot_counts[lo:hi],
-            listed_heads=self.listed_heads[lo * per_row : hi * per_row],
-            windows=self.windows.sequences(lo, hi),
-            batch=self.batch.sequences(lo, hi),
-        )
-
 
 class SpinAttentionBackend(AttentionBackend):
     def __init__(
@@ -109,7 +93,6 @@ class SpinAttentionBackend(AttentionBackend):
         index_interval: int,
         lookahead: bool = False,
         lookahead_share: float = 1.0,
-        retrieval_groups: int = 1,
     ):
         self.manager = manager
         self.residency = manager.residency
@@ -158,14 +141,6 @@ class SpinAttentionBackend(AttentionBackend):
         """The lookahead's fetches (with `HostTier.overlap_programs`: beside the compute)."""
         self._prefetched: dict[int, tuple[torch.cuda.Event, tuple]] = {}
         """Offloaded layer → (event after its lookahead fetch, tensors that fetch reads)."""
-        self.retrieval_groups = retrieval_groups if self.retains and not self.lookahead else 1
-        """Row groups a decode graph step's layers retrieve in, pipelined
-        (`SparseConfig.retrieval_groups`; 1 with lookahead, which has its own stream)."""
-        on_stream = self.on_cuda and self.retains and not self.lookahead
-        self.fetch_stream = torch.cuda.Stream(self.device) if on_stream else None
-        """The row groups' fetches (with `HostTier.overlap_programs`: beside the compute)."""
-        self._groups: list[tuple[slice, _DecodeStep]] = []
-        """This step's row groups (`_decode_in_groups`); empty: the rows retrieve at once."""
         self.fused_retrieve = self.on_cuda and os.environ.get("SPIN_RAY_FUSED_RETRIEVE") != "0"
         """Retrieve with the fused Triton kernels (two launches per layer) instead of the torch
         path (which the CPU runs; SPIN_RAY_FUSED_RETRIEVE=0 selects it on CUDA too)."""
@@ -192,21 +167,6 @@ class SpinAttentionBackend(AttentionBackend):
             if split.decode_seqs
             else None
         )
-        self._groups = self._row_groups(meta) if self._step is not None else []
-
-    def _row_groups(self, meta: AttentionMetadata) -> list[tuple[slice, _DecodeStep]]:
-        """A graph step's decode rows in `retrieval_groups` groups of about as many real
-        sequences each (the padding rows join the last), or none: eager steps, and steps of
-        fewer real sequences than two, retrieve all rows at once."""
-        rows = self._step.tokens.numel()
-        real = rows - meta.num_padded
-        groups = min(self.retrieval_groups, real)
-        if not meta.graph_batch or groups < 2:
-            return []
-        cuts = [-(-real * i // groups) for i in range(groups)] + [rows]
-        return [
-            (slice(lo, hi), self._step.sequences(lo, hi)) for lo, hi in zip(cuts[:-1], cuts[1:])
-        ]
 
     def _held_prefill(self, meta: AttentionMetadata, chunk: PrefillChunk) -> torch.Tensor | None:
         """The rows of the chunk's context in HBM prefill slots ([T] int64), the slots taken
@@ -336,7 +296,6 @@ class SpinAttentionBackend(AttentionBackend):
             tuple(step.slot_lists.shape),
             (windows.sink_pages, windows.max_topk, windows.max_local),
             self.dense.graph_key().shapes if self.dense is not None else None,
-            tuple((rows.start, rows.stop) for rows, _ in self._groups),
         )
         return GraphKey(generation=self.residency.generation, shapes=shapes)
 
@@ -518,9 +477,7 @@ class SpinAttentionBackend(AttentionBackend):
         scores = self.algorithm.page_scores(layer, q, step.batch)  # [B, Hkv, maxp]
         return select_pages(scores, step.windows, topk)
 
-    def _decode(self, layer, q, k, v, scale):  # q: [Bd, Hq, D]; k, v: [Bd, Hkv, D]
-        if self._groups:
-            return self._decode_in_groups(layer, q, k, v, scale)
+    def _decode(self, layer, q, k, v, scale):
         step = self._step
         with self.timer.phase("select"):
             pages = self._select(layer, q, step)
@@ -534,52 +491,10 @@ class SpinAttentionBackend(AttentionBackend):
                 slots = self._stage(layer, pages, step)
             self.gpu.store_tokens(tier_layer, pages, slots, step.last_page, step.last_offset, k, v)
         with self.timer.phase("attention"):
-            return self._attend(layer, tier_layer, q, slots, pages, step, scale)
-
-    def _attend(self, layer, tier_layer, q, slots, pages, step, scale):  # [B, Hq, D]
-        extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
-        attend = sparse_decode_attention if self.on_cuda else sparse_decode_attention_ref
-        k_slots, v_slots = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
-        return attend(q, k_slots, v_slots, slots, pages, step.context_lens, scale, extra)
-
-    def _decode_in_groups(self, layer, q, k, v, scale):  # q: [Bd, Hq, D]; k, v: [Bd, Hkv, D]
-        """`_decode` (with the buffer) of a graph step's rows in groups, pipelined: each
-        group's selection and buffer lookup run in turn on the compute stream, and its misses
-        cross PCIe on the fetch stream as soon as its lookup is done, beside the next group's
-        selection and lookup; each group stores its token and attends once its own fetch is
-        done. The lookups run one group after another, so the segment stack's frees and takes
-        never interleave (`spin_retrieve`). On the CPU the groups run in turn: the same numbers
-        as the rows at once (rows are independent)."""
-        out = torch.empty_like(q)
-        retrieved = []  # per group: pages, slots, the event after its fetch (CUDA)
-        for rows, part in self._groups:
-            with self.timer.phase("select"):
-                pages = self._select(layer, q[rows], part)  # [b, Hkv, K]
-            with self.timer.phase("fetch"):
-                slots, dst = self._retrieve(layer, pages, part, self.counters.device_counts)
-                retrieved.append((pages, slots, self._fetch_beside(layer, pages, dst, part)))
-        for (rows, part), (pages, slots, fetched) in zip(self._groups, retrieved, strict=True):
-            if fetched is not None:
-                torch.cuda.current_stream(self.device).wait_event(fetched)
-            last_page, last_offset = part.last_page, part.last_offset
-            self.gpu.store_tokens(layer, pages, slots, last_page, last_offset, k[rows], v[rows])
-            with self.timer.phase("attention"):
-                out[rows] = self._attend(layer, layer, q[rows], slots, pages, part, scale)
-        return out
-
-    def _fetch_beside(self, layer, pages, dst, step) -> torch.cuda.Event | None:
-        """`_fetch` of a row group's misses: on CUDA on the fetch stream, after the compute
-        stream's work so far, returning the event after it (the tensors it reads stay alive
-        until the compute stream waits for it); on the CPU at once."""
-        if self.fetch_stream is None:
-            self._fetch(layer, layer, pages, dst, step, counted=True)
-            return None
-        self.fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.fetch_stream):
-            self._fetch(layer, layer, pages, dst, step, self.host.overlap_programs, counted=True)
-            fetched = torch.cuda.Event()
-            fetched.record()
-        return fetched
+            extra = self.algorithm.estimate(layer, q, step.batch, pages, scale)
+            attend = sparse_decode_attention if self.on_cuda else sparse_decode_attention_ref
+            k_slots, v_slots = self.gpu.k[tier_layer], self.gpu.v[tier_layer]
+            return attend(q, k_slots, v_slots, slots, pages, step.context_lens, scale, extra)
 
     def _stage(self, layer, pages, step):  # [B, Hkv, K] slots
         """No buffer: every listed page is fetched into the request's slots, in list order."""

@@ -100,7 +100,6 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
         index_interval=sparse.index_interval,
         lookahead=sparse.lookahead,
         lookahead_share=sparse.lookahead_share,
-        retrieval_groups=sparse.retrieval_groups,
     )
     capacity = _longest_fitting(budget, num_cpu_pages * page_size, num_slots)
     if capacity < 2:

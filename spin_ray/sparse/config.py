@@ -63,13 +63,6 @@ class SparseConfig:
     pages a buffer lacked from the better-scored half, 57% from the other. On the H200 (8 x
     64K, buffer ratio 4) share 0.5 moved 22% fewer bytes than 1 at a step within 3% of spin's
     without lookahead, so 1 stays the default (RESULTS.md)."""
-    retrieval_groups: int = 2
-    """`spin` mode without lookahead: a decode graph step's layers retrieve the batch's
-    sequences in this many groups (of about as many sequences each), pipelined: each group's
-    misses cross PCIe on a side stream while the next group selects and looks up its pages,
-    so selection hides under the transfer. 1: every sequence at once, in turn select, fetch,
-    attend. The same pages and tokens either way (sequences are independent); see
-    bench/RESULTS.md for the step times."""
     gpu_cache_tokens: int | None = None
     """Tokens of HBM working-set slots (each holds one page of every offloaded layer and KV
     head); None: what GPU memory leaves after weights (CUDA), the CPU tier's size (CPU)."""
@@ -121,7 +114,6 @@ class SparseConfig:
         _at_least("local_tokens", self.local_tokens, 1)
         _at_least("dense_layers", self.dense_layers, 0)
         _at_least("index_interval", self.index_interval, 1)
-        _at_least("retrieval_groups", self.retrieval_groups, 1)
         if self.buffer_ratio < 0:
             raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
         if self.min_buffer_ratio < 0:

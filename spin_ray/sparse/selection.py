@@ -4,7 +4,7 @@ in between, for each (sequence, KV head) — the runtime half of `select`."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,19 +28,6 @@ class DecodeWindows:
     sink: torch.Tensor  # [B] int64  sink pages of each sequence: the selectable range's start
     sink_list: torch.Tensor  # [B, 1, sink_pages] int64  the sink pages, -1 padded
     local_list: torch.Tensor  # [B, 1, max_local] int64  the local tail, -1 padded
-
-    def sequences(self, lo: int, hi: int) -> DecodeWindows:
-        """The windows of sequences lo..hi-1 (views; the widths stay the batch's)."""
-        return replace(
-            self,
-            num_pages=self.num_pages[lo:hi],
-            local_start=self.local_start[lo:hi],
-            topk=self.topk[lo:hi],
-            prefetch_topk=self.prefetch_topk[lo:hi],
-            sink=self.sink[lo:hi],
-            sink_list=self.sink_list[lo:hi],
-            local_list=self.local_list[lo:hi],
-        )
 
     @classmethod
     def build(

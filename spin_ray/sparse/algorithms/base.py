@@ -55,16 +55,6 @@ class SelectBatch:
     """[B] int64: pages covered by the index (a prefix of the sequence)."""
     indexed_pages_cpu: tuple[int, ...]
 
-    def sequences(self, lo: int, hi: int) -> SelectBatch:
-        """The sequences lo..hi-1 (views of the same tensors)."""
-        return SelectBatch(
-            request_ids=self.request_ids[lo:hi],
-            page_table=self.page_table[lo:hi],
-            num_pages=self.num_pages[lo:hi],
-            indexed_pages=self.indexed_pages[lo:hi],
-            indexed_pages_cpu=self.indexed_pages_cpu[lo:hi],
-        )
-
 
 Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(max logit [B, Hq], Σ exp(logit - max) [B, Hq], Σ exp(logit - max)·value [B, Hq, D])."""
