@@ -81,60 +81,6 @@ def _quest_kernel(
         tl.store(out_row + p, tl.full([BLOCK_P], float("-inf"), tl.float32), mask=p_mask)
 
 
-@triton.jit
-def _quest_all_heads_kernel(
-    q_ptr,
-    kmin_ptr,
-    kmax_ptr,
-    table_ptr,
-    num_pages_ptr,
-    out_ptr,
-    stride_qb,
-    stride_qh,
-    stride_tb,
-    stride_ob,
-    stride_oh,
-    MAX_PAGES,
-    NUM_KV_HEADS: tl.constexpr,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """`_quest_kernel` with every KV head in one program: a page's summaries of all heads are
-    one contiguous run (Hkv * D), read at once, and the table entry once."""
-    b = tl.program_id(0)
-    first = tl.program_id(1) * BLOCK_P
-    p = first + tl.arange(0, BLOCK_P)  # [P]
-    h = tl.arange(0, BLOCK_H)  # [H]
-    p_mask = p < MAX_PAGES
-    h_mask = h < NUM_KV_HEADS
-    num_pages = tl.load(num_pages_ptr + b)
-    out_tile = out_ptr + b * stride_ob + h[None, :] * stride_oh + p[:, None]  # [P, H]
-    out_mask = p_mask[:, None] & h_mask[None, :]
-    if first < num_pages:
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        live = p_mask & (p < num_pages)
-        pages = tl.load(table_ptr + b * stride_tb + p, mask=live, other=0).to(tl.int64)
-        run = (h[:, None] * HEAD_DIM + d[None, :])[None, :, :]  # [1, H, D]
-        off = pages[:, None, None] * (NUM_KV_HEADS * HEAD_DIM) + run  # [P, H, D]
-        mask = live[:, None, None] & (h_mask[:, None] & d_mask[None, :])[None, :, :]
-        lo = tl.load(kmin_ptr + off, mask=mask, other=0.0).to(tl.float32)  # [P, H, D]
-        hi = tl.load(kmax_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        q_row = q_ptr + b * stride_qb + d[None, :]
-        q_mask = h_mask[:, None] & d_mask[None, :]
-        best = tl.full([BLOCK_P, BLOCK_H], float("-inf"), tl.float32)
-        for g in tl.static_range(GROUP):
-            qg = tl.load(q_row + (h[:, None] * GROUP + g) * stride_qh, mask=q_mask, other=0.0)
-            qg = qg.to(tl.float32)[None, :, :]  # [1, H, D]
-            best = tl.maximum(best, tl.sum(tl.maximum(qg * hi, qg * lo), 2))
-        tl.store(out_tile, tl.where(live[:, None], best, float("-inf")), mask=out_mask)
-    else:  # wholly past the sequence's end
-        tl.store(out_tile, tl.full([BLOCK_P, BLOCK_H], float("-inf"), tl.float32), mask=out_mask)
-
-
 def quest_page_scores(
     q: torch.Tensor,  # [B, Hq, D]
     kmin: torch.Tensor,  # [P, Hkv, D] contiguous
@@ -143,7 +89,6 @@ def quest_page_scores(
     num_pages: torch.Tensor | None = None,  # [B] int64 (None: maxp)
     block_pages: int = 32,
     num_warps: int = 4,
-    all_heads: bool = False,
 ) -> torch.Tensor:  # [B, Hkv, maxp] float32
     """Triton version of `quest_page_scores_ref`: a sequence's pages past its end (the table's
     padding to a shared, bucketed width) are not read, so a short sequence beside a long one
@@ -160,16 +105,6 @@ def quest_page_scores(
         return out
     if num_pages is None:
         num_pages = torch.full((b,), max_pages, dtype=torch.int64, device=q.device)
-    if all_heads:
-        _quest_all_heads_kernel[(b, triton.cdiv(max_pages, block_pages))](
-            q, kmin, kmax, page_table, num_pages, out,
-            q.stride(0), q.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
-            max_pages,
-            NUM_KV_HEADS=hkv, GROUP=hq // hkv, HEAD_DIM=d, BLOCK_P=block_pages,
-            BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
-            num_warps=num_warps,
-        )  # fmt: skip
-        return out
     _quest_kernel[(b, hkv, triton.cdiv(max_pages, block_pages))](
         q,
         kmin,
