@@ -14,10 +14,10 @@ identical, the first position where any differs, for sparse modes the cache's lo
 and whether the second engine really replays graphs (`graphs_used`: not on the CPU, nor with a
 backend that cannot be captured).
 
-Batch sizes that are a graph size of the engine (`graph_batch_sizes` of the largest batch: 1,
-2, 4, multiples of 8, and the largest itself) replay a graph of exactly their shape and must
-give identical tokens; other sizes run padded, where GEMM shapes change and bf16 rounding may
-too, so their agreement is reported, not required.
+Batch sizes that are a graph size of the engine (`graph_batch_sizes` of the largest batch:
+every size up to 16, multiples of 8, and the largest itself) replay a graph of exactly their
+shape and must give identical tokens; other sizes run padded, where GEMM shapes change and bf16
+rounding may too, so their agreement is reported, not required.
 
 Prints one JSON line per (mode, batch size), then a Markdown table; `--output` writes all as
 JSON. Exits non-zero if a captured size's tokens differ.

@@ -104,8 +104,8 @@ def main() -> None:
         "--max-num-seqs",
         type=int,
         default=None,
-        help="the engine's max_num_seqs (default: --batch + --beside): the bench's 64 pads a "
-        "decode graph batch to the next of 1, 2, 4, 8, 16, 24, ...",
+        help="the engine's max_num_seqs (default: --batch + --beside): a decode graph batch "
+        "runs at its own size up to 16, above it padded to the next multiple of 8",
     )
     parser.add_argument(
         "--warmup-steps",

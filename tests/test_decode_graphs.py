@@ -6,6 +6,7 @@ and replaying needs CUDA: bench/decode_graphs_check.py compares the two on a GPU
 from __future__ import annotations
 
 import pytest
+import torch
 
 from spin_ray import SamplingParams
 from spin_ray.attention.step_buffers import bucket
@@ -38,7 +39,8 @@ def _generate(llm):
 
 
 def _graph_layout(llm) -> DecodeGraphs:
-    """Give the engine the graph path, without capturing (the CPU cannot)."""
+    """Give the engine the graph path, without capturing (the CPU cannot), with a graph of
+    its own size for batches up to 4 only, so that the 5 sequences run padded to 8."""
     engine = llm.llm_engine
     sched = engine.config.scheduler
     engine.decode_graphs = DecodeGraphs(
@@ -47,22 +49,31 @@ def _graph_layout(llm) -> DecodeGraphs:
         engine.device,
         capture=False,
         page_width=engine.backend.graph_page_width(sched.max_model_len),
+        sizes=graph_batch_sizes(sched.max_num_seqs, every_size_up_to=4),
     )
     return engine.decode_graphs
 
 
 def test_graph_batch_sizes():
+    """Every size up to 16 (the default), then the multiples of 8, and max_num_seqs."""
     assert graph_batch_sizes(1) == [1]
     assert graph_batch_sizes(3) == [1, 2, 3]
-    assert graph_batch_sizes(8) == [1, 2, 4, 8]
-    assert graph_batch_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
-    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_batch_sizes(8) == list(range(1, 9))
+    assert graph_batch_sizes(30) == [*range(1, 17), 24, 30]
+    assert graph_batch_sizes(64) == [*range(1, 17), 24, 32, 40, 48, 56, 64]
+    assert graph_batch_sizes(30, every_size_up_to=4) == [1, 2, 3, 4, 8, 16, 24, 30]
+    assert graph_batch_sizes(40, every_size_up_to=12) == [*range(1, 13), 16, 24, 32, 40]
 
 
 def test_layout_pads_to_the_smallest_graph_size(make_llm):
     graphs = _graph_layout(make_llm(model="spin-tiny", page_size=PAGE, max_num_seqs=30))
     assert [graphs.layout(n).batch_size for n in (1, 2, 3, 5, 8, 9, 25, 30)] == [
-        1, 2, 4, 8, 8, 16, 30, 30,
+        1, 2, 3, 8, 8, 16, 30, 30,
+    ]  # fmt: skip
+    # the engine's default sizes: no padding up to 16
+    default = DecodeGraphs(graphs.model, 30, torch.device("cpu"), capture=False)
+    assert [default.layout(n).batch_size for n in (1, 3, 5, 9, 16, 17, 25, 30)] == [
+        1, 3, 5, 9, 16, 24, 30, 30,
     ]  # fmt: skip
     assert graphs.layout(31) is None
 

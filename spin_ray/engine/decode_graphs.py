@@ -32,11 +32,19 @@ from spin_ray.engine.batch_inputs import BatchInputs, GraphBatch
 logger = logging.getLogger(__name__)
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8, up to and including max_num_seqs."""
-    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
-    sizes += range(8, max_num_seqs, 8)
-    return [*sizes, max_num_seqs]
+EVERY_SIZE_UP_TO = 16
+"""Decode batches up to this size get a graph of their own size. A padding row costs the
+sparse cache's per-row kernels nearly what a real one does: on the H200 (Llama-3.1-8B shape,
+9 requests of 58K, budget 1,024) the step of 9 took 15.82 ms GPU in a graph of 9 against 16.54
+in a graph of 16 (bench/RESULTS.md); a capture costs ~0.35 s, once per size."""
+
+
+def graph_batch_sizes(max_num_seqs: int, every_size_up_to: int = EVERY_SIZE_UP_TO) -> list[int]:
+    """Every size up to `every_size_up_to`, then every multiple of 8, up to and including
+    max_num_seqs."""
+    sizes = list(range(1, min(every_size_up_to, max_num_seqs) + 1))
+    sizes += range(8 * (every_size_up_to // 8 + 1), max_num_seqs, 8)
+    return sorted({*sizes, max_num_seqs})
 
 
 class DecodeGraphs:
@@ -52,9 +60,11 @@ class DecodeGraphs:
         device: torch.device,
         capture: bool = True,
         page_width: int = 0,
+        sizes: list[int] | None = None,
     ):
         self.model = model
-        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.sizes = sizes or graph_batch_sizes(max_num_seqs)
+        """The graph batch sizes, ascending (default `graph_batch_sizes`)."""
         self.page_width = page_width
         """The least page-table width of a graph batch (`AttentionBackend.graph_page_width`)."""
         self.device = device
