@@ -33,10 +33,11 @@ logger = logging.getLogger(__name__)
 
 
 EVERY_SIZE_UP_TO = 16
-"""Decode batches up to this size get a graph of their own size. A padding row costs the
-sparse cache's per-row kernels nearly what a real one does: on the H200 (Llama-3.1-8B shape,
-9 requests of 58K, budget 1,024) the step of 9 took 15.82 ms GPU in a graph of 9 against 16.54
-in a graph of 16 (bench/RESULTS.md); a capture costs ~0.35 s, once per size."""
+"""Decode batches up to this size get a graph of their own size. Padding rows are not free: on
+the H200 (Llama-3.1-8B shape, spin, 9 requests of 58K, budget 1,024) the step of 9 took 15.82
+ms GPU in a graph of 9 against 16.54 padded to 16 (the dense layers' split count chosen for 16
+rows, Quest's programs for the padding rows, 16-row GEMMs; bench/RESULTS.md); a capture costs
+~0.35 s, once per size."""
 
 
 def graph_batch_sizes(max_num_seqs: int, every_size_up_to: int = EVERY_SIZE_UP_TO) -> list[int]:
