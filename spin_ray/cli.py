@@ -8,6 +8,7 @@ import logging
 import sys
 
 COMMANDS = ("generate", "bench", "serve")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spin-ray",
         description="Long-context LLM serving with sparse attention over a hierarchical KV cache.",
     )
-    parser.add_argument("--log-level", default="WARNING", help="Python log level (default WARNING)")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="WARNING",
+        help="Python log level: %(choices)s (default %(default)s; any case)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"spin_ray.commands.{name}").add_parser(subparsers)
@@ -24,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
     except ValueError as err:

@@ -66,3 +66,11 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return get
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    """Say before the run that some tests start a local Ray cluster (and how to skip them)."""
+    ray_tests = [item for item in items if item.get_closest_marker("ray")]
+    if ray_tests:
+        return f"{len(ray_tests)} tests start a local Ray cluster (-m 'not ray' skips them)"
+    return None

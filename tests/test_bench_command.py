@@ -160,8 +160,13 @@ def test_bench_runs_every_mode_and_writes_every_field(tmp_path, capsys):
         assert document["skipped_modes"] == {"vllm": "vllm is not installed"}
         assert document["failed_modes"] == {}
         assert "vllm is not installed" in captured.err
-    for mode in MODES:
+    for mode in MODES:  # the results table and the comparison, once, on stdout
         assert captured.out.count(f"| {mode} |") == 2
+        assert f"| {mode} |" not in captured.err  # stderr has a progress line per run
+        for rate in (50.0, "inf"):
+            assert f"done: {mode} at rate {rate}, run 1: 3/3 requests" in captured.err
+    # --sparse was not given: the run names the algorithm its sparse modes use
+    assert "sparse-naive, spin: sparse algorithm quest (--sparse)" in captured.err
     assert (plots / "throughput.png").stat().st_size > 0
     assert (plots / "latency.png").stat().st_size > 0
 

@@ -25,6 +25,8 @@ from spin_ray import LLM, SamplingParams
 from spin_ray.serve import build_app
 from spin_ray.serve.replica_stats import engine_replica_stats
 
+pytestmark = pytest.mark.ray  # starts a local Ray cluster; -m "not ray" skips
+
 APP = "spin-test"
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -133,6 +133,16 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
+def progress_line(row: dict) -> str:
+    """One line for a finished run while the others go on (the full table comes at the end)."""
+    ttft = "-" if row["ttft_p50"] is None else f"{row['ttft_p50']:.0f} ms"
+    return (
+        f"done: {row['mode']} at rate {row['request_rate']}, run {row['repeat']}: "
+        f"{row['completed']}/{row['num_requests']} requests, "
+        f"{row['output_throughput']:.1f} output tok/s, TTFT p50 {ttft}"
+    )
+
+
 def markdown_report(results: list[dict], comparisons: list[dict], skipped: dict[str, str]) -> str:
     repeated = any(r.get("repeat", 1) > 1 for r in results)
     columns, comparison_columns = COLUMNS, COMPARISON_COLUMNS

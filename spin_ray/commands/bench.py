@@ -30,7 +30,12 @@ def add_parser(subparsers) -> None:
         default="dense",
         help="comma-separated: dense, dense-offload, sparse-naive, spin, vllm (default dense)",
     )
-    parser.add_argument("--sparse", default="quest", help="quest, shadowkv, retroinfer or seer")
+    parser.add_argument(
+        "--sparse",
+        default="quest",
+        help="sparse algorithm of the sparse-naive and spin modes: quest, shadowkv, retroinfer "
+        "or seer (default %(default)s)",
+    )
     parser.add_argument("--workload", default=None, help="longbench-v2 or longgenbench")
     parser.add_argument(
         "--scale",
@@ -188,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         build_document,
         environment,
         markdown_report,
-        markdown_table,
+        progress_line,
         write_json,
         write_plots,
     )
@@ -201,14 +206,17 @@ def run(args: argparse.Namespace) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)
     results: list[dict] = []
 
-    def on_record(record) -> None:  # print and save each result as it comes
+    def on_record(record) -> None:  # a line and the JSON file as each result comes
         results.append(summarize(record))
-        log(markdown_table(results[-1:]))
+        log(progress_line(results[-1]))
         if args.output:
             write_json(
                 build_document(config, results, compare_modes(results), {}, {}, env), args.output
             )
 
+    sparse_modes = [m for m in config.modes if m in ("sparse-naive", "spin")]
+    if sparse_modes:
+        log(f"{', '.join(sparse_modes)}: sparse algorithm {config.sparse} (--sparse)")
     run = run_benchmark(config, log=log, on_record=on_record)
     comparisons = compare_modes(results)
     not_run = {**run.skipped, **{mode: f"failed: {why}" for mode, why in run.failed.items()}}

@@ -23,10 +23,28 @@ def add_parser(subparsers) -> None:
     add_sparse_args(parser)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="most tokens to generate (default %(default)s)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature; 0 is greedy (default %(default)s)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: smallest set of tokens whose probability reaches this, in (0, 1] "
+        "(default %(default)s: all)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=-1,
+        help="sample among the k most likely tokens; -1 for all (default %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     parser.set_defaults(func=run)
 

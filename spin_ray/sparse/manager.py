@@ -163,7 +163,10 @@ class TieredCacheManager:
     def hold_prefill(self, request_id: str) -> list[int] | None:
         """Slots for every page of the request's context (its prompt), one per page in page
         order — taken once, at its first chunk — or None when free slots and others' buffer
-        excess cannot cover them (its chunks then read their prefix from the CPU tier)."""
+        excess cannot cover them (its chunks then read their prefix from the CPU tier). Asking
+        again returns the same slots, sized for the context at the first ask: the scheduler
+        covers a prompt whole at admission, so it does not grow while it prefills, and a chunk
+        past the held pages reads its prefix from the CPU tier."""
         held = self.prefill_slots.get(request_id)
         if held is not None:
             return held
