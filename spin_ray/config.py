@@ -160,7 +160,12 @@ class EngineConfig:
     scheduling): the GPU runs while the host detokenizes the previous step's tokens and plans
     the next step; `LLMEngine.step` then returns each step's outputs one call later. The
     tokens are the same either way."""
+    kv_stats_interval_s: float = 1.0
+    """Least time between the cache snapshots handed to stat loggers (metrics): a snapshot
+    reads counters kept on the device, so it waits for the GPU."""
 
     def __post_init__(self) -> None:
+        if self.kv_stats_interval_s < 0:
+            raise ValueError(f"kv_stats_interval_s: must be >= 0, got {self.kv_stats_interval_s}")
         if not self.model:
             raise ValueError("model: must name a checkpoint folder, hub id or 'spin-tiny'")

@@ -63,10 +63,12 @@ class LLM:
         gpu_cache_tokens: int | None = None,
         cpu_cache_tokens: int | None = None,
         sparse_config: SparseConfig | None = None,
+        metrics_port: int | None = None,
     ):
         """`sparse` (an algorithm of `spin_ray.sparse.ALGORITHMS`), `mode` and the fields after
         it set the sparse, two-tier KV cache (`SparseConfig`; `sparse_config` gives every
-        field); with none of them the engine is dense, all KV in HBM."""
+        field); with none of them the engine is dense, all KV in HBM. `metrics_port`: serve the
+        engine's Prometheus metrics at http://127.0.0.1:<port>/metrics (docs/observability.md)."""
         device = resolve_device(device)
         cache = CacheConfig(
             page_size=page_size,
@@ -107,7 +109,15 @@ class LLM:
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
         )
+        if metrics_port is not None:  # a bad or taken port fails before the model loads
+            from spin_ray.metrics import EngineMetrics, engine_labels
+            from spin_ray.metrics.prometheus_sink import PrometheusSink, serve_metrics
+
+            serve_metrics(metrics_port)
         self.llm_engine = LLMEngine(config, progress=progress)
+        if metrics_port is not None:
+            metrics = EngineMetrics(PrometheusSink(), engine_labels(config))
+            self.llm_engine.stat_loggers.append(metrics)
         self._ids = itertools.count()
 
     def kv_stats(self) -> KVStats:

@@ -75,6 +75,9 @@ class BenchConfig:
     max_concurrency: int | None = None
     """Requests in flight at most (a due request waits for one to finish; its TTFT counts
     from when it is sent, as `vllm bench serve` counts it); None: no limit."""
+    metrics_port: int | None = None
+    """Serve every spin-ray engine's Prometheus metrics at http://127.0.0.1:<port>/metrics
+    while it runs (series told apart by their `mode` label); None: none."""
     time_limit: float | None = None
     """Seconds one mode may run at one rate; past it, unfinished requests are aborted and the
     result is marked truncated. None: no limit."""

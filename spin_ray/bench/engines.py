@@ -85,6 +85,7 @@ class SpinBenchEngine:
             enforce_eager=config.enforce_eager,
             async_scheduling=config.async_scheduling,
             progress=False,
+            metrics_port=config.metrics_port,
         )
         if mode != "dense":
             kwargs.update(

@@ -165,6 +165,7 @@ def bench_config(args: argparse.Namespace):
         async_scheduling=args.async_scheduling,
         burstiness=args.burstiness,
         max_concurrency=args.max_concurrency,
+        metrics_port=args.metrics_port,
         time_limit=args.time_limit,
         repeats=args.repeats,
         warmup=not args.no_warmup,

@@ -35,6 +35,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="no CUDA graphs: run decode steps eagerly (graphs are used on CUDA by default)",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the engine's Prometheus metrics at http://127.0.0.1:PORT/metrics while it "
+        "runs (docs/observability.md)",
+    )
+    parser.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -56,6 +63,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        metrics_port=args.metrics_port,
     )
 
 

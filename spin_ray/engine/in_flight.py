@@ -13,6 +13,8 @@ from spin_ray.engine.sampler import SampledTokens
 class InFlightStep:
     num_tokens: int
     """Tokens the step runs through the model: prompt chunks and decodes."""
+    num_prompt_tokens: int
+    """Of those, the tokens of prompt chunks (every chunk but a one-token decode)."""
     requests: tuple[Request, ...]
     """The requests it samples a token for, in the rows of `sampled`."""
     sampled: SampledTokens | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping
 
@@ -23,6 +24,7 @@ from spin_ray.engine.in_flight import InFlightStep
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler, SchedulerOutput
+from spin_ray.engine.stats import StatLogger, StatsTally
 from spin_ray.kernels.paged_prefill_attention import reuse_cudnn_plans_across_lengths
 from spin_ray.models.arch import ModelArch
 from spin_ray.models.loader import (
@@ -124,6 +126,10 @@ class LLMEngine:
         prompt chunks and decodes (with async scheduling, the step before that call's)."""
         self.num_preemptions = 0
         """Requests preempted so far (their pages taken back; they are computed again)."""
+        self.stat_loggers: list[StatLogger] = []
+        """Each gets every `step()`'s (and abort's) `EngineStats` (spin_ray.metrics)."""
+        self._tally = StatsTally()
+        self._last_kv_snapshot = -math.inf
         self.eos_token_ids = frozenset(arch.eos_token_ids) or (
             frozenset({self.tokenizer.eos_token_id}) - {None}
         )
@@ -178,6 +184,9 @@ class LLMEngine:
         self.backend.release(request_id)
         self._forget(request_id)
         self._drop_dead_in_flight()
+        if self.stat_loggers:
+            self._tally.finish(request, request.finished_time)
+            self._record_stats()
 
     def has_unfinished_requests(self) -> bool:
         """Requests waiting or running, or a step whose tokens are still to be read."""
@@ -241,6 +250,7 @@ class LLMEngine:
         call, schedules and plans the one after. Outputs come one call after their step, and
         a last call with nothing to schedule reads the final step. A request whose token ends
         it was already scheduled once more: that step's token for it is dropped."""
+        started = time.monotonic()
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         for request_id in scheduled.preempted:
@@ -253,7 +263,34 @@ class LLMEngine:
         self.last_step_tokens = 0 if done is None else done.num_tokens
         outputs = [] if done is None else self._read(done)
         self._drop_dead_in_flight()
+        if self.stat_loggers:
+            self._record_stats(
+                step_kind=None
+                if done is None
+                else ("mixed" if done.num_prompt_tokens else "decode"),
+                step_seconds=time.monotonic() - started,
+                prompt_tokens=0 if done is None else done.num_prompt_tokens,
+                generation_tokens=len(outputs),
+                num_preemptions=len(scheduled.preempted),
+            )
         return outputs
+
+    def _record_stats(self, **fields) -> None:
+        """Hand the call's `EngineStats` to every logger; a cache snapshot goes with it every
+        `kv_stats_interval_s`, and whenever the engine is left idle."""
+        now = time.monotonic()
+        kv = None
+        if (
+            now - self._last_kv_snapshot >= self.config.kv_stats_interval_s
+            or not self.has_unfinished_requests()
+        ):
+            kv, self._last_kv_snapshot = self.kv_stats(), now
+        stats = self._tally.build(
+            num_running=self.num_running, num_waiting=self.num_waiting, kv=kv, **fields
+        )
+        self._tally = StatsTally()
+        for logger in self.stat_loggers:
+            logger.record(stats)
 
     def _drop_dead_in_flight(self) -> None:
         """Forget the step in flight once every request of it has finished: its tokens would
@@ -291,7 +328,8 @@ class LLMEngine:
             )
             for request in requests:
                 request.num_pending_tokens += 1
-        return InFlightStep(scheduled.num_batched_tokens, requests, sampled)
+        prompt_tokens = sum(c.num_new_tokens for c in scheduled.chunks if c.num_new_tokens > 1)
+        return InFlightStep(scheduled.num_batched_tokens, prompt_tokens, requests, sampled)
 
     def _read(self, step: InFlightStep) -> list[RequestOutput]:
         """Wait for the step's tokens and append them; a request that finished (or was
@@ -333,7 +371,10 @@ class LLMEngine:
     def _append_token(
         self, request: Request, token_id: int, logprob: TokenLogprob | None, now: float
     ) -> RequestOutput:
+        if self.stat_loggers:
+            self._tally.token(request, now)
         request.output_token_ids.append(token_id)
+        request.last_token_time = now
         if request.first_token_time is None:
             request.first_token_time = now
         if logprob is not None:
@@ -344,6 +385,8 @@ class LLMEngine:
             status = _FINISH_STATUS[finish.reason]
             self.scheduler.finish(request, status)
             self.backend.release(request.request_id)
+            if self.stat_loggers:
+                self._tally.finish(request, now)
         output = self._output(request)
         if finish is not None:
             self._forget(request.request_id)

@@ -606,6 +606,7 @@ class SpinAttentionBackend(AttentionBackend):
         per_page = self.host.k.shape[0] * self.host.k.shape[2]  # offloaded layers × heads
         return self.counters.snapshot(
             gpu_pages_used=manager.slot_pool.num_used * per_slot,
+            gpu_pages_buffer=manager.num_buffer_slots * per_slot,
             gpu_pages_total=manager.slot_pool.num_pages * per_slot,
             cpu_pages_used=manager.pool.num_used * per_page,
             cpu_pages_total=manager.pool.num_pages * per_page,

@@ -223,6 +223,15 @@ class TieredCacheManager:
         grown[:have_rows, :have_width] = self._slot_table
         self._slot_table = grown
 
+    @property
+    def num_buffer_slots(self) -> int:
+        """Slots requests hold beyond what their next decode step attends (the reuse
+        buffer); the rest of the used slots are those steps' pages and prefill slots."""
+        return sum(
+            max(0, len(slots) - self.budget.mandatory_pages(self.tokens[rid]))
+            for rid, slots in self.slots.items()
+        )
+
     def _excess(self, request_id: str) -> int:
         return len(self.slots[request_id]) - self.budget.floor_pages(self.tokens[request_id])
 

@@ -1,5 +1,5 @@
 """Cache statistics: a frozen snapshot (`KVStats`, what `LLM.kv_stats()` returns and the
-Prometheus exporter reads) and the running counters behind it."""
+metrics read, spin_ray.metrics) and the running counters behind it."""
 
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ class KVStats:
     evictions: int = 0
     """Pages dropped from HBM to make room (bucketed LRU, buffer shrinking)."""
     gpu_pages_used: int = 0
-    """Pages resident in HBM now."""
+    """HBM page slots held by requests now (their working sets, buffers and prefill slots)."""
+    gpu_pages_buffer: int = 0
+    """Of `gpu_pages_used`, the slots kept for reuse beyond what each request's next decode
+    step attends (the HBM buffer); 0 for the dense engine."""
     gpu_pages_total: int = 0
     cpu_pages_used: int = 0
     """Pages held in the CPU tier now."""
