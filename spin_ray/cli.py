@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "bench", "serve")
+COMMANDS = ("generate", "bench", "serve", "dashboards")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 

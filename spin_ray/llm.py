@@ -116,7 +116,8 @@ class LLM:
             serve_metrics(metrics_port)
         self.llm_engine = LLMEngine(config, progress=progress)
         if metrics_port is not None:
-            metrics = EngineMetrics(PrometheusSink(), engine_labels(config))
+            labels = engine_labels(config)
+            metrics = EngineMetrics(PrometheusSink(), labels, self.llm_engine.kv_stats())
             self.llm_engine.stat_loggers.append(metrics)
         self._ids = itertools.count()
 

@@ -48,7 +48,8 @@ def metered(make_llm):
     llm = make_llm(**SPARSE)
     registry = CollectorRegistry()
     labels = engine_labels(llm.llm_engine.config)
-    llm.llm_engine.stat_loggers.append(EngineMetrics(PrometheusSink(registry), labels))
+    metrics = EngineMetrics(PrometheusSink(registry), labels, llm.llm_engine.kv_stats())
+    llm.llm_engine.stat_loggers.append(metrics)
     return llm, registry
 
 

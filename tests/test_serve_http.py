@@ -7,7 +7,9 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 
+from spin_ray.metrics.prometheus_sink import PrometheusSink
 from spin_ray.models.byte_tokenizer import build_byte_tokenizer
 from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from spin_ray.serve.engine_client import EngineRequest, ModelInfo
@@ -170,3 +172,36 @@ def test_the_official_client_reads_these_shapes(served):
     completion = client.completions.create(model="m", prompt="ab", max_tokens=3, logprobs=1)
     assert completion.choices[0].logprobs.text_offset == [0, 1, 2]
     assert completion.choices[0].finish_reason == "stop" and completion.usage.completion_tokens == 3
+
+
+def test_responses_are_counted_by_route_and_status():
+    registry = CollectorRegistry()
+    app = create_openai_app(
+        FakeEngine(),
+        build_byte_tokenizer(),
+        ModelInfo(max_model_len=64),
+        ApiSettings(served_model_name="m", max_body_bytes=1000),
+        PrometheusSink(registry),
+    )
+
+    def count(route: str, status: int) -> float:
+        labels = {"model": "m", "route": route, "status": str(status)}
+        return registry.get_sample_value("spin_ray_http_responses_total", labels) or 0.0
+
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        ok = client.post("/v1/completions", json={"model": "m", "prompt": "yo", "max_tokens": 3})
+        assert ok.status_code == 200
+        bad = client.post("/v1/completions", json={"model": "m", "prompt": "yo", "max_tokens": 0})
+        assert bad.status_code == 400
+        assert client.post("/v1/completions", content=b"x" * 2000).status_code == 413
+        for path in ("/nope", "/admin/../x"):  # not routes: one series for all of them
+            assert client.get(path).status_code == 404
+    assert count("/health", 200) == 1
+    assert count("/v1/completions", 200) == 1
+    assert count("/v1/completions", 400) == 1
+    assert count("/v1/completions", 413) == 1  # BodyLimit's answer is counted too
+    assert count("other", 404) == 2
+    # the statuses the API answers exist from the start, at zero (rates see a first error)
+    labels = {"model": "m", "route": "/v1/chat/completions", "status": "500"}
+    assert registry.get_sample_value("spin_ray_http_responses_total", labels) == 0.0

@@ -161,9 +161,10 @@ E2E_LATENCY = MetricSpec(
 ROUTER_PLACEMENTS = MetricSpec(
     "spin_ray_router_placements_total",
     "counter",
-    "Requests the KV working-set router placed on each engine replica, by how: working_set "
-    "(ranked by fresh replica stats) or fallback (no fresh stats: shortest queue).",
-    ("model", "replica", "placement"),
+    "Requests the KV working-set router placed on each engine replica (engine_replica: Ray "
+    "Serve's replica id), by how: working_set (ranked by its fresh stats) or fallback (no "
+    "fresh stats: shortest queue).",
+    ("engine_replica", "placement"),
 )
 HTTP_RESPONSES = MetricSpec(
     "spin_ray_http_responses_total",

@@ -11,24 +11,36 @@ from spin_ray.metrics.sink import MetricSink
 from spin_ray.sparse.stats import KVStats
 
 _PHASES = ("select", "fetch", "index", "attention")
+_FINISH_REASONS = ("stop", "length", "abort")
 
 
 def engine_labels(config: EngineConfig, model: str | None = None) -> dict[str, str]:
     """The `ENGINE_LABELS` of an engine: `model` (default: the config's model), its sparse
     algorithm and cache mode ("dense" for both without a sparse cache)."""
     sparse = config.sparse
+    dense = sparse is None or not sparse.offloads
     return {
         "model": model or config.model,
-        "algorithm": "dense" if sparse is None else sparse.effective_algorithm,
-        "mode": "dense" if sparse is None else sparse.mode,
+        "algorithm": "dense" if dense else sparse.effective_algorithm,
+        "mode": "dense" if dense else sparse.mode,
     }
 
 
 class EngineMetrics:
-    def __init__(self, sink: MetricSink, labels: dict[str, str]):
+    """Counters start at zero when it is made (every series exists before its first event, so
+    rates and ratios have data from the start); cache counters count from `baseline`, the
+    engine's snapshot then (a warm-up before it is not counted)."""
+
+    def __init__(self, sink: MetricSink, labels: dict[str, str], baseline: KVStats):
         self.sink = sink
         self.labels = labels
-        self._last_kv = KVStats()
+        self.last_kv = baseline
+        """The last cache snapshot exported."""
+        for spec in (m.PREEMPTIONS, m.PROMPT_TOKENS, m.GENERATION_TOKENS):
+            sink.inc(spec, 0, labels)
+        for reason in _FINISH_REASONS:
+            sink.inc(m.REQUESTS_FINISHED, 0, {**labels, "finish_reason": reason})
+        self._record_kv(baseline)
 
     def record(self, stats: EngineStats) -> None:
         sink, labels = self.sink, self.labels
@@ -52,7 +64,7 @@ class EngineMetrics:
             self._record_kv(stats.kv)
 
     def _record_kv(self, kv: KVStats) -> None:
-        sink, labels, last = self.sink, self.labels, self._last_kv
+        sink, labels, last = self.sink, self.labels, self.last_kv
         sink.inc(m.KV_LOOKUPS, kv.lookups - last.lookups, labels)
         sink.inc(m.KV_HITS, kv.hits - last.hits, labels)
         sink.inc(m.PCIE_BYTES, kv.h2d_bytes - last.h2d_bytes, {**labels, "direction": "h2d"})
@@ -74,4 +86,4 @@ class EngineMetrics:
         for (tier, state), count in pages.items():
             sink.set(m.KV_PAGES, count, {**labels, "tier": tier, "state": state})
         sink.set(m.KV_METADATA_BYTES, kv.metadata_bytes, labels)
-        self._last_kv = kv
+        self.last_kv = kv

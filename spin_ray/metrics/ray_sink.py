@@ -14,10 +14,19 @@ from spin_ray.metrics.definitions import MetricSpec
 class RaySink:
     def __init__(self) -> None:
         self._metrics: dict[str, object] = {}
+        self._started: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+        """Counter series that exist (at zero or more)."""
 
     def inc(self, spec: MetricSpec, amount: float, labels: Mapping[str, str]) -> None:
-        if amount > 0:  # Ray refuses non-positive increments
+        series = (spec.name, tuple(sorted(labels.items())))
+        if amount > 0:
             self._metric(spec).inc(amount, tags=dict(labels))
+        elif series not in self._started:
+            # Ray's Counter.inc refuses 0; a counter series should exist from the start (at
+            # 0) so that rates and ratios have data before the first event: record the zero
+            # through the call inc makes after its check.
+            self._metric(spec)._record(0, tags=dict(labels))
+        self._started.add(series)
 
     def set(self, spec: MetricSpec, value: float, labels: Mapping[str, str]) -> None:
         self._metric(spec).set(value, tags=dict(labels))

@@ -121,6 +121,11 @@ class AppConfig:
         reserved = {"model", "tokenizer", "progress"} & set(self.engine_args)
         if reserved:
             raise ValueError(f"engine_args: set {sorted(reserved)} at the top level of args")
+        if "metrics_port" in self.engine_args:
+            raise ValueError(
+                "engine_args: metrics_port is for engines outside Ray; under Ray Serve the "
+                "metrics go out through Ray's metrics endpoint (docs/observability.md)"
+            )
         self.api_settings()  # checks the HTTP fields
 
     @classmethod

@@ -6,10 +6,13 @@ working-set router (`record_routing_stats`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from spin_ray.metrics import EngineMetrics, engine_labels
+from spin_ray.metrics.ray_sink import RaySink
 from spin_ray.outputs import RequestOutput
 from spin_ray.serve.async_engine import AsyncEngine
 from spin_ray.serve.engine_client import EngineRequest, ModelInfo
@@ -24,6 +27,9 @@ class SpinEngine:
         engine = LLM(**llm_kwargs).llm_engine
         if engine.device.type == "cuda":  # compile and capture now, not in the first requests
             engine.warm_up()  # (on the CPU nothing is compiled or captured)
+        # after the warm-up, which the metrics do not count
+        self.metrics = EngineMetrics(RaySink(), engine_labels(engine.config), engine.kv_stats())
+        engine.stat_loggers.append(self.metrics)
         self.engine = AsyncEngine(engine)
         capacity = engine.page_tables
         if isinstance(capacity, TieredCacheManager):  # context in host memory, slots in HBM
@@ -75,6 +81,11 @@ class SpinEngine:
             host_pages_used=host_used,
             requests_aborted=load.num_aborted,
         ).to_dict()
+
+    def kv_stats(self) -> dict[str, Any]:
+        """The engine's cache statistics (`KVStats` as a dict) as last exported to the metrics:
+        at most `kv_stats_interval_s` old, and current whenever the engine is idle."""
+        return dataclasses.asdict(self.metrics.last_kv)
 
     def check_health(self) -> None:
         """Ray Serve restarts the replica if this raises (the step loop died)."""

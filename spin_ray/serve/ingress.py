@@ -11,6 +11,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from spin_ray.metrics.ray_sink import RaySink
 from spin_ray.models.loader import load_tokenizer
 from spin_ray.outputs import RequestOutput
 from spin_ray.serve.engine_client import EngineOverloadedError, EngineRequest, ModelInfo
@@ -57,4 +58,5 @@ class OpenAIIngress:
     async def __serve_build_asgi_app__(self):
         info: ModelInfo = await self.engine.model_info.remote()
         tokenizer = load_tokenizer(self.model, self.tokenizer)
-        return create_openai_app(RayEngineClient(self.engine), tokenizer, info, self.settings)
+        client = RayEngineClient(self.engine)
+        return create_openai_app(client, tokenizer, info, self.settings, RaySink())

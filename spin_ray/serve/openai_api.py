@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from spin_ray.metrics.sink import MetricSink
 from spin_ray.outputs import RequestOutput, TokenLogprob
 from spin_ray.serve.engine_client import (
     EngineClient,
@@ -25,6 +26,7 @@ from spin_ray.serve.engine_client import (
     EngineRequest,
     ModelInfo,
 )
+from spin_ray.serve.http_metrics import ResponseCounter
 from spin_ray.serve.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -137,9 +139,14 @@ def _too_large(max_bytes: int) -> ApiError:
 
 
 def create_openai_app(
-    client: EngineClient, tokenizer, model_info: ModelInfo, settings: ApiSettings
+    client: EngineClient,
+    tokenizer,
+    model_info: ModelInfo,
+    settings: ApiSettings,
+    sink: MetricSink | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `client`'s engines under `settings.served_model_name`."""
+    """The FastAPI app serving `client`'s engines under `settings.served_model_name`; with a
+    metric `sink`, its responses are counted by route and status."""
     app = FastAPI(title="spin-ray OpenAI-compatible API")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     server = _OpenAIServer(client, tokenizer, model_info, settings)
@@ -172,6 +179,11 @@ def create_openai_app(
     async def chat_completions(body: ChatCompletionRequest):
         return await server.chat_completions(body)
 
+    if sink is not None:  # outermost: it sees BodyLimit's 413s too
+        routes = frozenset(route.path for route in app.routes)
+        app.add_middleware(
+            ResponseCounter, sink=sink, model=settings.served_model_name, routes=routes
+        )
     return app
 
 

@@ -30,6 +30,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from spin_ray.metrics.definitions import ROUTER_PLACEMENTS
+from spin_ray.metrics.ray_sink import RaySink
 from spin_ray.serve.engine_client import EngineRequest
 from spin_ray.serve.placement import (
     ReplicaStats,
@@ -62,6 +64,7 @@ class KVWorkingSetRouter(RequestRouter):
         self.stale_after_s = stale_after_s
         self.placements: dict[str, _Placement] = {}
         """Internal request id → its replica, until the request completes."""
+        self.sink = RaySink()
 
     async def choose_replicas(
         self,
@@ -109,12 +112,17 @@ class KVWorkingSetRouter(RequestRouter):
         stats = replica_stats(replica) if replica is not None else None
         if request is None:
             return
+        now = time.time()
+        fresh = stats is not None and stats.timestamp >= now - self.stale_after_s
+        labels = {
+            "engine_replica": replica_id.unique_id,
+            "placement": "working_set" if fresh else "fallback",
+        }
+        self.sink.inc(ROUTER_PLACEMENTS, 1, labels)
         if stats is None:  # no layout to size it with
             self.placements.pop(pending_request.metadata.internal_request_id, None)
             return
-        self._place(
-            pending_request, replica_id.unique_id, request, stats, time.time(), confirmed=True
-        )
+        self._place(pending_request, replica_id.unique_id, request, stats, now, confirmed=True)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self.placements.pop(internal_request_id, None)
