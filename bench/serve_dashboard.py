@@ -65,7 +65,7 @@ def main() -> None:
     serve_run = subprocess.Popen(
         [sys.executable, "-m", "ray.serve.scripts", "run", str(config)],
         env={**os.environ, "RAY_metrics_report_interval_ms": str(STEP_S * 1000)},
-        stdout=open(out / "serve.log", "w"),
+        stdout=open(out / "serve.log", "w"),  # noqa: SIM115 (open while it serves)
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -158,7 +158,7 @@ def start_prometheus(binary: str, out: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [binary, f"--config.file={folder / 'prometheus.yml'}",
          f"--storage.tsdb.path={folder / 'data'}", "--web.listen-address=127.0.0.1:9090"],
-        stdout=open(out / "prometheus.log", "w"), stderr=subprocess.STDOUT,
+        stdout=open(out / "prometheus.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
     )  # fmt: skip
     return process, "http://127.0.0.1:9090"
 
