@@ -2,8 +2,11 @@
 
 import json
 import math
+import socket
+import urllib.request
 
 import numpy as np
+import prometheus_client
 import pytest
 
 from spin_ray.cli import main
@@ -371,3 +374,34 @@ def test_warm_up_prefills_two_chunked_copies_and_decodes_them_together():
         assert 2 in batches and batches[-1] == 1
     finally:
         engine.close()
+
+
+def test_metrics_port_serves_every_modes_metrics_while_it_runs():
+    """`--metrics-port`: each mode's engine exports under its own `mode` label."""
+    port = _free_port()
+    argv = [
+        "bench", "--model", "spin-tiny", "--device", "cpu", "--modes", "dense,spin",
+        "--num-prompts", "2", "--input-len", "100", "--output-len", "4", "--no-warmup",
+        "--no-progress", "--metrics-port", str(port),
+    ]  # fmt: skip
+    before = {mode: _generated(mode) for mode in ("dense", "spin")}
+    assert main(argv) == 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for mode, algorithm in (("dense", "dense"), ("spin", "quest")):
+        line = (
+            f'spin_ray_generation_tokens_total{{algorithm="{algorithm}",mode="{mode}",'
+            'model="spin-tiny"}'
+        )
+        assert f"{line} {before[mode] + 2 * 4}" in text
+
+
+def _generated(mode: str) -> float:
+    labels = {"model": "spin-tiny", "algorithm": "quest" if mode == "spin" else "dense"}
+    name = "spin_ray_generation_tokens_total"
+    return prometheus_client.REGISTRY.get_sample_value(name, {**labels, "mode": mode}) or 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -71,7 +71,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def base_url():
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    # a cluster of its own, never one another process (serve run) left running
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

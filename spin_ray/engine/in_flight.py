@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from spin_ray.engine.batch_inputs import DeviceTokens
 from spin_ray.engine.request import Request
 from spin_ray.engine.sampler import SampledTokens
+from spin_ray.engine.stats import StepKind
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class InFlightStep:
     """The requests it samples a token for, in the rows of `sampled`."""
     sampled: SampledTokens | None
     """Their tokens (None: it samples none, e.g. only a prompt's first chunks)."""
+
+    @property
+    def kind(self) -> StepKind:
+        return "mixed" if self.num_prompt_tokens else "decode"
 
     @property
     def live(self) -> bool:

@@ -265,9 +265,7 @@ class LLMEngine:
         self._drop_dead_in_flight()
         if self.stat_loggers:
             self._record_stats(
-                step_kind=None
-                if done is None
-                else ("mixed" if done.num_prompt_tokens else "decode"),
+                step_kind=None if done is None else done.kind,
                 step_seconds=time.monotonic() - started,
                 prompt_tokens=0 if done is None else done.num_prompt_tokens,
                 generation_tokens=len(outputs),

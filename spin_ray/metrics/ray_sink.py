@@ -6,9 +6,16 @@ service-discovery file) carries them; Ray prefixes every name with `ray_`."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 
 from spin_ray.metrics.definitions import MetricSpec
+
+GAUGE_REFRESH_S = 1.0
+"""Ray's metrics agent drops a gauge value not set again within two export intervals (Ray
+2.60: 2 × max(metrics_report_interval_ms, 1 s)), so an idle engine's gauges (0 running, its KV
+pages) would vanish from Prometheus; the sink sets every gauge again this often."""
 
 
 class RaySink:
@@ -16,6 +23,10 @@ class RaySink:
         self._metrics: dict[str, object] = {}
         self._started: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
         """Counter series that exist (at zero or more)."""
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[object, float, dict]] = {}
+        """Each gauge series' last value, set again every `GAUGE_REFRESH_S`."""
+        self._lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
 
     def inc(self, spec: MetricSpec, amount: float, labels: Mapping[str, str]) -> None:
         series = (spec.name, tuple(sorted(labels.items())))
@@ -29,10 +40,26 @@ class RaySink:
         self._started.add(series)
 
     def set(self, spec: MetricSpec, value: float, labels: Mapping[str, str]) -> None:
-        self._metric(spec).set(value, tags=dict(labels))
+        metric, tags = self._metric(spec), dict(labels)
+        metric.set(value, tags=tags)
+        with self._lock:
+            self._gauges[(spec.name, tuple(sorted(tags.items())))] = (metric, value, tags)
+            if self._refresher is None:
+                self._refresher = threading.Thread(
+                    target=self._refresh_gauges, name="spin-ray-gauges", daemon=True
+                )
+                self._refresher.start()
 
     def observe(self, spec: MetricSpec, value: float, labels: Mapping[str, str]) -> None:
         self._metric(spec).observe(value, tags=dict(labels))
+
+    def _refresh_gauges(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._lock:
+                gauges = list(self._gauges.values())
+            for metric, value, tags in gauges:
+                metric.set(value, tags=tags)
 
     def _metric(self, spec: MetricSpec):
         metric = self._metrics.get(spec.name)
