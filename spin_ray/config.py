@@ -95,6 +95,10 @@ class SchedulerConfig:
     """Longest sequence (prompt + output); None: the model's limit, capped by the KV cache."""
     enable_chunked_prefill: bool = True
     """Split prompts longer than the step budget across steps; if False a prompt runs whole."""
+    admission_reserve_tokens: int | None = None
+    """Tokens of a step's budget that running prompts' chunks leave free while a waiting
+    request could be admitted, so that short requests are not held behind a long prefill;
+    None: an eighth of `max_num_batched_tokens` (0 with chunked prefill off)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -102,6 +106,10 @@ class SchedulerConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.admission_reserve_tokens is not None and self.admission_reserve_tokens < 0:
+            raise ValueError(
+                f"admission_reserve_tokens: must be >= 0, got {self.admission_reserve_tokens}"
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
@@ -131,7 +139,20 @@ class SchedulerConfig:
         batched = self.max_num_batched_tokens
         if batched is None:
             batched = DEFAULT_CHUNK_TOKENS if self.enable_chunked_prefill else max_model_len
-        return replace(self, max_model_len=max_model_len, max_num_batched_tokens=batched)
+        reserve = self.admission_reserve_tokens
+        if reserve is None:
+            reserve = batched // 8 if self.enable_chunked_prefill else 0
+        if reserve >= batched:
+            raise ValueError(
+                f"admission_reserve_tokens: {reserve} leaves no budget for running prompts "
+                f"(max_num_batched_tokens {batched})"
+            )
+        return replace(
+            self,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=batched,
+            admission_reserve_tokens=reserve,
+        )
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import pytest
 from conftest import assert_cache_clean
 
 from spin_ray import SamplingParams
-from spin_ray.serve.async_engine import AsyncEngine, EngineDeadError
-from spin_ray.serve.engine_client import EngineRequest
+from spin_ray.serve.async_engine import AsyncEngine
+from spin_ray.serve.engine_client import EngineDeadError, EngineRequest
 from spin_ray.serve.engine_deployment import SpinEngine
 from spin_ray.serve.placement import predict_working_set
 

@@ -51,12 +51,15 @@ class Scheduler:
     """Each step: running requests first (decodes and unfinished prefill chunks, oldest first),
     then waiting requests in arrival order while the token budget, `max_num_seqs` and free pages
     allow; a request is admitted only when pages for its whole prompt are free, and takes them
-    all at once. When a running request cannot get pages for a new token, the most recently
-    admitted request is preempted: its pages are freed and it goes back to the front of the
-    queue to be recomputed. A request whose pending token (async scheduling) is its last by
-    length is not scheduled again: it finishes when that token reaches the host, and until
-    then a request that cannot grow waits for its pages instead of preempting (the synchronous
-    engine would have had them back already)."""
+    all at once. While a waiting request could be admitted, the running prompts' chunks leave
+    `admission_reserve_tokens` of the budget to it, so a long prompt's prefill does not hold
+    new requests back (vLLM bounds long prefills' share of a step the same way). When a
+    running request cannot get pages for a new token, the most recently admitted request is
+    preempted: its pages are freed and it goes back to the front of the queue to be
+    recomputed. A request whose pending token (async scheduling) is its last by length is not
+    scheduled again: it finishes when that token reaches the host, and until then a request
+    that cannot grow waits for its pages instead of preempting (the synchronous engine would
+    have had them back already)."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCapacity):
         self.config = config
@@ -75,6 +78,9 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
 
+        # while a waiting request could be admitted, running prompts leave part of the budget
+        # to it: a short request is not held behind a long prompt's chunks
+        prefill_room = budget - (self.config.admission_reserve_tokens if self._can_admit() else 0)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -82,6 +88,12 @@ class Scheduler:
                 i += 1
                 continue
             n = min(request.num_uncomputed_tokens, budget)
+            if n > 1:  # a prompt chunk (a decode is one token)
+                n = min(n, prefill_room)
+                if n < 1:
+                    i += 1
+                    continue
+                prefill_room -= n
             target = request.num_computed_tokens + n
             if not self.kv.can_grow(request.request_id, target) and self._pages_return_soon():
                 i += 1  # wait a step rather than preempt (a recompute of the whole context)
@@ -135,6 +147,13 @@ class Scheduler:
         request.status = status
         request.finished_time = time.monotonic()
         self.kv.release(request.request_id)
+
+    def _can_admit(self) -> bool:
+        """The first waiting request would be admitted now, budget aside."""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        head = self.waiting[0]
+        return self.kv.can_grow(head.request_id, head.num_tokens)
 
     def _ends_with_pending_token(self, request: Request) -> bool:
         """Its pending token reaches max_tokens or max_model_len (the detokenizer's "length"

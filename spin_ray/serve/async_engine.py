@@ -23,12 +23,9 @@ from dataclasses import dataclass
 from spin_ray.engine.llm_engine import LLMEngine, Prompt
 from spin_ray.outputs import RequestOutput
 from spin_ray.sampling_params import SamplingParams
+from spin_ray.serve.engine_client import EngineDeadError
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop stopped on an error; the engine takes no more requests."""
 
 
 @dataclass(frozen=True)

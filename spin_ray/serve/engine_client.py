@@ -40,9 +40,20 @@ class EngineOverloadedError(RuntimeError):
     """Every engine's queue is full; the client should retry later."""
 
 
+class EngineDeadError(RuntimeError):
+    """An engine's step loop stopped on an error; it takes no more requests (Ray Serve
+    restarts its replica)."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine replica serving the request failed (died, or its step loop stopped) after
+    it had streamed some of the answer, or no replica could take it up; retry later."""
+
+
 class EngineClient(Protocol):
     def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream `RequestOutput` deltas. Raises `ValueError` for bad input and
-        `EngineOverloadedError` when full, both before the first delta. Closing the iterator
-        early (`aclose`) aborts the request."""
+        `EngineOverloadedError` when full, both before the first delta, and
+        `EngineUnavailableError` when the engine fails. Closing the iterator early (`aclose`)
+        aborts the request."""
         ...

@@ -8,15 +8,20 @@ Errors are OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spin_ray.metrics.sink import MetricSink
 from spin_ray.outputs import RequestOutput, TokenLogprob
@@ -24,6 +29,7 @@ from spin_ray.serve.engine_client import (
     EngineClient,
     EngineOverloadedError,
     EngineRequest,
+    EngineUnavailableError,
     ModelInfo,
 )
 from spin_ray.serve.http_metrics import ResponseCounter
@@ -50,6 +56,8 @@ from spin_ray.serve.protocol import (
 
 API_KEY_ENV = "SPIN_RAY_API_KEY"
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ApiSettings:
@@ -64,6 +72,8 @@ class ApiSettings:
     """Largest request body accepted; larger gets 413."""
     retry_after_s: int = 1
     """`Retry-After` sent with 503 when the engines are overloaded."""
+    body_timeout_s: float = 30.0
+    """A request body not received whole within this many seconds gets 408."""
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -72,6 +82,8 @@ class ApiSettings:
             raise ValueError(f"max_body_bytes: must be >= 1, got {self.max_body_bytes}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s: must be >= 0, got {self.retry_after_s}")
+        if self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s: must be > 0, got {self.body_timeout_s}")
 
     @property
     def effective_api_key(self) -> str | None:
@@ -101,10 +113,12 @@ class ApiError(Exception):
 
 class BodyLimit:
     """ASGI middleware: bodies over `max_bytes` get 413, whether Content-Length says so or the
-    bytes arrive chunked. The body is read here, then handed on unchanged."""
+    bytes arrive chunked; a body not received whole within `timeout_s` gets 408 (a client that
+    sends less than its Content-Length, or trickles it, holds nothing for long). The body is
+    read here, then handed on unchanged."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -114,8 +128,17 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large(scope, receive, send)
         body, more = b"", True
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while more:
-            message = await receive()
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(left, 0.0))
+            except TimeoutError:
+                timed_out = ApiError(
+                    408, f"request body not received within {self.timeout_s:g} s",
+                    code="request_timeout", headers={"Connection": "close"},
+                )  # fmt: skip
+                return await timed_out.response()(scope, receive, send)
             if message["type"] != "http.request":  # the client left
                 return
             body += message.get("body", b"")
@@ -146,9 +169,15 @@ def create_openai_app(
     sink: MetricSink | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `client`'s engines under `settings.served_model_name`; with a
-    metric `sink`, its responses are counted by route and status."""
-    app = FastAPI(title="spin-ray OpenAI-compatible API")
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    metric `sink`, its responses are counted by route and status. Every error is OpenAI's
+    error JSON. With an API key, the interactive docs and the OpenAPI schema are off."""
+    docs = {} if settings.effective_api_key is None else dict(
+        docs_url=None, redoc_url=None, openapi_url=None
+    )  # fmt: skip
+    app = FastAPI(title="spin-ray OpenAI-compatible API", **docs)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     server = _OpenAIServer(client, tokenizer, model_info, settings)
 
     @app.exception_handler(ApiError)
@@ -158,6 +187,18 @@ def create_openai_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError):
         return _validation_error(err).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} not allowed"}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        text = message.get(err.status_code, str(err.detail))
+        return ApiError(err.status_code, text, code=code, headers=err.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception):
+        logger.exception("unhandled error")
+        return _internal_error(err).response()
 
     auth = Depends(server.check_api_key)
 
@@ -191,13 +232,17 @@ class _OpenAIServer:
     def __init__(self, client: EngineClient, tokenizer, model_info: ModelInfo, settings):
         self.client, self.tokenizer = client, tokenizer
         self.model_info, self.settings = model_info, settings
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="spin-ray-tokenizer")
+        """Tokenizes and applies chat templates, one at a time, off the event loop."""
+        self.max_token_chars = max(len(token) for token in tokenizer.get_vocab())
+        """Characters of the longest token (byte-level vocabularies: bytes ≥ characters)."""
 
     def check_api_key(self, request: Request) -> None:
         key = self.settings.effective_api_key
         if key is None:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {key}":
+        if not hmac.compare_digest(header.encode(), f"Bearer {key}".encode()):
             raise ApiError(
                 401,
                 "missing or incorrect API key in the Authorization header (Bearer <key>)",
@@ -210,9 +255,8 @@ class _OpenAIServer:
         self._check_model(body.model)
         prompt = body.single_prompt
         if isinstance(prompt, str):
-            if not prompt:
-                raise ApiError(400, "prompt: must not be empty", param="prompt")
-            prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+            self._check_text(prompt, "prompt", len(prompt))
+            prompt_ids = await self._off_loop(lambda: self.tokenizer(prompt)["input_ids"])
         else:
             prompt_ids = list(prompt)
         max_tokens = self._max_tokens(prompt_ids, body.max_tokens, default=16, param="prompt")
@@ -224,7 +268,7 @@ class _OpenAIServer:
         if body.stream:
             chunks = self._completion_chunks(stream, first, head, len(prompt_ids), body)
             return _sse(chunks, stream)
-        outputs = await _collect(stream, first)
+        outputs = await self._collect(stream, first)
         text = "".join(o.outputs[0].text for o in outputs)
         logprobs = _flat_logprobs(outputs) if body.logprobs is not None else None
         return JSONResponse(
@@ -245,7 +289,7 @@ class _OpenAIServer:
 
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
-        prompt_ids = self._apply_chat_template(body)
+        prompt_ids = await self._apply_chat_template(body)
         max_tokens = self._max_tokens(
             prompt_ids, body.requested_max_tokens, default=None, param="messages"
         )
@@ -255,7 +299,7 @@ class _OpenAIServer:
         head = dict(id=request.request_id, created=int(time.time()), model=body.model)
         if body.stream:
             return _sse(self._chat_chunks(stream, first, head, len(prompt_ids), body), stream)
-        outputs = await _collect(stream, first)
+        outputs = await self._collect(stream, first)
         logprobs = _flat_logprobs(outputs) if body.logprobs else None
         return JSONResponse(
             ChatCompletionResponse(
@@ -285,16 +329,50 @@ class _OpenAIServer:
                 code="model_not_found",
             )
 
-    def _apply_chat_template(self, body: ChatCompletionRequest) -> list[int]:
+    async def _apply_chat_template(self, body: ChatCompletionRequest) -> list[int]:
         messages = [m.template_dict() for m in body.messages]
+        total = sum(len(m["content"]) for m in messages)
+        for m in messages:
+            self._check_text(m["content"], "messages", total)
+
+        def apply():
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=body.add_generation_prompt, tokenize=True
+                )
+            except Exception as err:  # template errors: a message the template rejects
+                raise ApiError(
+                    400, f"messages: chat template failed: {err}", param="messages"
+                ) from err
+            return ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+
+        return await self._off_loop(apply)
+
+    def _check_text(self, text: str, param: str, total_chars: int) -> None:
+        """Reject text that is not Unicode (lone surrogates) or that is surely longer than the
+        context (`total_chars` over max_model_len × the longest token), before tokenizing."""
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt, tokenize=True
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                400, f"{param}: contains a lone UTF-16 surrogate; send valid Unicode text",
+                param=param,
+            ) from None  # fmt: skip
+        bound = self.model_info.max_model_len * self.max_token_chars
+        if total_chars > bound:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.model_info.max_model_len} "
+                f"tokens; your {param} has {total_chars} characters, more than that many "
+                "tokens can hold.",
+                param=param,
+                code="context_length_exceeded",
             )
-        except Exception as err:  # template errors: a message the template rejects
-            raise ApiError(400, f"messages: chat template failed: {err}", param="messages") from err
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
+
+    async def _off_loop(self, tokenize) -> list[int]:
+        """Tokenize in the tokenizer's own thread: a long prompt never stalls the event loop
+        (other requests, /health)."""
+        ids = await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, tokenize)
         return list(ids)
 
     def _max_tokens(
@@ -344,6 +422,9 @@ class _OpenAIServer:
                 code="overloaded",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             ) from err
+        except EngineUnavailableError as err:
+            await stream.aclose()
+            raise _unavailable(err, self.settings.retry_after_s) from err
         except ValueError as err:
             await stream.aclose()
             raise _value_error(err) from err
@@ -351,6 +432,14 @@ class _OpenAIServer:
             await stream.aclose()
             raise
         return stream, first
+
+    async def _collect(self, stream, first: RequestOutput) -> list[RequestOutput]:
+        try:
+            return [output async for output in _chain(first, stream)]
+        except EngineUnavailableError as err:
+            raise _unavailable(err, self.settings.retry_after_s) from err
+        finally:
+            await stream.aclose()
 
     # ------------------------------------------------------------ response side
 
@@ -451,26 +540,44 @@ async def _chain(first: RequestOutput, stream: AsyncIterator[RequestOutput]):
             yield output
 
 
-async def _collect(stream, first: RequestOutput) -> list[RequestOutput]:
-    try:
-        return [output async for output in _chain(first, stream)]
-    finally:
-        await stream.aclose()
-
-
 def _sse(chunks: AsyncIterator[dict], stream) -> StreamingResponse:
     """Server-sent events as OpenAI sends them: `data: {json}\\n\\n` per chunk, then
-    `data: [DONE]`. The engine stream is closed however the response ends."""
+    `data: [DONE]`. A failure mid-stream (the engine replica died) sends an error event,
+    `data: {"error": {...}}`, before `[DONE]`: a stream always ends in one of the two. The
+    engine stream is closed however the response ends."""
 
     async def events():
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-            yield "data: [DONE]\n\n"
+                yield _event(chunk)
+        except EngineUnavailableError as err:
+            yield _event(ErrorResponse(error=_unavailable(err, 0).info).model_dump())
+        except Exception as err:  # any failure still ends the stream in OpenAI form
+            logger.exception("stream failed")
+            yield _event(ErrorResponse(error=_internal_error(err).info).model_dump())
         finally:
             await stream.aclose()
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _unavailable(err: EngineUnavailableError, retry_after_s: int) -> ApiError:
+    return ApiError(
+        503, f"{err}; retry the request", type="server_error", code="engine_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )  # fmt: skip
+
+
+def _internal_error(err: Exception) -> ApiError:
+    return ApiError(
+        500, f"internal error ({type(err).__name__}); see the server log",
+        type="server_error", code="internal_error",
+    )  # fmt: skip
 
 
 def _flat_logprobs(outputs: list[RequestOutput]) -> list[TokenLogprob]:

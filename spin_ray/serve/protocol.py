@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spin_ray.sampling_params import SamplingParams
 
+MAX_STOP_STRINGS = 16
+"""Stop strings a request may give (OpenAI allows 4): each is matched against every token."""
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,6 +57,13 @@ class SamplingFields(StrictModel):
 
     @model_validator(mode="after")
     def _supported(self):
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise FieldError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise FieldError("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        if len(self.stop_token_ids or ()) > MAX_STOP_TOKEN_IDS:
+            raise FieldError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
         if self.n != 1:
             raise FieldError("n", "only n=1 is supported")
         if self.presence_penalty != 0.0:
@@ -103,6 +115,8 @@ class CompletionRequest(SamplingFields):
         )
         if batched and len(self.prompt) != 1:
             raise FieldError("prompt", "only one prompt per request is supported")
+        if not self.single_prompt:  # "", [], [[]], [""]
+            raise FieldError("prompt", "must not be empty")
         if self.echo:
             raise FieldError("echo", "is not supported")
         if self.suffix is not None:
