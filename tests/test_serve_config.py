@@ -9,7 +9,7 @@ import yaml
 
 from spin_ray.cli import build_parser
 from spin_ray.commands.serve import IMPORT_PATH, read_config, resolve
-from spin_ray.serve.app_config import AppConfig
+from spin_ray.serve.app_config import AppConfig, ClusterResources, EngineDeploymentConfig
 
 APP_YAML = Path(__file__).resolve().parents[1] / "deploy" / "app.yaml"
 
@@ -98,3 +98,30 @@ def test_cluster_yaml_passes_the_cluster_launcher_checks():
     assert gpu["min_workers"] >= 1
     assert config["available_node_types"]["head"]["resources"]["GPU"] == 0
     assert any("spin-ray" in command for command in config["setup_commands"])
+
+
+@pytest.mark.parametrize(
+    "engine, num_gpus, free, expected",
+    [
+        # a 2-core laptop: 1 CPU left beside the ingress holds one CPU replica, not 4
+        ({}, 0, ClusterResources(cpus=1, gpus=0), {"min_replicas": 1, "max_replicas": 1}),
+        # 8 GPUs, one per replica: the configured max (4) is the bound
+        ({}, 1, ClusterResources(cpus=63, gpus=8), {"min_replicas": 1, "max_replicas": 4}),
+        # 2 GPUs: at most 2 replicas, and min_replicas never above max
+        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 6}}, 1,
+         ClusterResources(cpus=31, gpus=2), {"min_replicas": 2, "max_replicas": 2}),
+    ],
+)  # fmt: skip
+def test_autoscaling_bounds_follow_the_cluster(engine, num_gpus, free, expected):
+    scale = EngineDeploymentConfig(**engine).fitted_scale(num_gpus, free)
+    bounds = scale["autoscaling_config"]
+    assert {k: bounds[k] for k in expected} == expected
+
+
+def test_a_cluster_without_room_for_one_replica_is_an_error():
+    with pytest.raises(ValueError, match="engine: a replica needs 1 GPU"):
+        EngineDeploymentConfig().fitted_scale(1, ClusterResources(cpus=8, gpus=0))
+    with pytest.raises(ValueError, match="num_replicas: 3 replicas"):
+        EngineDeploymentConfig(num_replicas=3).fitted_scale(1, ClusterResources(cpus=8, gpus=2))
+    fixed = EngineDeploymentConfig(num_replicas=2).fitted_scale(1, ClusterResources(8, 2))
+    assert fixed == {"num_replicas": 2}

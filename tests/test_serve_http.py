@@ -3,6 +3,8 @@ deltas (the end-to-end tests in test_serve_ray.py use the real engine)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -12,16 +14,26 @@ from prometheus_client import CollectorRegistry
 from spin_ray.metrics.prometheus_sink import PrometheusSink
 from spin_ray.models.byte_tokenizer import build_byte_tokenizer
 from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
-from spin_ray.serve.engine_client import EngineRequest, ModelInfo
+from spin_ray.serve.engine_client import EngineRequest, EngineUnavailableError, ModelInfo
 from spin_ray.serve.openai_api import API_KEY_ENV, ApiSettings, create_openai_app
 
 
 class FakeEngine:
     """Streams the tokens "h", "i", "!" as three deltas, with logprobs when asked."""
 
-    def __init__(self):
+    def __init__(self, down: str | None = None):
         self.requests: list[EngineRequest] = []
         self.closed: list[str] = []
+        self.down = down
+        """Why the engines cannot serve (None: they can)."""
+
+    async def model_info(self) -> ModelInfo:
+        if self.down is not None:
+            raise EngineUnavailableError(self.down)
+        return ModelInfo(max_model_len=64)
+
+    async def unavailable_reason(self) -> str | None:
+        return self.down
 
     async def generate(self, request: EngineRequest):
         self.requests.append(request)
@@ -54,7 +66,6 @@ def served():
     app = create_openai_app(
         engine,
         build_byte_tokenizer(),
-        ModelInfo(max_model_len=64),
         ApiSettings(served_model_name="m", max_body_bytes=1000),
     )
     with TestClient(app) as client:
@@ -135,7 +146,6 @@ def test_api_key_from_the_environment(monkeypatch):
     app = create_openai_app(
         FakeEngine(),
         build_byte_tokenizer(),
-        ModelInfo(max_model_len=64),
         ApiSettings(served_model_name="m"),
     )
     with TestClient(app) as client:
@@ -179,7 +189,6 @@ def test_responses_are_counted_by_route_and_status():
     app = create_openai_app(
         FakeEngine(),
         build_byte_tokenizer(),
-        ModelInfo(max_model_len=64),
         ApiSettings(served_model_name="m", max_body_bytes=1000),
         PrometheusSink(registry),
     )
@@ -205,3 +214,94 @@ def test_responses_are_counted_by_route_and_status():
     # the statuses the API answers exist from the start, at zero (rates see a first error)
     labels = {"model": "m", "route": "/v1/chat/completions", "status": "500"}
     assert registry.get_sample_value("spin_ray_http_responses_total", labels) == 0.0
+
+
+class FailingEngine(FakeEngine):
+    """Streams one delta, then its replica dies (`fail_after=1`), or fails at once with an
+    error the server does not expect (`fail_after=0`)."""
+
+    def __init__(self, fail_after: int):
+        super().__init__()
+        self.fail_after = fail_after
+
+    async def generate(self, request: EngineRequest):
+        if self.fail_after == 0:
+            raise RuntimeError("a bug")
+        async for output in super().generate(request):
+            yield dataclasses.replace(output, finished=False)
+            raise EngineUnavailableError("the engine replica failed: it died")
+
+
+def _app(engine, **settings) -> TestClient:
+    settings = {"served_model_name": "m", **settings}
+    app = create_openai_app(engine, build_byte_tokenizer(), ApiSettings(**settings))
+    return TestClient(app, raise_server_exceptions=False)  # what a client would get
+
+
+def test_a_stream_cut_by_a_dead_replica_ends_with_an_error_event_and_done():
+    body = {"model": "m", "prompt": "yo", "max_tokens": 3, "stream": True}
+    with _app(FailingEngine(fail_after=1)) as client:
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200
+        events = _events(response.text)
+        assert events[0]["choices"][0]["text"] == "h"
+        assert events[-1]["error"]["code"] == "engine_unavailable"
+        assert "died" in events[-1]["error"]["message"]
+        # not streamed: the same failure is a 503 with Retry-After
+        failed = client.post("/v1/completions", json={**body, "stream": False})
+        assert failed.status_code == 503 and failed.headers["Retry-After"] == "1"
+        assert failed.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_an_unexpected_error_is_a_500_in_openai_form():
+    with _app(FailingEngine(fail_after=0)) as client:
+        response = client.post("/v1/completions", json={"model": "m", "prompt": "yo"})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error"
+
+
+def test_engines_down_give_503_with_the_reason_at_once():
+    reason = "the engine deployment is DEPLOY_FAILED: model: '/x' is not an existing folder"
+    with _app(FakeEngine(down=reason)) as client:
+        for method, path in (("GET", "/health"), ("GET", "/v1/models"),
+                             ("POST", "/v1/completions")):  # fmt: skip
+            response = client.request(method, path, json={"model": "m", "prompt": "hi"})
+            assert response.status_code == 503, path
+            assert response.json()["error"]["message"].startswith(reason), path
+
+
+def test_docs_are_closed_when_an_api_key_is_set():
+    with _app(FakeEngine()) as client:
+        assert client.get("/openapi.json").status_code == 200
+    with _app(FakeEngine(), api_key="k") as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            response = client.get(path)
+            assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_a_body_slower_than_the_timeout_gets_408():
+    """BodyLimit with a client that sends part of its body and then nothing."""
+    app = create_openai_app(
+        FakeEngine(), build_byte_tokenizer(), ApiSettings(served_model_name="m", body_timeout_s=0.2)
+    )
+    sent: list[dict] = []
+
+    async def receive():
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": b'{"model"', "more_body": True}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "headers": [(b"content-length", b"100")], "http_version": "1.1",
+        "scheme": "http", "server": ("t", 80), "client": ("c", 1), "root_path": "",
+    }  # fmt: skip
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=5))
+    start = next(m for m in sent if m.get("type") == "http.response.start")
+    body = next(m for m in sent if m.get("type") == "http.response.body")
+    assert start["status"] == 408
+    assert json.loads(body["body"])["error"]["code"] == "request_timeout"

@@ -7,11 +7,14 @@ import json
 import pytest
 
 from spin_ray.serve.placement import (
+    OUTPUT_HISTORY,
     KVLayout,
+    OutputLengths,
     ReplicaStats,
     SentRequest,
     WorkingSet,
     WorkingSetDemand,
+    expected_output_tokens,
     fit_level,
     free_pages,
     load_key,
@@ -268,3 +271,36 @@ def test_layout_rejects_bad_values():
         KVLayout(page_size=0)
     with pytest.raises(ValueError, match="budget"):
         KVLayout(page_size=32, budget=_budget())
+
+
+def test_expected_output_is_the_largest_fresh_p90_or_the_default():
+    def stats(p90, age_s):
+        return ReplicaStats(
+            timestamp=NOW - age_s, layout=DENSE, hbm_pages_total=1, hbm_pages_committed=0,
+            host_pages_total=0, host_pages_committed=0, num_running=0, num_waiting=0,
+            running_tokens=0, output_tokens_p90=p90,
+        )  # fmt: skip
+
+    reports = [stats(300, 1.0), stats(700, 1.0), stats(5000, 10.0), None]  # the 5000 is stale
+    assert expected_output_tokens(reports, NOW, stale_after_s=5.0, default=1024) == 700
+    assert expected_output_tokens([stats(None, 1.0), None], NOW, 5.0, default=1024) == 1024
+
+
+def test_a_demand_expects_at_most_its_max_tokens():
+    chat = WorkingSetDemand(prompt_tokens=100, max_tokens=8000)  # no max_tokens: the context
+    assert chat.context_tokens == 8100
+    assert chat.expecting(700).context_tokens == 800
+    assert WorkingSetDemand(100, 50).expecting(700).context_tokens == 150
+    with pytest.raises(ValueError, match="expected_output_tokens"):
+        WorkingSetDemand(100, 50, expected_output_tokens=0)
+
+
+def test_output_lengths_p90_over_the_last_requests():
+    lengths = OutputLengths()
+    assert lengths.p90() is None
+    for n in range(1, 11):  # 1..10: the 9th of 10 sorted
+        lengths.add(n)
+    assert lengths.p90() == 9
+    for _ in range(OUTPUT_HISTORY):  # only the last OUTPUT_HISTORY count
+        lengths.add(100)
+    assert lengths.p90() == 100

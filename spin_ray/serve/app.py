@@ -5,6 +5,7 @@ HTTP ─► OpenAIIngress ──(KV working-set router)──► SpinEngine × N
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from spin_ray.serve.app_config import AppConfig
+from spin_ray.serve.app_config import AppConfig, ClusterResources
 from spin_ray.serve.engine_deployment import SpinEngine
 from spin_ray.serve.ingress import OpenAIIngress
 
@@ -23,43 +24,46 @@ ROUTER_CLASS = "spin_ray.serve.router:KVWorkingSetRouter"
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
     """The application for `args` (deploy/app.yaml documents every key; {} runs spin-tiny)."""
     config = AppConfig.from_args(args)
-    engine = config.engine
-    num_gpus = engine.resolved_num_gpus(cluster_has_gpus())
-    scale = (
-        {"num_replicas": engine.num_replicas}
-        if engine.num_replicas is not None
-        else {"autoscaling_config": engine.autoscaling_config}
+    engine, ingress = config.engine, config.ingress
+    cluster = cluster_resources()
+    num_gpus = engine.resolved_num_gpus(cluster.gpus > 0)
+    beside_ingress = ClusterResources(
+        cpus=cluster.cpus - ingress.num_replicas * ingress.num_cpus, gpus=cluster.gpus
     )
     engine_deployment = serve.deployment(SpinEngine).options(
         name="SpinEngine",
         ray_actor_options={"num_gpus": num_gpus, "num_cpus": engine.num_cpus},
         max_ongoing_requests=engine.max_ongoing_requests,
         max_queued_requests=engine.max_queued_requests,
+        max_constructor_retry_count=engine.max_constructor_retry_count,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"stale_after_s": engine.stale_after_s},
+            request_router_kwargs={
+                "stale_after_s": engine.stale_after_s,
+                "default_output_tokens": engine.default_output_tokens,
+            },
             request_routing_stats_period_s=engine.routing_stats_period_s,
             request_routing_stats_timeout_s=engine.stale_after_s,
         ),
-        **scale,
+        **engine.fitted_scale(num_gpus, beside_ingress),
     )
-    ingress = config.ingress
     return OpenAIIngress.options(
         num_replicas=ingress.num_replicas,
         ray_actor_options={"num_cpus": ingress.num_cpus},
         max_ongoing_requests=ingress.max_ongoing_requests,
     ).bind(
-        engine_deployment.bind(config.llm_kwargs(num_gpus)),
+        engine_deployment.bind(config.llm_kwargs(num_gpus), engine.default_output_tokens),
         config.model,
         config.tokenizer,
         config.api_settings(),
     )
 
 
-def cluster_has_gpus() -> bool:
-    """Whether the Ray cluster (if connected, else this machine) has a GPU."""
+def cluster_resources() -> ClusterResources:
+    """CPUs and GPUs of the Ray cluster (if connected, else of this machine)."""
     if ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
+        resources = ray.cluster_resources()
+        return ClusterResources(cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0))
     import torch
 
-    return torch.cuda.is_available()
+    return ClusterResources(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,12 @@ class EngineDeploymentConfig:
     """How often each replica reports its KV use and load to the routers."""
     stale_after_s: float = 5.0
     """Reports older than this are ignored by the router (least-loaded fallback)."""
+    default_output_tokens: int = 1024
+    """Output length the router and replicas expect of a request (at most its max_tokens)
+    until replicas have seen requests finish; then the 90th percentile of what they saw."""
+    max_constructor_retry_count: int = 1
+    """Times Ray Serve retries an engine replica whose constructor failed (e.g. a bad model
+    path) before the deployment fails; `serve run` then exits with the cause."""
 
     def __post_init__(self) -> None:
         if self.num_gpus != "auto" and (
@@ -66,11 +73,55 @@ class EngineDeploymentConfig:
             raise ValueError("routing_stats_period_s: must be > 0")
         if self.stale_after_s <= self.routing_stats_period_s:
             raise ValueError("stale_after_s: must be longer than routing_stats_period_s")
+        if self.default_output_tokens < 1:
+            raise ValueError(
+                f"default_output_tokens: must be >= 1, got {self.default_output_tokens}"
+            )
+        if self.max_constructor_retry_count < 1:
+            raise ValueError(
+                f"max_constructor_retry_count: must be >= 1, got {self.max_constructor_retry_count}"
+            )
 
     def resolved_num_gpus(self, cluster_has_gpus: bool) -> float:
         if self.num_gpus == "auto":
             return 1 if cluster_has_gpus else 0
         return self.num_gpus
+
+    def fitted_scale(self, num_gpus: float, free: ClusterResources) -> dict[str, Any]:
+        """The deployment's replica count or autoscaling bounds, capped at the replicas the
+        cluster's resources hold (`free`: what is left once the ingress is placed), so that
+        no replica waits forever for resources the cluster does not have. Raises if not even
+        one fits."""
+        fits = math.inf
+        if num_gpus > 0:
+            fits = free.gpus // num_gpus
+        if self.num_cpus > 0:
+            fits = min(fits, free.cpus // self.num_cpus)
+        if fits < 1:
+            raise ValueError(
+                f"engine: a replica needs {num_gpus} GPU and {self.num_cpus} CPU, and the "
+                f"cluster has {free.gpus} GPU and {free.cpus} CPU left beside the ingress"
+            )
+        if self.num_replicas is not None:
+            if self.num_replicas > fits:
+                raise ValueError(
+                    f"num_replicas: {self.num_replicas} replicas need more than the cluster "
+                    f"has ({free.gpus} GPU, {free.cpus} CPU left beside the ingress)"
+                )
+            return {"num_replicas": self.num_replicas}
+        bounds = dict(self.autoscaling_config)
+        most = int(min(bounds.get("max_replicas", 1), fits))
+        bounds["max_replicas"] = most
+        bounds["min_replicas"] = min(bounds.get("min_replicas", 1), most)
+        return {"autoscaling_config": bounds}
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    """CPUs and GPUs of the Ray cluster (or this machine)."""
+
+    cpus: float
+    gpus: float
 
 
 @dataclass(frozen=True)
@@ -112,6 +163,8 @@ class AppConfig:
     """Largest HTTP request body; larger gets 413."""
     retry_after_s: int = 1
     """Retry-After sent with 503 when overloaded."""
+    body_timeout_s: float = 30.0
+    """A request body not received whole within this many seconds gets 408."""
     engine: EngineDeploymentConfig = field(default_factory=EngineDeploymentConfig)
     ingress: IngressDeploymentConfig = field(default_factory=IngressDeploymentConfig)
 
@@ -146,6 +199,7 @@ class AppConfig:
             api_key=self.api_key,
             max_body_bytes=self.max_body_bytes,
             retry_after_s=self.retry_after_s,
+            body_timeout_s=self.body_timeout_s,
         )
 
     def llm_kwargs(self, num_gpus: float) -> dict[str, Any]:

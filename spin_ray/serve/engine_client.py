@@ -51,6 +51,14 @@ class EngineUnavailableError(RuntimeError):
 
 
 class EngineClient(Protocol):
+    async def model_info(self) -> ModelInfo:
+        """The engines' model; raises `EngineUnavailableError` when no engine answers."""
+        ...
+
+    async def unavailable_reason(self) -> str | None:
+        """None while engines can serve; otherwise why not (e.g. their deployment failed)."""
+        ...
+
     def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream `RequestOutput` deltas. Raises `ValueError` for bad input and
         `EngineOverloadedError` when full, both before the first delta, and

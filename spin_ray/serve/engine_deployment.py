@@ -16,11 +16,19 @@ from spin_ray.metrics.ray_sink import RaySink
 from spin_ray.outputs import RequestOutput
 from spin_ray.serve.async_engine import AsyncEngine
 from spin_ray.serve.engine_client import EngineRequest, ModelInfo
-from spin_ray.serve.placement import KVLayout, ReplicaStats, WorkingSet, predict_working_set
+from spin_ray.serve.placement import (
+    KVLayout,
+    OutputLengths,
+    ReplicaStats,
+    WorkingSet,
+    predict_working_set,
+)
 
 
 class SpinEngine:
-    def __init__(self, llm_kwargs: dict[str, Any]):
+    def __init__(self, llm_kwargs: dict[str, Any], default_output_tokens: int = 1024):
+        """`default_output_tokens`: the output length expected of a request (at most its
+        max_tokens) until this replica has seen requests finish (placement.py)."""
         from spin_ray.llm import LLM
         from spin_ray.sparse.manager import TieredCacheManager
 
@@ -39,6 +47,8 @@ class SpinEngine:
             self.hbm_pool, self.host_pool = capacity.pool, None
             self.layout = KVLayout(capacity.page_size)
         self.info = ModelInfo(max_model_len=engine.config.scheduler.max_model_len)
+        self.default_output_tokens = default_output_tokens
+        self.output_lengths = OutputLengths()
         self.working_sets: dict[str, WorkingSet] = {}
         self.context_tokens: dict[str, int] = {}
         """Prompt + max_tokens of each request held: the measure of load the router also
@@ -46,11 +56,17 @@ class SpinEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream the deltas of `request`; cancelling the call aborts it in the engine."""
-        self.working_sets[request.request_id] = predict_working_set(request.demand, self.layout)
-        self.context_tokens[request.request_id] = request.demand.context_tokens
+        expected = self.output_lengths.p90() or self.default_output_tokens
+        demand = request.demand.expecting(expected)
+        self.working_sets[request.request_id] = predict_working_set(demand, self.layout)
+        self.context_tokens[request.request_id] = demand.context_tokens
+        generated = 0
         try:
             prompt = {"prompt_token_ids": request.prompt_token_ids}
             async for output in self.engine.generate(request.request_id, prompt, request.params):
+                generated += len(output.outputs[0].token_ids)
+                if output.finished:
+                    self.output_lengths.add(generated)
                 yield output
         finally:
             del self.working_sets[request.request_id]
@@ -80,6 +96,7 @@ class SpinEngine:
             hbm_pages_used=hbm_used,
             host_pages_used=host_used,
             requests_aborted=load.num_aborted,
+            output_tokens_p90=self.output_lengths.p90(),
         ).to_dict()
 
     def kv_stats(self) -> dict[str, Any]:
@@ -92,4 +109,5 @@ class SpinEngine:
         self.engine.check_health()
 
     def __del__(self):
-        self.engine.shutdown()
+        if hasattr(self, "engine"):  # not when the constructor failed
+            self.engine.shutdown()

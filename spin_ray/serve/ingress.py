@@ -3,12 +3,19 @@ request from a `SpinEngine` replica chosen by the KV working-set router."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 
 from ray import serve
-from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (
+    NodeDiedError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -29,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 """Replicas a request is sent to at most, when the ones before failed before its first token."""
+MODEL_INFO_TIMEOUT_S = 10.0
+"""How long a request waits for an engine replica to say what model it serves."""
+STATUS_TTL_S = 2.0
+"""How long the engine deployment's status, read from the Serve controller, is reused."""
+FAILED = ("DEPLOY_FAILED", "UNHEALTHY")
 
 
 class RayEngineClient:
@@ -37,7 +49,37 @@ class RayEngineClient:
     that had streamed tokens ends with `EngineUnavailableError`."""
 
     def __init__(self, handle: DeploymentHandle):
+        self.calls = handle
         self.handle = handle.options(stream=True)
+        self._status: tuple[float, str | None] = (-STATUS_TTL_S, None)
+
+    async def model_info(self) -> ModelInfo:
+        try:
+            return await asyncio.wait_for(
+                self.calls.model_info.remote(), timeout=MODEL_INFO_TIMEOUT_S
+            )
+        except Exception as err:  # timed out, replica gone, queue full: none answered
+            reason = await self.unavailable_reason()
+            if reason is None:
+                reason = f"no engine replica answered within {MODEL_INFO_TIMEOUT_S:g} s"
+            raise EngineUnavailableError(reason) from err
+
+    async def unavailable_reason(self) -> str | None:
+        """From the Serve controller's status of the engine deployment (cached briefly)."""
+        checked_at, reason = self._status
+        if time.monotonic() - checked_at < STATUS_TTL_S:
+            return reason
+        reason = await asyncio.to_thread(self._deployment_failure)
+        self._status = (time.monotonic(), reason)
+        return reason
+
+    def _deployment_failure(self) -> str | None:
+        app = serve.get_replica_context().app_name
+        deployments = serve.status().applications[app].deployments
+        status = deployments.get(self.calls.deployment_name)
+        if status is None or status.status not in FAILED:
+            return None
+        return f"the engine deployment is {status.status}: {status.message}"
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -86,7 +128,8 @@ class OpenAIIngress:
         self.settings = settings
 
     async def __serve_build_asgi_app__(self):
-        info: ModelInfo = await self.engine.model_info.remote()
+        # the engines are not waited for: until they answer, requests get 503 (with the cause
+        # once their deployment failed), never a hang
         tokenizer = load_tokenizer(self.model, self.tokenizer)
         client = RayEngineClient(self.engine)
-        return create_openai_app(client, tokenizer, info, self.settings, RaySink())
+        return create_openai_app(client, tokenizer, self.settings, RaySink())

@@ -162,11 +162,7 @@ def _too_large(max_bytes: int) -> ApiError:
 
 
 def create_openai_app(
-    client: EngineClient,
-    tokenizer,
-    model_info: ModelInfo,
-    settings: ApiSettings,
-    sink: MetricSink | None = None,
+    client: EngineClient, tokenizer, settings: ApiSettings, sink: MetricSink | None = None
 ) -> FastAPI:
     """The FastAPI app serving `client`'s engines under `settings.served_model_name`; with a
     metric `sink`, its responses are counted by route and status. Every error is OpenAI's
@@ -178,7 +174,7 @@ def create_openai_app(
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
-    server = _OpenAIServer(client, tokenizer, model_info, settings)
+    server = _OpenAIServer(client, tokenizer, settings)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError):
@@ -204,12 +200,17 @@ def create_openai_app(
 
     @app.get("/health")
     async def health() -> Response:
+        """200 while the engines can serve; 503 with the reason when they cannot."""
+        reason = await client.unavailable_reason()
+        if reason is not None:
+            raise _unavailable(EngineUnavailableError(reason), settings.retry_after_s)
         return Response(status_code=200)
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> ModelList:
+        info = await server.model_info()
         return ModelList(
-            data=[ModelCard(id=settings.served_model_name, max_model_len=model_info.max_model_len)]
+            data=[ModelCard(id=settings.served_model_name, max_model_len=info.max_model_len)]
         )
 
     @app.post("/v1/completions", dependencies=[auth])
@@ -229,9 +230,9 @@ def create_openai_app(
 
 
 class _OpenAIServer:
-    def __init__(self, client: EngineClient, tokenizer, model_info: ModelInfo, settings):
-        self.client, self.tokenizer = client, tokenizer
-        self.model_info, self.settings = model_info, settings
+    def __init__(self, client: EngineClient, tokenizer, settings: ApiSettings):
+        self.client, self.tokenizer, self.settings = client, tokenizer, settings
+        self._model_info: ModelInfo | None = None
         self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="spin-ray-tokenizer")
         """Tokenizes and applies chat templates, one at a time, off the event loop."""
         self.max_token_chars = max(len(token) for token in tokenizer.get_vocab())
@@ -249,17 +250,29 @@ class _OpenAIServer:
                 code="invalid_api_key",
             )
 
+    async def model_info(self) -> ModelInfo:
+        """The engines' model, asked once they answer (503 until then)."""
+        if self._model_info is None:
+            try:
+                self._model_info = await self.client.model_info()
+            except EngineUnavailableError as err:
+                raise _unavailable(err, self.settings.retry_after_s) from err
+        return self._model_info
+
     # ------------------------------------------------------------ endpoints
 
     async def completions(self, body: CompletionRequest) -> Response:
         self._check_model(body.model)
         prompt = body.single_prompt
+        info = await self.model_info()
         if isinstance(prompt, str):
-            self._check_text(prompt, "prompt", len(prompt))
+            self._check_text(prompt, "prompt", len(prompt), info)
             prompt_ids = await self._off_loop(lambda: self.tokenizer(prompt)["input_ids"])
         else:
             prompt_ids = list(prompt)
-        max_tokens = self._max_tokens(prompt_ids, body.max_tokens, default=16, param="prompt")
+        max_tokens = self._max_tokens(
+            prompt_ids, body.max_tokens, default=16, param="prompt", info=info
+        )
         request = EngineRequest(
             new_id("cmpl"), prompt_ids, self._params(body, max_tokens, body.logprobs)
         )
@@ -289,9 +302,10 @@ class _OpenAIServer:
 
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
-        prompt_ids = await self._apply_chat_template(body)
+        info = await self.model_info()
+        prompt_ids = await self._apply_chat_template(body, info)
         max_tokens = self._max_tokens(
-            prompt_ids, body.requested_max_tokens, default=None, param="messages"
+            prompt_ids, body.requested_max_tokens, default=None, param="messages", info=info
         )
         top = (body.top_logprobs or 0) if body.logprobs else None
         request = EngineRequest(new_id("chatcmpl"), prompt_ids, self._params(body, max_tokens, top))
@@ -329,11 +343,11 @@ class _OpenAIServer:
                 code="model_not_found",
             )
 
-    async def _apply_chat_template(self, body: ChatCompletionRequest) -> list[int]:
+    async def _apply_chat_template(self, body: ChatCompletionRequest, info) -> list[int]:
         messages = [m.template_dict() for m in body.messages]
         total = sum(len(m["content"]) for m in messages)
         for m in messages:
-            self._check_text(m["content"], "messages", total)
+            self._check_text(m["content"], "messages", total, info)
 
         def apply():
             try:
@@ -348,7 +362,7 @@ class _OpenAIServer:
 
         return await self._off_loop(apply)
 
-    def _check_text(self, text: str, param: str, total_chars: int) -> None:
+    def _check_text(self, text: str, param: str, total_chars: int, info: ModelInfo) -> None:
         """Reject text that is not Unicode (lone surrogates) or that is surely longer than the
         context (`total_chars` over max_model_len × the longest token), before tokenizing."""
         try:
@@ -358,11 +372,11 @@ class _OpenAIServer:
                 400, f"{param}: contains a lone UTF-16 surrogate; send valid Unicode text",
                 param=param,
             ) from None  # fmt: skip
-        bound = self.model_info.max_model_len * self.max_token_chars
+        bound = info.max_model_len * self.max_token_chars
         if total_chars > bound:
             raise ApiError(
                 400,
-                f"This model's maximum context length is {self.model_info.max_model_len} "
+                f"This model's maximum context length is {info.max_model_len} "
                 f"tokens; your {param} has {total_chars} characters, more than that many "
                 "tokens can hold.",
                 param=param,
@@ -376,9 +390,9 @@ class _OpenAIServer:
         return list(ids)
 
     def _max_tokens(
-        self, prompt_ids: list[int], requested: int | None, default: int | None, param: str
+        self, prompt_ids, requested: int | None, default: int | None, param: str, info: ModelInfo
     ) -> int:
-        limit = self.model_info.max_model_len
+        limit = info.max_model_len
         room = limit - len(prompt_ids)
         if room < 1:
             raise ApiError(

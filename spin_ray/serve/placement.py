@@ -8,7 +8,14 @@ Units are the engine's own: a host page holds `page_size` tokens of a sequence's
 offloaded layer and KV head); an HBM page is a page of the dense pool, or on a sparse replica a
 working-set slot (one page of every offloaded layer and KV head).
 
-Working set of a request whose context is C = prompt_tokens + max_tokens tokens,
+Expected output of a request: min(max_tokens, O), where O is what the deployment has seen —
+the largest of the fresh replicas' reported 90th percentile of their recent requests' output
+lengths (`ReplicaStats.output_tokens_p90`, over their last `OUTPUT_HISTORY` finished
+requests) — or, before any replica has finished one, the deployment's configured
+`default_output_tokens`. A chat request without max_tokens may generate to the end of the
+context, but reserving all of it would make every such request look too big to fit.
+
+Working set of a request whose context is C = prompt_tokens + expected output tokens,
 P = ceil(C / page_size):
 
 - dense replica (all KV in HBM):  HBM wanted = HBM floor = P, host = 0.
@@ -51,7 +58,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
@@ -67,16 +75,28 @@ class WorkingSetDemand:
     """Tokens of the prompt (after the chat template)."""
     max_tokens: int
     """Most tokens the request may generate."""
+    expected_output_tokens: int | None = None
+    """Tokens it is expected to generate (see the module docstring); None: max_tokens."""
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1:
             raise ValueError(f"prompt_tokens: must be >= 1, got {self.prompt_tokens}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+        if self.expected_output_tokens is not None and self.expected_output_tokens < 1:
+            raise ValueError(
+                f"expected_output_tokens: must be >= 1, got {self.expected_output_tokens}"
+            )
 
     @property
     def context_tokens(self) -> int:
-        return self.prompt_tokens + self.max_tokens
+        """Prompt and expected output: what the request is expected to hold."""
+        expected = self.expected_output_tokens or self.max_tokens
+        return self.prompt_tokens + min(self.max_tokens, expected)
+
+    def expecting(self, output_tokens: int) -> WorkingSetDemand:
+        """This demand, expected to generate `output_tokens` (at most max_tokens)."""
+        return dataclasses.replace(self, expected_output_tokens=max(1, output_tokens))
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,9 @@ class ReplicaStats:
     host_pages_used: int = 0
     requests_aborted: int = 0
     """Requests aborted unfinished since the replica started (client gone, cancelled)."""
+    output_tokens_p90: int | None = None
+    """90th percentile of the output lengths of its last `OUTPUT_HISTORY` finished requests;
+    None before the first."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,6 +181,38 @@ class ReplicaStats:
         values["layout"] = KVLayout(**layout)
         values["request_ids"] = tuple(values.get("request_ids", ()))
         return cls(**values)
+
+
+OUTPUT_HISTORY = 256
+"""Finished requests whose output lengths a replica keeps for `output_tokens_p90`."""
+
+
+class OutputLengths:
+    """The output lengths of a replica's last `OUTPUT_HISTORY` finished requests."""
+
+    def __init__(self) -> None:
+        self.recent: deque[int] = deque(maxlen=OUTPUT_HISTORY)
+
+    def add(self, num_tokens: int) -> None:
+        self.recent.append(num_tokens)
+
+    def p90(self) -> int | None:
+        if not self.recent:
+            return None
+        ordered = sorted(self.recent)
+        return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def expected_output_tokens(
+    stats: Iterable[ReplicaStats | None], now: float, stale_after_s: float, default: int
+) -> int:
+    """The largest p90 output length the fresh replicas report, or `default` if none does."""
+    observed = [
+        s.output_tokens_p90
+        for s in stats
+        if s is not None and now - s.timestamp <= stale_after_s and s.output_tokens_p90
+    ]
+    return max(observed, default=default)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from spin_ray.serve.engine_client import EngineRequest
 from spin_ray.serve.placement import (
     ReplicaStats,
     SentRequest,
+    WorkingSetDemand,
+    expected_output_tokens,
     predict_working_set,
     rank_replicas,
 )
@@ -57,11 +59,17 @@ class KVWorkingSetRouter(RequestRouter):
     """Routes each request to a replica where its predicted KV working set fits, least loaded
     first (see `spin_ray.serve.placement` for the formula)."""
 
-    def initialize_state(self, stale_after_s: float = 5.0) -> None:
-        """`stale_after_s`: stats older than this count as missing."""
+    def initialize_state(
+        self, stale_after_s: float = 5.0, default_output_tokens: int = 1024
+    ) -> None:
+        """`stale_after_s`: stats older than this count as missing. `default_output_tokens`:
+        the output expected of a request until replicas report what they have seen."""
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s: must be > 0, got {stale_after_s}")
+        if default_output_tokens < 1:
+            raise ValueError(f"default_output_tokens: must be >= 1, got {default_output_tokens}")
         self.stale_after_s = stale_after_s
+        self.default_output_tokens = default_output_tokens
         self.placements: dict[str, _Placement] = {}
         """Internal request id → its replica, until the request completes."""
         self.sink = RaySink()
@@ -77,11 +85,18 @@ class KVWorkingSetRouter(RequestRouter):
         request = engine_request(pending_request)
         if request is None or not candidate_replicas:
             return [candidate_replicas]
-        demand = request.demand
+        try:
+            return self._choose(candidate_replicas, pending_request, request)
+        except Exception:  # a request the router cannot rank still gets a replica
+            logger.exception("routing %s: fell back to the shortest queue", request.request_id)
+            return [candidate_replicas]
+
+    def _choose(self, candidate_replicas, pending_request, request) -> list[list[RunningReplica]]:
         now = time.time()
         self._forget_unconfirmed(now)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         stats = {rid: replica_stats(r) for rid, r in by_id.items()}
+        demand = self._expected(request, stats.values(), now)
         sent = defaultdict(list)
         for placement in self.placements.values():
             sent[placement.replica].append(placement.sent)
@@ -101,7 +116,7 @@ class KVWorkingSetRouter(RequestRouter):
         best = ranks[0][0]
         if best in fresh:
             # Count it there now, so requests routed before the next report see it.
-            self._place(pending_request, best, request, stats[best], now, confirmed=False)
+            self._place(pending_request, best, demand, stats[best], now, confirmed=False)
         return chosen
 
     def on_request_routed(
@@ -122,19 +137,28 @@ class KVWorkingSetRouter(RequestRouter):
         if stats is None:  # no layout to size it with
             self.placements.pop(pending_request.metadata.internal_request_id, None)
             return
-        self._place(pending_request, replica_id.unique_id, request, stats, now, confirmed=True)
+        all_stats = [replica_stats(r) for r in self.curr_replicas.values()]
+        demand = self._expected(request, all_stats, now)
+        self._place(pending_request, replica_id.unique_id, demand, stats, now, confirmed=True)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self.placements.pop(internal_request_id, None)
 
-    def _place(self, pending_request, replica: str, request, stats, now, confirmed) -> None:
+    def _expected(self, request: EngineRequest, stats, now: float) -> WorkingSetDemand:
+        """The request's demand with the output length the replicas have seen."""
+        expected = expected_output_tokens(
+            stats, now, self.stale_after_s, self.default_output_tokens
+        )
+        return request.demand.expecting(expected)
+
+    def _place(self, pending_request, replica: str, demand, stats, now, confirmed) -> None:
         self.placements[pending_request.metadata.internal_request_id] = _Placement(
             replica=replica,
             sent=SentRequest(
-                request_id=request.request_id,
+                request_id=engine_request(pending_request).request_id,
                 sent_at=now,
-                working_set=predict_working_set(request.demand, stats.layout),
-                context_tokens=request.demand.context_tokens,
+                working_set=predict_working_set(demand, stats.layout),
+                context_tokens=demand.context_tokens,
             ),
             confirmed=confirmed,
         )
