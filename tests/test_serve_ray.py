@@ -23,6 +23,7 @@ from ray import serve
 
 from spin_ray import LLM, SamplingParams
 from spin_ray.serve import build_app
+from spin_ray.serve.placement import expected_output_tokens
 from spin_ray.serve.replica_stats import engine_replica_stats
 
 pytestmark = pytest.mark.ray  # starts a local Ray cluster; -m "not ray" skips
@@ -384,10 +385,15 @@ def _long_and_other(stats: dict, pages: int) -> tuple[str, str]:
 
 
 def test_router_places_a_long_request_where_its_working_set_fits(base_url):
-    _wait_idle()
-    long_pages = -(-(100 + 2400) // PAGE)  # 157 of 256 pages: one per replica at most
+    stats = _wait_idle()
+    # A 2,400-token prompt that may generate 1,500: its working set is the prompt and the
+    # output the replicas expect (the p90 of what they have seen, at most 1,500), over 150 of
+    # 256 pages, so one per replica at most.
+    expected = expected_output_tokens(stats.values(), time.time(), 2.0, default=1024)
+    long_pages = -(-(2400 + min(1500, expected)) // PAGE)
+    assert long_pages > NUM_PAGES // 2
     with _streams() as open_stream:
-        open_stream(base_url, _long_body(100, 2400))
+        open_stream(base_url, _long_body(2400, 1500))
         # Let the router see the long request in a report first (and not only as its own
         # pick): once reported, it must weigh as much as when it was only sent.
         _wait_reported(lambda stats: any(s.hbm_pages_committed >= long_pages for s in stats))
@@ -409,7 +415,7 @@ def test_router_places_a_long_request_where_its_working_set_fits(base_url):
         assert before[y].num_running > before[x].num_running
         assert before[y].hbm_pages_committed + long_pages <= NUM_PAGES  # y can hold it
 
-        open_stream(base_url, _long_body(100, 2400))
+        open_stream(base_url, _long_body(2400, 1500))
         after = engine_replica_stats(APP)
         assert after[x].num_running == before[x].num_running
         assert after[y].num_running == before[y].num_running + 1
