@@ -86,8 +86,12 @@ def completion(**fields) -> dict:
 
 
 def chat(**fields) -> dict:
-    return {"model": "spin-tiny", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 2, **fields}  # fmt: skip
+    return {
+        "model": "spin-tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        **fields,
+    }
 
 
 BAD = (400,)
@@ -112,7 +116,7 @@ CASES = {
     "prompt-emoji-and-rtl": Case(completion(prompt="héllo 👋 مرحبا"), (200,)),
     "prompt-over-the-character-bound": Case(
         completion(prompt="a" * 90_000), BAD, param="prompt", deadline_s=3.0
-    ),  # fmt: skip
+    ),
     "prompt-over-the-context": Case(completion(prompt="a" * (MAX_MODEL_LEN + 10)), BAD),
     "prompt-missing": Case({"model": "spin-tiny"}, BAD, param="prompt"),
     # sampling fields
@@ -122,7 +126,7 @@ CASES = {
     "max-tokens-huge": Case(completion(max_tokens=10**12), BAD, param="max_tokens"),
     "max-tokens-past-the-context": Case(
         completion(max_tokens=MAX_MODEL_LEN), BAD, param="max_tokens"
-    ),  # fmt: skip
+    ),
     "max-tokens-numeric-string": Case(completion(max_tokens="2"), (200,)),
     "max-tokens-word": Case(completion(max_tokens="two"), BAD, param="max_tokens"),
     "temperature-negative": Case(completion(temperature=-0.1), BAD, param="temperature"),
@@ -137,14 +141,12 @@ CASES = {
     "frequency-penalty": Case(completion(frequency_penalty=1.0), BAD, param="frequency_penalty"),
     "too-many-stops": Case(completion(stop=["x"] * (MAX_STOP_STRINGS + 1)), BAD, param="stop"),
     "long-stop": Case(completion(stop="y" * (MAX_STOP_CHARS + 1)), BAD, param="stop"),
-    "ten-thousand-stops": Case(
-        completion(stop=["st"] * 10_000), BAD, param="stop", deadline_s=3.0
-    ),  # fmt: skip
+    "ten-thousand-stops": Case(completion(stop=["st"] * 10_000), BAD, param="stop", deadline_s=3.0),
     "empty-stop": Case(completion(stop=[""]), BAD, param="stop"),
     "stop-number": Case(completion(stop=5), BAD, param="stop"),
     "too-many-stop-token-ids": Case(
         completion(stop_token_ids=[1] * (MAX_STOP_TOKEN_IDS + 1)), BAD, param="stop_token_ids"
-    ),  # fmt: skip
+    ),
     "stop-token-id-word": Case(completion(stop_token_ids=["a"]), BAD, param="stop_token_ids"),
     "seed-word": Case(completion(seed="x"), BAD, param="seed"),
     "seed-past-64-bits": Case(completion(seed=2**70), BAD, param="seed"),
@@ -162,10 +164,8 @@ CASES = {
     "stream-word-yes": Case(completion(stream="yes"), (200,)),
     "stream-options-without-stream": Case(
         completion(stream_options={"include_usage": True}), BAD, param="stream_options"
-    ),  # fmt: skip
-    "stream-options-bad": Case(
-        completion(stream=True, stream_options={"include_usage": "x"}), BAD
-    ),  # fmt: skip
+    ),
+    "stream-options-bad": Case(completion(stream=True, stream_options={"include_usage": "x"}), BAD),
     "user-number": Case(completion(user=1), BAD, param="user"),
     "nan-temperature": Case(b'{"model":"spin-tiny","prompt":"hi","temperature":NaN}', BAD),
     "infinite-max-tokens": Case(b'{"model":"spin-tiny","prompt":"hi","max_tokens":1e400}', BAD),
@@ -173,51 +173,49 @@ CASES = {
     "chat-no-messages": Case(chat(messages=[]), BAD, "/v1/chat/completions", param="messages"),
     "chat-messages-missing": Case(
         {"model": "spin-tiny"}, BAD, "/v1/chat/completions", param="messages"
-    ),  # fmt: skip
+    ),
     "chat-unknown-role": Case(
         chat(messages=[{"role": "robot", "content": "hi"}]),
         BAD,
         "/v1/chat/completions",
         param="messages",
-    ),  # fmt: skip
+    ),
     "chat-no-role": Case(
         chat(messages=[{"content": "hi"}]), BAD, "/v1/chat/completions", param="messages"
-    ),  # fmt: skip
+    ),
     "chat-image-part": Case(
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),
         BAD,
         "/v1/chat/completions",
-    ),  # fmt: skip
+    ),
     "chat-number-content": Case(
         chat(messages=[{"role": "user", "content": 12}]),
         BAD,
         "/v1/chat/completions",
         param="messages",
-    ),  # fmt: skip
+    ),
     "chat-thousand-messages": Case(
         chat(messages=[{"role": "user", "content": "hi"}] * 1000),
         BAD,
         "/v1/chat/completions",
         deadline_s=10.0,
-    ),  # fmt: skip
+    ),
     "chat-lone-surrogate": Case(
         chat(messages=[{"role": "user", "content": "\ud83d"}]),
         BAD,
         "/v1/chat/completions",
         param="messages",
-    ),  # fmt: skip
+    ),
     "chat-max-completion-tokens-zero": Case(
         chat(max_completion_tokens=0), BAD, "/v1/chat/completions"
-    ),  # fmt: skip
+    ),
     "chat-top-logprobs-without-logprobs": Case(
         chat(top_logprobs=2), BAD, "/v1/chat/completions", param="top_logprobs"
     ),
-    "chat-top-logprobs-21": Case(
-        chat(logprobs=True, top_logprobs=21), BAD, "/v1/chat/completions"
-    ),  # fmt: skip
+    "chat-top-logprobs-21": Case(chat(logprobs=True, top_logprobs=21), BAD, "/v1/chat/completions"),
     "chat-json-response-format": Case(
         chat(response_format={"type": "json_object"}), BAD, "/v1/chat/completions"
-    ),  # fmt: skip
+    ),
     "chat-ok": Case(chat(), (200,), "/v1/chat/completions"),
     "chat-streamed-ok": Case(chat(stream=True), (200,), "/v1/chat/completions"),
     # bodies
@@ -231,22 +229,18 @@ CASES = {
     "body-too-large": Case(completion(prompt="a" * MAX_BODY), (413,)),
     "body-text-plain": Case(
         b'{"model":"spin-tiny","prompt":"hi"}', BAD, headers={**AUTH, "Content-Type": "text/plain"}
-    ),  # fmt: skip
+    ),
     "body-duplicate-keys": Case(
         b'{"model":"spin-tiny","prompt":"a","prompt":"b","max_tokens":2}', (200,)
-    ),  # fmt: skip
+    ),
     # authentication
     "auth-missing": Case(completion(), (401,), headers={}),
     "auth-bearer-only": Case(completion(), (401,), headers={"Authorization": "Bearer"}),
-    "auth-lowercase-scheme": Case(
-        completion(), (401,), headers={"Authorization": f"bearer {KEY}"}
-    ),  # fmt: skip
+    "auth-lowercase-scheme": Case(completion(), (401,), headers={"Authorization": f"bearer {KEY}"}),
     "auth-basic": Case(completion(), (401,), headers={"Authorization": "Basic aGk6aGk="}),
     "auth-wrong-key": Case(completion(), (401,), headers={"Authorization": "Bearer nope"}),
     "auth-double-space": Case(completion(), (401,), headers={"Authorization": f"Bearer  {KEY}"}),
-    "auth-key-prefix": Case(
-        completion(), (401,), headers={"Authorization": f"Bearer {KEY[:-1]}"}
-    ),  # fmt: skip
+    "auth-key-prefix": Case(completion(), (401,), headers={"Authorization": f"Bearer {KEY[:-1]}"}),
     "many-junk-headers": Case(
         completion(), (200,), headers={**AUTH, **{f"X-Junk-{i}": "x" * 100 for i in range(50)}}
     ),
@@ -259,9 +253,7 @@ CASES = {
     "dot-dot-path": Case(None, (404,), "/v1/../../etc/passwd", method="GET"),
     "long-path": Case(None, (404,), "/" + "a" * 4000, method="GET"),
     "options": Case(None, (405,), method="OPTIONS"),
-    "models-with-junk-query": Case(
-        None, (200,), "/v1/models?x=%ff&y=" + "z" * 1000, method="GET"
-    ),  # fmt: skip
+    "models-with-junk-query": Case(None, (200,), "/v1/models?x=%ff&y=" + "z" * 1000, method="GET"),
 }
 
 
@@ -327,8 +319,10 @@ def _request(path: str, body: bytes, length: int | None = None, extra: bytes = b
     return (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {length}\r\n".encode()
-        + extra + b"\r\n" + body
-    )  # fmt: skip
+        + extra
+        + b"\r\n"
+        + body
+    )
 
 
 def test_a_body_shorter_than_its_content_length_gets_408_in_time(server):
@@ -371,8 +365,10 @@ def test_a_chunked_body_is_read(server):
         f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
         "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     ).encode()
-    chunks = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n"
-                      for part in (body[:10], body[10:])) + b"0\r\n\r\n"  # fmt: skip
+    chunks = (
+        b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (body[:10], body[10:]))
+        + b"0\r\n\r\n"
+    )
     answer = _raw(port, head + chunks)
     assert _status(answer) == 200
     _healthy(client)
