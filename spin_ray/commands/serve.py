@@ -89,6 +89,20 @@ def read_config(path: Path) -> ServeRun:
     )
 
 
+def _deployment_failures(app_name: str) -> str:
+    """What the Serve controller says of the application's failed deployments."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return ""
+    return "; ".join(
+        f"{name}: {status.message.strip().splitlines()[-1]}"
+        for name, status in app.deployments.items()
+        if status.status == "DEPLOY_FAILED" and status.message.strip()
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -99,7 +113,12 @@ def run(args: argparse.Namespace) -> int:
     ray.init(address=args.address)
     serve.start(http_options={"host": plan.host, "port": plan.port})
     application = build_app(plan.args)  # after ray.init: "auto" GPUs look at the cluster
-    serve.run(application, name=plan.name, route_prefix=plan.route_prefix)
+    try:  # an engine that cannot start fails the deployment (max_constructor_retry_count)
+        serve.run(application, name=plan.name, route_prefix=plan.route_prefix)
+    except RuntimeError as err:
+        causes = _deployment_failures(plan.name) or str(err)
+        serve.shutdown()
+        raise ValueError(f"the application failed to deploy: {causes}") from None
     print(
         f"spin-ray: OpenAI API at http://{plan.host}:{plan.port}{plan.route_prefix.rstrip('/')}/v1"
         " (Ctrl-C to stop)",
