@@ -74,9 +74,8 @@ class RayEngineClient:
         return reason
 
     def _deployment_failure(self) -> str | None:
-        app = serve.get_replica_context().app_name
-        deployments = serve.status().applications[app].deployments
-        status = deployments.get(self.calls.deployment_name)
+        app = serve.status().applications.get(serve.get_replica_context().app_name)
+        status = None if app is None else app.deployments.get(self.calls.deployment_name)
         if status is None or status.status not in FAILED:
             return None
         return f"the engine deployment is {status.status}: {status.message}"
