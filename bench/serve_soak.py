@@ -109,7 +109,10 @@ async def soak(url: str, args: argparse.Namespace) -> list[str]:
 
         async def client(rng: random.Random) -> None:
             while time.monotonic() < deadline:
-                outcomes.append(await one_request(http, rng))
+                outcome = await one_request(http, rng)
+                outcomes.append(outcome)
+                if outcome.startswith("error 503"):  # as clients do: wait Retry-After
+                    await asyncio.sleep(1.0)
 
         async def events() -> None:
             await asyncio.sleep(args.duration / 3)
@@ -162,8 +165,9 @@ def classify_json(response: httpx.Response) -> str:
         return f"lost: {response.status_code} not JSON"
     if response.status_code == 200 and payload.get("choices"):
         return "completed"
-    if response.status_code >= 400 and payload.get("error", {}).get("message"):
-        return f"error {response.status_code}"
+    error = payload.get("error") or {}
+    if response.status_code >= 400 and error.get("message"):
+        return f"error {response.status_code} {error.get('code')}"
     return f"lost: {response.status_code} malformed"
 
 
