@@ -36,6 +36,7 @@ APP = "spin-soak"
 KEY = "soak-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 REQUEST_TIMEOUT_S = 120.0
+MEMORY_EVERY_S = 60.0
 
 
 def app_args() -> dict:
@@ -72,10 +73,11 @@ def main() -> None:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_args()), name=APP, route_prefix="/")
-        memory_start = serve_memory()
-        outcomes = asyncio.run(soak(f"http://127.0.0.1:{port}", args))
+        memory = [(0.0, serve_memory())]
+        outcomes = asyncio.run(soak(f"http://127.0.0.1:{port}", args, memory))
         leftovers = wait_idle()
-        report = summarize(outcomes, leftovers, memory_start, serve_memory(), args.duration)
+        memory.append((args.duration, serve_memory()))
+        report = summarize(outcomes, leftovers, memory, args.duration)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -100,11 +102,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def soak(url: str, args: argparse.Namespace) -> list[str]:
+async def soak(url: str, args: argparse.Namespace, memory: list) -> list[str]:
     """Steady clients for the whole duration; an overload burst at a third of it and a
-    replica killed at half of it. Returns every request's outcome."""
+    replica killed at half of it; the processes' memory sampled every `MEMORY_EVERY_S` into
+    `memory`. Returns every request's outcome."""
     outcomes: list[str] = []
-    deadline = time.monotonic() + args.duration
+    start = time.monotonic()
+    deadline = start + args.duration
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=REQUEST_TIMEOUT_S) as http:
 
         async def client(rng: random.Random) -> None:
@@ -121,8 +125,13 @@ async def soak(url: str, args: argparse.Namespace) -> list[str]:
             await asyncio.sleep(max(0.0, deadline - time.monotonic() - args.duration / 2))
             await asyncio.to_thread(kill_one_replica)
 
+        async def sample_memory() -> None:
+            while time.monotonic() + MEMORY_EVERY_S < deadline:
+                await asyncio.sleep(MEMORY_EVERY_S)
+                memory.append((time.monotonic() - start, await asyncio.to_thread(serve_memory)))
+
         rngs = [random.Random(args.seed * 1000 + i) for i in range(args.concurrency)]
-        await asyncio.gather(events(), *(client(rng) for rng in rngs))
+        await asyncio.gather(events(), sample_memory(), *(client(rng) for rng in rngs))
     return outcomes
 
 
@@ -227,8 +236,9 @@ def serve_memory() -> dict[str, float]:
     return memory
 
 
-def summarize(outcomes, leftovers, memory_start, memory_end, duration_s) -> dict:
+def summarize(outcomes, leftovers, memory, duration_s) -> dict:
     kinds = Counter(outcomes)
+    (_, memory_start), (_, memory_end) = memory[0], memory[-1]
     lost = sum(n for kind, n in kinds.items() if kind.startswith("lost"))
     errors = {kind: n for kind, n in kinds.items() if kind.startswith("error")}
     common = set(memory_start) & set(memory_end)  # processes alive at both ends
@@ -246,6 +256,10 @@ def summarize(outcomes, leftovers, memory_start, memory_end, duration_s) -> dict
         "memory_mb_start": memory_start,
         "memory_mb_end": memory_end,
         "memory_growth_mb": {p: round(memory_end[p] - memory_start[p], 1) for p in sorted(common)},
+        "memory_mb_over_time": {  # each process alive at both ends: (seconds, MB) samples
+            p: [(round(t), round(sample[p], 1)) for t, sample in memory if p in sample]
+            for p in sorted(common)
+        },
     }
 
 
@@ -257,8 +271,12 @@ def markdown(report: dict) -> str:
             ("KV pages left at the end", report["pages_left"])]  # fmt: skip
     lines = ["| soak | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     lines += ["", f"clean errors by kind: {report['errors_by_kind']}", "",
-              "| process (alive at both ends) | RSS growth MB |", "|---|---|"]  # fmt: skip
-    lines += [f"| {p} | {g} |" for p, g in report["memory_growth_mb"].items()]
+              "| process (alive at both ends) | RSS growth MB | RSS MB over time (s: MB) |",
+              "|---|---|---|"]  # fmt: skip
+    lines += [
+        f"| {p} | {g} | {', '.join(f'{t}: {mb}' for t, mb in report['memory_mb_over_time'][p])} |"
+        for p, g in report["memory_growth_mb"].items()
+    ]
     return "\n".join(lines)
 
 
