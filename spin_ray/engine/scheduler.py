@@ -88,9 +88,9 @@ class Scheduler:
                 i += 1
                 continue
             n = min(request.num_uncomputed_tokens, budget)
-            if n > 1:  # a prompt chunk (a decode is one token)
+            if request.num_uncomputed_tokens > 1:  # a prompt chunk (a decode is one token)
                 n = min(n, prefill_room)
-                if n < 1:
+                if n < 2:  # a one-token chunk would run as a decode
                     i += 1
                     continue
                 prefill_room -= n
@@ -120,6 +120,8 @@ class Scheduler:
             request = self.waiting[0]
             n = min(request.num_uncomputed_tokens, budget)
             if n < request.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
+                break
+            if n == 1 < request.num_uncomputed_tokens:  # a one-token chunk would run as a decode
                 break
             # pages for every known token now, not just this chunk: admitting on the first
             # chunk alone let a long prompt in whenever a chunk's pages were free, only to be
