@@ -29,7 +29,7 @@ from spin_ray.serve.engine_client import (
     EngineUnavailableError,
     ModelInfo,
 )
-from spin_ray.serve.openai_api import ApiSettings, create_openai_app
+from spin_ray.serve.openai_api import ApiSettings, create_openai_app, unavailable_app
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,11 @@ class OpenAIIngress:
     async def __serve_build_asgi_app__(self):
         # the engines are not waited for: until they answer, requests get 503 (with the cause
         # once their deployment failed), never a hang
-        tokenizer = load_tokenizer(self.model, self.tokenizer)
+        try:
+            tokenizer = load_tokenizer(self.model, self.tokenizer)
+        except Exception as err:  # a bad model or tokenizer: say so on every route
+            logger.exception("the tokenizer does not load")
+            reason = f"the model's tokenizer does not load: {type(err).__name__}: {err}"
+            return unavailable_app(reason, self.settings.retry_after_s)
         client = RayEngineClient(self.engine)
         return create_openai_app(client, tokenizer, self.settings, RaySink())

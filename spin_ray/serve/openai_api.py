@@ -229,6 +229,19 @@ def create_openai_app(
     return app
 
 
+def unavailable_app(reason: str, retry_after_s: int) -> FastAPI:
+    """An app that answers every request with 503 and `reason` (the ingress could not set
+    itself up, e.g. the model's tokenizer does not load): the cause is visible at once, on
+    every route, /health included."""
+    app = FastAPI(title="spin-ray OpenAI-compatible API (unavailable)", openapi_url=None)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"])
+    async def _any(path: str):
+        return _unavailable(EngineUnavailableError(reason), retry_after_s).response()
+
+    return app
+
+
 class _OpenAIServer:
     def __init__(self, client: EngineClient, tokenizer, settings: ApiSettings):
         self.client, self.tokenizer, self.settings = client, tokenizer, settings
