@@ -305,16 +305,16 @@ def test_a_prompt_waits_for_pages_for_all_of_it(make_llm):
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_a_short_request_is_not_held_behind_a_long_prefill(make_llm, async_scheduling):
-    """Head-of-line blocking: a 4-token request arriving while a 4,000-token prompt prefills in
-    256-token steps gets its first token within two steps (the reserve admits it at once), not
+    """Head-of-line blocking: a 4-token request arriving while a 1,600-token prompt prefills in
+    96-token steps gets its first token within two steps (the reserve admits it at once), not
     after the ~16 steps of the long prompt's remaining chunks; the long prompt's tokens are
     those of a run on its own."""
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    long_prompt = {"prompt_token_ids": [(7 * i) % 250 + 1 for i in range(4000)]}
-    alone = make_llm(max_num_batched_tokens=256, async_scheduling=async_scheduling)
+    long_prompt = {"prompt_token_ids": [(7 * i) % 250 + 1 for i in range(1600)]}
+    alone = make_llm(max_num_batched_tokens=96, async_scheduling=async_scheduling)
     expected = alone.generate([long_prompt], params)[0].outputs[0].token_ids
 
-    llm = make_llm(max_num_batched_tokens=256, async_scheduling=async_scheduling)
+    llm = make_llm(max_num_batched_tokens=96, async_scheduling=async_scheduling)
     engine = llm.llm_engine
     engine.add_request("long", long_prompt, params)
     engine.step()
