@@ -375,6 +375,16 @@ class SpinAttentionBackend(AttentionBackend):
                                                       scale)  # fmt: skip
         return out
 
+    def store_prompt_kv(self, slots, k, v):
+        first = self.first_layer
+        if first:
+            self.dense.store_prompt_kv(slots, k[:first], v[:first])
+        for layer, (layer_k, layer_v) in enumerate(zip(k[first:], v[first:], strict=True)):
+            self.host.store(layer, layer_k, layer_v, slots)
+            if self.algorithm.incremental:
+                self.algorithm.append_chunk(layer, slots, layer_k, first_offset=0)
+        self.counters.d2h_bytes += slots.numel() * self._offload_bytes_per_token
+
     def _append(self, layer, k):
         """Fold the step's keys into the algorithm's incremental summaries: the decode tokens in
         one call, each prefill chunk by itself (whole pages at once)."""
