@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "bench", "serve")
+COMMANDS = ("generate", "bench", "eval", "serve")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
