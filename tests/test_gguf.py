@@ -127,7 +127,7 @@ def test_smollm2_greedy_matches_transformers(make_llm):
     hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     llm = make_llm(model="smollm2-135m", max_model_len=512)
     questions = ["What is the capital of France?", "Name three colors.", "Count to five."]
-    params = SamplingParams(max_tokens=24, temperature=0.0)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
     outputs = llm.chat([[{"role": "user", "content": q}] for q in questions], params,
                        use_tqdm=False)  # fmt: skip
     assert "Paris" in outputs[0].outputs[0].text
@@ -137,6 +137,6 @@ def test_smollm2_greedy_matches_transformers(make_llm):
                                                return_dict=True)["input_ids"]  # fmt: skip
         assert output.prompt_token_ids == list(ids)
         with torch.inference_mode():
-            expected = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-        expected = expected[0, len(ids) :].tolist()  # up to EOS (included) or 24 tokens
+            expected = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+        expected = expected[0, len(ids) :].tolist()  # up to EOS (included) or 16 tokens
         assert output.outputs[0].token_ids == expected

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--sink-tokens", type=int, default=64)
     parser.add_argument("--local-tokens", type=int, default=256)
     parser.add_argument("--dense-layers", type=int, default=2)
-    parser.add_argument("--scored-tokens", type=int, default=64, help="teacher-forced tokens of "
+    parser.add_argument("--scored-tokens", type=int, default=32, help="teacher-forced tokens of "
                         "the log-likelihood case; 0: none (default %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="JSON results file")

@@ -62,7 +62,7 @@ class EvalConfig:
     """`SparseConfig.local_tokens` of every sparse setting."""
     dense_layers: int = 2
     """`SparseConfig.dense_layers` of every sparse setting."""
-    scored_tokens: int = 64
+    scored_tokens: int = 32
     """Teacher-forced tokens of the log-likelihood case at each length (0: none)."""
     seed: int = 0
     """Seed of the cases."""

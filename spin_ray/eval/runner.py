@@ -22,6 +22,9 @@ from spin_ray.models.loader import load_model, load_tokenizer, resolve_model_pat
 from spin_ray.sampling_params import SamplingParams
 
 LIKELIHOOD_ID = "likelihood"
+ANSWER_ROOM = 64
+"""Tokens kept for an answer (each task's `max_new_tokens` is below it): a length at the
+model's limit gets prompts this much shorter."""
 IMPORT_MARGIN = 2
 """Context tokens each engine computes itself (a prefill chunk over the imported K/V), so
 that the context's end is prefilled densely in every setting, as a served prompt would be."""
@@ -56,12 +59,16 @@ def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
     dtype = resolve_dtype(config.dtype, config.device)
     model = load_model(resolve_model_path(config.model), None, dtype, config.device,
                        progress=False)  # fmt: skip
+    limit = model.arch.max_position_embeddings
+    if max(config.lengths) > limit:
+        raise ValueError(f"lengths: {max(config.lengths)} exceeds the model's limit ({limit})")
     results = []
     for length in config.lengths:
+        prompt_len = min(length, limit - ANSWER_ROOM)  # at the limit, room for the answers
         cases = [
             case
             for task in config.tasks
-            for case in make_cases(tokenizer, task, length, config.samples, config.seed)
+            for case in make_cases(tokenizer, task, prompt_len, config.samples, config.seed)
         ]
         ll_case = (
             likelihood_case(tokenizer, length, config.scored_tokens)
@@ -79,7 +86,7 @@ def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
         bar = tqdm(config.settings, desc=f"Settings at {length}", disable=not progress)
         for setting in bar:
             bar.set_postfix_str(setting.label)
-            _run_setting(config, setting, length, cases, ll_case, kvs, result)
+            _run_setting(config, setting, length, limit, cases, ll_case, kvs, result)
         results.append(result)
         del kvs
     return EvalResult(config, results, time.perf_counter() - start)
@@ -89,13 +96,13 @@ def _run_setting(
     config: EvalConfig,
     setting: Setting,
     length: int,
+    model_limit: int,
     cases: list[TaskCase],
     ll_case: LikelihoodCase | None,
     kvs: list[PromptKV],
     result: LengthResult,
 ) -> None:
-    answer_room = max((c.max_new_tokens for c in cases), default=0)
-    max_model_len = length + answer_room + 1
+    max_model_len = min(length + ANSWER_ROOM, model_limit)
     requests = len(cases) + (ll_case is not None)
     engine = _engine(config, setting, max_model_len, requests)
     for i, (case, kv) in enumerate(zip(cases, kvs)):
