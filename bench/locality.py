@@ -40,7 +40,10 @@ def main() -> None:
     parser.add_argument("--ratios", default="4,15")
     parser.add_argument("--algorithm", default="quest")
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--sink-tokens", type=int, default=64)
+    parser.add_argument("--local-tokens", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default=",".join(MODELS), help="of %(default)s")
     parser.add_argument("--output", default=None, help="JSON rows")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -48,7 +51,8 @@ def main() -> None:
     ratios = [float(x) for x in args.ratios.split(",")]
     ids = load_tokenizer("smollm2-135m")(natural_text(), add_special_tokens=False)["input_ids"]
     rows = []
-    for name in MODELS:
+    models = [m for m in MODELS if m in args.models.split(",")]
+    for name in models:
         if name == MODELS[0]:
             model = load_model(resolve_model_path(name), None, torch.float32, args.device)
         else:
@@ -59,23 +63,29 @@ def main() -> None:
             for budget in budgets:
                 for ratio in ratios:
                     start = time.perf_counter()
-                    hit_rate = _hit_rate(name, args, length, budget, ratio, context, forced, kv)
+                    stats = _decode_stats(name, args, length, budget, ratio, context, forced, kv)
                     row = dict(model=name, length=length, budget=budget, buffer_ratio=ratio,
-                               algorithm=args.algorithm, steps=args.steps, hit_rate=hit_rate,
+                               algorithm=args.algorithm, steps=args.steps,
+                               sink_tokens=args.sink_tokens, local_tokens=args.local_tokens,
+                               lookups=stats.lookups, hits=stats.hits,
+                               hit_rate=stats.hits / stats.lookups, evictions=stats.evictions,
                                seconds=time.perf_counter() - start)  # fmt: skip
                     print(json.dumps(row), flush=True)
                     rows.append(row)
         del model
-    _print_table(rows, lengths, budgets, ratios)
+    if len(models) == len(MODELS):
+        _print_table(rows, lengths, budgets, ratios)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(rows, f, indent=2)
 
 
-def _hit_rate(name, args, length, budget, ratio, context, forced, kv) -> float:
-    llm = LLM(model=name, device=args.device, max_model_len=length + 1, max_num_seqs=1,
+def _decode_stats(name, args, length, budget, ratio, context, forced, kv):
+    """`KVStats` of the forced decode steps (prefill does no lookups)."""
+    llm = LLM(model=name, device=args.device, max_model_len=length, max_num_seqs=1,
               cpu_kv_tokens=length + 64, progress=False, sparse=args.algorithm, mode="spin",
               token_budget=budget, buffer_ratio=ratio, min_buffer_ratio=min(4.0, ratio),
+              sink_tokens=args.sink_tokens, local_tokens=args.local_tokens,
               cpu_cache_tokens=length + 64)  # fmt: skip
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=len(forced), temperature=0.0, ignore_eos=True,
@@ -83,8 +93,7 @@ def _hit_rate(name, args, length, budget, ratio, context, forced, kv) -> float:
     engine.add_request("r", {"prompt_token_ids": context}, params, prompt_kv=kv)
     while engine.has_unfinished_requests():
         engine.step()
-    stats = engine.kv_stats()
-    return stats.hits / stats.lookups
+    return engine.kv_stats()
 
 
 def _print_table(rows, lengths, budgets, ratios) -> None:
