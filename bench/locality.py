@@ -21,6 +21,7 @@ import torch
 from spin_ray import LLM, SamplingParams
 from spin_ray.eval.dense_prefill import dense_prompt_kv
 from spin_ray.eval.likelihood import natural_text
+from spin_ray.eval.runner import IMPORT_MARGIN
 from spin_ray.models.loader import (
     load_model,
     load_random_model,
@@ -30,7 +31,6 @@ from spin_ray.models.loader import (
 )
 
 MODELS = ("smollm2-135m", "smollm2-135m-random")
-IMPORT_MARGIN = 2  # context tokens each engine prefills itself (see spin_ray/eval/runner.py)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ of slack keeps the test about "sparse attention still finds the key at a quarter
 about the exact greedy digits of a 135M model, which a different summation order may flip. It
 still fails an algorithm that misses both keys, as a budget of only sink and local tokens does
 (0 of 5 tasks at 1K with budget 256 < 64 + 256, bench/RESULTS.md). The slice is this small
-because a 4K dense prefill takes ~30-60 s on the 2-core CI machine."""
+because a 4K dense prefill takes ~30-60 s on the 2-core CI machine (the slice: ~2.5 min)."""
 
 from __future__ import annotations
 
