@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "bench", "serve", "dashboards")
+COMMANDS = ("generate", "bench", "eval", "serve", "dashboards")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 

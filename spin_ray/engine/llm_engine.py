@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from spin_ray.attention.dense import DenseAttentionBackend
@@ -21,6 +22,7 @@ from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.in_flight import InFlightStep
+from spin_ray.engine.prompt_kv import PromptKV
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
 from spin_ray.engine.scheduler import Scheduler, SchedulerOutput
@@ -148,8 +150,11 @@ class LLMEngine:
         prompt: Prompt,
         params: SamplingParams,
         arrival_time: float | None = None,
+        prompt_kv: PromptKV | None = None,
     ) -> None:
-        """Queue a request. Raises `ValueError` naming the field for bad input."""
+        """Queue a request. Raises `ValueError` naming the field for bad input. `prompt_kv`:
+        the K/V of the prompt's first tokens, computed elsewhere (`PromptKV`); the engine
+        stores them at admission and computes the rest of the prompt."""
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -163,7 +168,16 @@ class LLMEngine:
                 f"prompt: {len(token_ids)} tokens leave no room to generate within "
                 f"max_model_len={max_len}"
             )
+        vocab = self.arch.vocab_size
+        if any(t >= vocab for t in params.forced_token_ids):
+            raise ValueError(f"forced_token_ids: token ids must be below the vocabulary ({vocab})")
+        if prompt_kv is not None:
+            arch = self.arch
+            prompt_kv.check_fits(arch.num_layers, arch.num_kv_heads, arch.head_dim, len(token_ids))
         request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival_time)
+        if prompt_kv is not None:
+            request.prompt_kv = prompt_kv
+            request.num_computed_tokens = prompt_kv.num_tokens
         self.requests[request_id] = request
         self.detokenizers[request_id] = Detokenizer(
             self.tokenizer, token_ids, params, self.eos_token_ids, max_len
@@ -300,6 +314,9 @@ class LLMEngine:
         """Run the step's forwards and sample on the device; nothing waits for the GPU."""
         self.host_page_tables.keep_only(c.request.request_id for c in scheduled.chunks)
         pending = self.in_flight.device_tokens if self.in_flight is not None else None
+        for chunk in scheduled.chunks:
+            if chunk.request.prompt_kv is not None:
+                self._store_prompt_kv(chunk.request)
         logits, sample_ids = [], []
         for part, graph in self._forwards(scheduled):
             inputs = build_batch_inputs(
@@ -323,11 +340,30 @@ class LLMEngine:
                 torch.cat(logits) if len(logits) > 1 else logits[0],
                 [r.sampling_params for r in requests],
                 [self.generators.get(r.request_id) for r in requests],
+                [_forced_token(r) for r in requests],
             )
             for request in requests:
                 request.num_pending_tokens += 1
         prompt_tokens = sum(c.num_new_tokens for c in scheduled.chunks if c.num_new_tokens > 1)
         return InFlightStep(scheduled.num_batched_tokens, prompt_tokens, requests, sampled)
+
+    def _store_prompt_kv(self, request: Request) -> None:
+        """Write a just-admitted request's imported prompt K/V into its pages (once; after a
+        preemption the whole context is computed again)."""
+        kv, request.prompt_kv = request.prompt_kv, None
+        if request.num_computed_tokens < kv.num_tokens:  # preempted before its first step
+            return
+        page_size = self.page_tables.page_size
+        positions = np.arange(kv.num_tokens)  # [T]
+        table = self.host_page_tables.row(request.request_id)  # [pages]
+        slots = table[positions // page_size] * page_size + positions % page_size
+        slots = torch.from_numpy(slots.astype(np.int64)).to(self.device)  # [T]
+        dtype = self.config.dtype
+        self.backend.store_prompt_kv(
+            slots,
+            [k.to(self.device, dtype) for k in kv.k],
+            [v.to(self.device, dtype) for v in kv.v],
+        )
 
     def _read(self, step: InFlightStep) -> list[RequestOutput]:
         """Wait for the step's tokens and append them; a request that finished (or was
@@ -466,6 +502,12 @@ def _load_model(config: EngineConfig, arch: ModelArch, backend, progress: bool):
         max_model_len=config.scheduler.max_model_len,
         progress=progress,
     )
+
+
+def _forced_token(request: Request) -> int:
+    """The token the request's next output must be (teacher forcing), or -1: sample it."""
+    forced = request.sampling_params.forced_token_ids
+    return forced[request.num_output_tokens] if request.num_output_tokens < len(forced) else -1
 
 
 def _itemsize(dtype: torch.dtype) -> int:

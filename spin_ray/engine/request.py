@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from spin_ray.engine.prompt_kv import PromptKV
 from spin_ray.sampling_params import SamplingParams
 
 
@@ -61,6 +62,8 @@ class Request:
         self.last_token_time: float | None = None
         self.finished_time: float | None = None
         self.num_preemptions = 0
+        self.prompt_kv: PromptKV | None = None
+        """K/V of the prompt's first tokens computed elsewhere, not stored yet (`PromptKV`)."""
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the two lists (known

@@ -210,9 +210,11 @@ class Sampler:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        forced: Sequence[int] | None = None,
     ) -> SampledTokens:
         """`sample` without waiting: the tokens stay on the device, their host copy started.
-        Nothing here waits for the GPU (the settings go over from pinned memory)."""
+        Nothing here waits for the GPU (the settings go over from pinned memory). `forced`
+        [B]: a token each row takes instead of a sampled one (teacher forcing; -1: sample)."""
         if logits.dim() != 2 or logits.dtype != torch.float32:
             raise ValueError(
                 f"logits: expected [B, V] float32, got {tuple(logits.shape)} {logits.dtype}"
@@ -229,6 +231,9 @@ class Sampler:
                 )
         batch = SamplingBatch.from_params(params, logits.device)
         token_ids = self.sample_tensor(logits, batch, generators)  # [B]
+        if forced is not None and any(t >= 0 for t in forced):
+            forced_ids = to_device_async(torch.tensor(forced, dtype=torch.int64), logits.device)
+            token_ids = torch.where(forced_ids >= 0, forced_ids, token_ids)  # [B]
         return SampledTokens(
             token_ids, token_logprob_tensors(logits, token_ids, batch), batch.num_logprobs
         )

@@ -1,5 +1,5 @@
-"""Llama-family models: architecture description, decoder, checkpoint loading, spin-tiny and
-random-weight named shapes."""
+"""Llama-family models: architecture description, decoder, checkpoint loading (safetensors and
+GGUF), spin-tiny, smollm2-135m and random-weight named shapes."""
 
 from spin_ray.models.arch import ModelArch
 from spin_ray.models.llama import CausalLM

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,11 +18,15 @@ from tqdm import tqdm
 
 from spin_ray.attention.backend import AttentionBackend
 from spin_ray.models.arch import ModelArch
+from spin_ray.models.gguf_checkpoint import find_gguf, gguf_sidecar, gguf_tensors, is_gguf
 from spin_ray.models.llama import CausalLM
 from spin_ray.models.named_shapes import is_named_shape, named_shape_arch
 
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 """Files fetched from the hub: configs, weights and tokenizer files (no .bin/.pth duplicates)."""
+
+SMOLLM2 = "smollm2-135m"
+"""The built-in trained model (`spin_ray.models.smollm2`)."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -37,23 +42,34 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local checkpoint folder for `model`: a folder, "spin-tiny" (created on first use), or a
-    hub id ("org/name") downloaded with huggingface_hub (or found in its cache)."""
+    """A local checkpoint for `model`: a folder (Hugging Face files, or one `.gguf` file), a
+    `.gguf` file, "spin-tiny" (created on first use), "smollm2-135m" (the packaged GGUF), or a
+    hub id ("org/name") downloaded with huggingface_hub (or found in its cache). A GGUF
+    checkpoint resolves to its file."""
     if model == "spin-tiny":
         from spin_ray.models.spin_tiny import ensure_spin_tiny
 
         return ensure_spin_tiny()
+    if model == SMOLLM2:
+        from spin_ray.models.smollm2 import smollm2_gguf
+
+        return smollm2_gguf()
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model: folder {model!r} has no config.json")
-        return path
+        if (path / "config.json").is_file():
+            return path
+        gguf = find_gguf(path)
+        if gguf is None:
+            raise ValueError(f"model: folder {model!r} has no config.json and no .gguf file")
+        return gguf
     if path.exists():
-        raise ValueError(f"model: {model!r} is a file; give the checkpoint folder")
+        if is_gguf(path):
+            return path
+        raise ValueError(f"model: {model!r} is a file; give the checkpoint folder or a .gguf file")
     if not _HUB_ID.match(model):
         raise ValueError(
-            f"model: {model!r} is not an existing folder, 'spin-tiny', or a Hugging Face hub id "
-            "(org/name)"
+            f"model: {model!r} is not an existing folder or .gguf file, 'spin-tiny', "
+            f"'{SMOLLM2}', or a Hugging Face hub id (org/name)"
         )
     from huggingface_hub import snapshot_download
 
@@ -66,16 +82,19 @@ def resolve_model_path(model: str) -> Path:
 
 
 def model_arch(model: str) -> ModelArch:
-    """The `ModelArch` of what `LLM(model=...)` takes: a checkpoint folder, "spin-tiny", a hub
-    id, or a named shape."""
+    """The `ModelArch` of what `LLM(model=...)` takes: a checkpoint folder or GGUF file,
+    "spin-tiny", "smollm2-135m", a hub id, or a named shape."""
     if is_named_shape(model):
         return named_shape_arch(model)
     return load_arch(resolve_model_path(model))
 
 
 def load_arch(path: str | Path) -> ModelArch:
-    """The `ModelArch` of a checkpoint folder (config.json + generation_config.json)."""
+    """The `ModelArch` of a checkpoint folder (config.json + generation_config.json) or of a
+    GGUF file (its metadata, as config files in its cache folder)."""
     path = Path(path)
+    if is_gguf(path):
+        path = gguf_sidecar(path)
     cfg = json.loads((path / "config.json").read_text())
     gen_file = path / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
@@ -98,11 +117,15 @@ def load_model(
     path = Path(path)
     arch = load_arch(path)
     check_sliding_window(arch, max_model_len)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"model: no *.safetensors files in {str(path)!r}")
+    if is_gguf(path):
+        tensors, total = gguf_tensors(path, arch), None
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"model: no *.safetensors files in {str(path)!r}")
+        tensors, total = _safetensors_tensors(files, device)
     model = _empty_model(arch, backend, dtype, device)
-    loaded = _stream_weights(model, files, device, progress)
+    loaded = _fill_parameters(model, tensors, total, progress)
     missing = [
         name if _num_shards(name) == 1 else f"{name}[{shard}]"
         for name, _ in model.named_parameters()
@@ -145,33 +168,46 @@ def check_sliding_window(arch: ModelArch, max_model_len: int | None) -> None:
         )
 
 
-def _stream_weights(
-    model: CausalLM, files: list[Path], device: str | torch.device, progress: bool
-) -> set[tuple[str, int]]:
-    """Copy every tensor of `files` into its parameter, one at a time, read straight onto
-    `device`; returns the (parameter, shard) pairs filled."""
-    params = dict(model.named_parameters())
+def _safetensors_tensors(
+    files: list[Path], device: str | torch.device
+) -> tuple[Iterator[tuple[str, Callable[[], torch.Tensor]]], int]:
+    """(name, loader of the tensor read straight onto `device`) for every tensor of `files`,
+    and how many there are (read from the headers alone)."""
     names_per_file = []
     for file in files:
         with safe_open(file, framework="pt") as f:  # reads only the header
             names_per_file.append(list(f.keys()))
-    total = sum(map(len, names_per_file))
-    bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress)
+
+    def tensors():
+        for file, names in zip(files, names_per_file):
+            with safe_open(file, framework="pt", device=_safetensors_device(device)) as f:
+                for name in names:
+                    yield name, lambda f=f, name=name: f.get_tensor(name)
+
+    return tensors(), sum(map(len, names_per_file))
+
+
+def _fill_parameters(
+    model: CausalLM,
+    tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
+    total: int | None,
+    progress: bool,
+) -> set[tuple[str, int]]:
+    """Copy every tensor into its parameter, one at a time (each loaded only once its target is
+    known); returns the (parameter, shard) pairs filled."""
+    params = dict(model.named_parameters())
     loaded = set()
-    for file, names in zip(files, names_per_file):
-        with safe_open(file, framework="pt", device=_safetensors_device(device)) as f:
-            for hf_name in names:
-                bar.update()
-                target = _target(hf_name, model.arch)
-                if target is None:
-                    continue
-                name, shard = target
-                if name not in params:
-                    raise ValueError(f"model: unexpected tensor {hf_name!r} in {file.name}")
-                tensor = f.get_tensor(hf_name)
-                _copy_shard(params[name], name, shard, tensor, hf_name, model.arch)
-                loaded.add(target)
-    bar.close()
+    for hf_name, load in tqdm(
+        tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress
+    ):
+        target = _target(hf_name, model.arch)
+        if target is None:
+            continue
+        name, shard = target
+        if name not in params:
+            raise ValueError(f"model: unexpected tensor {hf_name!r}")
+        _copy_shard(params[name], name, shard, load(), hf_name, model.arch)
+        loaded.add(target)
     return loaded
 
 
@@ -225,11 +261,13 @@ def _safetensors_device(device: str | torch.device) -> str:
 
 def load_tokenizer(model: str, tokenizer: str | None = None):
     """The tokenizer served with `model`: `tokenizer` (a folder or hub id) if given, spin-tiny's
-    byte-level tokenizer for a named random-weight shape, else the checkpoint's own."""
+    byte-level tokenizer for a named random-weight shape, else the checkpoint's own (a GGUF's
+    as converted once into its cache folder)."""
     from transformers import AutoTokenizer
 
     from spin_ray.models.named_shapes import is_named_shape
 
     if tokenizer is None:
-        tokenizer = str(resolve_model_path("spin-tiny" if is_named_shape(model) else model))
+        path = resolve_model_path("spin-tiny" if is_named_shape(model) else model)
+        tokenizer = str(gguf_sidecar(path) if is_gguf(path) else path)
     return AutoTokenizer.from_pretrained(tokenizer)

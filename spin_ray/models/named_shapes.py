@@ -129,6 +129,25 @@ NAMED_SHAPES: dict[str, dict] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # HuggingFaceTB/SmolLM2-135M-Instruct with random weights: the shape of smollm2-135m, for
+    # comparing a trained model's locality with a random one's (bench/locality.py)
+    "smollm2-135m-random": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_act="silu",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 """Hugging Face config dicts of the published shapes, by name."""
 

@@ -14,9 +14,6 @@ of `model.safetensors` do not depend on the transformers version.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from spin_ray.models.byte_tokenizer import BOS_ID, EOS_IDS, VOCAB_SIZE, build_byte_tokenizer
+from spin_ray.models.cache_dir import cache_dir, ensure_folder
 
 NAME = "spin-tiny-v1"
 """Folder name in the cache; bump the version when the recipe changes."""
@@ -55,28 +53,9 @@ CONFIG = dict(
 """Hugging Face config of spin-tiny (Llama 3.1's layout at a small size)."""
 
 
-def cache_dir() -> Path:
-    """Where spin-ray keeps files it makes: $SPIN_RAY_CACHE or ~/.cache/spin-ray."""
-    return Path(os.environ.get("SPIN_RAY_CACHE") or Path.home() / ".cache" / "spin-ray")
-
-
 def ensure_spin_tiny() -> Path:
-    """The spin-tiny folder, written on first use. The folder appears atomically (written
-    under a temporary name, then renamed), so concurrent first uses are safe."""
-    final = cache_dir() / NAME
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.", dir=final.parent))
-    try:
-        write_spin_tiny(tmp)
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():  # a failure of our own, not a concurrent writer that won
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """The spin-tiny folder, written on first use (atomically: `ensure_folder`)."""
+    return ensure_folder(cache_dir() / NAME, lambda folder: write_spin_tiny(folder))
 
 
 def write_spin_tiny(folder: Path) -> None:

@@ -149,7 +149,7 @@ class AppConfig:
     """Everything `build_app` needs."""
 
     model: str = "spin-tiny"
-    """Checkpoint folder, hub id, or spin-tiny."""
+    """Checkpoint folder, .gguf file, hub id, smollm2-135m or spin-tiny."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id; defaults to `model`."""
     served_model_name: str | None = None

@@ -302,11 +302,15 @@ class SpinAttentionBackend(AttentionBackend):
     def _update_index(self, request_id: str, context_len: int) -> int:
         """Index the request's complete pages if due (first decode, then every
         `index_interval` steps); returns the pages the index covers (with incremental
-        summaries: every complete page, nothing to do)."""
+        summaries: every complete page, nothing to do). Pages of the local window are left
+        out (they are attended anyway): an index may lay their tokens out anew
+        (`SparseAlgorithm.index`), and the local window must keep holding the last tokens."""
         unit = self.algorithm.index_unit_pages
-        complete = (context_len - 1) // self.page_size // unit * unit  # stored before this step
+        complete = (context_len - 1) // self.page_size  # stored before this step
         if self.algorithm.incremental:
-            return complete
+            return complete // unit * unit
+        window_start = max(0, context_len - self.budget.local_tokens) // self.page_size
+        complete = min(complete, window_start) // unit * unit
         state = self._index.setdefault(request_id, _IndexState())
         due = state.steps_since_index is None or state.steps_since_index >= self.index_interval
         if due and complete > state.indexed_pages:
@@ -370,6 +374,16 @@ class SpinAttentionBackend(AttentionBackend):
                 out[rows] = self._prefill_held_in_hbm(layer, held, q[rows], k[rows], v[rows],
                                                       scale)  # fmt: skip
         return out
+
+    def store_prompt_kv(self, slots, k, v):
+        first = self.first_layer
+        if first:
+            self.dense.store_prompt_kv(slots, k[:first], v[:first])
+        for layer, (layer_k, layer_v) in enumerate(zip(k[first:], v[first:], strict=True)):
+            self.host.store(layer, layer_k, layer_v, slots)
+            if self.algorithm.incremental:
+                self.algorithm.append_chunk(layer, slots, layer_k, first_offset=0)
+        self.counters.d2h_bytes += slots.numel() * self._offload_bytes_per_token
 
     def _append(self, layer, k):
         """Fold the step's keys into the algorithm's incremental summaries: the decode tokens in

@@ -43,8 +43,8 @@ class PageBudget:
         the page being written is unindexed."""
         if incremental:
             unindexed = page_size
-        else:
-            unindexed = index_unit_pages * page_size + config.index_interval
+        else:  # the index stops at the local window (`SpinAttentionBackend._update_index`)
+            unindexed = index_unit_pages * page_size + config.index_interval + config.local_tokens
         return cls(
             page_size=page_size,
             token_budget=config.token_budget,

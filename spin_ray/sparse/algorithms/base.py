@@ -88,7 +88,10 @@ class SparseAlgorithm(ABC):
         """Summarise these complete pages (n is a multiple of `index_unit_pages`). May return a
         permutation [Hkv, n*S] of the run's tokens that the runtime applies to the stored K/V
         (new position i of head h holds old token perm[h, i]), so variable-size partitions sit
-        contiguously in pages. Non-incremental algorithms implement it."""
+        contiguously in pages. The runtime always attends the sink pages and the local window
+        by page, so a permutation must leave every token of the sink pages
+        (`SparseConfig.sink_tokens`, rounded up to whole pages) where it is; the runtime never
+        indexes pages of the local window. Non-incremental algorithms implement it."""
         raise NotImplementedError(f"{self.name} keeps incremental summaries: use append()")
 
     def append(

@@ -4,6 +4,8 @@ cluster); summary = centroid, value sum and size.
 
 Variable-size partitions are laid out contiguously: `index` returns a permutation that puts
 each cluster's tokens next to each other in the pages, so a cluster is a short run of pages.
+The sink's pages are clustered on their own and keep their order (the runtime attends them by
+page, so they must keep holding the first tokens; the local window is never indexed).
 (Keys are post-RoPE and every stored token precedes the decode query, so reordering tokens
 within a sequence's pages changes no attention result; positions are not needed afterwards.)
 
@@ -58,13 +60,18 @@ def cluster_segment(
     v: torch.Tensor,  # [H, N, D]
     num_clusters: int,
     iters: int,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, Clusters]:
     """Cluster one segment: the permutation [H, N] grouping each cluster's tokens (clusters in
-    id order, tokens in position order inside), and the clusters in that laid-out order."""
+    id order, tokens in position order inside), and the clusters in that laid-out order. With
+    `in_place` the tokens keep their order (the identity permutation; the sink's pages)."""
     h, n, d = k.shape
     kf, vf = k.float(), v.float()
     assign = kmeans(kf, num_clusters, iters)  # [H, N]
-    perm = torch.sort(assign, dim=1, stable=True).indices  # [H, N]
+    if in_place:
+        perm = torch.arange(n, device=k.device).expand(h, n)  # [H, N]
+    else:
+        perm = torch.sort(assign, dim=1, stable=True).indices  # [H, N]
     index = assign[..., None].expand(h, n, d)
     counts = torch.zeros(h, num_clusters, device=k.device).scatter_add_(
         1, assign, torch.ones_like(assign, dtype=torch.float32)
@@ -92,15 +99,18 @@ class RetroInfer(SparseAlgorithm):
         layers = self.state.setdefault(request_id, [None] * self.geometry.num_layers)
         kt, vt = k.reshape(hkv, n * s, d), v.reshape(hkv, n * s, d)
         seg = self.config.retroinfer_segment_tokens
+        sink_end = -(-self.config.sink_tokens // s) * s  # the sink's pages stay in order
         start = first_page * s
         perms, pieces = [], []
         pos = start
-        while pos < start + n * s:  # split the run at segment boundaries
+        while pos < start + n * s:  # split the run at segment boundaries and the sink's end
             end = min(start + n * s, (pos // seg + 1) * seg)
+            if pos < sink_end:
+                end = min(end, sink_end)
             num = max(1, (end - pos) // self.config.retroinfer_cluster_tokens)
             a, b = pos - start, end - start
             perm, clusters = cluster_segment(
-                kt[:, a:b], vt[:, a:b], num, self.config.retroinfer_kmeans_iters
+                kt[:, a:b], vt[:, a:b], num, self.config.retroinfer_kmeans_iters, pos < sink_end
             )
             perms.append(perm + a)
             pieces.append(clusters)
