@@ -155,25 +155,30 @@ def check_quant_types(reader) -> None:
         raise ValueError(f"model: GGUF quantization types not supported by gguf: {listed}")
 
 
-def gguf_tensors(path: Path, arch: ModelArch) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def gguf_tensors(
+    path: Path, arch: ModelArch
+) -> tuple[Iterator[tuple[str, Callable[[], torch.Tensor]]], int]:
     """(Hugging Face name, loader of its fp32 CPU tensor) for every tensor of the GGUF, in file
-    order; a tensor is dequantized only when its loader is called."""
+    order, and how many there are; a tensor is dequantized only when its loader is called."""
     from gguf import GGUFReader, dequantize
 
     reader = GGUFReader(path)
-    for tensor in reader.tensors:
-        hf_name = hf_tensor_name(tensor.name)
 
-        def load(tensor=tensor, hf_name=hf_name) -> torch.Tensor:
-            values = dequantize(tensor.data, tensor.tensor_type)
-            values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # [out, in]
-            if arch.model_type == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                values = unpermute_rope_rows(values, arch.num_heads)
-            elif arch.model_type == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                values = unpermute_rope_rows(values, arch.num_kv_heads)
-            return torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
+    def load(tensor, hf_name: str) -> torch.Tensor:
+        values = dequantize(tensor.data, tensor.tensor_type)
+        values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # [out, in]
+        if arch.model_type == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            values = unpermute_rope_rows(values, arch.num_heads)
+        elif arch.model_type == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            values = unpermute_rope_rows(values, arch.num_kv_heads)
+        return torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
 
-        yield hf_name, load
+    def tensors():
+        for tensor in reader.tensors:
+            hf_name = hf_tensor_name(tensor.name)
+            yield hf_name, lambda tensor=tensor, hf_name=hf_name: load(tensor, hf_name)
+
+    return tensors(), len(reader.tensors)
 
 
 def hf_tensor_name(gguf_name: str) -> str:

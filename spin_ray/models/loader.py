@@ -118,7 +118,7 @@ def load_model(
     arch = load_arch(path)
     check_sliding_window(arch, max_model_len)
     if is_gguf(path):
-        tensors, total = gguf_tensors(path, arch), None
+        tensors, total = gguf_tensors(path, arch)
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
