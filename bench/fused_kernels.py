@@ -87,7 +87,7 @@ def decode_step_time(model: str, batch: int, context: int, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=4096)

@@ -7,6 +7,8 @@ Then one spin-mode engine run on spin-tiny (fp32) through the kernel, against de
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from triton.testing import do_bench
 
@@ -47,6 +49,7 @@ def engine_check() -> bool:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print("| B | Hkv | P | K | same set as torch.topk | kernel ms | torch.topk ms |")
     for b, h, p, k in [

@@ -9,8 +9,6 @@
 #   profile    GPU time per kernel of eager decode steps (spin, sparse-naive, dense; 16 x 2K)
 #   kernels    bench/sparse_gpu.py: sparse kernels vs references, UVA gather bandwidth
 #              (KERNEL_SECTIONS, default "kernels bandwidth")
-#   kernelvariants  bench/decode_kernel_variants.py: Quest scoring's pages per program and warps,
-#              sparse attention's pages per split program, timed at longbenchdecode's decode shape
 #   prefillprofile  wall and GPU time per kernel of one PREFILL_LEN-token prompt's prefill
 #              (chunks of 8192), PREFILL_MODES (default "dense spin"; spin@cpu: spin with HBM
 #              for half the prompt, so every chunk reads its prefix from the CPU tier)
@@ -140,11 +138,6 @@ for stage in "$@"; do
             | tee -a "$OUT/commands.txt"
         (cd "$PKG" && python3 "$REPO/bench/sparse_gpu.py" --out "$OUT/sparse_gpu" \
             --sections $sections) 2>&1 | tee "$OUT/kernels.log"
-        ;;
-    kernelvariants)
-        echo "=== kernelvariants (t=${SECONDS}s): decode_kernel_variants.py" | tee -a "$OUT/commands.txt"
-        (cd "$PKG" && python3 "$REPO/bench/decode_kernel_variants.py") 2>&1 \
-            | tee "$OUT/kernelvariants.log"
         ;;
     hostprofile)
         prof() {  # name, then spin_kernel_profile.py arguments

@@ -93,7 +93,8 @@ def quest_page_scores(
     """Triton version of `quest_page_scores_ref`: a sequence's pages past its end (the table's
     padding to a shared, bucketed width) are not read, so a short sequence beside a long one
     costs its own pages only. One program per `block_pages` pages of a (sequence, KV head);
-    bench/decode_kernel_variants.py times other blocks and warps at the bench's shape."""
+    other blocks and warps, timed at the bench's shape: bench/RESULTS.md, "Kernel launch
+    variants"."""
     b, hq, d = q.shape
     _, hkv, dk = kmin.shape
     assert dk == d and hq % hkv == 0 and q.stride(-1) == 1

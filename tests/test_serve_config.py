@@ -1,4 +1,5 @@
-"""deploy/app.yaml, the application's args and `spin-ray serve`'s overrides (nothing deployed)."""
+"""deploy/app.yaml, the application's args and `spin-ray serve`'s overrides; ray_cluster.yaml
+against the cluster launcher's checks (nothing deployed)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from spin_ray.cli import build_parser
 from spin_ray.commands.serve import IMPORT_PATH, read_config, resolve
 from spin_ray.serve.app_config import AppConfig, ClusterResources, EngineDeploymentConfig
 
-APP_YAML = Path(__file__).resolve().parents[1] / "deploy" / "app.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+APP_YAML = ROOT / "deploy" / "app.yaml"
+CLUSTER_YAML = ROOT / "ray_cluster.yaml"
 
 
 def test_app_yaml_is_a_valid_serve_config_that_builds():
@@ -92,7 +95,7 @@ def test_serve_command_overrides_the_config_file():
 def test_cluster_yaml_passes_the_cluster_launcher_checks():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = yaml.safe_load((APP_YAML.parent / "ray_cluster.yaml").read_text())
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
     validate_config(prepare_config(config))  # what `ray up` checks first
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["min_workers"] >= 1
