@@ -1,4 +1,4 @@
-"""The fused retrieval kernels (kernels/spin_retrieve.py) against the torch path they replace,
+"""The fused retrieval kernels (kernels/spin_retrieve.py) against their torch reference,
 inside the engine, on a GPU (or the CPU with the Triton interpreter):
 
 1. budget covering the whole context, HBM slots for half the batch's KV: spin mode (fused)
@@ -37,11 +37,9 @@ def main() -> int:
     ]
     kv_tokens = sum(PROMPT_LENS) + len(PROMPT_LENS) * args.max_tokens
 
-    def run(name, fused=None, **kwargs):
+    def run(name, **kwargs):
         llm = LLM(model="spin-tiny", device=args.device, dtype="float32", page_size=16,
                   progress=False, **kwargs)  # fmt: skip
-        if fused is not None:
-            llm.llm_engine.backend.fused_retrieve = fused
         t0 = time.perf_counter()
         out = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         seconds = time.perf_counter() - t0
@@ -56,7 +54,7 @@ def main() -> int:
     dense, _ = run("dense")
     full, _ = run(
         "spin full budget, fused",
-        fused=True,
+        fused_retrieve=True,
         sparse="quest",
         token_budget=1.0,
         dense_layers=1,
@@ -70,8 +68,8 @@ def main() -> int:
         dense_layers=1,
         sparse_config=SparseConfig(buffer_ratio=1.0, index_interval=4),
     )
-    fused_tokens, fused_stats = run("spin small budget, fused", fused=True, **small)
-    torch_tokens, torch_stats = run("spin small budget, torch path", fused=False, **small)
+    fused_tokens, fused_stats = run("spin small budget, fused", fused_retrieve=True, **small)
+    torch_tokens, torch_stats = run("spin small budget, torch path", fused_retrieve=False, **small)
     checks = {
         "full budget: fused spin == dense tokens": full == dense,
         "small budget: fused == torch path tokens": fused_tokens == torch_tokens,

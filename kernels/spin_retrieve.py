@@ -23,9 +23,10 @@ thousands of candidate slots fit one program. A row's candidate count picks its 
 run time (1/16, 1/4 or all of N's register block), so one compiled kernel and one CUDA graph
 serve lists padded to a fixed width while each row costs about its own slots.
 
-Reference: the torch path these kernels replace, `SpinAttentionBackend._retrieve_torch` with
-`ResidencyTable.replace` / `touch` and `lru_victims_ref` (same pairing, same victims); tests
-compare the resulting maps (lookups of every page, slot contents, recency, free segments).
+The eviction policy (keys and victims) is `lru_victims.py`'s, shared with its torch half.
+Reference: `spin_retrieve_ref` below, in torch operations (same pairing, same victims, the same
+map updates, which `ResidencyTable` also uses); tests compare the resulting maps (lookups of
+every page, slot contents, recency, free segments) step by step inside the engine.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from spin_ray.kernels.lru_victims import (
+    lru_keys,
+    lru_keys_ref,
+    lru_pick,
+    lru_victims,
+    lru_victims_ref,
+)
 
 
 @triton.jit
@@ -64,18 +73,10 @@ def _evict_victims(
     at = tl.where(own, cand, 0)
     occupant = tl.load(slot_page_row + at, mask=own, other=-1)
     bucket = tl.load(bucket_row + at, mask=own, other=0).to(tl.int32)
-    keys = tl.where(occupant < 0, 0, bucket + 1)
-    keys = tl.where(own, keys, NUM_KEYS - 1)
+    keys = tl.where(own, lru_keys(occupant, bucket), NUM_KEYS - 1)  # padding protected
 
     # victims: the `need` smallest keys, lowest index first (histogram, no sort)
-    hist = tl.histogram(keys, NUM_BINS)
-    upto = tl.cumsum(hist, 0)
-    threshold = tl.sum((upto < need).to(tl.int32), 0)
-    bins = tl.arange(0, NUM_BINS)
-    before = tl.sum(tl.where(bins < threshold, hist, 0), 0)
-    at_threshold = (keys == threshold) & n_in
-    rank = tl.cumsum(at_threshold.to(tl.int32), 0) - 1
-    victim = ((keys < threshold) | (at_threshold & (rank < need - before))) & n_in
+    victim = lru_pick(keys, need, n_in, NUM_BINS)
     victim_rank = tl.cumsum(victim.to(tl.int32), 0) - 1
     tl.store(row_victims + tl.where(victim, victim_rank, 0), cand, mask=victim)
 
@@ -314,3 +315,222 @@ def spin_retrieve(
         **common,
     )  # fmt: skip
     return slots, dst
+
+
+# ------------------------------------------------------------------ torch reference
+
+
+def spin_retrieve_ref(
+    pages: torch.Tensor,  # [B, H, K] int64 logical pages, -1 = none (distinct per row)
+    rows: torch.Tensor,  # [B] int64 directory rows
+    cand: torch.Tensor,  # [B, N] int64 each request's slots, -1 padded
+    cand_len: torch.Tensor,  # [B] int64 (unused: the -1 padding says it)
+    layer: int,
+    directory: torch.Tensor,  # [R, L, H, DL] int32
+    segments: torch.Tensor,  # [C, SEG] int32
+    seg_count: torch.Tensor,  # [C] int32
+    seg_home: torch.Tensor,  # [C] int64
+    free_stack: torch.Tensor,  # [C] int64
+    free_top: torch.Tensor,  # [1] int64 (enough segments reserved for this call)
+    slot_page: torch.Tensor,  # [H, Q] int32 this layer's slot contents (a view of all layers')
+    slot_bucket: torch.Tensor,  # [H, Q] uint8 this layer's recency
+    counters: torch.Tensor,  # [4] int64 lookups, hits, evictions, fetched bytes (added to)
+    num_keys: int,
+    newest_bucket: int,
+    page_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [B, H, K] int64: slots, fetch destinations
+    """`spin_retrieve` in torch operations, with fixed shapes and no host synchronisation (what
+    the CPU runs, and CUDA for rows too wide for one program): the same victims, pairing, map
+    updates and counts. On CUDA the victims come from the `lru_victims` kernel."""
+    b, h, k = pages.shape
+    device = pages.device
+    valid = pages >= 0
+    slots = lookup_ref(directory, segments, rows, layer, pages)  # [B, H, K]
+    hit = slots >= 0
+    miss = valid & ~hit
+    counters[0] += valid.sum()
+    counters[1] += hit.sum()
+
+    # candidates: the request's slots in this (layer, head), keyed for the LRU; the slots of
+    # this step's hits (the only ones in the newest bucket) and the padding protected
+    n = cand.shape[1]
+    safe = cand.clamp(min=0)
+    occupant = slot_page[:, safe].permute(1, 0, 2)  # [B, H, n]
+    keys = lru_keys_ref(occupant, slot_bucket[:, safe].permute(1, 0, 2))
+    spare = slot_page.shape[1]
+    slot_pos = torch.full((spare + 1,), n, dtype=torch.int64, device=device)
+    slot_pos[torch.where(cand >= 0, cand, spare)] = torch.arange(n, device=device)  # [Q + 1]
+    hit_pos = torch.where(hit, slot_pos[slots.clamp(min=0)], n)  # [B, H, K] list positions
+    protect = torch.zeros(b, h, n + 1, dtype=torch.bool, device=device)
+    protect = protect.scatter_(2, hit_pos, True)[..., :n] | (cand < 0)[:, None, :]
+    keys = keys.masked_fill(protect, num_keys - 1)
+    need = miss.sum(-1)  # [B, H]  <= unprotected slots: slots >= floor >= mandatory
+    keys = keys.flatten(0, 1)  # [B * H, n]
+    if keys.is_cuda:
+        victims = lru_victims(keys.to(torch.uint8).contiguous(), need.flatten(), num_keys)
+    else:
+        victims = lru_victims_ref(keys, need.flatten(), num_keys)
+    victims = victims.view(b, h, n)
+    counters[2] += (victims & (occupant >= 0)).sum()
+
+    # the r-th miss of each (sequence, head) row takes the row's r-th victim
+    ranks = torch.arange(n, device=device).expand(b, h, n)
+    victim_rank = torch.where(victims, victims.long().cumsum(-1) - 1, n)  # [B, H, n]
+    victim_at = torch.zeros(b, h, n + 1, dtype=torch.int64, device=device)
+    victim_at.scatter_(2, victim_rank, ranks)  # [B, H, n+1] list position of rank r
+    miss_rank = torch.where(miss, miss.long().cumsum(-1) - 1, n)  # [B, H, K]
+    at = victim_at.gather(2, miss_rank)  # [B, H, K]
+    dst = torch.where(miss, cand.gather(1, at.view(b, h * k)).view(b, h, k), -1)
+
+    # the misses' pages into their victims' slots, then every listed slot newest
+    heads = torch.arange(h, device=device)[None, :, None].expand(b, h, k).flatten()  # [M]
+    entry_rows = rows[:, None, None].expand(b, h, k).flatten()  # [M]
+    work = miss.flatten()
+    into = torch.where(work, dst.flatten(), 0)
+    place = heads * slot_page.shape[1] + into  # [M] in this layer's [H * Q]
+    maps = (directory, segments, seg_count, seg_home, free_stack, free_top, slot_page.view(-1))
+    drop_pages_ref(*maps, place, entry_rows, layer, heads, work)
+    add_pages_ref(*maps, place, entry_rows, layer, heads, into, pages.flatten(), work)
+    counters[3] += miss.sum() * page_bytes
+    slots = torch.where(miss, dst, slots)
+    touch_ref(slot_bucket, heads, slots.flatten(), valid.flatten(), newest_bucket)
+    return slots, dst
+
+
+def lookup_ref(
+    directory: torch.Tensor,  # [R, L, H, DL] int32
+    segments: torch.Tensor,  # [C, SEG] int32
+    rows: torch.Tensor,  # [B] int64
+    layer: int,
+    pages: torch.Tensor,  # [B, H, K] int64, -1 = none
+) -> torch.Tensor:  # [B, H, K] int64 slot ids, -1 = not resident
+    """The slot holding each page of (row, layer, head), through the two-level map."""
+    h, seg_pages = pages.shape[1], segments.shape[1]
+    heads = torch.arange(h, device=pages.device)[None, :, None]
+    safe = pages.clamp(min=0)
+    seg = directory[rows[:, None, None], layer, heads, safe // seg_pages]
+    slot = segments[seg.clamp(min=0).long(), safe % seg_pages].long()
+    return torch.where((pages >= 0) & (seg >= 0), slot, -1)
+
+
+def drop_pages_ref(
+    directory: torch.Tensor,  # [R, L, H, DL] int32
+    segments: torch.Tensor,  # [C, SEG] int32
+    seg_count: torch.Tensor,  # [C] int32
+    seg_home: torch.Tensor,  # [C] int64
+    free_stack: torch.Tensor,  # [C] int64
+    free_top: torch.Tensor,  # [1] int64
+    slot_page: torch.Tensor,  # flat view of slot contents (int32), indexed by `at`
+    at: torch.Tensor,  # [M] int64 each entry's slot in `slot_page` (any value where ~work)
+    rows: torch.Tensor,  # [M] int64 directory row of each slot's owner
+    layer: int | torch.Tensor,  # int, or [M] int64: each entry's layer
+    heads: torch.Tensor,  # [M] int64
+    work: torch.Tensor,  # [M] bool; the (layer, head, slot)s where True are distinct
+) -> None:
+    """Empty the slots (where `work` and they hold a page); segments emptied go back on the
+    free stack. Fixed shapes, no host synchronisation."""
+    dir_len, seg_pages = directory.shape[3], segments.shape[1]
+    old = slot_page[at].long()
+    gone = work & (old >= 0)
+    old = old.clamp(min=0)
+    base = ((rows * directory.shape[1] + layer) * directory.shape[2] + heads) * dir_len
+    flat = torch.where(gone, base + old // seg_pages, 0)
+    dir_flat = directory.view(-1)
+    seg = dir_flat[flat].long().clamp(min=0)  # [M] meaningful where gone
+    minus = torch.full_like(old, -1)
+    masked_set_ref(segments.view(-1), seg * seg_pages + old % seg_pages, minus, gone)
+    seg_count.index_add_(0, seg, -gone.to(torch.int32))
+    emptied = _first_of(seg, gone & (seg_count[seg] == 0), seg_home.numel())
+    masked_set_ref(dir_flat, seg_home[seg].clamp(min=0), minus, emptied)
+    masked_set_ref(seg_home, seg, minus, emptied)
+    rank = emptied.long().cumsum(0) - 1
+    masked_set_ref(free_stack, free_top + rank, seg, emptied)
+    free_top += emptied.sum()
+    masked_set_ref(slot_page, at, minus, gone)
+
+
+def add_pages_ref(
+    directory: torch.Tensor,  # [R, L, H, DL] int32
+    segments: torch.Tensor,  # [C, SEG] int32
+    seg_count: torch.Tensor,  # [C] int32
+    seg_home: torch.Tensor,  # [C] int64
+    free_stack: torch.Tensor,  # [C] int64
+    free_top: torch.Tensor,  # [1] int64 (enough segments for the entries' new ones)
+    slot_page: torch.Tensor,  # flat view of this layer's slot contents (int32), by `at`
+    at: torch.Tensor,  # [M] int64 each entry's slot in `slot_page` (any value where ~work)
+    rows: torch.Tensor,  # [M] int64 directory row of each slot's owner
+    layer: int,
+    heads: torch.Tensor,  # [M] int64
+    slots: torch.Tensor,  # [M] int64 empty slots (any value where ~work)
+    pages: torch.Tensor,  # [M] int64 logical pages of the slots' owner, not resident
+    work: torch.Tensor,  # [M] bool; the slots where True are distinct
+) -> None:
+    """Record that the slots hold the pages (where `work`), taking a segment off the free
+    stack for each directory entry still empty. Fixed shapes, no host synchronisation."""
+    num_layers, num_heads, dir_len = directory.shape[1:]
+    seg_pages = segments.shape[1]
+    pages = pages.clamp(min=0)
+    rows = rows.clamp(min=0)
+    seg_no = pages // seg_pages
+    entry = ((rows * num_layers + layer) * num_heads + heads) * dir_len + seg_no
+    flat = torch.where(work, entry, 0)
+    dir_flat = directory.view(-1)
+    seg = dir_flat[flat].long()  # [M]
+    need = work & (seg < 0)
+    # one new segment per distinct (row, head, segment number) of this layer
+    local = (rows * num_heads + heads) * dir_len + seg_no
+    size = directory.shape[0] * num_heads * dir_len
+    first = _first_index(local, need, size)  # [M] entry that allocates for this one
+    win = need & (first == torch.arange(first.numel(), device=first.device))
+    rank = win.long().cumsum(0) - 1
+    new = free_stack[(free_top - 1 - rank).clamp(min=0)]  # [M] meaningful at win
+    free_top -= win.sum()
+    masked_set_ref(dir_flat, flat, new, win)
+    masked_set_ref(seg_home, torch.where(win, new, 0), flat, win)
+    seg = torch.where(need, new[first.clamp(min=0)], seg).clamp(min=0)
+    masked_set_ref(segments.view(-1), seg * seg_pages + pages % seg_pages, slots, work)
+    seg_count.index_add_(0, seg, work.to(torch.int32))
+    masked_set_ref(slot_page, at, pages, work)
+
+
+def touch_ref(
+    slot_bucket: torch.Tensor,  # [H, Q] uint8 this layer's recency
+    heads: torch.Tensor,  # [M] int64
+    slots: torch.Tensor,  # [M] int64 (any value where ~work)
+    work: torch.Tensor,  # [M] bool; the (head, slot)s where True are distinct
+    newest_bucket: int,
+) -> None:
+    """Mark the slots used this step (the newest bucket) where `work`."""
+    flat = heads * slot_bucket.shape[1] + torch.where(work, slots, 0)
+    masked_set_ref(slot_bucket.view(-1), flat, torch.full_like(flat, newest_bucket), work)
+
+
+def masked_set_ref(
+    flat: torch.Tensor,  # [N] a flat table (view), any dtype
+    index: torch.Tensor,  # [M] int64 (any value where ~work)
+    values: torch.Tensor,  # [M]
+    work: torch.Tensor,  # [M] bool; the indices where True are distinct
+) -> None:
+    """flat[index[i]] = values[i] for every i with work[i], with fixed shapes and no host
+    synchronisation: every entry adds (new - old) to its element, entries without work add 0 to
+    element 0 (integer tables: exact, also when uint8 wraps around)."""
+    idx = torch.where(work, index, 0)
+    delta = torch.where(work, values.to(flat.dtype) - flat[idx], 0).to(flat.dtype)
+    flat.index_add_(0, idx, delta)
+
+
+def _first_index(
+    key: torch.Tensor,  # [M] int64 in [0, size) where mask
+    mask: torch.Tensor,  # [M] bool
+    size: int,
+) -> torch.Tensor:  # [M] int64: lowest entry with mask and the same key; -1 where ~mask
+    ids = torch.arange(key.numel(), device=key.device)
+    claim = torch.full((size + 1,), key.numel(), dtype=torch.int64, device=key.device)
+    slot = torch.where(mask, key, size)  # size: a spare element for the entries without work
+    claim.scatter_reduce_(0, slot, ids, "amin")
+    return torch.where(mask, claim[slot], -1)
+
+
+def _first_of(key: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:  # [M] bool
+    """One entry per distinct key among the masked ones (the lowest index)."""
+    return mask & (_first_index(key, mask, size) == torch.arange(key.numel(), device=key.device))
