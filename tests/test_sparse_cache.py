@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spin_ray.cache.page_pool import CacheIntegrityError
-from spin_ray.kernels.spin_retrieve import touch_ref
+from spin_ray.kernels.residency_ref import touch_ref
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.residency import ResidencyTable

@@ -17,7 +17,7 @@ each step, 0 = oldest). `slot_row[slot]` is the directory row of the request own
 
 Free segments sit on a stack (`free_stack[:free_top]`, the top kept on the device). The decode
 path updates the maps with `kernels/spin_retrieve.py` (the fused kernels, or their torch
-reference, whose map updates this table's `lookup` / `drop` / `replace` share): fixed-shape
+reference, whose map updates in `kernels/residency_ref.py` this table runs too): fixed-shape
 tensors with a mask of the entries that have work, no data-dependent shapes and no host
 synchronisation — allocation pops the stack, emptied segments are pushed back. `reserve`
 (host, once per step) makes sure the stack holds enough segments for what the step may
@@ -31,7 +31,7 @@ import torch
 
 from spin_ray.attention.step_buffers import stream_mark, to_device_async, to_host_async
 from spin_ray.cache.page_pool import CacheIntegrityError
-from spin_ray.kernels.spin_retrieve import (
+from spin_ray.kernels.residency_ref import (
     add_pages_ref,
     drop_pages_ref,
     lookup_ref,
