@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 from pathlib import Path
@@ -213,20 +212,18 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
         llm.llm_engine.check_integrity()
         runs[lookahead, share] = got, llm.kv_stats().hit_rate
         del llm
-    # the fused retrieval kernels against the torch path they replace (SPIN_RAY_FUSED_RETRIEVE
-    # =0), small buffers (ratio 1: rows of 16 slots) and large (15: up to 128 slots, lists
-    # padded to the largest buffer, so rows run in different register blocks)
+    # the fused retrieval kernels against their torch reference (fused_retrieve=False), small
+    # buffers (ratio 1: rows of 16 slots) and large (15: up to 128 slots, lists padded to the
+    # largest buffer, so rows run in different register blocks)
     for ratio in (1.0, 15.0):
         paths = {}
-        for fused in ("1", "0"):
-            os.environ["SPIN_RAY_FUSED_RETRIEVE"] = fused
-            llm = LLM(**dict(small, buffer_ratio=ratio))
+        for fused in (True, False):
+            llm = LLM(**dict(small, buffer_ratio=ratio), fused_retrieve=fused)
             got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             llm.llm_engine.check_integrity()
             paths[fused] = got, llm.kv_stats()
             del llm
-        os.environ.pop("SPIN_RAY_FUSED_RETRIEVE")
-        (got, fused), (ref, plain_torch) = paths["1"], paths["0"]
+        (got, fused), (ref, plain_torch) = paths[True], paths[False]
         counters = [(s.lookups, s.hits, s.evictions) for s in (fused, plain_torch)]
         rows.append(dict(
             algorithm=f"quest (budget 128, buffer ratio {ratio:g}, vs torch retrieval)",

@@ -7,10 +7,13 @@ spin-tiny (random weights, fp32) with 1 dense layer, so 3 of its 4 layers are of
 a 256-token budget, buffer_ratio 5, page 16. After the prefills and a few warm-up steps it
 times `--steps` decode steps (median wall clock per `engine.step()`) and counts, under a
 `TorchDispatchMode`, every aten operation of each offloaded layer's decode attention
-(`SpinAttentionBackend._decode`: select, retrieve/fetch, attention) and of the per-step plan.
+(`SpinAttentionBackend._decode`: select, retrieve/fetch, attention) and of the per-step plan
+of the decode batch (`SpinAttentionBackend._plan_decode`).
 
-Counting rules. A call into a kernel's torch reference (`*_ref`, which the CPU runs in place
-of a Triton kernel) counts as ONE launch; the operations inside it are not counted. An op
+Counting rules. A call into a kernel's torch reference (`KERNEL_STAND_INS`: a `*_ref` the CPU
+runs in place of a Triton kernel) counts as ONE launch, the fused retrieval (`--fused`) as its
+two; the operations inside them are not counted (the torch retrieval's are: a GPU runs them as
+they are when it does not fuse). An op
 "syncs" if on a CUDA tensor it would make the host wait for the GPU: `nonzero`, `item` /
 `int()` / `bool()` (`_local_scalar_dense`), `unique`, `masked_select`, boolean-mask indexing,
 `repeat_interleave` by a tensor, and `Tensor.tolist`. On the CPU nothing really waits: these
@@ -22,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib
 import json
 import os
 import statistics
+import sys
 import time
 from collections import Counter
 
@@ -71,33 +74,89 @@ VIEW_OPS = {  # metadata only: no kernel launch on a GPU
         "reshape",
     ]
 }
-REF_MODULES = (
-    "spin_ray.sparse.backend",
-    "spin_ray.sparse.tiers",
-    "spin_ray.sparse.residency",
-    "spin_ray.sparse.algorithms.quest",
-)
+KERNEL_STAND_INS = {  # (kernels module, function) -> kernel launches it stands for on a GPU
+    ("lru_victims", "lru_victims_ref"): 1,
+    ("paged_attention_ref", "prefill_attention_ref"): 1,
+    ("sparse_decode_attention", "sparse_decode_attention_ref"): 1,
+    ("slot_token_store", "store_decode_tokens_ref"): 1,
+    ("sparse_kv_store", "store_kv_head_major_ref"): 1,
+    ("uva_gather", "gather_pages_ref"): 1,
+    ("quest_append", "quest_append_ref"): 1,
+    ("quest_page_scores", "quest_page_scores_ref"): 1,
+    ("spin_retrieve", "spin_retrieve"): 2,  # the fused retrieval (`--fused`)
+}
+
+
+class _Calls:
+    """The ops and syncs of each call of one backend method."""
+
+    def __init__(self):
+        self.ops: list[Counter] = []
+        self.syncs: list[Counter] = []
 
 
 class _Counting(TorchDispatchMode):
+    """Counts, per call of the backend's decode layer (`_decode`) and decode plan
+    (`_plan_decode`), every aten op and every host sync; a kernel stand-in counts as its
+    launches, the ops inside it not at all. Where the engine is, a profile function
+    (`sys.setprofile`: calls, returns and C calls such as `Tensor.tolist`) tells; nothing in
+    the engine is replaced."""
+
     def __init__(self):
         super().__init__()
-        self.ops = Counter()
-        self.syncs = Counter()
-        self.in_ref = 0
+        from spin_ray.sparse.backend import SpinAttentionBackend
 
-    def count_ref(self, name: str) -> None:
-        self.ops[f"kernel:{name}"] += 1
+        self.scopes = {
+            SpinAttentionBackend._decode.__code__: _Calls(),
+            SpinAttentionBackend._plan_decode.__code__: _Calls(),
+        }
+        self.layer, self.plan = self.scopes.values()
+        self.kernels = {
+            getattr(importlib.import_module(f"spin_ray.kernels.{module}"), name).__code__: n
+            for (module, name), n in KERNEL_STAND_INS.items()
+        }
+        self._scope = None  # the frame of the method call being counted
+        self._kernel = None  # the frame of the kernel stand-in running inside it
+        self._ops: Counter | None = None
+        self._syncs: Counter | None = None
+
+    def _counting(self) -> bool:
+        return self._scope is not None and self._kernel is None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.in_ref:
+        if self._counting():
             name = str(func.overloadpacket)
             name = "aten." + name.split(".")[-1] if not name.startswith("aten.") else name
-            self.ops[name] += 1
+            self._ops[name] += 1
             if name in SYNC_OPS or _bool_index(name, args) or _repeat_by_tensor(name, args):
-                self.syncs[name] += 1
+                self._syncs[name] += 1
         return func(*args, **kwargs)
+
+    def profile(self, frame, event, arg) -> None:
+        if event == "call":
+            code = frame.f_code
+            if self._scope is None and code in self.scopes:
+                self._scope, calls = frame, self.scopes[code]
+                self._ops, self._syncs = Counter(), Counter()
+                calls.ops.append(self._ops)
+                calls.syncs.append(self._syncs)
+            elif self._counting() and code in self.kernels:
+                self._kernel = frame
+                self._ops[f"kernel:{code.co_name}"] += self.kernels[code]
+        elif event == "return":
+            if frame is self._kernel:
+                self._kernel = None
+            elif frame is self._scope:
+                self._scope = None
+        elif event == "c_call" and self._counting() and _is_tolist(arg):
+            self._syncs["Tensor.tolist"] += 1
+
+
+def _is_tolist(fn) -> bool:
+    return getattr(fn, "__name__", None) == "tolist" and isinstance(
+        getattr(fn, "__self__", None), torch.Tensor
+    )
 
 
 def _bool_index(name, args) -> bool:
@@ -115,59 +174,14 @@ def _repeat_by_tensor(name, args) -> bool:
     )
 
 
-_ACTIVE: list[_Counting] = []
-
-
-def _patch_refs() -> None:
-    """Make each kernel reference, and the fused retrieval (two launches), count as launches
-    while a counter is active."""
-    backend = importlib.import_module("spin_ray.sparse.backend")
-    backend.spin_retrieve = _as_kernel("spin_retrieve", backend.spin_retrieve, launches=2)
-    for mod_name in REF_MODULES:
-        mod = importlib.import_module(mod_name)
-        for attr in dir(mod):
-            fn = getattr(mod, attr)
-            if attr.endswith("_ref") and callable(fn) and not hasattr(fn, "_counted"):
-                setattr(mod, attr, _as_kernel(attr, fn))
-
-
-def _as_kernel(name, fn, launches=1):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if not _ACTIVE:
-            return fn(*args, **kwargs)
-        mode = _ACTIVE[-1]
-        for _ in range(launches):
-            mode.count_ref(name)
-        mode.in_ref += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            mode.in_ref -= 1
-
-    wrapper._counted = True
-    return wrapper
-
-
 @contextlib.contextmanager
-def _counting(into: list):
-    mode = _Counting()
-    real_tolist = torch.Tensor.tolist
-
-    def tolist(self):
-        if not mode.in_ref:
-            mode.syncs["Tensor.tolist"] += 1
-        return real_tolist(self)
-
-    torch.Tensor.tolist = tolist
-    _ACTIVE.append(mode)
+def _counting(mode: _Counting):
+    sys.setprofile(mode.profile)
     try:
         with mode:
             yield mode
     finally:
-        _ACTIVE.pop()
-        torch.Tensor.tolist = real_tolist
-        into.append(mode)
+        sys.setprofile(None)
 
 
 def main() -> None:
@@ -205,10 +219,9 @@ def main() -> None:
         dense_layers=1,
         cpu_cache_tokens=args.requests * (args.context + 256),
         sparse_config=SparseConfig(buffer_ratio=args.buffer_ratio, index_interval=8),
+        fused_retrieve=args.fused,
     )
     engine = llm.llm_engine
-    backend = engine.backend
-    backend.fused_retrieve = args.fused
     params = SamplingParams(
         max_tokens=args.warmup + args.steps + 4, temperature=0.0, ignore_eos=True
     )
@@ -222,26 +235,13 @@ def main() -> None:
     for _ in range(args.warmup):
         engine.step()
 
-    _patch_refs()
-    layer_counts: list[_Counting] = []
-    plan_counts: list[_Counting] = []
-    real_decode, real_plan = backend._decode, backend._plan_decode
-
-    def counted_decode(*a, **kw):
-        with _counting(layer_counts):
-            return real_decode(*a, **kw)
-
-    def counted_plan(*a, **kw):
-        with _counting(plan_counts):
-            return real_plan(*a, **kw)
-
+    mode = _Counting()
     times = []
     for _ in range(args.steps):
-        backend._decode, backend._plan_decode = counted_decode, counted_plan
         t0 = time.perf_counter()
-        engine.step()
+        with _counting(mode):
+            engine.step()
         times.append(time.perf_counter() - t0)
-        del backend._decode, backend._plan_decode
     # a clean timing without the counting overhead
     clean = []
     for _ in range(3):
@@ -249,18 +249,18 @@ def main() -> None:
         engine.step()
         clean.append(time.perf_counter() - t0)
 
-    def per_call(modes: list[_Counting], what: str) -> float:
-        return sum(sum(getattr(m, what).values()) for m in modes) / max(1, len(modes))
+    def per_call(counters: list[Counter]) -> float:
+        return sum(sum(c.values()) for c in counters) / max(1, len(counters))
 
-    def launches(modes: list[_Counting]) -> float:
-        total = sum(n for m in modes for op, n in m.ops.items() if op not in VIEW_OPS)
-        return total / max(1, len(modes))
+    def launches(calls: _Calls) -> float:
+        total = sum(n for c in calls.ops for op, n in c.items() if op not in VIEW_OPS)
+        return total / max(1, len(calls.ops))
 
     merged_ops, merged_syncs = Counter(), Counter()
-    for m in layer_counts:
-        merged_ops.update(m.ops)
-        merged_syncs.update(m.syncs)
-    n_layers = max(1, len(layer_counts))
+    for ops, syncs in zip(mode.layer.ops, mode.layer.syncs, strict=True):
+        merged_ops.update(ops)
+        merged_syncs.update(syncs)
+    n_layers = max(1, len(mode.layer.ops))
     stats = llm.kv_stats()
     result = dict(
         mode=args.mode,
@@ -271,12 +271,12 @@ def main() -> None:
         buffer_ratio=args.buffer_ratio,
         step_ms_median=1e3 * statistics.median(clean),
         step_ms_median_while_counting=1e3 * statistics.median(times),
-        ops_per_layer=per_call(layer_counts, "ops"),
-        launches_per_layer=launches(layer_counts),
-        syncs_per_layer=per_call(layer_counts, "syncs"),
-        ops_per_plan=per_call(plan_counts, "ops"),
-        launches_per_plan=launches(plan_counts),
-        syncs_per_plan=per_call(plan_counts, "syncs"),
+        ops_per_layer=per_call(mode.layer.ops),
+        launches_per_layer=launches(mode.layer),
+        syncs_per_layer=per_call(mode.layer.syncs),
+        ops_per_plan=per_call(mode.plan.ops),
+        launches_per_plan=launches(mode.plan),
+        syncs_per_plan=per_call(mode.plan.syncs),
         hit_rate=stats.hit_rate,
         top_ops_per_layer={
             k: v / n_layers for k, v in merged_ops.most_common() if k not in VIEW_OPS

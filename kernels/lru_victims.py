@@ -1,10 +1,15 @@
-"""Bucketed-LRU victim selection: per row, pick the `need` entries with the smallest key
-(ties: lowest index first) using a histogram over the few key values, with no sort.
+"""The bucketed-LRU eviction policy of the HBM buffer, in one place: which slots give up their
+page when a request needs room. Used by retrieval (`spin_retrieve.py`: the fused kernels call
+the Triton half, their torch reference the torch half) and by the cache manager when it shrinks
+a request's buffer.
 
-Keys are small integers: 0 = empty slot (take first), 1 + recency bucket for evictable pages
-(bucket 0 = oldest), anything larger = protected (only taken if `need` demands it, which the
-caller must never let happen). One vectorized pass: histogram → cumulative counts → threshold
-key per row → rank inside the threshold key by a running count.
+Keys (`lru_keys` / `lru_keys_ref`): 0 = empty slot (taken first), 1 + recency bucket for a slot
+holding a page (bucket 0 = oldest), `num_keys - 1` = protected (the caller's: pages in use this
+step, list padding; only taken if `need` demands it, which the caller must never let happen).
+Victims (`lru_pick` in a program, `lru_victims` / `lru_victims_ref` per row): the `need`
+entries with the smallest key, ties broken by lower index, with a histogram over the few key
+values and no sort, in one vectorized pass: histogram → cumulative counts → threshold key per
+row → rank inside the threshold key by a running count.
 """
 
 from __future__ import annotations
@@ -12,6 +17,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+def lru_num_keys(lru_buckets: int) -> int:
+    """Key values of a buffer with `lru_buckets` recency buckets: empty, one per bucket and
+    protected."""
+    return lru_buckets + 2
+
+
+def lru_keys_ref(
+    occupant: torch.Tensor,  # [...] int the page each slot holds, -1 = empty
+    bucket: torch.Tensor,  # [...] uint8/int its recency bucket
+) -> torch.Tensor:  # [...] int64 keys
+    """Eviction keys of slots: 0 when empty, else 1 + recency bucket (protect on top)."""
+    return torch.where(occupant < 0, 0, bucket.long() + 1)
 
 
 def lru_victims_ref(
@@ -36,6 +55,27 @@ def lru_victims_ref(
 
 
 @triton.jit
+def lru_keys(occupant, bucket):
+    """`lru_keys_ref` inside a program: 0 when empty, else 1 + recency bucket."""
+    return tl.where(occupant < 0, 0, bucket + 1)
+
+
+@triton.jit
+def lru_pick(keys, need, valid, NUM_BINS: tl.constexpr):
+    """`lru_victims_ref` of one row inside a program: the victim mask of the `need` smallest
+    keys among the `valid` lanes (keys < NUM_BINS; invalid lanes may hold any key in range),
+    ties broken by lower index."""
+    hist = tl.histogram(keys, NUM_BINS)  # [NUM_BINS]
+    upto = tl.cumsum(hist, 0)
+    threshold = tl.sum((upto < need).to(tl.int32), 0)
+    bins = tl.arange(0, NUM_BINS)
+    before = tl.sum(tl.where(bins < threshold, hist, 0), 0)
+    at = (keys == threshold) & valid
+    rank = tl.cumsum(at.to(tl.int32), 0) - 1
+    return ((keys < threshold) | (at & (rank < need - before))) & valid
+
+
+@triton.jit
 def _victims_kernel(
     keys_ptr,
     need_ptr,
@@ -51,14 +91,7 @@ def _victims_kernel(
     mask = offs < N
     keys = tl.load(keys_ptr + row * stride_k + offs, mask=mask, other=NUM_BINS - 1).to(tl.int32)
     need = tl.load(need_ptr + row).to(tl.int32)
-    hist = tl.histogram(keys, NUM_BINS)  # [NUM_BINS]
-    upto = tl.cumsum(hist, 0)
-    threshold = tl.sum((upto < need).to(tl.int32), 0)
-    bins = tl.arange(0, NUM_BINS)
-    before = tl.sum(tl.where(bins < threshold, hist, 0), 0)
-    at = (keys == threshold) & mask
-    rank = tl.cumsum(at.to(tl.int32), 0) - 1
-    victim = ((keys < threshold) | (at & (rank < need - before))) & mask
+    victim = lru_pick(keys, need, mask, NUM_BINS)
     tl.store(out_ptr + row * stride_o + offs, victim.to(tl.int8), mask=mask)
 
 

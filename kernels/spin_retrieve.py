@@ -23,9 +23,11 @@ thousands of candidate slots fit one program. A row's candidate count picks its 
 run time (1/16, 1/4 or all of N's register block), so one compiled kernel and one CUDA graph
 serve lists padded to a fixed width while each row costs about its own slots.
 
-Reference: the torch path these kernels replace, `SpinAttentionBackend._retrieve_torch` with
-`ResidencyTable.replace` / `touch` and `lru_victims_ref` (same pairing, same victims); tests
-compare the resulting maps (lookups of every page, slot contents, recency, free segments).
+The eviction policy (keys and victims) is `lru_victims.py`'s, shared with its torch half.
+Reference: `spin_retrieve_ref` below, in torch operations (same pairing, same victims, the same
+map updates: `residency_ref.py`'s, which `ResidencyTable` also runs); tests compare the
+resulting maps (lookups of every page, slot contents, recency, free segments) step by step
+inside the engine.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from spin_ray.kernels.lru_victims import (
+    lru_keys,
+    lru_keys_ref,
+    lru_pick,
+    lru_victims,
+    lru_victims_ref,
+)
+from spin_ray.kernels.residency_ref import add_pages_ref, drop_pages_ref, lookup_ref, touch_ref
 
 
 @triton.jit
@@ -64,18 +75,10 @@ def _evict_victims(
     at = tl.where(own, cand, 0)
     occupant = tl.load(slot_page_row + at, mask=own, other=-1)
     bucket = tl.load(bucket_row + at, mask=own, other=0).to(tl.int32)
-    keys = tl.where(occupant < 0, 0, bucket + 1)
-    keys = tl.where(own, keys, NUM_KEYS - 1)
+    keys = tl.where(own, lru_keys(occupant, bucket), NUM_KEYS - 1)  # padding protected
 
     # victims: the `need` smallest keys, lowest index first (histogram, no sort)
-    hist = tl.histogram(keys, NUM_BINS)
-    upto = tl.cumsum(hist, 0)
-    threshold = tl.sum((upto < need).to(tl.int32), 0)
-    bins = tl.arange(0, NUM_BINS)
-    before = tl.sum(tl.where(bins < threshold, hist, 0), 0)
-    at_threshold = (keys == threshold) & n_in
-    rank = tl.cumsum(at_threshold.to(tl.int32), 0) - 1
-    victim = ((keys < threshold) | (at_threshold & (rank < need - before))) & n_in
+    victim = lru_pick(keys, need, n_in, NUM_BINS)
     victim_rank = tl.cumsum(victim.to(tl.int32), 0) - 1
     tl.store(row_victims + tl.where(victim, victim_rank, 0), cand, mask=victim)
 
@@ -313,4 +316,84 @@ def spin_retrieve(
         slot_page, slot_bucket, dst,
         **common,
     )  # fmt: skip
+    return slots, dst
+
+
+# ------------------------------------------------------------------ torch reference
+
+
+def spin_retrieve_ref(
+    pages: torch.Tensor,  # [B, H, K] int64 logical pages, -1 = none (distinct per row)
+    rows: torch.Tensor,  # [B] int64 directory rows
+    cand: torch.Tensor,  # [B, N] int64 each request's slots, -1 padded
+    cand_len: torch.Tensor,  # [B] int64 (unused: the -1 padding says it)
+    layer: int,
+    directory: torch.Tensor,  # [R, L, H, DL] int32
+    segments: torch.Tensor,  # [C, SEG] int32
+    seg_count: torch.Tensor,  # [C] int32
+    seg_home: torch.Tensor,  # [C] int64
+    free_stack: torch.Tensor,  # [C] int64
+    free_top: torch.Tensor,  # [1] int64 (enough segments reserved for this call)
+    slot_page: torch.Tensor,  # [H, Q] int32 this layer's slot contents (a view of all layers')
+    slot_bucket: torch.Tensor,  # [H, Q] uint8 this layer's recency
+    counters: torch.Tensor,  # [4] int64 lookups, hits, evictions, fetched bytes (added to)
+    num_keys: int,
+    newest_bucket: int,
+    page_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [B, H, K] int64: slots, fetch destinations
+    """`spin_retrieve` in torch operations, with fixed shapes and no host synchronisation (what
+    the CPU runs, and CUDA for rows too wide for one program): the same victims, pairing, map
+    updates and counts. On CUDA the victims come from the `lru_victims` kernel."""
+    b, h, k = pages.shape
+    device = pages.device
+    valid = pages >= 0
+    slots = lookup_ref(directory, segments, rows, layer, pages)  # [B, H, K]
+    hit = slots >= 0
+    miss = valid & ~hit
+    counters[0] += valid.sum()
+    counters[1] += hit.sum()
+
+    # candidates: the request's slots in this (layer, head), keyed for the LRU; the slots of
+    # this step's hits (the only ones in the newest bucket) and the padding protected
+    n = cand.shape[1]
+    safe = cand.clamp(min=0)
+    occupant = slot_page[:, safe].permute(1, 0, 2)  # [B, H, n]
+    keys = lru_keys_ref(occupant, slot_bucket[:, safe].permute(1, 0, 2))
+    spare = slot_page.shape[1]
+    slot_pos = torch.full((spare + 1,), n, dtype=torch.int64, device=device)
+    slot_pos[torch.where(cand >= 0, cand, spare)] = torch.arange(n, device=device)  # [Q + 1]
+    hit_pos = torch.where(hit, slot_pos[slots.clamp(min=0)], n)  # [B, H, K] list positions
+    protect = torch.zeros(b, h, n + 1, dtype=torch.bool, device=device)
+    protect = protect.scatter_(2, hit_pos, True)[..., :n] | (cand < 0)[:, None, :]
+    keys = keys.masked_fill(protect, num_keys - 1)
+    need = miss.sum(-1)  # [B, H]  <= unprotected slots: slots >= floor >= mandatory
+    keys = keys.flatten(0, 1)  # [B * H, n]
+    if keys.is_cuda:
+        victims = lru_victims(keys.to(torch.uint8).contiguous(), need.flatten(), num_keys)
+    else:
+        victims = lru_victims_ref(keys, need.flatten(), num_keys)
+    victims = victims.view(b, h, n)
+    counters[2] += (victims & (occupant >= 0)).sum()
+
+    # the r-th miss of each (sequence, head) row takes the row's r-th victim
+    ranks = torch.arange(n, device=device).expand(b, h, n)
+    victim_rank = torch.where(victims, victims.long().cumsum(-1) - 1, n)  # [B, H, n]
+    victim_at = torch.zeros(b, h, n + 1, dtype=torch.int64, device=device)
+    victim_at.scatter_(2, victim_rank, ranks)  # [B, H, n+1] list position of rank r
+    miss_rank = torch.where(miss, miss.long().cumsum(-1) - 1, n)  # [B, H, K]
+    at = victim_at.gather(2, miss_rank)  # [B, H, K]
+    dst = torch.where(miss, cand.gather(1, at.view(b, h * k)).view(b, h, k), -1)
+
+    # the misses' pages into their victims' slots, then every listed slot newest
+    heads = torch.arange(h, device=device)[None, :, None].expand(b, h, k).flatten()  # [M]
+    entry_rows = rows[:, None, None].expand(b, h, k).flatten()  # [M]
+    work = miss.flatten()
+    into = torch.where(work, dst.flatten(), 0)
+    place = heads * slot_page.shape[1] + into  # [M] in this layer's [H * Q]
+    maps = (directory, segments, seg_count, seg_home, free_stack, free_top, slot_page.view(-1))
+    drop_pages_ref(*maps, place, entry_rows, layer, heads, work)
+    add_pages_ref(*maps, place, entry_rows, layer, heads, into, pages.flatten(), work)
+    counters[3] += miss.sum() * page_bytes
+    slots = torch.where(miss, dst, slots)
+    touch_ref(slot_bucket, heads, slots.flatten(), valid.flatten(), newest_bucket)
     return slots, dst

@@ -62,6 +62,8 @@ class LLM:
         lookahead_share: float | None = None,
         gpu_cache_tokens: int | None = None,
         cpu_cache_tokens: int | None = None,
+        fused_retrieve: bool | None = None,
+        check_invariants: bool | None = None,
         sparse_config: SparseConfig | None = None,
         metrics_port: int | None = None,
     ):
@@ -96,6 +98,8 @@ class LLM:
             lookahead_share=lookahead_share,
             gpu_cache_tokens=gpu_cache_tokens,
             cpu_cache_tokens=cpu_cache_tokens,
+            fused_retrieve=fused_retrieve,
+            check_invariants=check_invariants,
         )
         config = EngineConfig(
             model=model,

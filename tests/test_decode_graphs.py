@@ -113,10 +113,9 @@ def test_sparse_graph_layout_matches_eager(make_llm, monkeypatch, chunk):
     agree. `chunk`: prompts prefill in chunks of 64 tokens while earlier requests decode; the
     graph engine runs those mixed steps as a padded graph batch of the decodes, then an eager
     forward of the chunks, the eager engine as one forward."""
-    monkeypatch.setenv("SPIN_RAY_SPARSE_CHECKS", "1")
     kwargs = dict(model="spin-tiny", page_size=PAGE, sparse="quest", token_budget=4 * PAGE,
-                  sink_tokens=PAGE, local_tokens=PAGE, buffer_ratio=1.0,
-                  dense_layers=1, max_num_batched_tokens=chunk)  # fmt: skip
+                  sink_tokens=PAGE, local_tokens=PAGE, buffer_ratio=1.0, dense_layers=1,
+                  max_num_batched_tokens=chunk, check_invariants=True)  # fmt: skip
     eager_llm = make_llm(**kwargs)
     eager = _generate(eager_llm)
     llm = make_llm(**kwargs)

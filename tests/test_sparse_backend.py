@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-import spin_ray.sparse.backend as backend_module
+import spin_ray.sparse.retrieve as retrieve_module
+import spin_ray.sparse.selection as selection_module
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
@@ -86,14 +87,16 @@ def _run(
         model="test",
         cache=CacheConfig(page_size=PAGE),
         sparse=dataclasses.replace(
-            sparse, cpu_cache_tokens=256 * PAGE, gpu_cache_tokens=200 * PAGE
+            sparse,
+            cpu_cache_tokens=256 * PAGE,
+            gpu_cache_tokens=200 * PAGE,
+            fused_retrieve=fused,
+            check_invariants=True,
         ),
     )
     tiered = build_tiered_cache(config, ARCH, reserve_bytes=0)
     manager, spin = tiered.manager, tiered.backend
-    spin.fused_retrieve = fused
     manager.slot_width = slot_width
-    spin.debug_checks = True
     if holder is not None:
         holder["backend"] = spin
     shape = KVCacheShape(LAYERS, manager.pool.num_pages, PAGE, HKV, D)
@@ -141,13 +144,13 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm,
     """Each decode token's output = softmax attention over the tokens of the pages selected
     for its KV head (read from the dense cache, the ground truth), under real evictions."""
     selected = {}
-    real_select = backend_module.select_pages
+    real_select = selection_module.select_pages
 
     def recording_select(scores, windows, topk=None):
         selected["pages"] = real_select(scores, windows, topk)
         return selected["pages"]
 
-    monkeypatch.setattr(backend_module, "select_pages", recording_select)
+    monkeypatch.setattr(selection_module, "select_pages", recording_select)
     holder = {}
 
     def check(layer, meta, q, out, expected, dense):
@@ -252,8 +255,8 @@ def _assert_fused_matches_torch(monkeypatch, sparse, prompts, decodes, seed, slo
     """Run the steps with the torch path, then with the fused kernels; compare after every
     layer. Returns the fused run's holder (its backend)."""
     launches = []
-    real = backend_module.spin_retrieve
-    monkeypatch.setattr(backend_module, "spin_retrieve", lambda *a: launches.append(1) or real(*a))
+    real = retrieve_module.spin_retrieve
+    monkeypatch.setattr(retrieve_module, "spin_retrieve", lambda *a: launches.append(1) or real(*a))
     traces = []
     for fused in (False, True):
         holder, trace = {}, []
@@ -283,9 +286,9 @@ def _assert_fused_matches_torch(monkeypatch, sparse, prompts, decodes, seed, slo
 
 
 @pytest.mark.parametrize("mode", ["spin", "sparse-naive"])
-def test_debug_checks_catch_a_request_below_its_mandatory_slots(monkeypatch, mode):
+def test_invariant_checks_catch_a_request_below_its_mandatory_slots(monkeypatch, mode):
     """The manager never leaves a request fewer slots than its mandatory pages, so the decode
-    path does not check it (a check would synchronise); the debug checks do: give every request
+    path does not check it (a check would synchronise); `check_invariants` does: give every request
     only 2 slots and the first decode layer must refuse."""
     real = TieredCacheManager.slot_lists
     monkeypatch.setattr(
@@ -304,13 +307,13 @@ def test_sink_and_local_tokens_are_attended_every_step(monkeypatch, algorithm):
     page is matched to the true token it holds in the dense cache (RetroInfer reorders rows
     within pages it clusters, so page numbers alone would not say)."""
     selected = {}
-    real_select = backend_module.select_pages
+    real_select = selection_module.select_pages
 
     def recording_select(scores, windows, topk=None):
         selected["pages"] = real_select(scores, windows, topk)
         return selected["pages"]
 
-    monkeypatch.setattr(backend_module, "select_pages", recording_select)
+    monkeypatch.setattr(selection_module, "select_pages", recording_select)
     holder, checked = {}, []
     sink, local = 2 * PAGE, 3 * PAGE
 

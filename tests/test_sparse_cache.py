@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spin_ray.cache.page_pool import CacheIntegrityError
+from spin_ray.kernels.residency_ref import touch_ref
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.residency import ResidencyTable
@@ -267,8 +268,9 @@ def test_reserve_counts_what_was_reserved_since_its_last_look_at_the_stack():
 
 def test_masked_replace_and_touch_match_a_plain_model():
     """The decode path's fixed-shape updates (`replace` with a work mask, entries without work
-    carrying garbage slots; `touch`) against a dictionary of (row, layer, head, page) -> slot,
-    over random rounds that evict, insert and reuse segments; no host-side count is needed."""
+    carrying garbage slots; `touch_ref`, as `spin_retrieve_ref` marks slots used) against a
+    dictionary of (row, layer, head, page) -> slot, over random rounds that evict, insert and
+    reuse segments; no host-side count is needed."""
     gen = torch.Generator().manual_seed(5)
     rows, slots_per_row, pages_per_row = 3, 6, 40
     table = ResidencyTable(LAYERS, HEADS, rows * slots_per_row, 4, BUCKETS, "cpu")
@@ -303,8 +305,8 @@ def test_masked_replace_and_touch_match_a_plain_model():
         as_tensor = dict(dtype=torch.int64)
         table.replace(layer, torch.tensor(heads, **as_tensor), torch.tensor(slots, **as_tensor),
                       torch.tensor(pages, **as_tensor), torch.tensor(work))  # fmt: skip
-        table.touch(layer, torch.tensor(heads, **as_tensor), torch.tensor(slots, **as_tensor),
-                    torch.tensor(work))  # fmt: skip
+        touch_ref(table.slot_bucket[layer], torch.tensor(heads, **as_tensor),
+                  torch.tensor(slots, **as_tensor), torch.tensor(work), BUCKETS - 1)  # fmt: skip
         for (r, lt, h), held in model.items():
             query = torch.full((1, HEADS, pages_per_row), -1)
             query[0, h] = torch.arange(pages_per_row)

@@ -30,12 +30,6 @@ def _tokens(outputs):
     return [o.outputs[0].token_ids for o in outputs]
 
 
-@pytest.fixture(autouse=True)
-def _sparse_checks(monkeypatch):
-    """Per-layer checks of what the manager guarantees (off in production: they synchronise)."""
-    monkeypatch.setenv("SPIN_RAY_SPARSE_CHECKS", "1")
-
-
 @pytest.fixture(scope="module")
 def dense_tokens():
     from spin_ray import LLM
@@ -46,7 +40,10 @@ def dense_tokens():
 
 
 def _sparse_llm(make_llm, **kwargs):
+    """A sparse engine with per-layer checks of what the manager guarantees (off in
+    production: they synchronise)."""
     kwargs.setdefault("page_size", PAGE)
+    kwargs.setdefault("check_invariants", True)
     kwargs.setdefault("dense_layers", 1)
     llm = make_llm(model="spin-tiny", **kwargs)
     assert isinstance(llm.llm_engine.backend, SpinAttentionBackend)
@@ -155,12 +152,14 @@ def test_flat_keyword_arguments_build_the_config(make_llm):
     llm = _sparse_llm(
         make_llm, sparse="quest", token_budget=0.25, sink_tokens=16, local_tokens=24,
         buffer_ratio=3.0, min_buffer_ratio=2.0, gpu_cache_tokens=4096, cpu_cache_tokens=8192,
+        fused_retrieve=False,
     )  # fmt: skip
     config = llm.llm_engine.config.sparse
     assert (config.algorithm, config.mode, config.token_budget) == ("quest", "spin", 0.25)
     assert (config.sink_tokens, config.local_tokens, config.dense_layers) == (16, 24, 1)
     assert (config.buffer_ratio, config.min_buffer_ratio) == (3.0, 2.0)
     assert (config.gpu_cache_tokens, config.cpu_cache_tokens) == (4096, 8192)
+    assert (config.fused_retrieve, config.check_invariants) == (False, True)
     dense = make_llm(model="spin-tiny", sparse="quest", mode="dense")
     assert isinstance(dense.llm_engine.backend, DenseAttentionBackend)
     assert dense.kv_stats().lookups == 0
@@ -216,14 +215,14 @@ def test_chunked_prefill_keeps_the_prompt_in_hbm_when_slots_allow(
         "read_ahead",
         lambda layer, pages: reads.append(layer) or read_ahead(layer, pages),
     )
-    attend = backend._attend_prefill
+    attend = backend.prefill.attend
 
     def record_layout(q, ctx_k, ctx_v, scale):  # q [n, Hq, D]; ctx [Hkv, T, D]
         if ctx_k.shape[1] > q.shape[0]:  # a chunk over a prefix
             layouts.add((ctx_k.stride(), ctx_v.stride()))
         return attend(q, ctx_k, ctx_v, scale)
 
-    monkeypatch.setattr(backend, "_attend_prefill", record_layout)
+    monkeypatch.setattr(backend.prefill, "attend", record_layout)
     held = []
     hold_prefill = backend.manager.hold_prefill
     monkeypatch.setattr(

@@ -8,12 +8,15 @@ import torch
 
 from spin_ray.kernels.lru_victims import lru_victims, lru_victims_ref
 from spin_ray.kernels.quest_page_scores import quest_page_scores, quest_page_scores_ref
+from spin_ray.kernels.residency_ref import lookup_ref
 from spin_ray.kernels.sparse_decode_attention import (
     sparse_decode_attention,
     sparse_decode_attention_ref,
 )
 from spin_ray.kernels.sparse_kv_store import store_kv_head_major, store_kv_head_major_ref
+from spin_ray.kernels.spin_retrieve import spin_retrieve, spin_retrieve_ref
 from spin_ray.kernels.uva_gather import gather_pages, gather_pages_ref
+from spin_ray.sparse.residency import ResidencyTable
 
 
 def _sparse_lists(gen, batch, hkv, page_size, entries, num_slots):
@@ -214,3 +217,56 @@ def test_gather_kernel_matches_reference(page_dtype, programs):
     assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
     assert torch.equal(ref_k[1, 4], src_k[6, 1]) and torch.equal(ref_v[0, 0], src_v[3, 0])
     assert ref_k[1, [0, 1, 3]].eq(0).all() and ref_k[0, [1, 2, 3]].eq(0).all(), "-1 skipped"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spin_retrieve_kernels_match_their_reference(seed):
+    """One layer's fused retrieval against `spin_retrieve_ref` on a random buffer: three
+    requests owning 5, 9 and 14 slots (-1 padded lists, then a padding row listing nothing),
+    all but one slot of each (layer, head) holding a page of random recency, each (request,
+    head) selecting up to 5 distinct pages, some resident. The same slots and fetch
+    destinations, slot contents, recency, free-segment count and counters, and the same slot
+    for every page of every (request, layer, head) (which free segment a directory entry takes
+    may differ: the kernel's programs pop the stack in any order)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, heads, seg, buckets, num_pages = 2, 2, 4, 8, 24
+    owned = [5, 9, 14]
+    table = ResidencyTable(layers, heads, sum(owned), seg, buckets, "cpu")
+    table.ensure_rows(len(owned))
+    table.ensure_pages(num_pages)
+    starts = [sum(owned[:r]) for r in range(len(owned))]
+    cand = torch.full((len(owned) + 1, 16), -1, dtype=torch.int64)  # the last row: padding
+    for r, (start, n) in enumerate(zip(starts, owned, strict=True)):
+        table.assign_slots(list(range(start, start + n)), r)
+        cand[r, :n] = torch.arange(start, start + n)
+        for layer in range(layers):
+            for h in range(heads):
+                held = torch.randperm(n, generator=gen)[: n - 1] + start
+                pages = torch.randperm(num_pages, generator=gen)[: held.numel()]
+                table.insert(layer, torch.full_like(held, h), held, pages)
+    table.slot_bucket.copy_(torch.randint(0, buckets - 1, table.slot_bucket.shape, generator=gen))
+    k = 5  # pages a row selects: at most the fewest slots a request owns
+    pages = torch.stack([torch.randperm(num_pages, generator=gen)[:k] for _ in range(8)])
+    pages = pages.view(4, heads, k)
+    pages[torch.rand(pages.shape, generator=gen) < 0.2] = -1
+    pages[-1] = -1
+    rows = torch.tensor([0, 1, 2, 0])
+    cand_len = torch.tensor([*owned, 0])
+    table.reserve(4 * heads * k)
+    layer = 1
+    every_page = torch.arange(num_pages).expand(len(owned), heads, -1)
+    runs = []
+    for retrieve in (spin_retrieve_ref, spin_retrieve):
+        maps = [t.clone() for t in (table.directory, table.segments, table.seg_count,
+                                    table.seg_home, table.free_stack, table.free_top)]  # fmt: skip
+        slot_page, slot_bucket = table.slot_page[layer].clone(), table.slot_bucket[layer].clone()
+        counters = torch.zeros(4, dtype=torch.int64)
+        slots, dst = retrieve(pages, rows, cand, cand_len, layer, *maps, slot_page, slot_bucket,
+                              counters, buckets + 2, buckets - 1, 64)  # fmt: skip
+        found = lookup_ref(maps[0], maps[1], torch.arange(len(owned)), layer, every_page)
+        runs.append([slots, dst, slot_page, slot_bucket, maps[5], counters, found])
+    ref, got = runs
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+    counters = ref[5]
+    assert counters[2] > 0 and 0 < counters[1] < counters[0], "the case hits and evicts"

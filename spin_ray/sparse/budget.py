@@ -43,7 +43,7 @@ class PageBudget:
         the page being written is unindexed."""
         if incremental:
             unindexed = page_size
-        else:  # the index stops at the local window (`SpinAttentionBackend._update_index`)
+        else:  # the index stops at the local window (`SparseIndex.update`)
             unindexed = index_unit_pages * page_size + config.index_interval + config.local_tokens
         return cls(
             page_size=page_size,

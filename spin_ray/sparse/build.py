@@ -89,6 +89,7 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
     )
     manager = TieredCacheManager(num_cpu_pages, num_slots, budget, residency, counters)
     backend = SpinAttentionBackend(
+        sparse,
         manager=manager,
         host=host,
         gpu=gpu,
@@ -96,10 +97,6 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
         budget=budget,
         dense=dense,
         first_layer=first,
-        retains=sparse.retains,
-        index_interval=sparse.index_interval,
-        lookahead=sparse.lookahead,
-        lookahead_share=sparse.lookahead_share,
     )
     capacity = _longest_fitting(budget, num_cpu_pages * page_size, num_slots)
     if capacity < 2:

@@ -95,6 +95,17 @@ class SparseConfig:
     seer_gate_path: str | None = None
     """Seer: safetensors/torch file of gate weights `layers.{i}.q_gate` [Hkv, D, Dg] and
     `layers.{i}.k_gate` [Hkv, 3D, Dg]; None: the deterministic test gate (see seer.py)."""
+    fused_retrieve: bool | None = None
+    """Retrieve (buffer lookup, LRU eviction, residency update) with the fused Triton kernels,
+    two launches per layer (`kernels/spin_retrieve.py`), instead of their torch reference;
+    rows too wide for one program take the reference either way. None: the kernels on CUDA,
+    the reference on the CPU. True on the CPU runs the kernels in Triton's interpreter
+    (`TRITON_INTERPRET=1`, as the tests do); False takes the reference on CUDA too."""
+    check_invariants: bool = False
+    """Check on every decode layer what the cache manager guarantees and the decode path
+    therefore does not check: a request holds at least its mandatory slots, and the step
+    reserved enough residency segments. Each check synchronises with the device, and the
+    decode path is then not captured in CUDA graphs: for tests."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

@@ -23,7 +23,7 @@ import torch
 
 from spin_ray.attention.step_buffers import bucket
 from spin_ray.cache.page_pool import CacheIntegrityError, PagePool
-from spin_ray.kernels.lru_victims import lru_victims_ref
+from spin_ray.kernels.lru_victims import lru_keys_ref, lru_num_keys, lru_victims_ref
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.residency import ResidencyTable
 from spin_ray.sparse.stats import KVCounters
@@ -249,14 +249,15 @@ class TieredCacheManager:
 
     def _shrink(self, request_id: str, n: int) -> None:
         """Give back n of the request's slots: empty ones first, then those whose most recent
-        use (over all layers and heads) is oldest — chosen by the bucketed-LRU histogram."""
+        use (over all layers and heads) is oldest — the buffer's eviction policy
+        (`kernels/lru_victims.py`) over each slot's newest key."""
         slots = self.slots[request_id]
         idx = torch.tensor(slots, dtype=torch.int64, device=self.residency.device)
-        held = self.residency.slot_page[:, :, idx] >= 0  # [L, H, n]
-        newest = torch.where(held, self.residency.slot_bucket[:, :, idx].long() + 1, 0)
-        keys = newest.flatten(0, 1).amax(0)  # [n] 0 = empty everywhere
+        residency = self.residency
+        keys = lru_keys_ref(residency.slot_page[:, :, idx], residency.slot_bucket[:, :, idx])
+        keys = keys.flatten(0, 1).amax(0)  # [n] a slot's newest use; 0 = empty everywhere
         need = torch.tensor([n], device=idx.device)
-        victims = lru_victims_ref(keys[None], need, self.residency.lru_buckets + 1)[0]
+        victims = lru_victims_ref(keys[None], need, lru_num_keys(residency.lru_buckets))[0]
         gone = idx[victims].tolist()
         self.counters.add_evictions(self.residency.clear_slots(gone))
         self.slot_pool.free(gone, request_id)

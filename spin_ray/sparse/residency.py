@@ -16,11 +16,13 @@ each step, 0 = oldest). `slot_row[slot]` is the directory row of the request own
 (a slot id is owned in every layer and head at once).
 
 Free segments sit on a stack (`free_stack[:free_top]`, the top kept on the device). The decode
-path updates the maps with `replace` / `touch`: fixed-shape tensors with a mask of the entries
-that have work, no data-dependent shapes and no host synchronisation — allocation pops the
-stack, emptied segments are pushed back. `reserve` (host, once per step) makes sure the stack
-holds enough segments for what the step may allocate, without waiting for the GPU in the steady
-state: it reads a copy of the top started at an earlier call, less what was reserved since.
+path updates the maps with `kernels/spin_retrieve.py` (the fused kernels, or their torch
+reference, whose map updates in `kernels/residency_ref.py` this table runs too): fixed-shape
+tensors with a mask of the entries that have work, no data-dependent shapes and no host
+synchronisation — allocation pops the stack, emptied segments are pushed back. `reserve`
+(host, once per step) makes sure the stack holds enough segments for what the step may
+allocate, without waiting for the GPU in the steady state: it reads a copy of the top started
+at an earlier call, less what was reserved since.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ import torch
 
 from spin_ray.attention.step_buffers import stream_mark, to_device_async, to_host_async
 from spin_ray.cache.page_pool import CacheIntegrityError
+from spin_ray.kernels.residency_ref import (
+    add_pages_ref,
+    drop_pages_ref,
+    lookup_ref,
+)
 
 
 class ResidencyTable:
@@ -125,12 +132,7 @@ class ResidencyTable:
         layer: int,
         pages: torch.Tensor,  # [B, H, K] int64, -1 = none
     ) -> torch.Tensor:  # [B, H, K] int64 slot ids, -1 = not resident
-        b, h, k = pages.shape
-        heads = torch.arange(h, device=self.device)[None, :, None]
-        safe = pages.clamp(min=0)
-        seg = self.directory[rows[:, None, None], layer, heads, safe // self.segment_pages]
-        slot = self.segments[seg.clamp(min=0).long(), safe % self.segment_pages].long()
-        return torch.where((pages >= 0) & (seg >= 0), slot, -1)
+        return lookup_ref(self.directory, self.segments, rows, layer, pages)
 
     def _dir_index(
         self,
@@ -181,20 +183,6 @@ class ResidencyTable:
         self.drop(layer, heads, slots, work)
         self._add(layer, heads, slots, pages, work)
 
-    def touch(
-        self,
-        layer: int,
-        heads: torch.Tensor,  # [M] int64
-        slots: torch.Tensor,  # [M] int64  (any value where ~work)
-        work: torch.Tensor | None = None,  # [M] bool, distinct slots per head; None = all
-    ) -> None:
-        """Mark `slots` used this step (newest bucket)."""
-        if work is None:
-            work = torch.ones_like(slots, dtype=torch.bool)
-        flat = heads * self.slot_page.shape[2] + torch.where(work, slots, 0)
-        newest = torch.full_like(flat, self.lru_buckets - 1)
-        _masked_set(self.slot_bucket[layer].view(-1), flat, newest, work)
-
     def age(self) -> None:
         """One step passes: every bucket moves one toward the oldest (0)."""
         self.slot_bucket.sub_((self.slot_bucket > 0).to(torch.uint8))
@@ -210,51 +198,19 @@ class ResidencyTable:
         emptied segments go back on the free stack. With a layer per entry, one call covers
         entries of many layers (their (layer, head, slot)s distinct)."""
         slots = torch.where(work, slots, 0)
-        slot_page = self.slot_page.view(-1)  # [L*H*Q]
         at = (layer * self.num_heads + heads) * self.slot_page.shape[2] + slots  # [M]
-        old = slot_page[at].long()
-        gone = work & (old >= 0)
-        old = old.clamp(min=0)
-        flat = torch.where(gone, self._dir_index(layer, heads, slots, old), 0)
-        directory = self.directory.view(-1)
-        seg = directory[flat].long().clamp(min=0)  # [M] meaningful where gone
-        minus = torch.full_like(old, -1)
-        _masked_set(self.segments.view(-1), seg * self.segment_pages + old % self.segment_pages,
-                    minus, gone)  # fmt: skip
-        self.seg_count.index_add_(0, seg, -gone.to(torch.int32))
-        emptied = _first_of(seg, gone & (self.seg_count[seg] == 0), self.seg_home.numel())
-        _masked_set(directory, self.seg_home[seg].clamp(min=0), minus, emptied)
-        _masked_set(self.seg_home, seg, minus, emptied)
-        rank = emptied.long().cumsum(0) - 1
-        _masked_set(self.free_stack, self.free_top + rank, seg, emptied)
-        self.free_top += emptied.sum()
-        _masked_set(slot_page, at, minus, gone)
+        drop_pages_ref(*self._maps(self.slot_page), at, self.slot_row[slots], layer, heads, work)
 
     def _add(self, layer, heads, slots, pages, work) -> None:
         """Record `pages` in the (empty) slots where `work`, taking segments off the stack."""
-        pages = pages.clamp(min=0)
-        rows = self.slot_row[slots].clamp(min=0)
-        seg_no = pages // self.segment_pages
-        flat = torch.where(work, self._dir_index(layer, heads, slots, pages), 0)
-        directory = self.directory.view(-1)
-        seg = directory[flat].long()  # [M]
-        need = work & (seg < 0)
-        # one new segment per distinct (row, head, segment number) of this layer
-        local = (rows * self.num_heads + heads) * self.dir_len + seg_no
-        size = self.directory.shape[0] * self.num_heads * self.dir_len
-        first = _first_index(local, need, size)  # [M] entry that allocates for this one
-        win = need & (first == torch.arange(first.numel(), device=self.device))
-        rank = win.long().cumsum(0) - 1
-        new = self.free_stack[(self.free_top - 1 - rank).clamp(min=0)]  # [M] meaningful at win
-        self.free_top -= win.sum()
-        _masked_set(directory, flat, new, win)
-        _masked_set(self.seg_home, torch.where(win, new, 0), flat, win)
-        seg = torch.where(need, new[first.clamp(min=0)], seg).clamp(min=0)
-        _masked_set(self.segments.view(-1), seg * self.segment_pages + pages % self.segment_pages,
-                    slots, work)  # fmt: skip
-        self.seg_count.index_add_(0, seg, work.to(torch.int32))
-        _masked_set(self.slot_page[layer].view(-1), heads * self.slot_page.shape[2] + slots,
-                    pages, work)  # fmt: skip
+        at = heads * self.slot_page.shape[2] + slots  # [M] in this layer's [H * Q]
+        maps = self._maps(self.slot_page[layer])
+        add_pages_ref(*maps, at, self.slot_row[slots], layer, heads, slots, pages, work)
+
+    def _maps(self, slot_page: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The forward map and free stack, then `slot_page` flat (`spin_retrieve`'s order)."""
+        return (self.directory, self.segments, self.seg_count, self.seg_home, self.free_stack,
+                self.free_top, slot_page.view(-1))  # fmt: skip
 
     def reserve(self, num_segments: int) -> None:
         """Make the free stack hold at least `num_segments` segments for the work launched
@@ -344,37 +300,6 @@ class ResidencyTable:
         return torch.where(
             seg >= 0, self.segments[seg.clamp(min=0), pages % self.segment_pages].long(), -1
         )
-
-
-def _masked_set(
-    flat: torch.Tensor,  # [N] a flat table (view), any dtype
-    index: torch.Tensor,  # [M] int64 (any value where ~work)
-    values: torch.Tensor,  # [M]
-    work: torch.Tensor,  # [M] bool; the indices where True are distinct
-) -> None:
-    """flat[index[i]] = values[i] for every i with work[i], with fixed shapes and no host
-    synchronisation: every entry adds (new - old) to its element, entries without work add 0 to
-    element 0 (integer tables: exact, also when uint8 wraps around)."""
-    idx = torch.where(work, index, 0)
-    delta = torch.where(work, values.to(flat.dtype) - flat[idx], 0).to(flat.dtype)
-    flat.index_add_(0, idx, delta)
-
-
-def _first_index(
-    key: torch.Tensor,  # [M] int64 in [0, size) where mask
-    mask: torch.Tensor,  # [M] bool
-    size: int,
-) -> torch.Tensor:  # [M] int64: lowest entry with mask and the same key; -1 where ~mask
-    ids = torch.arange(key.numel(), device=key.device)
-    claim = torch.full((size + 1,), key.numel(), dtype=torch.int64, device=key.device)
-    slot = torch.where(mask, key, size)  # size: a spare element for the entries without work
-    claim.scatter_reduce_(0, slot, ids, "amin")
-    return torch.where(mask, claim[slot], -1)
-
-
-def _first_of(key: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:  # [M] bool
-    """One entry per distinct key among the masked ones (the lowest index)."""
-    return mask & (_first_index(key, mask, size) == torch.arange(key.numel(), device=key.device))
 
 
 def _passed(event: torch.cuda.Event | None) -> bool:

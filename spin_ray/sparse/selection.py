@@ -1,5 +1,7 @@
-"""Per-step page choice of the decode sequences: sink + local window + the top-k scored pages
-in between, for each (sequence, KV head) — the runtime half of `select`."""
+"""Select: each decode step and offloaded layer, the algorithm scores the pages of every
+(sequence, KV head) from the query and its summaries (`SparseAlgorithm.page_scores`, the
+algorithm's half); the runtime's half picks sink + local window + the top-k scored pages in
+between (`select_pages`), within the step's `DecodeWindows`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 
 from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
 from spin_ray.kernels.partition_topk import partition_topk, partition_topk_ref
+from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm
 from spin_ray.sparse.budget import PageBudget
 
 
@@ -105,3 +108,17 @@ def select_pages(
     sink = windows.sink_list.expand(b, h, -1)
     local = windows.local_list.expand(b, h, -1)
     return torch.cat([sink, chosen, local], dim=-1)
+
+
+def select(
+    algorithm: SparseAlgorithm,
+    layer: int,  # offloaded layer
+    q: torch.Tensor,  # [B, Hq, D] the decode tokens' queries
+    batch: SelectBatch,
+    windows: DecodeWindows,
+    topk: torch.Tensor | None = None,  # [B] int64 pages to select by score (<= windows.topk)
+) -> torch.Tensor:  # [B, Hkv, K] int64 logical pages, -1 = unused
+    """The pages each (sequence, KV head) attends in this layer: the algorithm scores, the
+    runtime picks (`select_pages`)."""
+    scores = algorithm.page_scores(layer, q, batch)  # [B, Hkv, maxp]
+    return select_pages(scores, windows, topk)
