@@ -18,6 +18,7 @@ metadata nor its vocabulary again (together ~10 s for SmolLM2's 49K-token vocabu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -160,9 +161,10 @@ def gguf_tensors(
 ) -> tuple[Iterator[tuple[str, Callable[[], torch.Tensor]]], int]:
     """(Hugging Face name, loader of its fp32 CPU tensor) for every tensor of the GGUF, in file
     order, and how many there are; a tensor is dequantized only when its loader is called."""
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
 
-    reader = GGUFReader(path)
+    stat = path.stat()
+    reader = _reader(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
     def load(tensor, hf_name: str) -> torch.Tensor:
         values = dequantize(tensor.data, tensor.tensor_type)
@@ -179,6 +181,16 @@ def gguf_tensors(
             yield hf_name, lambda tensor=tensor, hf_name=hf_name: load(tensor, hf_name)
 
     return tensors(), len(reader.tensors)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: Path, size: int, mtime_ns: int):
+    """The file's `gguf.GGUFReader` (memory-mapped), kept for the next load of the same file
+    (size and mtime in the key): parsing a GGUF's metadata, its vocabulary included, costs
+    seconds, and `spin-ray eval` builds one engine per setting."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
 
 
 def hf_tensor_name(gguf_name: str) -> str:
