@@ -5,9 +5,11 @@ answer greedily, the log-likelihood case's scored tokens teacher-forced."""
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 
+import torch
 from tqdm.auto import tqdm
 
 from spin_ray.config import resolve_dtype
@@ -87,6 +89,7 @@ def run_eval(config: EvalConfig, progress: bool = True) -> EvalResult:
         for setting in bar:
             bar.set_postfix_str(setting.label)
             _run_setting(config, setting, length, limit, cases, ll_case, kvs, result)
+            _free_engine_memory(config.device)
         results.append(result)
         del kvs
     return EvalResult(config, results, time.perf_counter() - start)
@@ -133,6 +136,14 @@ def _run_setting(
     result.hit_rates[setting.label] = stats.hits / stats.lookups if stats.lookups else None
 
 
+def _free_engine_memory(device: str) -> None:
+    """Give back the finished setting's KV cache before the next engine sizes its own from the
+    free GPU memory (the engine's objects refer to each other, so only a collection frees them)."""
+    gc.collect()
+    if str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        torch.cuda.empty_cache()
+
+
 def _engine(config: EvalConfig, setting: Setting, max_model_len: int, requests: int) -> LLMEngine:
     """The setting's engine, sized for every request at once."""
     tokens = requests * (max_model_len + 16)
@@ -148,6 +159,5 @@ def _engine(config: EvalConfig, setting: Setting, max_model_len: int, requests: 
             sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
             dense_layers=config.dense_layers,
         )  # fmt: skip
-        if config.device == "cpu":
-            kwargs["cpu_cache_tokens"] = tokens
+        kwargs["cpu_cache_tokens"] = tokens  # the default (a share of host RAM) is far more
     return LLM(**kwargs).llm_engine
