@@ -7,18 +7,13 @@ from collections.abc import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from spin_ray.config import (
-    CacheConfig,
-    EngineConfig,
-    SchedulerConfig,
-    resolve_device,
-    resolve_dtype,
-)
+from spin_ray.cache.config import CacheConfig
+from spin_ray.cache.stats import KVStats
+from spin_ray.config import EngineConfig, SchedulerConfig, resolve_device, resolve_dtype
 from spin_ray.engine.llm_engine import LLMEngine, Prompt
 from spin_ray.outputs import RequestOutput
 from spin_ray.sampling_params import SamplingParams
 from spin_ray.sparse.config import SparseConfig, sparse_config_from_args
-from spin_ray.sparse.stats import KVStats
 
 Message = Mapping[str, str]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spin_ray import SamplingParams
-from spin_ray.attention.step_buffers import bucket
+from spin_ray.device.step_buffers import bucket
 from spin_ray.engine.decode_graphs import DecodeGraphs, graph_batch_sizes
 
 PAGE = 8

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from spin_ray.attention.phase_timer import PhaseTimer
+from spin_ray.device.phase_timer import PhaseTimer
 
 
 def test_phases_add_up_and_untimed_reports_none():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from spin_ray.cache.layout import KVLayout
 from spin_ray.serve.placement import (
     OUTPUT_HISTORY,
-    KVLayout,
     OutputLengths,
     ReplicaStats,
     SentRequest,

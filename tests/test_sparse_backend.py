@@ -15,8 +15,8 @@ import spin_ray.sparse.retrieve as retrieve_module
 import spin_ray.sparse.selection as selection_module
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata
+from spin_ray.cache.config import CacheConfig
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
-from spin_ray.config import CacheConfig, EngineConfig
 from spin_ray.models.arch import ModelArch
 from spin_ray.sparse.build import build_tiered_cache
 from spin_ray.sparse.config import SparseConfig
@@ -83,19 +83,17 @@ def _run(
     sparse: SparseConfig, prompts, decodes, check, seed=0, holder=None, fused=False, slot_width=1
 ):
     """`slot_width`: the least width of the slot lists (what `presize` fixes for graphs)."""
-    config = EngineConfig(
-        model="test",
-        cache=CacheConfig(page_size=PAGE),
-        sparse=dataclasses.replace(
-            sparse,
-            cpu_cache_tokens=256 * PAGE,
-            gpu_cache_tokens=200 * PAGE,
-            fused_retrieve=fused,
-            check_invariants=True,
-        ),
+    sizes = dataclasses.replace(
+        sparse,
+        cpu_cache_tokens=256 * PAGE,
+        gpu_cache_tokens=200 * PAGE,
+        fused_retrieve=fused,
+        check_invariants=True,
     )
-    tiered = build_tiered_cache(config, ARCH, reserve_bytes=0)
-    manager, spin = tiered.manager, tiered.backend
+    tiered = build_tiered_cache(
+        sizes, CacheConfig(page_size=PAGE), ARCH, "cpu", torch.float32, reserve_bytes=0
+    )
+    manager, spin = tiered.page_tables, tiered.backend
     manager.slot_width = slot_width
     if holder is not None:
         holder["backend"] = spin
@@ -118,7 +116,7 @@ def _run(
             out = spin.forward(layer, q, k, v, 1 / math.sqrt(D))
             check(layer, meta, q, out, expected, dense)
         manager.check_integrity()
-    return spin.stats()
+    return tiered.stats()
 
 
 PROMPTS = {"a": 61, "b": 45, "c": 30}

@@ -6,9 +6,9 @@ import torch
 
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
-from spin_ray.attention.phase_timer import PhaseTimer
-from spin_ray.attention.step_buffers import bucket, to_device_async
 from spin_ray.cache.kv_cache import KVCache
+from spin_ray.device.phase_timer import PhaseTimer
+from spin_ray.device.step_buffers import bucket, to_device_async
 from spin_ray.kernels.paged_attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,

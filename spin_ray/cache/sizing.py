@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spin_ray.config import CacheConfig
+from spin_ray.cache.config import CacheConfig
 
 
 def activation_reserve_bytes(
@@ -43,7 +43,7 @@ def num_kv_pages(
     return pages
 
 
-def gpu_kv_budget_bytes(device: str, utilization: float, reserve: int) -> int:
+def gpu_kv_budget_bytes(device: str | torch.device, utilization: float, reserve: int) -> int:
     """Bytes the KV cache may take on a CUDA device: `utilization × total`, less what is
     allocated now and `reserve` (weights not yet loaded, activations); may be <= 0."""
     free, total = torch.cuda.mem_get_info(torch.device(device))

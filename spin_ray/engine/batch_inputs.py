@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
-from spin_ray.attention.step_buffers import StepBuffers, bucket, to_device_async, to_step
+from spin_ray.device.step_buffers import StepBuffers, bucket, to_device_async, to_step
 from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.scheduler import SchedulerOutput
 

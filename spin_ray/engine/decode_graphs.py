@@ -26,7 +26,7 @@ import time
 import torch
 
 from spin_ray.attention.backend import GraphKey
-from spin_ray.attention.step_buffers import StepBuffers
+from spin_ray.device.step_buffers import StepBuffers
 from spin_ray.engine.batch_inputs import BatchInputs, GraphBatch
 
 logger = logging.getLogger(__name__)

@@ -11,17 +11,15 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from spin_ray.attention.dense import DenseAttentionBackend
-from spin_ray.cache.kv_cache import KVCache, KVCacheShape
-from spin_ray.cache.page_pool import PagePool
-from spin_ray.cache.page_table import PageTables
-from spin_ray.cache.sizing import activation_reserve_bytes, num_kv_pages
+from spin_ray.cache.sizing import activation_reserve_bytes
+from spin_ray.cache.stats import KVStats
 from spin_ray.config import DEFAULT_CHUNK_TOKENS, WARMUP_OUTPUT_TOKENS, EngineConfig
 from spin_ray.engine.batch_inputs import GraphBatch, build_batch_inputs
 from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.host_page_tables import HostPageTables
 from spin_ray.engine.in_flight import InFlightStep
+from spin_ray.engine.kv_cache import build_kv_cache
 from spin_ray.engine.prompt_kv import PromptKV
 from spin_ray.engine.request import Request, RequestStatus
 from spin_ray.engine.sampler import Sampler
@@ -39,9 +37,6 @@ from spin_ray.models.loader import (
 from spin_ray.models.named_shapes import is_named_shape
 from spin_ray.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from spin_ray.sampling_params import SamplingParams
-from spin_ray.sparse.backend import SpinAttentionBackend
-from spin_ray.sparse.build import build_tiered_cache
-from spin_ray.sparse.stats import KVStats
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +46,7 @@ Prompt = str | list[int] | Mapping[str, object]
 
 
 class LLMEngine:
-    """Owns the model, the paged KV cache, the scheduler and the sampler."""
+    """Owns the model, the KV cache, the scheduler and the sampler."""
 
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.device = torch.device(config.device)
@@ -68,35 +63,16 @@ class LLMEngine:
             sched.max_num_seqs,
             config.dtype,
         )
-        page_size = config.cache.page_size
-        tiered = None
-        if config.sparse is not None and config.sparse.offloads:
-            tiered = build_tiered_cache(config, arch, reserve)
-            num_pages, capacity = tiered.manager.pool.num_pages, tiered.capacity_tokens
-        else:
-            bytes_per_token = KVCacheShape(
-                arch.num_layers, 0, page_size, arch.num_kv_heads, arch.head_dim
-            ).bytes_per_token(config.dtype)
-            num_pages = num_kv_pages(config.cache, config.device, bytes_per_token, reserve)
-            capacity = num_pages * page_size
+        self.kv_cache = kv_cache = build_kv_cache(config, arch, reserve)
+        """The KV cache (`EngineKVCache`): page tables, attention backend, stats, layout."""
+        capacity = kv_cache.capacity_tokens
         if sched.max_model_len is None:
             model_limit = min(arch.max_position_embeddings, arch.sliding_window or capacity)
             sched = dataclasses.replace(sched, max_model_len=min(model_limit, capacity))
         sched = sched.resolved(arch.max_position_embeddings, capacity)
         self.config = config = dataclasses.replace(config, scheduler=sched)
-
-        if tiered is not None:  # sparse attention over a CPU tier + HBM working sets
-            self.page_tables, self.backend = tiered.manager, tiered.backend
-            tiered.manager.presize(
-                sched.max_num_seqs, sched.max_model_len, tiered.backend.retrievals_per_layer
-            )
-        else:
-            shape = KVCacheShape(
-                arch.num_layers, num_pages, page_size, arch.num_kv_heads, arch.head_dim
-            )
-            self.kv_cache = KVCache(shape, config.dtype, config.device)
-            self.page_tables = PageTables(PagePool(num_pages), page_size)
-            self.backend = DenseAttentionBackend(self.kv_cache)
+        kv_cache.presize(sched.max_num_seqs, sched.max_model_len)
+        self.page_tables, self.backend = kv_cache.page_tables, kv_cache.backend
         self.host_page_tables = HostPageTables(self.page_tables.tables)
         self.model = _load_model(config, arch, self.backend, progress)
         self.decode_graphs: DecodeGraphs | None = None
@@ -118,9 +94,7 @@ class LLMEngine:
         self.default_generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = Sampler(self.default_generator)
         self.requests: dict[str, Request] = {}
-        self.detokenizers: dict[str, Detokenizer] = {}
-        self.generators: dict[str, torch.Generator] = {}
-        self.logprobs: dict[str, list[TokenLogprob]] = {}
+        """Every request added and not finished (or aborted) yet, by id."""
         self.in_flight: InFlightStep | None = None
         """The step launched last, its tokens not read yet (async scheduling)."""
         self.last_step_tokens = 0
@@ -137,8 +111,8 @@ class LLMEngine:
         )
         logger.info(
             "KV cache: %d pages × %d tokens; max_model_len %d",
-            num_pages,
-            page_size,
+            self.page_tables.pool.num_pages,
+            self.page_tables.page_size,
             sched.max_model_len,
         )
 
@@ -174,19 +148,23 @@ class LLMEngine:
         if prompt_kv is not None:
             arch = self.arch
             prompt_kv.check_fits(arch.num_layers, arch.num_kv_heads, arch.head_dim, len(token_ids))
-        request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival_time)
+        detokenizer = Detokenizer(self.tokenizer, token_ids, params, self.eos_token_ids, max_len)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        request = Request(
+            request_id,
+            token_ids,
+            params,
+            detokenizer,
+            prompt=text,
+            arrival_time=arrival_time,
+            generator=generator,
+        )
         if prompt_kv is not None:
             request.prompt_kv = prompt_kv
             request.num_computed_tokens = prompt_kv.num_tokens
         self.requests[request_id] = request
-        self.detokenizers[request_id] = Detokenizer(
-            self.tokenizer, token_ids, params, self.eos_token_ids, max_len
-        )
-        self.logprobs[request_id] = []
-        if params.seed is not None:
-            self.generators[request_id] = torch.Generator(device=self.device).manual_seed(
-                params.seed
-            )
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> None:
@@ -216,15 +194,7 @@ class LLMEngine:
 
     def kv_stats(self) -> KVStats:
         """KV cache statistics: buffer lookups and hits, PCIe bytes, evictions, tier use."""
-        if isinstance(self.backend, SpinAttentionBackend):
-            return self.backend.stats()
-        per_page = self.arch.num_layers * self.arch.num_kv_heads  # pages hold every layer
-        pool = self.page_tables.pool
-        return KVStats(  # dense selects, fetches and indexes nothing
-            gpu_pages_used=pool.num_used * per_page,
-            gpu_pages_total=pool.num_pages * per_page,
-            attention_time_s=self.backend.timer.seconds()["attention"],
-        )
+        return self.kv_cache.stats()
 
     def warm_up(self) -> None:
         """Compile and capture before the first request, as vLLM does at start-up: two requests
@@ -339,7 +309,7 @@ class LLMEngine:
             sampled = self.sampler.sample_async(
                 torch.cat(logits) if len(logits) > 1 else logits[0],
                 [r.sampling_params for r in requests],
-                [self.generators.get(r.request_id) for r in requests],
+                [r.generator for r in requests],
                 [_forced_token(r) for r in requests],
             )
             for request in requests:
@@ -412,8 +382,8 @@ class LLMEngine:
         if request.first_token_time is None:
             request.first_token_time = now
         if logprob is not None:
-            self.logprobs[request.request_id].append(logprob)
-        finish = self.detokenizers[request.request_id].append(token_id)
+            request.logprobs.append(logprob)
+        finish = request.detokenizer.append(token_id)
         if finish is not None:
             request.stop_reason = finish.stop_reason
             status = _FINISH_STATUS[finish.reason]
@@ -429,14 +399,12 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         completion = CompletionOutput(
             index=0,
-            text=self.detokenizers[request.request_id].text,
+            text=request.detokenizer.text,
             token_ids=list(request.output_token_ids),
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             logprobs=(
-                list(self.logprobs[request.request_id])
-                if request.sampling_params.logprobs is not None
-                else None
+                list(request.logprobs) if request.sampling_params.logprobs is not None else None
             ),
         )
         metrics = RequestMetrics(
@@ -458,9 +426,6 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
-        self.detokenizers.pop(request_id, None)
-        self.generators.pop(request_id, None)
-        self.logprobs.pop(request_id, None)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import enum
 import time
 
+import torch
+
+from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.prompt_kv import PromptKV
+from spin_ray.outputs import TokenLogprob
 from spin_ray.sampling_params import SamplingParams
 
 
@@ -26,7 +30,7 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """Prompt, generated tokens and progress of one request.
+    """Prompt, generated tokens, progress and output state of one request.
 
     `num_computed_tokens` counts tokens whose KV is stored; the request's next step computes
     tokens from there on. Preemption (recompute) resets it to 0 and keeps the output tokens,
@@ -42,8 +46,10 @@ class Request:
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
+        detokenizer: Detokenizer,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        generator: torch.Generator | None = None,
     ):
         self.request_id = request_id
         self.prompt = prompt
@@ -64,6 +70,12 @@ class Request:
         self.num_preemptions = 0
         self.prompt_kv: PromptKV | None = None
         """K/V of the prompt's first tokens computed elsewhere, not stored yet (`PromptKV`)."""
+        self.detokenizer = detokenizer
+        """Turns the output tokens into text and says when the request stops."""
+        self.generator = generator
+        """The request's own random generator (`SamplingParams.seed`); None: the engine's."""
+        self.logprobs: list[TokenLogprob] = []
+        """Log-probabilities of the output tokens, when `SamplingParams.logprobs` asks."""
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without concatenating the two lists (known

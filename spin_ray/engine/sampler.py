@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spin_ray.attention.step_buffers import stream_mark, to_device_async, to_host_async
+from spin_ray.device.step_buffers import stream_mark, to_device_async, to_host_async
 from spin_ray.outputs import TokenLogprob
 from spin_ray.sampling_params import SamplingParams
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from spin_ray.cache.stats import KVStats
 from spin_ray.engine.request import Request
-from spin_ray.sparse.stats import KVStats
 
 StepKind = Literal["decode", "mixed"]
 """A step that only decodes, or one with a prompt chunk (prefill, alone or beside decodes)."""

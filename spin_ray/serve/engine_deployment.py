@@ -16,13 +16,7 @@ from spin_ray.metrics.ray_sink import RaySink
 from spin_ray.outputs import RequestOutput
 from spin_ray.serve.async_engine import AsyncEngine
 from spin_ray.serve.engine_client import EngineRequest, ModelInfo
-from spin_ray.serve.placement import (
-    KVLayout,
-    OutputLengths,
-    ReplicaStats,
-    WorkingSet,
-    predict_working_set,
-)
+from spin_ray.serve.placement import OutputLengths, ReplicaStats, WorkingSet, predict_working_set
 
 
 class SpinEngine:
@@ -30,7 +24,6 @@ class SpinEngine:
         """`default_output_tokens`: the output length expected of a request (at most its
         max_tokens) until this replica has seen requests finish (placement.py)."""
         from spin_ray.llm import LLM
-        from spin_ray.sparse.manager import TieredCacheManager
 
         engine = LLM(**llm_kwargs).llm_engine
         if engine.device.type == "cuda":  # compile and capture now, not in the first requests
@@ -39,13 +32,8 @@ class SpinEngine:
         self.metrics = EngineMetrics(RaySink(), engine_labels(engine.config), engine.kv_stats())
         engine.stat_loggers.append(self.metrics)
         self.engine = AsyncEngine(engine)
-        capacity = engine.page_tables
-        if isinstance(capacity, TieredCacheManager):  # context in host memory, slots in HBM
-            self.hbm_pool, self.host_pool = capacity.slot_pool, capacity.pool
-            self.layout = KVLayout(capacity.page_size, capacity.budget)
-        else:  # every page in the device pool
-            self.hbm_pool, self.host_pool = capacity.pool, None
-            self.layout = KVLayout(capacity.page_size)
+        self.kv_cache = engine.kv_cache
+        self.layout = engine.kv_cache.layout
         self.info = ModelInfo(max_model_len=engine.config.scheduler.max_model_len)
         self.default_output_tokens = default_output_tokens
         self.output_lengths = OutputLengths()
@@ -78,14 +66,14 @@ class SpinEngine:
     def record_routing_stats(self) -> dict[str, Any]:
         """`ReplicaStats` as a dict, polled by Ray Serve for the router."""
         load = self.engine.load()
-        hbm_used = self.hbm_pool.num_used
-        host_used = self.host_pool.num_used if self.host_pool is not None else 0
+        usage = self.kv_cache.usage()
+        hbm_used, host_used = usage.hbm_pages_used, usage.host_pages_used
         return ReplicaStats(
             timestamp=time.time(),
             layout=self.layout,
-            hbm_pages_total=self.hbm_pool.num_pages,
+            hbm_pages_total=usage.hbm_pages_total,
             hbm_pages_committed=max(sum(w.hbm_pages for w in self.working_sets.values()), hbm_used),
-            host_pages_total=self.host_pool.num_pages if self.host_pool is not None else 0,
+            host_pages_total=usage.host_pages_total,
             host_pages_committed=max(
                 sum(w.host_pages for w in self.working_sets.values()), host_used
             ),

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
+from spin_ray.cache.layout import KVLayout
 from spin_ray.sparse.budget import PageBudget
 
 
@@ -97,25 +98,6 @@ class WorkingSetDemand:
     def expecting(self, output_tokens: int) -> WorkingSetDemand:
         """This demand, expected to generate `output_tokens` (at most max_tokens)."""
         return dataclasses.replace(self, expected_output_tokens=max(1, output_tokens))
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """How a replica keeps KV: all in HBM (dense), or the context in the host tier with HBM
-    working sets sized by `budget`."""
-
-    page_size: int
-    """Tokens per page."""
-    budget: PageBudget | None = None
-    """The sparse engine's page budget; None for a dense engine."""
-
-    def __post_init__(self) -> None:
-        if self.page_size < 1:
-            raise ValueError(f"page_size: must be >= 1, got {self.page_size}")
-        if self.budget is not None and self.budget.page_size != self.page_size:
-            raise ValueError(
-                f"budget: its page_size {self.budget.page_size} differs from {self.page_size}"
-            )
 
 
 @dataclass(frozen=True)

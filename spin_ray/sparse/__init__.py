@@ -2,7 +2,7 @@
 step attends to a query-selected part of it, fetched into a per-request HBM buffer kept with a
 bucketed LRU (DESIGN.md §2–3)."""
 
+from spin_ray.cache.stats import KVStats
 from spin_ray.sparse.config import ALGORITHMS, MODES, SparseConfig
-from spin_ray.sparse.stats import KVStats
 
 __all__ = ["ALGORITHMS", "MODES", "KVStats", "SparseConfig"]

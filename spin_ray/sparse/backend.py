@@ -26,7 +26,7 @@ import torch
 from spin_ray.attention.backend import AttentionBackend, GraphKey
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata, StepSplit
-from spin_ray.attention.step_buffers import bucket
+from spin_ray.device.step_buffers import bucket
 from spin_ray.kernels.partition_topk import MAX_PARTITIONS
 from spin_ray.sparse.algorithms.base import SparseAlgorithm
 from spin_ray.sparse.budget import PageBudget
@@ -40,7 +40,6 @@ from spin_ray.sparse.offload import Offload
 from spin_ray.sparse.prefill import PrefillAttention
 from spin_ray.sparse.retrieve import BufferedRetrieve, Retrieve, StagedRetrieve
 from spin_ray.sparse.selection import select
-from spin_ray.sparse.stats import KVStats
 from spin_ray.sparse.tiers import DeviceTier, HostTier
 
 
@@ -210,16 +209,3 @@ class SpinAttentionBackend(AttentionBackend):
         self.index.release(request_id)
         if self.dense is not None:
             self.dense.release(request_id)
-
-    def stats(self) -> KVStats:
-        manager = self.manager
-        per_slot = self.gpu.k.shape[0] * self.gpu.k.shape[1]  # tier layers × heads
-        per_page = self.host.k.shape[0] * self.host.k.shape[2]  # offloaded layers × heads
-        return self.counters.snapshot(
-            gpu_pages_used=manager.slot_pool.num_used * per_slot,
-            gpu_pages_buffer=manager.num_buffer_slots * per_slot,
-            gpu_pages_total=manager.slot_pool.num_pages * per_slot,
-            cpu_pages_used=manager.pool.num_used * per_page,
-            cpu_pages_total=manager.pool.num_pages * per_page,
-            metadata_bytes=self.residency.metadata_bytes,
-        )

@@ -1,5 +1,7 @@
-"""Assemble the tiered KV cache for an engine: size both tiers, build the algorithm, the cache
-manager (the scheduler's capacity object) and the attention backend."""
+"""The tiered (SPIN) KV cache (an `EngineKVCache`, spin_ray/engine/kv_cache.py): every
+request's context in a CPU tier, HBM slots for the working set its sparse attention reads.
+`build_tiered_cache` sizes both tiers and builds the algorithm, the cache manager (the
+scheduler's capacity object) and the attention backend."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ from dataclasses import dataclass
 import torch
 
 from spin_ray.attention.dense import DenseAttentionBackend
+from spin_ray.cache.config import CacheConfig
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
+from spin_ray.cache.layout import KVLayout, PageUsage
 from spin_ray.cache.sizing import gpu_kv_budget_bytes
-from spin_ray.config import EngineConfig
+from spin_ray.cache.stats import KVStats
 from spin_ray.models.arch import ModelArch
 from spin_ray.sparse.algorithms import SparseGeometry, build_algorithm
 from spin_ray.sparse.backend import SpinAttentionBackend
 from spin_ray.sparse.budget import PageBudget
+from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.residency import ResidencyTable
 from spin_ray.sparse.stats import KVCounters
@@ -24,31 +29,71 @@ from spin_ray.sparse.tiers import DeviceTier, HostTier
 
 @dataclass(frozen=True)
 class TieredKVCache:
-    manager: TieredCacheManager
-    """Capacity object for the scheduler (PageTables interface)."""
+    """A request holds CPU-tier pages for its whole context (the engine's page ids) and HBM
+    slots for its working set; a slot holds one page of every tier layer and KV head."""
+
+    page_tables: TieredCacheManager
+    """The scheduler's capacity object: CPU-tier pages and HBM slots."""
     backend: SpinAttentionBackend
     capacity_tokens: int
     """Longest sequence both tiers can hold (CPU-tier pages and the HBM working-set floor)."""
+    pages_per_slot: int
+    """(layer, KV head) pages one HBM slot holds: tier layers × KV heads."""
+    pages_per_host_page: int
+    """(layer, KV head) pages one CPU-tier page holds: offloaded layers × KV heads."""
+
+    @property
+    def layout(self) -> KVLayout:
+        return KVLayout(self.page_tables.page_size, self.page_tables.budget)
+
+    def presize(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Residency tables and slot lists at serving's largest (`TieredCacheManager.presize`)."""
+        retrievals = self.backend.retrievals_per_layer
+        self.page_tables.presize(max_num_seqs, max_model_len, retrievals)
+
+    def stats(self) -> KVStats:
+        """The counters' totals (reads them from the device) and the tiers' gauges, pages in
+        (layer, KV head) units."""
+        manager, per_slot = self.page_tables, self.pages_per_slot
+        per_page = self.pages_per_host_page
+        return manager.counters.snapshot(
+            gpu_pages_used=manager.slot_pool.num_used * per_slot,
+            gpu_pages_buffer=manager.num_buffer_slots * per_slot,
+            gpu_pages_total=manager.slot_pool.num_pages * per_slot,
+            cpu_pages_used=manager.pool.num_used * per_page,
+            cpu_pages_total=manager.pool.num_pages * per_page,
+            metadata_bytes=manager.residency.metadata_bytes,
+        )
+
+    def usage(self) -> PageUsage:
+        slots, pages = self.page_tables.slot_pool, self.page_tables.pool
+        return PageUsage(slots.num_used, slots.num_pages, pages.num_used, pages.num_pages)
 
 
-def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int) -> TieredKVCache:
+def build_tiered_cache(
+    sparse: SparseConfig,
+    cache: CacheConfig,
+    arch: ModelArch,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    reserve_bytes: int,
+) -> TieredKVCache:
     """`reserve_bytes`: GPU memory to leave for weights not yet loaded and activations."""
-    sparse = config.sparse
-    assert sparse is not None and sparse.offloads
-    page_size = config.cache.page_size
+    assert sparse.offloads
+    page_size = cache.page_size
     sparse.check_page_size(page_size)
     first = sparse.effective_dense_layers
     if first >= arch.num_layers:
         raise ValueError(
             f"dense_layers: {first} leaves none of the model's {arch.num_layers} layers sparse"
         )
-    device, dtype = torch.device(config.device), config.dtype
+    device = torch.device(device)
     heads, head_dim = arch.num_kv_heads, arch.head_dim
     offloaded = arch.num_layers - first
     itemsize = torch.empty((), dtype=dtype).element_size()
     page_run = 2 * page_size * heads * head_dim * itemsize  # K+V of one page, one layer
 
-    num_cpu_pages = _cpu_pages(config, offloaded * page_run)
+    num_cpu_pages = _cpu_pages(sparse, cache, device, offloaded * page_run)
     try:
         host = HostTier(offloaded, num_cpu_pages, heads, page_size, head_dim, dtype, device)
     except RuntimeError as err:  # pinning fails with a CUDA out-of-memory error
@@ -82,7 +127,9 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
     )
 
     tier_layers = offloaded if sparse.retains else 1
-    num_slots = _gpu_slots(config, num_cpu_pages, tier_layers * page_run, reserve_bytes)
+    num_slots = _gpu_slots(
+        sparse, cache, device, num_cpu_pages, tier_layers * page_run, reserve_bytes
+    )
     gpu = DeviceTier(tier_layers, num_slots, heads, page_size, head_dim, dtype, device)
     residency = ResidencyTable(
         tier_layers, heads, num_slots, sparse.segment_pages, sparse.lru_buckets, device
@@ -104,7 +151,7 @@ def build_tiered_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int
             f"gpu_cache_tokens: {num_slots * page_size} tokens of HBM slots cannot hold the "
             "working set of even a short request; raise it"
         )
-    return TieredKVCache(manager, backend, capacity)
+    return TieredKVCache(manager, backend, capacity, tier_layers * heads, offloaded * heads)
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
@@ -113,13 +160,14 @@ def _out_of_memory(err: RuntimeError) -> bool:
     return "out of memory" in message or "can't allocate memory" in message
 
 
-def _cpu_pages(config: EngineConfig, page_bytes: int) -> int:
-    sparse, cache = config.sparse, config.cache
+def _cpu_pages(
+    sparse: SparseConfig, cache: CacheConfig, device: torch.device, page_bytes: int
+) -> int:
     if sparse.cpu_cache_tokens is not None:
         return max(1, sparse.cpu_cache_tokens // cache.page_size)
     if cache.num_pages is not None:
         return cache.num_pages
-    if not config.device.startswith("cuda"):
+    if device.type != "cuda":
         return cache.cpu_kv_tokens // cache.page_size
     available = _available_host_bytes()
     pages = int(available * sparse.host_memory_fraction) // page_bytes
@@ -131,13 +179,19 @@ def _cpu_pages(config: EngineConfig, page_bytes: int) -> int:
     return pages
 
 
-def _gpu_slots(config: EngineConfig, num_cpu_pages: int, slot_bytes: int, reserve: int) -> int:
-    sparse, cache = config.sparse, config.cache
+def _gpu_slots(
+    sparse: SparseConfig,
+    cache: CacheConfig,
+    device: torch.device,
+    num_cpu_pages: int,
+    slot_bytes: int,
+    reserve: int,
+) -> int:
     if sparse.gpu_cache_tokens is not None:
         return max(1, sparse.gpu_cache_tokens // cache.page_size)
-    if not config.device.startswith("cuda"):
+    if device.type != "cuda":
         return num_cpu_pages
-    budget = gpu_kv_budget_bytes(config.device, cache.gpu_memory_utilization, reserve)
+    budget = gpu_kv_budget_bytes(device, cache.gpu_memory_utilization, reserve)
     slots = budget // slot_bytes
     if slots < 1:
         raise ValueError(

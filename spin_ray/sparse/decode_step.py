@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata
-from spin_ray.attention.step_buffers import StepBuffers, to_device_async, to_step
+from spin_ray.device.step_buffers import StepBuffers, to_device_async, to_step
 from spin_ray.sparse.algorithms.base import SelectBatch
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager

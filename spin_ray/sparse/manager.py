@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from spin_ray.attention.step_buffers import bucket
 from spin_ray.cache.page_pool import CacheIntegrityError, PagePool
+from spin_ray.device.step_buffers import bucket
 from spin_ray.kernels.lru_victims import lru_keys_ref, lru_num_keys, lru_victims_ref
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.residency import ResidencyTable

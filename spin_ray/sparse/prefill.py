@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk, StepSplit
-from spin_ray.attention.step_buffers import to_device_async
+from spin_ray.device.step_buffers import to_device_async
 from spin_ray.kernels.paged_attention_ref import prefill_attention_ref
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.stats import KVCounters

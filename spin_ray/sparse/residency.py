@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from spin_ray.attention.step_buffers import stream_mark, to_device_async, to_host_async
 from spin_ray.cache.page_pool import CacheIntegrityError
+from spin_ray.device.step_buffers import stream_mark, to_device_async, to_host_async
 from spin_ray.kernels.residency_ref import (
     add_pages_ref,
     drop_pages_ref,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spin_ray.attention.step_buffers import StepBuffers, bucket, to_step
+from spin_ray.device.step_buffers import StepBuffers, bucket, to_step
 from spin_ray.kernels.partition_topk import partition_topk, partition_topk_ref
 from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm
 from spin_ray.sparse.budget import PageBudget
