@@ -61,7 +61,7 @@ def main() -> int:
 
     from spin_ray import LLM, SamplingParams
     from spin_ray.bench.report import environment
-    from spin_ray.config import resolve_device
+    from spin_ray.engine.config import resolve_device
     from spin_ray.engine.decode_graphs import graph_batch_sizes
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

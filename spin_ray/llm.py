@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from spin_ray.cache.config import CacheConfig
 from spin_ray.cache.stats import KVStats
-from spin_ray.config import EngineConfig, SchedulerConfig, resolve_device, resolve_dtype
+from spin_ray.engine.config import EngineConfig, SchedulerConfig, resolve_device, resolve_dtype
 from spin_ray.engine.llm_engine import LLMEngine, Prompt
 from spin_ray.outputs import RequestOutput
 from spin_ray.sampling_params import SamplingParams

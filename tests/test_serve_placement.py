@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from spin_ray.cache.layout import KVLayout
+from spin_ray.engine.kv_layout import KVLayout
 from spin_ray.serve.placement import (
     OUTPUT_HISTORY,
     OutputLengths,

@@ -17,8 +17,8 @@ from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.attention.metadata import AttentionMetadata
 from spin_ray.cache.config import CacheConfig
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
+from spin_ray.engine.tiered_kv_cache import build_tiered_cache
 from spin_ray.models.arch import ModelArch
-from spin_ray.sparse.build import build_tiered_cache
 from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.manager import TieredCacheManager
 

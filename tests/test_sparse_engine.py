@@ -355,7 +355,7 @@ def test_lookahead_needs_the_spin_mode_and_room_for_two_selections(fields):
 def test_a_cpu_tier_that_cannot_be_allocated_names_the_setting(make_llm, monkeypatch):
     """Pinning too much host memory fails with a CUDA out-of-memory error; the engine says
     which setting to lower and how much it asked for. Other errors pass through unchanged."""
-    import spin_ray.sparse.build as build
+    import spin_ray.engine.tiered_kv_cache as build
 
     def refuse(message):
         def host_tier(*args):

@@ -21,7 +21,7 @@ from spin_ray.bench.workloads import (
     build_requests,
     sample_lengths,
 )
-from spin_ray.config import DEFAULT_CHUNK_TOKENS, WARMUP_OUTPUT_TOKENS
+from spin_ray.engine.config import DEFAULT_CHUNK_TOKENS, WARMUP_OUTPUT_TOKENS
 
 COUNTER_STATS = (
     "preemptions",

@@ -15,7 +15,7 @@ from pathlib import Path
 from spin_ray.bench.config import BenchConfig
 from spin_ray.bench.engines import free_gpu_memory
 from spin_ray.bench.workloads import BenchRequest
-from spin_ray.config import DEFAULT_CHUNK_TOKENS, resolve_device, resolve_dtype
+from spin_ray.engine.config import DEFAULT_CHUNK_TOKENS, resolve_device, resolve_dtype
 from spin_ray.models.loader import resolve_model_path
 from spin_ray.models.named_shapes import is_named_shape, named_shape_config
 

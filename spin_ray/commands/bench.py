@@ -177,7 +177,7 @@ def bench_config(args: argparse.Namespace):
 
 def _check_before_running(config, plot_dir: str | None) -> None:
     """What would otherwise fail only once engines are built, or after the whole run."""
-    from spin_ray.config import resolve_device, resolve_dtype
+    from spin_ray.engine.config import resolve_device, resolve_dtype
     from spin_ray.models.loader import model_arch
 
     model_arch(config.model)  # an unknown model or folder
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from spin_ray.bench.runner import run_benchmark
     from spin_ray.bench.summary import compare_modes, summarize
-    from spin_ray.config import resolve_device
+    from spin_ray.engine.config import resolve_device
 
     config = bench_config(args)
     env = environment(resolve_device(config.device))

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spin_ray.config import resolve_device
+    from spin_ray.engine.config import resolve_device
     from spin_ray.eval.config import EvalConfig, Setting
     from spin_ray.eval.report import markdown, plot, write_json
     from spin_ray.eval.runner import run_eval

@@ -10,11 +10,11 @@ import torch
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.cache.config import CacheConfig
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
-from spin_ray.cache.layout import KVLayout, PageUsage
 from spin_ray.cache.page_pool import PagePool
 from spin_ray.cache.page_table import PageTables
 from spin_ray.cache.sizing import num_kv_pages
 from spin_ray.cache.stats import KVStats
+from spin_ray.engine.kv_layout import KVLayout, PageUsage
 from spin_ray.models.arch import ModelArch
 
 

@@ -3,8 +3,8 @@
 
 - `DenseKVCache` (engine/dense_kv_cache.py): every layer's KV in one pool of HBM pages, dense
   paged attention over it.
-- `TieredKVCache` (sparse/build.py): every request's context in a CPU tier, HBM slots for the
-  working set its sparse attention reads (SPIN).
+- `TieredKVCache` (engine/tiered_kv_cache.py): every request's context in a CPU tier, HBM slots
+  for the working set its sparse attention reads (SPIN).
 
 Everything outside the factory talks to the contract: the scheduler to `page_tables`, the model
 to `backend`, the engine to `capacity_tokens`, `presize` and `stats`, the serve replica to
@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Protocol
 
 from spin_ray.attention.backend import AttentionBackend
-from spin_ray.cache.layout import KVLayout, PageUsage
 from spin_ray.cache.page_pool import PagePool
 from spin_ray.cache.stats import KVStats
-from spin_ray.config import EngineConfig
+from spin_ray.engine.config import EngineConfig
 from spin_ray.engine.dense_kv_cache import build_dense_cache
+from spin_ray.engine.kv_layout import KVLayout, PageUsage
 from spin_ray.engine.scheduler import KVCapacity
+from spin_ray.engine.tiered_kv_cache import build_tiered_cache
 from spin_ray.models.arch import ModelArch
-from spin_ray.sparse.build import build_tiered_cache
 
 
 class KVPageTables(KVCapacity, Protocol):

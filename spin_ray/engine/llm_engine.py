@@ -13,8 +13,8 @@ import torch
 
 from spin_ray.cache.sizing import activation_reserve_bytes
 from spin_ray.cache.stats import KVStats
-from spin_ray.config import DEFAULT_CHUNK_TOKENS, WARMUP_OUTPUT_TOKENS, EngineConfig
 from spin_ray.engine.batch_inputs import GraphBatch, build_batch_inputs
+from spin_ray.engine.config import DEFAULT_CHUNK_TOKENS, WARMUP_OUTPUT_TOKENS, EngineConfig
 from spin_ray.engine.decode_graphs import DecodeGraphs
 from spin_ray.engine.detokenizer import Detokenizer
 from spin_ray.engine.host_page_tables import HostPageTables

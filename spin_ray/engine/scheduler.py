@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from spin_ray.config import SchedulerConfig
+from spin_ray.engine.config import SchedulerConfig
 from spin_ray.engine.request import Request, RequestStatus
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from spin_ray.config import resolve_dtype
+from spin_ray.engine.config import resolve_dtype
 from spin_ray.engine.llm_engine import LLMEngine
 from spin_ray.engine.prompt_kv import PromptKV
 from spin_ray.eval.config import EvalConfig, Setting

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from spin_ray.cache.stats import KVStats
-from spin_ray.config import EngineConfig
+from spin_ray.engine.config import EngineConfig
 from spin_ray.engine.stats import EngineStats
 from spin_ray.metrics import definitions as m
 from spin_ray.metrics.sink import MetricSink

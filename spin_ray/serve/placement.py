@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
-from spin_ray.cache.layout import KVLayout
+from spin_ray.engine.kv_layout import KVLayout
 from spin_ray.sparse.budget import PageBudget
 
 

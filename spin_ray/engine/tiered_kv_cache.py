@@ -13,9 +13,9 @@ import torch
 from spin_ray.attention.dense import DenseAttentionBackend
 from spin_ray.cache.config import CacheConfig
 from spin_ray.cache.kv_cache import KVCache, KVCacheShape
-from spin_ray.cache.layout import KVLayout, PageUsage
 from spin_ray.cache.sizing import gpu_kv_budget_bytes
 from spin_ray.cache.stats import KVStats
+from spin_ray.engine.kv_layout import KVLayout, PageUsage
 from spin_ray.models.arch import ModelArch
 from spin_ray.sparse.algorithms import SparseGeometry, build_algorithm
 from spin_ray.sparse.backend import SpinAttentionBackend
