@@ -83,7 +83,7 @@ def main() -> None:
 def _decode_stats(name, args, length, budget, ratio, context, forced, kv):
     """`KVStats` of the forced decode steps (prefill does no lookups)."""
     llm = LLM(model=name, device=args.device, max_model_len=length, max_num_seqs=1,
-              cpu_kv_tokens=length + 64, progress=False, sparse=args.algorithm, mode="spin",
+              cpu_kv_tokens=length + 64, progress=False, sparse=args.algorithm,
               token_budget=budget, buffer_ratio=ratio, min_buffer_ratio=min(4.0, ratio),
               sink_tokens=args.sink_tokens, local_tokens=args.local_tokens,
               cpu_cache_tokens=length + 64)  # fmt: skip

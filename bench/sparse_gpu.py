@@ -167,6 +167,8 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
     prompts prefill in 512-token chunks, so later chunks read their prefix back ahead of each
     layer and decodes of earlier prompts run beside them as split graph steps)."""
     from spin_ray import LLM, SamplingParams
+    from spin_ray.sparse import SparseConfig
+    from spin_ray.sparse.presets import preset
 
     lengths = (90, 200, 333) if quick else (300, 900, 1500, 2100)
     prompts = [
@@ -181,19 +183,18 @@ def check_engine_tokens(device: str, quick: bool) -> list[dict]:
     del dense
     kv_tokens = sum(lengths) + len(lengths) * 32
     rows = []
-    cases = [(a, "spin") for a in ("dense", "quest", "shadowkv", "retroinfer", "seer")]
+    cases = [(a, "spin") for a in ("full", "quest", "shadowkv", "retroinfer", "seer")]
     cases += [("quest", "sparse-naive"), ("quest", "dense-offload"), ("quest", "spin+lookahead")]
     for algorithm, mode in cases:
-        llm = LLM(
-            **common,
-            sparse=algorithm,
-            mode=mode.removesuffix("+lookahead"),
+        spin = SparseConfig(
+            algorithm=algorithm,
             lookahead=mode.endswith("+lookahead"),
             token_budget=1.0,
             dense_layers=1,
             cpu_cache_tokens=2 * kv_tokens,
             gpu_cache_tokens=kv_tokens // 2 if mode.startswith("spin") else 2 * kv_tokens,
         )
+        llm = LLM(**common, sparse=preset(mode.removesuffix("+lookahead"), spin))
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.llm_engine.check_integrity()
         same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
@@ -335,7 +336,7 @@ def measure_hit_rate(device: str, quick: bool, deadline: float, workload: tuple)
             device=device,
             progress=False,
             sparse="quest",
-            mode=mode,
+            tiers=mode,
             token_budget=budget,
             buffer_ratio=ratio,
             max_model_len=prompt_len + steps,

@@ -205,7 +205,6 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
 
     from spin_ray import LLM, SamplingParams
-    from spin_ray.sparse import SparseConfig
 
     torch.manual_seed(0)
     llm = LLM(
@@ -214,11 +213,12 @@ def main() -> None:
         page_size=16,
         progress=False,
         sparse="quest",
-        mode=args.mode,
+        tiers=args.mode,
         token_budget=args.token_budget,
         dense_layers=1,
         cpu_cache_tokens=args.requests * (args.context + 256),
-        sparse_config=SparseConfig(buffer_ratio=args.buffer_ratio, index_interval=8),
+        buffer_ratio=args.buffer_ratio,
+        index_interval=8,
         fused_retrieve=args.fused,
     )
     engine = llm.llm_engine

@@ -137,7 +137,7 @@ def main() -> None:
         if args.prefix_from_cpu:
             gpu_tokens = tokens // 2
         gpu_tokens = args.gpu_cache_tokens or gpu_tokens
-        sparse = dict(sparse="quest", mode=args.mode, token_budget=args.token_budget,
+        sparse = dict(sparse="quest", tiers=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
                       buffer_ratio=args.buffer_ratio,
                       lookahead=args.lookahead or None,

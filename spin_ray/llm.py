@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from spin_ray.cache.config import CacheConfig
 from spin_ray.cache.stats import KVStats
-from spin_ray.engine.config import EngineConfig, SchedulerConfig, resolve_device, resolve_dtype
 from spin_ray.engine.llm_engine import LLMEngine, Prompt
+from spin_ray.engine.options import engine_config, options_doc
 from spin_ray.outputs import RequestOutput
 from spin_ray.sampling_params import SamplingParams
-from spin_ray.sparse.config import SparseConfig, sparse_config_from_args
+from spin_ray.sparse.algorithm_config import AlgorithmConfig
+from spin_ray.sparse.config import SparseConfig
 
 Message = Mapping[str, str]
 
@@ -24,90 +25,25 @@ class LLM:
     >>> llm = LLM(model="spin-tiny", device="cpu")
     >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8))
     >>> out[0].outputs[0].text
+
+    `sparse` makes the KV cache tiered (SPIN): an algorithm's name ("quest", "shadowkv",
+    "retroinfer", "seer", "full") or settings (`spin_ray.sparse.ShadowKVConfig(chunk_size=4)`),
+    a whole `SparseConfig`, or a mapping of its fields; without it (and without any
+    SparseConfig option) the engine is dense, all KV in HBM. `metrics_port`: serve the engine's
+    Prometheus metrics at http://127.0.0.1:<port>/metrics (docs/observability.md). Every other
+    keyword is an option of the engine's configs, listed below (spin_ray/engine/options.py).
     """
 
     def __init__(
         self,
         model: str = "spin-tiny",
         *,
-        tokenizer: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        page_size: int = 16,
-        max_num_batched_tokens: int | None = None,
-        max_num_seqs: int = 64,
-        enable_chunked_prefill: bool = True,
-        num_pages: int | None = None,
-        gpu_memory_utilization: float = 0.90,
-        cpu_kv_tokens: int = 65536,
-        seed: int = 0,
-        enforce_eager: bool = False,
-        async_scheduling: bool = True,
+        sparse: str | AlgorithmConfig | SparseConfig | Mapping | None = None,
         progress: bool = True,
-        sparse: str | None = None,
-        mode: str | None = None,
-        token_budget: int | float | None = None,
-        sink_tokens: int | None = None,
-        local_tokens: int | None = None,
-        dense_layers: int | None = None,
-        buffer_ratio: float | None = None,
-        min_buffer_ratio: float | None = None,
-        lookahead: bool | None = None,
-        lookahead_share: float | None = None,
-        gpu_cache_tokens: int | None = None,
-        cpu_cache_tokens: int | None = None,
-        fused_retrieve: bool | None = None,
-        check_invariants: bool | None = None,
-        sparse_config: SparseConfig | None = None,
         metrics_port: int | None = None,
+        **options: Any,
     ):
-        """`sparse` (an algorithm of `spin_ray.sparse.ALGORITHMS`), `mode` and the fields after
-        it set the sparse, two-tier KV cache (`SparseConfig`; `sparse_config` gives every
-        field); with none of them the engine is dense, all KV in HBM. `metrics_port`: serve the
-        engine's Prometheus metrics at http://127.0.0.1:<port>/metrics (docs/observability.md)."""
-        device = resolve_device(device)
-        cache = CacheConfig(
-            page_size=page_size,
-            num_pages=num_pages,
-            gpu_memory_utilization=gpu_memory_utilization,
-            cpu_kv_tokens=cpu_kv_tokens,
-        )
-        scheduler = SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            enable_chunked_prefill=enable_chunked_prefill,
-        )
-        sparse_cfg = sparse_config_from_args(
-            sparse,
-            sparse_config,
-            mode=mode,
-            token_budget=token_budget,
-            sink_tokens=sink_tokens,
-            local_tokens=local_tokens,
-            dense_layers=dense_layers,
-            buffer_ratio=buffer_ratio,
-            min_buffer_ratio=min_buffer_ratio,
-            lookahead=lookahead,
-            lookahead_share=lookahead_share,
-            gpu_cache_tokens=gpu_cache_tokens,
-            cpu_cache_tokens=cpu_cache_tokens,
-            fused_retrieve=fused_retrieve,
-            check_invariants=check_invariants,
-        )
-        config = EngineConfig(
-            model=model,
-            tokenizer=tokenizer,
-            device=device,
-            dtype=resolve_dtype(dtype, device),
-            seed=seed,
-            cache=cache,
-            scheduler=scheduler,
-            sparse=sparse_cfg,
-            enforce_eager=enforce_eager,
-            async_scheduling=async_scheduling,
-        )
+        config = engine_config(model, sparse, **options)
         if metrics_port is not None:  # a bad or taken port fails before the model loads
             from spin_ray.metrics import EngineMetrics, engine_labels
             from spin_ray.metrics.prometheus_sink import PrometheusSink, serve_metrics
@@ -200,3 +136,6 @@ class LLM:
         finally:
             bar.close()
         return [finished[request_id] for request_id in ids]
+
+
+LLM.__doc__ += options_doc()

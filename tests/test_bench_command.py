@@ -205,9 +205,9 @@ def test_enforce_eager_reaches_every_engine_and_the_json(tmp_path, monkeypatch):
     flags = []
 
     class RecordingLLM(spin_ray.llm.LLM):
-        def __init__(self, *args, enforce_eager, **kwargs):
-            flags.append(enforce_eager)
-            super().__init__(*args, enforce_eager=enforce_eager, **kwargs)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            flags.append(self.llm_engine.config.enforce_eager)
 
     monkeypatch.setattr(spin_ray.llm, "LLM", RecordingLLM)
     out = tmp_path / "r.json"
@@ -217,12 +217,12 @@ def test_enforce_eager_reaches_every_engine_and_the_json(tmp_path, monkeypatch):
     assert main([*argv, "--enforce-eager"]) == 0
     assert flags == [True, True]
     document = json.loads(out.read_text())
-    assert document["config"]["enforce_eager"] is True
+    assert document["config"]["engine_options"]["enforce_eager"] is True
     # on the CPU every step runs eagerly, so the phases are timed either way
     assert all(r["rest_share"] is not None for r in document["results"])
     assert main(argv) == 0
     assert flags == [True, True, False, False]
-    assert json.loads(out.read_text())["config"]["enforce_eager"] is False
+    assert "enforce_eager" not in json.loads(out.read_text())["config"]["engine_options"]
 
 
 def test_max_concurrency_and_burstiness_reach_the_run(tmp_path):
@@ -276,21 +276,29 @@ def test_rates_and_budget_parse():
     )  # fmt: skip
     config = bench_config(args)
     assert config.request_rates == (1.0, 2.5, math.inf)
-    assert config.token_budget == 0.02
+    assert config.sparse.token_budget == 0.02
     assert config.workload.name == "longgenbench" and config.workload.input_len is None
     args = build_parser().parse_args(["bench", "--token-budget", "2048"])
-    assert bench_config(args).token_budget == 2048
+    assert bench_config(args).sparse.token_budget == 2048
     args = build_parser().parse_args(["bench", "--min-buffer-ratio", "6", "--buffer-ratio", "9"])
-    kwargs = bench_config(args).cache_kwargs("spin", 32)
-    assert (kwargs["min_buffer_ratio"], kwargs["buffer_ratio"]) == (6.0, 9.0)
+    spin = bench_config(args).engine_sparse("spin", 32)
+    assert (spin.min_buffer_ratio, spin.buffer_ratio) == (6.0, 9.0)
+    assert bench_config(args).engine_sparse("sparse-naive", 32).buffer_ratio == 9.0
     config = bench_config(build_parser().parse_args(["bench", "--lookahead"]))
-    assert config.cache_kwargs("spin", 32)["lookahead"] is True
-    assert "lookahead" not in config.cache_kwargs("sparse-naive", 32)
-    assert "lookahead" not in bench_config(args).cache_kwargs("spin", 32)
+    assert config.engine_sparse("spin", 32).lookahead is True
+    assert config.engine_sparse("sparse-naive", 32).lookahead is False
+    assert bench_config(args).engine_sparse("spin", 32).lookahead is False
     args = build_parser().parse_args(["bench", "--lookahead", "--lookahead-share", "0.5"])
-    kwargs = bench_config(args).cache_kwargs("spin", 32)
-    assert (kwargs["lookahead"], kwargs["lookahead_share"]) == (True, 0.5)
-    assert "lookahead_share" not in bench_config(args).cache_kwargs("sparse-naive", 32)
+    spin = bench_config(args).engine_sparse("spin", 32)
+    assert (spin.lookahead, spin.lookahead_share) == (True, 0.5)
+    assert bench_config(args).engine_sparse("sparse-naive", 32).lookahead_share == 1.0
+    offload = bench_config(args).engine_sparse("dense-offload", 32)
+    assert (offload.algorithm.name, offload.tiers, offload.dense_layers) == (
+        "full",
+        "sparse-naive",
+        0,
+    )
+    assert bench_config(args).engine_sparse("dense", 32) is None
     bad = [
         (["--lookahead-share", "0.5"], "needs lookahead"),
         (["--lookahead", "--lookahead-share", "1.5"], r"in \(0, 1\]"),
@@ -331,17 +339,20 @@ def test_spin_holds_the_same_hbm_kv_bytes_as_dense():
     from spin_ray.bench.config import BenchConfig
     from spin_ray.sparse.config import SparseConfig
 
-    config = BenchConfig(modes=("dense", "spin"), gpu_cache_tokens=131072, cpu_cache_tokens=524288)
+    def tiers(gpu, cpu=None):
+        return BenchConfig(
+            modes=("spin",), sparse=SparseConfig(gpu_cache_tokens=gpu, cpu_cache_tokens=cpu)
+        )
+
+    config = tiers(131072, 524288)
     layers, dense = 32, SparseConfig().dense_layers
-    slots = config.cache_kwargs("spin", layers)["gpu_cache_tokens"]
+    slots = config.engine_sparse("spin", layers).gpu_cache_tokens
     assert slots * (layers - dense) + 524288 * dense <= 131072 * layers
     assert (slots + 1) * (layers - dense) + 524288 * dense > 131072 * layers
-    assert config.cache_kwargs("sparse-naive", layers)["gpu_cache_tokens"] == 131072
-    unsized = BenchConfig(modes=("spin",), gpu_cache_tokens=4096)
-    assert unsized.cache_kwargs("spin", layers)["gpu_cache_tokens"] == 4096
-    small = BenchConfig(modes=("spin",), gpu_cache_tokens=4096, cpu_cache_tokens=131072)
+    assert config.engine_sparse("sparse-naive", layers).gpu_cache_tokens == 131072
+    assert tiers(4096).engine_sparse("spin", layers).gpu_cache_tokens == 4096
     with pytest.raises(ValueError, match="gpu_cache_tokens"):
-        small.cache_kwargs("spin", layers)
+        tiers(4096, 131072).engine_sparse("spin", layers)
 
 
 def test_warm_up_prefills_two_chunked_copies_and_decodes_them_together():
@@ -353,7 +364,8 @@ def test_warm_up_prefills_two_chunked_copies_and_decodes_them_together():
     from spin_ray.bench.runner import warm_up
     from spin_ray.bench.workloads import BenchRequest
 
-    config = BenchConfig(modes=("spin",), device="cpu", max_num_batched_tokens=64, progress=False)
+    options = dict(device="cpu", max_num_batched_tokens=64)
+    config = BenchConfig(modes=("spin",), engine_options=options, progress=False)
     engine = build_engine("spin", config, max_model_len=512)
     added, batches = [], []
     add, step = engine.add, engine.step
@@ -377,7 +389,7 @@ def test_warm_up_prefills_two_chunked_copies_and_decodes_them_together():
 
 
 def test_metrics_port_serves_every_modes_metrics_while_it_runs():
-    """`--metrics-port`: each mode's engine exports under its own `mode` label."""
+    """`--metrics-port`: each mode's engine exports under its own labels."""
     port = _free_port()
     argv = [
         "bench", "--model", "spin-tiny", "--device", "cpu", "--modes", "dense,spin",
@@ -389,8 +401,8 @@ def test_metrics_port_serves_every_modes_metrics_while_it_runs():
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for mode, algorithm in (("dense", "dense"), ("spin", "quest")):
         line = (
-            f'spin_ray_generation_tokens_total{{algorithm="{algorithm}",mode="{mode}",'
-            'model="spin-tiny"}'
+            f'spin_ray_generation_tokens_total{{algorithm="{algorithm}",model="spin-tiny",'
+            f'tiers="{mode}"}}'
         )
         assert f"{line} {before[mode] + 2 * 4}" in text
 
@@ -398,7 +410,7 @@ def test_metrics_port_serves_every_modes_metrics_while_it_runs():
 def _generated(mode: str) -> float:
     labels = {"model": "spin-tiny", "algorithm": "quest" if mode == "spin" else "dense"}
     name = "spin_ray_generation_tokens_total"
-    return prometheus_client.REGISTRY.get_sample_value(name, {**labels, "mode": mode}) or 0.0
+    return prometheus_client.REGISTRY.get_sample_value(name, {**labels, "tiers": mode}) or 0.0
 
 
 def _free_port() -> int:

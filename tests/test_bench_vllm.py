@@ -10,11 +10,13 @@ from spin_ray.bench.config import BenchConfig
 from spin_ray.bench.vllm_engine import named_shape_folder, vllm_llm_kwargs
 from spin_ray.models.loader import resolve_model_path
 from spin_ray.models.named_shapes import named_shape_config
+from spin_ray.sparse import SparseConfig
 
 
 def test_vllm_gets_the_spin_ray_modes_settings():
-    config = BenchConfig(model="spin-tiny", device="cpu", modes=("dense", "vllm"), page_size=32,
-                         gpu_cache_tokens=1000, max_num_seqs=5, seed=7)  # fmt: skip
+    options = dict(device="cpu", page_size=32, max_num_seqs=5, seed=7)
+    config = BenchConfig(model="spin-tiny", modes=("dense", "vllm"), engine_options=options,
+                         sparse=SparseConfig(gpu_cache_tokens=1000))  # fmt: skip
     folder = resolve_model_path("spin-tiny")
     kwargs = vllm_llm_kwargs(config, 640, folder)
     assert kwargs == dict(
@@ -30,7 +32,8 @@ def test_vllm_gets_the_spin_ray_modes_settings():
         enforce_eager=False,
         num_gpu_blocks_override=32,  # ceil(1000 / 32) pages, as dense's pool
     )
-    shape = BenchConfig(model="llama-3.1-8b", device="cpu", dtype="bf16", modes=("vllm",))
+    options = dict(device="cpu", dtype="bf16")
+    shape = BenchConfig(model="llama-3.1-8b", modes=("vllm",), engine_options=options)
     kwargs = vllm_llm_kwargs(shape, 4096, folder)
     assert kwargs["load_format"] == "dummy" and kwargs["dtype"] == "bfloat16"
     assert "num_gpu_blocks_override" not in kwargs

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from spin_ray import SamplingParams
 from spin_ray.cli import main as cli_main
+from spin_ray.sparse import QuestConfig
 
 PROMPT_LENS = (3, 9, 21, 38)  # page_size 4: within one page, across several
 MAX_TOKENS = 10
@@ -253,7 +254,11 @@ def test_cli_sparse_flags_reach_the_engine(capsys):
     sparse = ["--sparse", "quest", "--token-budget", "1.0", "--dense-layers", "0"]
     args = build_parser().parse_args(base + sparse)
     kwargs = {**engine_kwargs(args), **sparse_kwargs(args)}
-    assert (kwargs["sparse"], kwargs["token_budget"], kwargs["dense_layers"]) == ("quest", 1.0, 0)
+    assert (kwargs["sparse"], kwargs["token_budget"], kwargs["dense_layers"]) == (
+        QuestConfig(),
+        1.0,
+        0,
+    )
 
     assert cli_main(base) == 0
     dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

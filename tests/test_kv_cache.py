@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 
 from spin_ray import SamplingParams
+from spin_ray.sparse import SparseConfig
+from spin_ray.sparse.presets import PRESETS, preset
 
-SPARSE = dict(
-    sparse="quest",
+SPIN = SparseConfig(
+    algorithm="quest",
     token_budget=64,
     sink_tokens=16,
     local_tokens=32,
@@ -18,13 +20,8 @@ SPARSE = dict(
     gpu_cache_tokens=1024,
     buffer_ratio=2.0,
 )
-CACHES = {
-    "dense": dict(num_pages=64),
-    "spin": SPARSE,
-    "sparse-naive": dict(SPARSE, mode="sparse-naive"),
-    "dense-offload": dict(SPARSE, mode="dense-offload"),
-    "dense mode": dict(SPARSE, mode="dense", num_pages=64),  # sparse fields, nothing offloaded
-}
+CACHES = {name: dict(sparse=preset(name, SPIN)) for name in PRESETS}
+CACHES["dense"] = dict(num_pages=64)
 OFFLOADS = {"spin", "sparse-naive", "dense-offload"}
 
 

@@ -53,18 +53,18 @@ def metered(make_llm):
     return llm, registry
 
 
-def test_labels_name_model_algorithm_and_mode(metered, make_llm):
+def test_labels_name_model_algorithm_and_tiers(metered, make_llm):
     llm, _ = metered
     assert engine_labels(llm.llm_engine.config) == {
         "model": "spin-tiny",
         "algorithm": "quest",
-        "mode": "spin",
+        "tiers": "spin",
     }
     dense = make_llm()
     assert engine_labels(dense.llm_engine.config, "served") == {
         "model": "served",
         "algorithm": "dense",
-        "mode": "dense",
+        "tiers": "dense",
     }
 
 
@@ -73,7 +73,7 @@ def test_every_figure_matches_the_engines_own_account(metered):
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(_prompts(NUM_PROMPTS), params)
     kv = llm.kv_stats()  # the engine is idle: its last call exported this snapshot
-    engine = {"algorithm": "quest", "mode": "spin"}
+    engine = {"algorithm": "quest", "tiers": "spin"}
 
     assert kv.lookups > 0 and 0 < kv.hits < kv.lookups and kv.h2d_bytes > 0
     assert _value(registry, "spin_ray_kv_lookups_total", **engine) == kv.lookups
@@ -127,7 +127,7 @@ def test_an_abort_counts_as_finished_by_abort(metered):
     engine.add_request("a", _prompts(1)[0], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     engine.abort_request("a")
-    labels = {"algorithm": "quest", "mode": "spin"}
+    labels = {"algorithm": "quest", "tiers": "spin"}
     assert (
         _value(registry, "spin_ray_requests_finished_total", finish_reason="abort", **labels) == 1
     )
@@ -159,12 +159,12 @@ def _free_port() -> int:
 def test_llm_metrics_port_serves_the_metrics_over_http(make_llm):
     port = _free_port()
     llm = make_llm(metrics_port=port)
-    labels = {"model": "spin-tiny", "algorithm": "dense", "mode": "dense"}
+    labels = {"model": "spin-tiny", "algorithm": "dense", "tiers": "dense"}
     name = "spin_ray_generation_tokens_total"
     before = prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0  # the process's
     llm.generate(["Hello there"], SamplingParams(max_tokens=4, ignore_eos=True))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    line = name + '{algorithm="dense",mode="dense",model="spin-tiny"}'
+    line = name + '{algorithm="dense",model="spin-tiny",tiers="dense"}'
     assert f"{line} {before + 4}" in text
     with pytest.raises(ValueError, match="metrics_port"):
         make_llm(metrics_port=70000)

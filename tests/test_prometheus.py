@@ -260,7 +260,7 @@ def test_prometheus_agrees_with_the_engines_kv_stats(loaded, prometheus):
     assert len(series) == 1
     labels = series[0]["metric"]
     assert labels["deployment"] == "SpinEngine" and labels["application"] == "spin-ray"
-    assert (labels["model"], labels["algorithm"], labels["mode"]) == (MODEL, "quest", "spin")
+    assert (labels["model"], labels["algorithm"], labels["tiers"]) == (MODEL, "quest", "spin")
 
 
 @pytest.mark.ray

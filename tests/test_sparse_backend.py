@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from small_algorithms import small_algorithm
 
 import spin_ray.sparse.retrieve as retrieve_module
 import spin_ray.sparse.selection as selection_module
@@ -21,6 +22,7 @@ from spin_ray.engine.tiered_kv_cache import build_tiered_cache
 from spin_ray.models.arch import ModelArch
 from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.manager import TieredCacheManager
+from spin_ray.sparse.presets import preset
 
 PAGE, LAYERS, HQ, HKV, D = 4, 3, 4, 2, 8
 ARCH = ModelArch(
@@ -123,12 +125,12 @@ PROMPTS = {"a": 61, "b": 45, "c": 30}
 
 
 @pytest.mark.parametrize("mode", ["spin", "sparse-naive", "dense-offload"])
-@pytest.mark.parametrize("algorithm", ["quest", "dense"])
+@pytest.mark.parametrize("algorithm", ["quest", "full"])
 def test_full_budget_equals_dense_attention_every_layer(mode, algorithm):
     def check(layer, meta, q, out, expected, dense):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
-    sparse = SparseConfig(algorithm=algorithm, mode=mode, token_budget=1.0, dense_layers=1)
+    sparse = preset(mode, SparseConfig(algorithm=algorithm, token_budget=1.0, dense_layers=1))
     stats = _run(sparse, PROMPTS, decodes=12, check=check)
     assert stats.lookups > 0
 
@@ -193,22 +195,16 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm,
                     torch.testing.assert_close(out[row, g], weights @ values, atol=1e-5, rtol=1e-5)
 
     # RetroInfer's estimation zone adds approximate terms (its formula is tested on its own)
-    fields = dict(retroinfer_estimation_fraction=0.0) if algorithm == "retroinfer" else {}
+    fields = dict(estimation_fraction=0.0) if algorithm == "retroinfer" else {}
     sparse = SparseConfig(
-        algorithm=algorithm,
-        mode=mode,
+        algorithm=small_algorithm(algorithm, PAGE, **fields),
+        tiers=mode,
         token_budget=5 * PAGE,
         sink_tokens=PAGE,
         local_tokens=PAGE,
         dense_layers=1,
         buffer_ratio=1.0,
         index_interval=3,
-        seer_block_size=2 * PAGE,
-        retroinfer_segment_tokens=8 * PAGE,
-        retroinfer_cluster_tokens=4,
-        retroinfer_kmeans_iters=3,
-        shadowkv_chunk_size=2,
-        **fields,
     )
     stats = _run(sparse, PROMPTS, decodes=14, check=check, seed=1, holder=holder)
     assert stats.h2d_bytes > 0
@@ -292,13 +288,13 @@ def test_invariant_checks_catch_a_request_below_its_mandatory_slots(monkeypatch,
     monkeypatch.setattr(
         TieredCacheManager, "slot_lists", lambda self, *args: real(self, *args)[:, :2]
     )
-    sparse = SparseConfig(algorithm="quest", mode=mode, token_budget=5 * PAGE, sink_tokens=PAGE,
+    sparse = SparseConfig(algorithm="quest", tiers=mode, token_budget=5 * PAGE, sink_tokens=PAGE,
                           local_tokens=PAGE, dense_layers=1)  # fmt: skip
     with pytest.raises(RuntimeError, match="fewer GPU slots than its mandatory pages"):
         _run(sparse, PROMPTS, decodes=2, check=lambda *args: None)
 
 
-@pytest.mark.parametrize("algorithm", ["quest", "shadowkv", "seer", "retroinfer", "dense"])
+@pytest.mark.parametrize("algorithm", ["quest", "shadowkv", "seer", "retroinfer", "full"])
 def test_sink_and_local_tokens_are_attended_every_step(monkeypatch, algorithm):
     """On every decode step, layer and KV head, the pages attended hold (by position) the first
     `sink_tokens` and the last `local_tokens` tokens of the context: each tier row of a listed
@@ -340,10 +336,8 @@ def test_sink_and_local_tokens_are_attended_every_step(monkeypatch, algorithm):
                 checked.append(ctx)
 
     sparse = SparseConfig(
-        algorithm=algorithm, token_budget=8 * PAGE, sink_tokens=sink, local_tokens=local,
-        dense_layers=1, buffer_ratio=1.0, index_interval=3, seer_block_size=2 * PAGE,
-        retroinfer_segment_tokens=8 * PAGE, retroinfer_cluster_tokens=4,
-        retroinfer_kmeans_iters=3, shadowkv_chunk_size=2,
+        algorithm=small_algorithm(algorithm, PAGE), token_budget=8 * PAGE, sink_tokens=sink,
+        local_tokens=local, dense_layers=1, buffer_ratio=1.0, index_interval=3,
     )  # fmt: skip
     _run(sparse, PROMPTS, decodes=14, check=lambda *a: check(*a), seed=4, holder=holder)
     assert max(checked) > 12 * PAGE  # contexts long enough that the budget leaves pages out

@@ -10,12 +10,25 @@ import torch
 
 from spin_ray import SamplingParams
 from spin_ray.attention.dense import DenseAttentionBackend
-from spin_ray.sparse import ALGORITHMS, KVStats, SparseConfig
+from spin_ray.sparse import (
+    ALGORITHMS,
+    KVStats,
+    QuestConfig,
+    SeerConfig,
+    ShadowKVConfig,
+    SparseConfig,
+)
+from spin_ray.sparse.algorithm_config import ALGORITHM_CONFIGS
 from spin_ray.sparse.backend import SpinAttentionBackend
+from spin_ray.sparse.presets import preset
 
 PAGE = 8
 PROMPT_LENS = (90, 140, 200)
 MAX_TOKENS = 10
+SMALL_PARTITIONS = {
+    "seer": dict(block_size=2 * PAGE),
+    "retroinfer": dict(segment_tokens=8 * PAGE, kmeans_iters=3),
+}
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 
 
@@ -66,16 +79,11 @@ def test_full_budget_equals_dense_with_tiers_smaller_than_the_batch(
     kv_pages = sum(-(-(n + MAX_TOKENS) // PAGE) for n in PROMPT_LENS)
     llm = _sparse_llm(
         make_llm,
-        sparse=algorithm,
+        sparse=ALGORITHM_CONFIGS[algorithm](**SMALL_PARTITIONS.get(algorithm, {})),
         token_budget=1.0,
         gpu_cache_tokens=56 * PAGE,
         cpu_cache_tokens=57 * PAGE,
-        sparse_config=SparseConfig(
-            seer_block_size=2 * PAGE,
-            retroinfer_segment_tokens=8 * PAGE,
-            retroinfer_kmeans_iters=3,
-            index_interval=4,
-        ),
+        index_interval=4,
     )
     assert kv_pages > 57
     outputs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
@@ -87,9 +95,10 @@ def test_full_budget_equals_dense_with_tiers_smaller_than_the_batch(
     _assert_tiers_empty(llm)
 
 
-@pytest.mark.parametrize("mode", ["sparse-naive", "dense-offload"])
-def test_baseline_modes_equal_dense_at_full_budget(make_llm, dense_tokens, mode):
-    llm = _sparse_llm(make_llm, sparse="quest", mode=mode, token_budget=1.0)
+@pytest.mark.parametrize("name", ["sparse-naive", "dense-offload"])
+def test_baseline_presets_equal_dense_at_full_budget(make_llm, dense_tokens, name):
+    config = preset(name, SparseConfig(algorithm="quest", token_budget=1.0, dense_layers=1))
+    llm = _sparse_llm(make_llm, sparse=config, dense_layers=config.dense_layers)
     assert _tokens(llm.generate(_prompts(), GREEDY, use_tqdm=False)) == dense_tokens
     stats = llm.kv_stats()
     assert stats.lookups > 0 and stats.hits == 0, "no buffer: every page is fetched"
@@ -103,17 +112,14 @@ def test_small_budget_finishes_crosses_tiers_and_hits_the_buffer(make_llm, algor
     are chosen, so the tokens agree, but every one is fetched again each step."""
     prompts = _prompts((300, 360, 410))
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    retro = dict(segment_tokens=16 * PAGE, kmeans_iters=3) if algorithm == "retroinfer" else {}
     common = dict(
-        sparse=algorithm,
+        sparse=ALGORITHM_CONFIGS[algorithm](**retro),
         token_budget=32,
         sink_tokens=PAGE,
         local_tokens=2 * PAGE,
-        sparse_config=SparseConfig(
-            buffer_ratio=1.0,
-            index_interval=4,
-            retroinfer_segment_tokens=16 * PAGE,
-            retroinfer_kmeans_iters=3,
-        ),
+        buffer_ratio=1.0,
+        index_interval=4,
     )
     spin = _sparse_llm(make_llm, **common)
     outputs = spin.generate(prompts, params, use_tqdm=False)
@@ -126,7 +132,7 @@ def test_small_budget_finishes_crosses_tiers_and_hits_the_buffer(make_llm, algor
     assert stats.cpu_pages_total > 0 and stats.gpu_pages_total > 0
     _assert_tiers_empty(spin)
 
-    naive = _sparse_llm(make_llm, mode="sparse-naive", **common)
+    naive = _sparse_llm(make_llm, tiers="sparse-naive", **common)
     assert _tokens(naive.generate(prompts, params, use_tqdm=False)) == _tokens(outputs)
     assert naive.kv_stats().lookups == stats.lookups
     assert naive.kv_stats().h2d_bytes > stats.h2d_bytes
@@ -155,21 +161,23 @@ def test_flat_keyword_arguments_build_the_config(make_llm):
         fused_retrieve=False,
     )  # fmt: skip
     config = llm.llm_engine.config.sparse
-    assert (config.algorithm, config.mode, config.token_budget) == ("quest", "spin", 0.25)
+    assert (config.algorithm, config.tiers, config.token_budget) == (QuestConfig(), "spin", 0.25)
     assert (config.sink_tokens, config.local_tokens, config.dense_layers) == (16, 24, 1)
     assert (config.buffer_ratio, config.min_buffer_ratio) == (3.0, 2.0)
     assert (config.gpu_cache_tokens, config.cpu_cache_tokens) == (4096, 8192)
     assert (config.fused_retrieve, config.check_invariants) == (False, True)
-    dense = make_llm(model="spin-tiny", sparse="quest", mode="dense")
+    dense = make_llm(model="spin-tiny", page_size=PAGE)  # no sparse settings: dense
     assert isinstance(dense.llm_engine.backend, DenseAttentionBackend)
     assert dense.kv_stats().lookups == 0
+    shadowkv = _sparse_llm(make_llm, sparse={"algorithm": {"name": "shadowkv", "chunk_size": 4}})
+    assert shadowkv.llm_engine.config.sparse.algorithm == ShadowKVConfig(chunk_size=4)
 
 
 @pytest.mark.parametrize(
     "fields,name",
     [
-        (dict(algorithm="nope"), "sparse"),
-        (dict(mode="offload"), "mode"),
+        (dict(algorithm="nope"), "algorithm"),
+        (dict(tiers="offload"), "tiers"),
         (dict(token_budget=0), "token_budget"),
         (dict(token_budget=1.5), "token_budget"),
         (dict(buffer_ratio=-1.0), "buffer_ratio"),
@@ -184,8 +192,8 @@ def test_bad_sparse_settings_raise_value_error_naming_the_field(fields, name):
 
 
 def test_partition_sizes_must_fit_the_page_size(make_llm):
-    with pytest.raises(ValueError, match="seer_block_size"):
-        make_llm(model="spin-tiny", sparse="seer", sparse_config=SparseConfig(seer_block_size=8))
+    with pytest.raises(ValueError, match="block_size"):
+        make_llm(model="spin-tiny", sparse=SeerConfig(block_size=8))
     with pytest.raises(ValueError, match="dense_layers"):
         make_llm(model="spin-tiny", sparse="quest", dense_layers=4)
 
@@ -291,7 +299,8 @@ LOOKAHEAD_COMMON = dict(
     token_budget=32,
     sink_tokens=PAGE,
     local_tokens=2 * PAGE,
-    sparse_config=SparseConfig(buffer_ratio=1.0, index_interval=4),
+    buffer_ratio=1.0,
+    index_interval=4,
 )
 
 
@@ -345,7 +354,7 @@ def test_lookahead_with_exact_predictions_leaves_every_real_lookup_a_hit(make_ll
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(mode="sparse-naive"), dict(min_buffer_ratio=0.5), dict(buffer_ratio=0.5)],
+    [dict(tiers="sparse-naive"), dict(min_buffer_ratio=0.5), dict(buffer_ratio=0.5)],
 )
 def test_lookahead_needs_the_spin_mode_and_room_for_two_selections(fields):
     with pytest.raises(ValueError, match="lookahead"):

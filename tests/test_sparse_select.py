@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from spin_ray.sparse.algorithm_config import ALGORITHM_CONFIGS
 from spin_ray.sparse.algorithms import SelectBatch, SparseGeometry, build_algorithm
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.config import SparseConfig
@@ -19,7 +20,7 @@ PAGE, HKV, HQ, D, CPU_PAGES = 8, 2, 4, 16, 64
 G = HQ // HKV
 
 
-def _geometry() -> SparseGeometry:
+def _geometry(sink_tokens: int = 64) -> SparseGeometry:
     return SparseGeometry(
         num_layers=1,
         first_layer=0,
@@ -30,16 +31,17 @@ def _geometry() -> SparseGeometry:
         head_dim=D,
         dtype=torch.float32,
         device=torch.device("cpu"),
+        sink_tokens=sink_tokens,
     )
 
 
-def _indexed(name: str, num_pages: int, seed: int, **fields):
+def _indexed(name: str, num_pages: int, seed: int, sink_tokens: int = 64, **settings):
     """An algorithm that indexed `num_pages` random pages of request "r" (keys with a spread
     of scales so scores differ); returns it, the stored keys/values [Hkv, n, S, D] (in the
     laid-out order the runtime would store) and the page ids."""
     gen = torch.Generator().manual_seed(seed)
-    config = SparseConfig(algorithm=name, **fields)
-    algorithm = build_algorithm(_geometry(), config)
+    config = SparseConfig(algorithm=ALGORITHM_CONFIGS[name](**settings), sink_tokens=sink_tokens)
+    algorithm = build_algorithm(_geometry(sink_tokens), config)
     k = (
         torch.randn(HKV, num_pages, PAGE, D, generator=gen)
         * torch.rand(1, num_pages, 1, 1, generator=gen)
@@ -157,7 +159,7 @@ def test_quest_score_is_the_formula_and_an_upper_bound_of_every_qk():
 
 
 def test_shadowkv_score_is_max_over_group_of_softmax_over_chunk_landmarks():
-    algorithm, k, _, page_ids = _indexed("shadowkv", 20, seed=1, shadowkv_chunk_size=4)
+    algorithm, k, _, page_ids = _indexed("shadowkv", 20, seed=1, chunk_size=4)
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(11))
     chunks = k.view(HKV, 20, 2, 4, D).mean(3)  # [Hkv, n, C, D] landmarks = chunk means
     formula = torch.zeros(HKV, 20)
@@ -173,7 +175,7 @@ def test_shadowkv_score_is_max_over_group_of_softmax_over_chunk_landmarks():
 
 
 def test_seer_default_gate_scores_mean_query_against_mean_block_key():
-    algorithm, k, _, page_ids = _indexed("seer", 24, seed=2, seer_block_size=2 * PAGE)
+    algorithm, k, _, page_ids = _indexed("seer", 24, seed=2, block_size=2 * PAGE)
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(12))
     formula = torch.zeros(HKV, 24)
     for h in range(HKV):
@@ -195,7 +197,7 @@ def test_seer_gate_file_weights_are_used(tmp_path):
     path = tmp_path / "gate.safetensors"
     save_file({"layers.0.q_gate": q_gate, "layers.0.k_gate": k_gate}, str(path))
     algorithm, k, _, page_ids = _indexed(
-        "seer", 16, seed=4, seer_block_size=2 * PAGE, seer_gate_path=str(path)
+        "seer", 16, seed=4, block_size=2 * PAGE, gate_path=str(path)
     )
     q = torch.randn(1, HQ, D, generator=gen)
     formula = torch.zeros(HKV, 16)
@@ -214,15 +216,15 @@ def test_seer_gate_file_weights_are_used(tmp_path):
         rtol=1e-5,
         atol=1e-5 * scale,
     )
-    with pytest.raises(ValueError, match="seer_gate_path"):
-        _indexed("seer", 4, seed=5, seer_block_size=2 * PAGE, seer_gate_path=str(tmp_path / "no"))
+    with pytest.raises(ValueError, match="gate_path"):
+        _indexed("seer", 4, seed=5, block_size=2 * PAGE, gate_path=str(tmp_path / "no"))
 
 
 def test_retroinfer_clusters_are_contiguous_with_exact_summaries():
     """Clusters are laid out contiguously within 8-page segments, except in the sink's 2 pages,
     whose tokens keep their places (the runtime attends them by page)."""
     algorithm, k, v, page_ids = _indexed(
-        "retroinfer", 24, seed=6, retroinfer_segment_tokens=8 * PAGE, retroinfer_cluster_tokens=8,
+        "retroinfer", 24, seed=6, segment_tokens=8 * PAGE, cluster_tokens=8,
         sink_tokens=2 * PAGE - 1,
     )  # fmt: skip
     sink = 2 * PAGE  # the sink's tokens rounded up to whole pages
@@ -259,9 +261,9 @@ def test_retroinfer_scores_and_estimation_zone_follow_the_formula():
         "retroinfer",
         24,
         seed=7,
-        retroinfer_segment_tokens=8 * PAGE,
-        retroinfer_cluster_tokens=8,
-        retroinfer_estimation_fraction=0.25,
+        segment_tokens=8 * PAGE,
+        cluster_tokens=8,
+        estimation_fraction=0.25,
     )
     clusters = algorithm.state["r"][0]
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(13))
@@ -302,7 +304,7 @@ def test_retroinfer_scores_and_estimation_zone_follow_the_formula():
 
 
 def test_dense_selects_every_page():
-    algorithm, _, _, page_ids = _indexed("dense", 12, seed=8)
+    algorithm, _, _, page_ids = _indexed("full", 12, seed=8)
     budget = _budget(PAGE, attend_all=True)
     windows = DecodeWindows.build(budget, [12 * PAGE - 3], [11], torch.device("cpu"))
     q = torch.randn(1, HQ, D)

@@ -74,27 +74,19 @@ class SpinBenchEngine:
         from spin_ray.models.loader import model_arch
 
         kwargs = dict(
-            model=config.model,
-            device=config.device,
-            dtype=config.dtype,
+            config.engine_options,
             max_model_len=max_model_len,
-            page_size=config.page_size,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            seed=config.seed,
-            enforce_eager=config.enforce_eager,
-            async_scheduling=config.async_scheduling,
             progress=False,
             metrics_port=config.metrics_port,
         )
-        if mode != "dense":
-            kwargs.update(
-                mode=mode, **config.cache_kwargs(mode, model_arch(config.model).num_layers)
-            )
-        elif config.gpu_cache_tokens is not None:  # the same HBM KV capacity as the tiered modes
-            kwargs.update(num_pages=-(-config.gpu_cache_tokens // config.page_size))
+        sparse = config.engine_sparse(mode, model_arch(config.model).num_layers)
+        hbm_tokens = config.sparse.gpu_cache_tokens
+        if sparse is not None:
+            kwargs["sparse"] = sparse
+        elif hbm_tokens is not None:  # the same HBM KV capacity as the tiered modes
+            kwargs["num_pages"] = -(-hbm_tokens // config.option("page_size"))
         self.mode = mode
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(config.model, **kwargs)
         self.engine = self.llm.llm_engine
         self.vocab_size = min(self.engine.arch.vocab_size, len(self.engine.tokenizer))
         self.special_token_ids = list(self.engine.tokenizer.all_special_ids)

@@ -52,7 +52,7 @@ def build_document(
 ) -> dict:
     return {
         "command": " ".join(sys.argv),
-        "config": _jsonable(dataclasses.asdict(config)),
+        "config": _config_document(config),
         "environment": env,
         "units": UNITS,
         "results": _jsonable(results),
@@ -233,6 +233,14 @@ def write_plots(results: list[dict], plot_dir: str | Path, title: str = "") -> l
 
 def _rate_value(rate: float | str) -> float:
     return math.inf if rate == "inf" else float(rate)
+
+
+def _config_document(config: BenchConfig) -> dict:
+    """The config's fields; the spin settings' algorithm with its name."""
+    document = _jsonable(dataclasses.asdict(config))
+    algorithm = config.sparse.algorithm
+    document["sparse"]["algorithm"] = {"name": algorithm.name, **dataclasses.asdict(algorithm)}
+    return document
 
 
 def _jsonable(value):

@@ -221,9 +221,9 @@ def warm_up(engine: BenchEngine, request: BenchRequest, config: BenchConfig) -> 
     """Run short copies of `request` so compilation and graph capture stay out of the timing:
     two at once (decode batches of 2 and 1), each prompt one and a half prefill chunks long (a
     chunk over a prefix: the second chunk's paths compile too)."""
-    chunk = config.max_num_batched_tokens or DEFAULT_CHUNK_TOKENS
+    chunk = config.option("max_num_batched_tokens") or DEFAULT_CHUNK_TOKENS
     prompt = request.prompt_token_ids[: chunk + chunk // 2]
-    copies = WARMUP_OUTPUT_TOKENS[: config.max_num_seqs]
+    copies = WARMUP_OUTPUT_TOKENS[: config.option("max_num_seqs")]
     for i, output_len in enumerate(copies):
         warmup = BenchRequest(f"warmup-{i}-{request.request_id}", prompt, output_len)
         engine.add(warmup, arrival_time=time.monotonic())
@@ -240,7 +240,8 @@ def run_benchmark(
     `on_record` sees each record as soon as it is made."""
     input_lens, output_lens = sample_lengths(config.workload)
     longest = int((input_lens + output_lens).max())
-    max_model_len = config.max_model_len or -(-longest // config.page_size) * config.page_size
+    page_size = config.option("page_size")
+    max_model_len = config.option("max_model_len") or -(-longest // page_size) * page_size
     requests: list[BenchRequest] | None = None
     records: list[RunRecord] = []
     skipped: dict[str, str] = {}

@@ -37,22 +37,23 @@ def vllm_llm_kwargs(config: BenchConfig, max_model_len: int, model_folder: Path)
     """`vllm.LLM(...)` keyword arguments matching what the spin-ray modes get: dtype as they
     resolve it, the same page size, HBM KV capacity (`--gpu-cache-tokens`), batch limits,
     seed and eager/graph choice; no prefix caching (spin-ray has none)."""
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device = resolve_device(config.option("device"))
+    dtype = resolve_dtype(config.option("dtype"), device)
     kwargs = dict(
         model=str(model_folder),
         dtype=str(dtype).removeprefix("torch."),
         max_model_len=max_model_len,
-        block_size=config.page_size,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens or DEFAULT_CHUNK_TOKENS,
+        block_size=config.option("page_size"),
+        max_num_seqs=config.option("max_num_seqs"),
+        max_num_batched_tokens=config.option("max_num_batched_tokens") or DEFAULT_CHUNK_TOKENS,
         enable_chunked_prefill=True,
         enable_prefix_caching=False,
-        seed=config.seed,
-        enforce_eager=config.enforce_eager,
+        seed=config.option("seed"),
+        enforce_eager=config.option("enforce_eager"),
     )
-    if config.gpu_cache_tokens is not None:
-        kwargs["num_gpu_blocks_override"] = -(-config.gpu_cache_tokens // config.page_size)
+    hbm_tokens = config.sparse.gpu_cache_tokens
+    if hbm_tokens is not None:
+        kwargs["num_gpu_blocks_override"] = -(-hbm_tokens // config.option("page_size"))
     if is_named_shape(config.model):
         kwargs["load_format"] = "dummy"
     return kwargs

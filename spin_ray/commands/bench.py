@@ -13,7 +13,12 @@ import importlib.util
 import math
 import sys
 
-from spin_ray.commands.engine_args import add_engine_args, parse_token_budget
+from spin_ray.commands.engine_args import (
+    add_engine_args,
+    add_sparse_args,
+    engine_kwargs,
+    sparse_kwargs,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -22,19 +27,17 @@ def add_parser(subparsers) -> None:
         help="benchmark modes (dense, dense-offload, sparse-naive, spin, vllm) on one workload",
         description="Run every mode on the same seeded workload, one engine at a time, and "
         "report throughput, TTFT/TPOT percentiles, batch sizes, HBM hit rate, PCIe traffic and "
-        "time shares as a Markdown table, a JSON file and plots.",
+        "time shares as a Markdown table, a JSON file and plots. The sparse flags set the spin "
+        "mode; dense-offload and sparse-naive are presets made from them "
+        "(spin_ray/sparse/presets.py); --gpu-cache-tokens is every mode's HBM KV capacity.",
     )
     add_engine_args(parser)
+    add_sparse_args(parser)
     parser.add_argument(
         "--modes",
         default="dense",
-        help="comma-separated: dense, dense-offload, sparse-naive, spin, vllm (default dense)",
-    )
-    parser.add_argument(
-        "--sparse",
-        default="quest",
-        help="sparse algorithm of the sparse-naive and spin modes: quest, shadowkv, retroinfer "
-        "or seer (default %(default)s)",
+        help="comma-separated presets (dense, dense-offload, sparse-naive, spin) and vllm "
+        "(default dense)",
     )
     parser.add_argument("--workload", default=None, help="longbench-v2 or longgenbench")
     parser.add_argument(
@@ -70,44 +73,6 @@ def add_parser(subparsers) -> None:
         default=None,
         help="requests in flight at most; a due request waits for one to finish (default: no cap)",
     )
-    parser.add_argument(
-        "--token-budget", default=None, help="tokens per step (int) or fraction of the context"
-    )
-    parser.add_argument(
-        "--buffer-ratio",
-        type=float,
-        default=None,
-        help="spin: HBM buffer per selected page a request may grow to (default 15)",
-    )
-    parser.add_argument(
-        "--min-buffer-ratio",
-        type=float,
-        default=None,
-        help="spin's admission floor: HBM buffer per selected page each running request keeps",
-    )
-    parser.add_argument(
-        "--lookahead",
-        action="store_true",
-        help="spin: fetch each layer's pages one layer early (SparseConfig.lookahead)",
-    )
-    parser.add_argument(
-        "--lookahead-share",
-        type=float,
-        default=None,
-        help="share of the top-k pages --lookahead fetches early, its best-scored (default 1)",
-    )
-    parser.add_argument(
-        "--gpu-cache-tokens",
-        type=int,
-        default=None,
-        help="HBM KV capacity in tokens, the same for every mode (default: free GPU memory)",
-    )
-    parser.add_argument(
-        "--cpu-cache-tokens",
-        type=int,
-        default=None,
-        help="host-memory KV capacity in tokens of the offloading modes (default: free RAM)",
-    )
     parser.add_argument("--output", default=None, help="write the JSON results here")
     parser.add_argument("--plot-dir", default=None, help="write PNG plots here (needs 2+ rates)")
     parser.add_argument(
@@ -131,6 +96,7 @@ def bench_config(args: argparse.Namespace):
     """The `BenchConfig` named by the command line; `ValueError` names a bad field."""
     from spin_ray.bench.config import BenchConfig
     from spin_ray.bench.workloads import WorkloadSpec
+    from spin_ray.sparse import QuestConfig, SparseConfig
 
     name = args.workload or "fixed"
     workload = WorkloadSpec(
@@ -139,33 +105,21 @@ def bench_config(args: argparse.Namespace):
         input_len=args.input_len if args.workload else (args.input_len or 1024),
         output_len=args.output_len if args.workload else (args.output_len or 128),
         scale=args.scale,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
     )
+    engine = engine_kwargs(args)
+    given = sparse_kwargs(args)
+    sparse = SparseConfig(algorithm=given.pop("sparse", QuestConfig()), **given)
     config = BenchConfig(
-        model=args.model,
+        model=engine.pop("model"),
         workload=workload,
         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         request_rates=_parse_rates(args.request_rate),
-        device=args.device,
-        dtype=args.dtype,
-        sparse=args.sparse,
-        token_budget=parse_token_budget(args.token_budget),
-        buffer_ratio=args.buffer_ratio,
-        min_buffer_ratio=args.min_buffer_ratio,
-        lookahead=args.lookahead,
-        lookahead_share=args.lookahead_share,
-        gpu_cache_tokens=args.gpu_cache_tokens,
-        cpu_cache_tokens=args.cpu_cache_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        page_size=args.page_size,
-        seed=args.seed,
-        enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
+        sparse=sparse,
+        engine_options=engine,
         burstiness=args.burstiness,
         max_concurrency=args.max_concurrency,
-        metrics_port=args.metrics_port,
+        metrics_port=engine.pop("metrics_port"),
         time_limit=args.time_limit,
         repeats=args.repeats,
         warmup=not args.no_warmup,
@@ -181,7 +135,7 @@ def _check_before_running(config, plot_dir: str | None) -> None:
     from spin_ray.models.loader import model_arch
 
     model_arch(config.model)  # an unknown model or folder
-    resolve_dtype(config.dtype, resolve_device(config.device))
+    resolve_dtype(config.option("dtype"), resolve_device(config.option("device")))
     if plot_dir is not None:
         if len(config.request_rates) < 2:
             raise ValueError("plot_dir: plots are against request rate; give 2+ --request-rate")
@@ -203,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from spin_ray.engine.config import resolve_device
 
     config = bench_config(args)
-    env = environment(resolve_device(config.device))
+    env = environment(resolve_device(config.option("device")))
     log = lambda message: print(message, file=sys.stderr, flush=True)
     results: list[dict] = []
 
@@ -217,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
 
     sparse_modes = [m for m in config.modes if m in ("sparse-naive", "spin")]
     if sparse_modes:
-        log(f"{', '.join(sparse_modes)}: sparse algorithm {config.sparse} (--sparse)")
+        log(
+            f"{', '.join(sparse_modes)}: sparse algorithm {config.sparse.algorithm.name} (--sparse)"
+        )
     run = run_benchmark(config, log=log, on_record=on_record)
     comparisons = compare_modes(results)
     not_run = {**run.skipped, **{mode: f"failed: {why}" for mode, why in run.failed.items()}}
@@ -229,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_dir:
         spec = config.workload
         workload = spec.name if spec.name != "fixed" else f"{spec.input_len}/{spec.output_len} tok"
-        title = f"{config.model}, {workload}, {env['gpu'] or 'CPU'}, sparse {config.sparse}"
+        algorithm = config.sparse.algorithm.name
+        title = f"{config.model}, {workload}, {env['gpu'] or 'CPU'}, sparse {algorithm}"
         written = write_plots(results, args.plot_dir, title)
         log(f"plots: {', '.join(map(str, written))}" if written else "plots need 2+ rates")
     return 1 if run.failed else 0

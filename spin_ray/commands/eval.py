@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from spin_ray.eval.tasks import TASKS
-from spin_ray.sparse.config import ALGORITHMS
+from spin_ray.sparse.algorithm_config import ALGORITHMS
 
 DEFAULT_ALGORITHMS = ("quest", "shadowkv", "retroinfer", "seer")
 

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,  # the engine's default seed
     )
     llm = LLM(**engine_kwargs(args), **sparse_kwargs(args))
     if args.chat:

@@ -137,9 +137,10 @@ class EngineConfig:
     model: str
     """Checkpoint folder, .gguf file, hub id, `smollm2-135m` or `spin-tiny`."""
     device: str = "cpu"
-    """Resolved device: "cpu" or "cuda[:N]"."""
+    """cpu or cuda[:N]; as an option also auto (cuda where a GPU is visible, else cpu)."""
     dtype: torch.dtype = torch.float32
-    """Dtype of weights, activations and KV."""
+    """Dtype of weights, activations and KV; as an option a name: auto (bfloat16 on CUDA,
+    float32 on the CPU), float32, bfloat16 or float16."""
     seed: int = 0
     """Seed for requests that carry no seed of their own."""
     cache: CacheConfig = field(default_factory=CacheConfig)

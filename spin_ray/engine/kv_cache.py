@@ -78,9 +78,9 @@ class EngineKVCache(Protocol):
 
 
 def build_kv_cache(config: EngineConfig, arch: ModelArch, reserve_bytes: int) -> EngineKVCache:
-    """The engine's cache: tiered when the sparse config offloads KV to the CPU tier, else
-    dense. `reserve_bytes`: GPU memory to leave for weights not yet loaded and activations."""
+    """The engine's cache: tiered with a sparse config, else dense. `reserve_bytes`: GPU
+    memory to leave for weights not yet loaded and activations."""
     device, dtype = config.device, config.dtype
-    if config.sparse is not None and config.sparse.offloads:
+    if config.sparse is not None:
         return build_tiered_cache(config.sparse, config.cache, arch, device, dtype, reserve_bytes)
     return build_dense_cache(config.cache, arch, device, dtype, reserve_bytes)

@@ -79,10 +79,9 @@ def build_tiered_cache(
     reserve_bytes: int,
 ) -> TieredKVCache:
     """`reserve_bytes`: GPU memory to leave for weights not yet loaded and activations."""
-    assert sparse.offloads
     page_size = cache.page_size
     sparse.check_page_size(page_size)
-    first = sparse.effective_dense_layers
+    first = sparse.dense_layers
     if first >= arch.num_layers:
         raise ValueError(
             f"dense_layers: {first} leaves none of the model's {arch.num_layers} layers sparse"
@@ -120,6 +119,7 @@ def build_tiered_cache(
         head_dim=head_dim,
         dtype=dtype,
         device=device,
+        sink_tokens=sparse.sink_tokens,
     )
     algorithm = build_algorithm(geometry, sparse)
     budget = PageBudget.from_config(

@@ -5,24 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spin_ray.eval.tasks import TASKS
-from spin_ray.sparse.config import ALGORITHMS, MODES
+from spin_ray.sparse.algorithm_config import ALGORITHMS
+from spin_ray.sparse.presets import PRESETS
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the results: the dense engine, or one algorithm, mode and token budget."""
+    """One row of the results: the dense engine, or one algorithm, preset and token budget."""
 
     algorithm: str
     """"dense" (the reference: the plain dense engine) or a sparse algorithm."""
     mode: str = "dense"
-    """"dense" for the reference; else a `SparseConfig.mode`."""
+    """A preset (spin_ray/sparse/presets.py): "dense" for the reference, else "spin",
+    "sparse-naive" or "dense-offload"."""
     token_budget: int | float | None = None
     """`SparseConfig.token_budget` (tokens, or a fraction of the context); None for dense."""
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
+        if self.algorithm not in ALGORITHMS + ("dense",):
             raise ValueError(f"algorithms: unknown algorithm {self.algorithm!r}")
-        if self.mode not in MODES:
+        if self.mode not in PRESETS:
             raise ValueError(f"modes: unknown mode {self.mode!r}")
         if (self.mode == "dense") != (self.token_budget is None):
             raise ValueError("token_budget: set it for sparse settings only")

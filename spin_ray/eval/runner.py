@@ -22,6 +22,8 @@ from spin_ray.eval.tasks import TaskCase, make_cases
 from spin_ray.llm import LLM
 from spin_ray.models.loader import load_model, load_tokenizer, resolve_model_path
 from spin_ray.sampling_params import SamplingParams
+from spin_ray.sparse.config import SparseConfig
+from spin_ray.sparse.presets import preset
 
 LIKELIHOOD_ID = "likelihood"
 ANSWER_ROOM = 64
@@ -154,10 +156,11 @@ def _engine(config: EvalConfig, setting: Setting, max_model_len: int, requests: 
     if config.device == "cpu":
         kwargs["cpu_kv_tokens"] = tokens
     if not setting.is_reference:
-        kwargs |= dict(
-            sparse=setting.algorithm, mode=setting.mode, token_budget=setting.token_budget,
+        spin = SparseConfig(
+            algorithm=setting.algorithm, token_budget=setting.token_budget,
             sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
             dense_layers=config.dense_layers,
+            cpu_cache_tokens=tokens,  # the default, a share of host RAM, is far more than this
         )  # fmt: skip
-        kwargs["cpu_cache_tokens"] = tokens  # the default (a share of host RAM) is far more
+        kwargs["sparse"] = preset(setting.mode, spin)
     return LLM(**kwargs).llm_engine

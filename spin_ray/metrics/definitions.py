@@ -15,9 +15,9 @@ from typing import Literal
 
 MetricKind = Literal["counter", "gauge", "histogram"]
 
-ENGINE_LABELS = ("model", "algorithm", "mode")
-"""Labels of every engine metric: the model, the sparse algorithm ("dense" without one) and
-the cache mode ("spin", "sparse-naive", "dense-offload" or "dense")."""
+ENGINE_LABELS = ("model", "algorithm", "tiers")
+"""Labels of every engine metric: the model, the sparse algorithm ("dense" without one, "full"
+in the dense-offload baseline) and the tier policy ("spin", "sparse-naive", or "dense")."""
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
                      20.48, 40.96, 81.92, 163.84)  # fmt: skip

@@ -16,13 +16,12 @@ _FINISH_REASONS = ("stop", "length", "abort")
 
 def engine_labels(config: EngineConfig, model: str | None = None) -> dict[str, str]:
     """The `ENGINE_LABELS` of an engine: `model` (default: the config's model), its sparse
-    algorithm and cache mode ("dense" for both without a sparse cache)."""
+    algorithm and tier policy ("dense" for both without a sparse cache)."""
     sparse = config.sparse
-    dense = sparse is None or not sparse.offloads
     return {
         "model": model or config.model,
-        "algorithm": "dense" if dense else sparse.effective_algorithm,
-        "mode": "dense" if dense else sparse.mode,
+        "algorithm": "dense" if sparse is None else sparse.algorithm.name,
+        "tiers": "dense" if sparse is None else str(sparse.tiers),
     }
 
 

@@ -7,7 +7,6 @@ field, so a typo in the YAML fails the deploy instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -204,13 +203,14 @@ class AppConfig:
 
     def llm_kwargs(self, num_gpus: float) -> dict[str, Any]:
         """Keyword arguments of `spin_ray.LLM` for one engine replica."""
-        from spin_ray.llm import LLM
+        from spin_ray.engine.options import options
 
-        known = set(inspect.signature(LLM.__init__).parameters) - {"self"}
+        known = set(options()) | {"sparse"}
         unknown = set(self.engine_args) - known
         if unknown:
             raise ValueError(
-                f"engine_args: unknown keys {sorted(unknown)}; spin_ray.LLM takes {sorted(known)}"
+                f"engine_args: unknown keys {sorted(unknown)}; spin_ray.LLM takes the engine "
+                f"options {sorted(known)}"
             )
         kwargs = {"model": self.model, "tokenizer": self.tokenizer, **self.engine_args}
         kwargs.setdefault("device", "cuda" if num_gpus > 0 else "cpu")

@@ -27,7 +27,7 @@ class PageBudget:
     max_unindexed_tokens: int
     """Most tokens at the end of a sequence the index may not cover yet (always attended)."""
     attend_all: bool
-    """Every page is attended (the "dense" algorithm, dense-offload)."""
+    """Every page is attended (the "full" algorithm of the dense-offload baseline)."""
     retains: bool
     """Pages stay in HBM across steps, so requests get buffer pages beyond the mandatory."""
     buffer_ratio: float
@@ -51,7 +51,7 @@ class PageBudget:
             sink_tokens=config.sink_tokens,
             local_tokens=config.local_tokens,
             max_unindexed_tokens=unindexed,
-            attend_all=config.effective_algorithm == "dense",
+            attend_all=config.algorithm.attends_all,
             retains=config.retains,
             buffer_ratio=config.buffer_ratio,
             min_buffer_ratio=min(config.min_buffer_ratio, config.buffer_ratio),

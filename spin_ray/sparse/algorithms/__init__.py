@@ -4,7 +4,7 @@ runtime's pages."""
 from __future__ import annotations
 
 from spin_ray.sparse.algorithms.base import SelectBatch, SparseAlgorithm, SparseGeometry
-from spin_ray.sparse.algorithms.dense import DenseSelection
+from spin_ray.sparse.algorithms.full import FullSelection
 from spin_ray.sparse.algorithms.quest import Quest
 from spin_ray.sparse.algorithms.retroinfer import RetroInfer
 from spin_ray.sparse.algorithms.seer import Seer
@@ -12,12 +12,12 @@ from spin_ray.sparse.algorithms.shadowkv import ShadowKV
 from spin_ray.sparse.config import SparseConfig
 
 ALGORITHM_CLASSES: dict[str, type[SparseAlgorithm]] = {
-    cls.name: cls for cls in (DenseSelection, Quest, ShadowKV, RetroInfer, Seer)
+    cls.name: cls for cls in (FullSelection, Quest, ShadowKV, RetroInfer, Seer)
 }
 
 
 def build_algorithm(geometry: SparseGeometry, config: SparseConfig) -> SparseAlgorithm:
-    return ALGORITHM_CLASSES[config.effective_algorithm](geometry, config)
+    return ALGORITHM_CLASSES[config.algorithm.name](geometry, config.algorithm)
 
 
 __all__ = ["SelectBatch", "SparseAlgorithm", "SparseGeometry", "build_algorithm"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spin_ray.sparse.config import SparseConfig
+from spin_ray.sparse.algorithm_config import AlgorithmConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class SparseGeometry:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    sink_tokens: int = 0
+    """First tokens of every sequence always attended (their pages are never clustered)."""
 
     @property
     def group(self) -> int:
@@ -72,7 +74,7 @@ class SparseAlgorithm(ABC):
     and the algorithm's own, never reallocated) and never synchronise: decode steps may run
     in CUDA graphs."""
 
-    def __init__(self, geometry: SparseGeometry, config: SparseConfig):
+    def __init__(self, geometry: SparseGeometry, config: AlgorithmConfig):
         self.geometry = geometry
         self.config = config
 

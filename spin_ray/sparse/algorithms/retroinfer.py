@@ -1,5 +1,5 @@
 """`retroinfer` (Chen et al., 2025): partition = k-means cluster of keys, per KV head, within
-segments of `retroinfer_segment_tokens` tokens (about `retroinfer_cluster_tokens` tokens per
+segments of `segment_tokens` tokens (about `cluster_tokens` tokens per
 cluster); summary = centroid, value sum and size.
 
 Variable-size partitions are laid out contiguously: `index` returns a permutation that puts
@@ -11,7 +11,7 @@ within a sequence's pages changes no attention result; positions are not needed 
 
 Score of cluster c for KV head h: Σ over the group's query heads of softmax_c(q·C_c/√d); a
 page scores as its best cluster. Retrieval zone: the top pages within the token budget are
-attended exactly. Estimation zone (optional): the next `retroinfer_estimation_fraction` of
+attended exactly. Estimation zone (optional): the next `estimation_fraction` of
 clusters, among those with no token in an exactly attended page, contribute
 exp(q·C_c·scale)·(value sum) over size·exp(q·C_c·scale) — each of their keys approximated by
 its centroid — merged into the attention by log-sum-exp.
@@ -98,8 +98,8 @@ class RetroInfer(SparseAlgorithm):
         hkv, n, s, d = k.shape
         layers = self.state.setdefault(request_id, [None] * self.geometry.num_layers)
         kt, vt = k.reshape(hkv, n * s, d), v.reshape(hkv, n * s, d)
-        seg = self.config.retroinfer_segment_tokens
-        sink_end = -(-self.config.sink_tokens // s) * s  # the sink's pages stay in order
+        seg = self.config.segment_tokens
+        sink_end = -(-self.geometry.sink_tokens // s) * s  # the sink's pages stay in order
         start = first_page * s
         perms, pieces = [], []
         pos = start
@@ -107,10 +107,10 @@ class RetroInfer(SparseAlgorithm):
             end = min(start + n * s, (pos // seg + 1) * seg)
             if pos < sink_end:
                 end = min(end, sink_end)
-            num = max(1, (end - pos) // self.config.retroinfer_cluster_tokens)
+            num = max(1, (end - pos) // self.config.cluster_tokens)
             a, b = pos - start, end - start
             perm, clusters = cluster_segment(
-                kt[:, a:b], vt[:, a:b], num, self.config.retroinfer_kmeans_iters, pos < sink_end
+                kt[:, a:b], vt[:, a:b], num, self.config.kmeans_iters, pos < sink_end
             )
             perms.append(perm + a)
             pieces.append(clusters)
@@ -151,7 +151,7 @@ class RetroInfer(SparseAlgorithm):
         return out
 
     def estimate(self, layer, q, batch, pages, scale) -> Partial | None:
-        fraction = self.config.retroinfer_estimation_fraction
+        fraction = self.config.estimation_fraction
         if fraction == 0:
             return None
         b, hq, d = q.shape

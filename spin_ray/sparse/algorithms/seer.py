@@ -1,4 +1,4 @@
-"""`seer` (SeerAttention-R style learned block gate): partition = block of `seer_block_size`
+"""`seer` (SeerAttention-R style learned block gate): partition = block of `block_size`
 tokens (whole pages); summary = the block's keys pooled three ways (max, min, mean), kept per
 page and combined per block at select time.
 
@@ -6,7 +6,7 @@ Score of block j for KV head h: (q̄ W_q[h]) · (k̃_j W_k[h]) / √Dg, where q�
 group's post-RoPE queries and k̃_j = [max_j, min_j, mean_j] ∈ R^{3D} the pooled keys; the top
 blocks are attended (every page of a block shares its score).
 
-Gate weights come from `seer_gate_path` (safetensors or a torch file) with, for each offloaded
+Gate weights come from `gate_path` (safetensors or a torch file) with, for each offloaded
 model layer i, `layers.{i}.q_gate` [Hkv, D, Dg] and `layers.{i}.k_gate` [Hkv, 3D, Dg].
 Without a file the gate is the documented deterministic initialisation for testing:
 W_q = I (Dg = D) and W_k = [0; 0; I], i.e. the score is q̄ · mean_j / √D.
@@ -25,7 +25,7 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 def load_gates(path: str, layers: range, heads: int, head_dim: int):
     """(q_gate [L, Hkv, D, Dg], k_gate [L, Hkv, 3D, Dg]) for the model layers in `layers`."""
     if not Path(path).is_file():
-        raise ValueError(f"seer_gate_path: no file at {path!r}")
+        raise ValueError(f"gate_path: no file at {path!r}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -36,15 +36,15 @@ def load_gates(path: str, layers: range, heads: int, head_dim: int):
     for i in layers:
         q_gate, k_gate = weights.get(f"layers.{i}.q_gate"), weights.get(f"layers.{i}.k_gate")
         if q_gate is None or k_gate is None:
-            raise ValueError(f"seer_gate_path: layers.{i}.q_gate / k_gate missing in {path!r}")
+            raise ValueError(f"gate_path: layers.{i}.q_gate / k_gate missing in {path!r}")
         if q_gate.shape[:2] != (heads, head_dim) or k_gate.shape[:2] != (heads, 3 * head_dim):
             raise ValueError(
-                f"seer_gate_path: layer {i} gates have shapes {tuple(q_gate.shape)} and "
+                f"gate_path: layer {i} gates have shapes {tuple(q_gate.shape)} and "
                 f"{tuple(k_gate.shape)}; expected [{heads}, {head_dim}, Dg] and "
                 f"[{heads}, {3 * head_dim}, Dg]"
             )
         if q_gate.shape[2] != k_gate.shape[2]:
-            raise ValueError(f"seer_gate_path: layer {i} q_gate and k_gate disagree on Dg")
+            raise ValueError(f"gate_path: layer {i} q_gate and k_gate disagree on Dg")
         q_gates.append(q_gate.float())
         k_gates.append(k_gate.float())
     return torch.stack(q_gates), torch.stack(k_gates)
@@ -64,17 +64,17 @@ class Seer(SparseAlgorithm):
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
         g = geometry
-        self.block_pages = config.seer_block_size // g.page_size
+        self.block_pages = config.block_size // g.page_size
         self.index_unit_pages = self.block_pages
         shape = (g.num_layers, g.num_cpu_pages, g.num_kv_heads, g.head_dim)
         self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P, Hkv, D]
         self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)
         self.ksum = torch.zeros(shape, dtype=torch.float32, device=g.device)
-        if config.seer_gate_path is None:
+        if config.gate_path is None:
             gates = default_gates(g.num_layers, g.num_kv_heads, g.head_dim)
         else:
             layers = range(g.first_layer, g.first_layer + g.num_layers)
-            gates = load_gates(config.seer_gate_path, layers, g.num_kv_heads, g.head_dim)
+            gates = load_gates(config.gate_path, layers, g.num_kv_heads, g.head_dim)
         self.q_gate, self.k_gate = (w.to(g.device) for w in gates)
 
     def index(self, layer, request_id, first_page, page_ids, k, v):
@@ -93,7 +93,7 @@ class Seer(SparseAlgorithm):
         def pooled(stat):  # [B, blocks, bp, Hkv, D]
             return stat[layer][table].float().view(b, blocks, bp, hkv, d)
 
-        block_tokens = self.config.seer_block_size
+        block_tokens = self.config.block_size
         k_pooled = torch.cat(
             [
                 pooled(self.kmax).amax(2),

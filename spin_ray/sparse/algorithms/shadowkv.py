@@ -19,7 +19,7 @@ class ShadowKV(SparseAlgorithm):
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
         g = geometry
-        self.chunk = config.shadowkv_chunk_size
+        self.chunk = config.chunk_size
         self.chunks_per_page = g.page_size // self.chunk
         shape = (g.num_layers, g.num_cpu_pages, g.num_kv_heads, self.chunks_per_page, g.head_dim)
         self.landmarks = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P, Hkv, C, D]

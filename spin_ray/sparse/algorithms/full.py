@@ -1,4 +1,4 @@
-"""`dense`: every page is attended (the reference); nothing to index or score."""
+"""`full`: every page is attended (the dense-offload baseline); nothing to index or score."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 
-class DenseSelection(SparseAlgorithm):
-    name = "dense"
+class FullSelection(SparseAlgorithm):
+    name = "full"
     incremental = True  # no summaries: nothing is ever read back to index
     graph_safe = True
 
