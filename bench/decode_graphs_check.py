@@ -10,7 +10,8 @@ generates greedily (EOS ignored) for each batch size the same seeded prompts, al
 once and prefilled in one step, so every later step decodes the whole batch. Each batch size
 runs once untimed first (compilation, graph capture). Per (mode, batch size) it records TPOT p50
 of both runs (from `RequestOutput.metrics`), the share of requests whose token ids are
-identical, the first position where any differs, for sparse modes the cache's lookups and hits,
+identical, the first position where any differs, a SHA-256 of each run's tokens (to compare two
+trees' runs: before and after a change), for sparse modes the cache's lookups and hits,
 and whether the second engine really replays graphs (`graphs_used`: not on the CPU, nor with a
 backend that cannot be captured).
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import random
 import statistics
@@ -145,6 +147,12 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def tokens_digest(tokens: list[list[int]]) -> str:
+    """SHA-256 of a run's token ids: runs of two trees (before and after a change) compare by
+    it."""
+    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+
+
 def compare(
     mode: str, batch_size: int, eager: dict, graphs: dict, graphs_used: bool, captured: bool
 ) -> dict:
@@ -161,6 +169,8 @@ def compare(
         speedup=round(eager["tpot_p50_ms"] / graphs["tpot_p50_ms"], 3),
         identical_fraction=sum(a == b for a, b in pairs) / len(pairs),
         first_difference=min((first_difference(a, b) for a, b in pairs if a != b), default=None),
+        eager_tokens_sha256=tokens_digest(eager["tokens"]),
+        graphs_tokens_sha256=tokens_digest(graphs["tokens"]),
     )
     if mode != "dense":
         for name, run in (("eager", eager), ("graphs", graphs)):
