@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "bench", "eval", "serve", "dashboards")
+COMMANDS = ("generate", "bench", "eval", "train-gate", "serve", "dashboards")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"spin_ray.commands.{name}").add_parser(subparsers)
+        module = name.replace("-", "_")
+        importlib.import_module(f"spin_ray.commands.{module}").add_parser(subparsers)
     return parser
 
 

@@ -18,6 +18,14 @@ from spin_ray.sparse.selection import DecodeWindows, select_pages
 
 PAGE, HKV, HQ, D, CPU_PAGES = 8, 2, 4, 16, 64
 G = HQ // HKV
+INV_FREQ = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)  # [D/2] Llama's RoPE
+
+
+def _rotate(x: torch.Tensor, position: int) -> torch.Tensor:  # [..., D] -> [..., D]
+    """RoPE (rotate-half pairs) at `position`, written out."""
+    angle = position * INV_FREQ  # [D/2]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
 
 
 def _geometry(sink_tokens: int = 64) -> SparseGeometry:
@@ -32,6 +40,7 @@ def _geometry(sink_tokens: int = 64) -> SparseGeometry:
         dtype=torch.float32,
         device=torch.device("cpu"),
         sink_tokens=sink_tokens,
+        rope_inv_freq=INV_FREQ,
     )
 
 
@@ -85,6 +94,7 @@ def _batch(page_ids: torch.Tensor, indexed: int) -> SelectBatch:
         num_pages=torch.tensor([n]),
         indexed_pages=torch.tensor([indexed]),
         indexed_pages_cpu=(indexed,),
+        context_lens=torch.tensor([n * PAGE]),
     )
 
 
@@ -174,25 +184,34 @@ def test_shadowkv_score_is_max_over_group_of_softmax_over_chunk_landmarks():
     _assert_top_pages(algorithm, q, page_ids, formula, _budget(8 * PAGE))
 
 
-def test_seer_default_gate_scores_mean_query_against_mean_block_key():
+def _before_rope(keys: torch.Tensor, first_token: int) -> torch.Tensor:  # [T, D] -> [T, D]
+    """Stored keys (after RoPE at first_token, first_token + 1, ...) as they were before."""
+    return torch.stack([_rotate(key, -(first_token + t)) for t, key in enumerate(keys)])
+
+
+def test_seer_default_gate_scores_the_block_mean_key_as_the_query_sees_it():
+    """W_q = I, W_k = [0; 0; I]: R_p(mean query before RoPE) · R_end(mean key before RoPE)."""
     algorithm, k, _, page_ids = _indexed("seer", 24, seed=2, block_size=2 * PAGE)
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(12))
+    at = 24 * PAGE - 1  # the query's position
     formula = torch.zeros(HKV, 24)
     for h in range(HKV):
-        q_mean = q[0, h * G : (h + 1) * G].mean(0)
+        q_mean = torch.stack([_rotate(x, -at) for x in q[0, h * G : (h + 1) * G]]).mean(0)
         for block in range(12):
-            mean_key = k[h, 2 * block : 2 * block + 2].reshape(-1, D).mean(0)
-            formula[h, 2 * block : 2 * block + 2] = q_mean @ mean_key / math.sqrt(D)
+            keys = _before_rope(k[h, 2 * block : 2 * block + 2].reshape(-1, D), block * 2 * PAGE)
+            end = (block + 1) * 2 * PAGE - 1
+            score = _rotate(q_mean, at) @ _rotate(keys.mean(0), end) / math.sqrt(D)
+            formula[h, 2 * block : 2 * block + 2] = score
     scores = algorithm.page_scores(0, q, _batch(page_ids, 24))[0]
-    torch.testing.assert_close(scores, formula)
+    torch.testing.assert_close(scores, formula, rtol=1e-4, atol=1e-4)
     _assert_top_pages(algorithm, q, page_ids, formula, _budget(9 * PAGE))
 
 
 def test_seer_gate_file_weights_are_used(tmp_path):
     gen = torch.Generator().manual_seed(3)
     q_gate, k_gate = (
-        torch.randn(HKV, D, 5, generator=gen),
-        torch.randn(HKV, 3 * D, 5, generator=gen),
+        torch.randn(HKV, D, D, generator=gen),
+        torch.randn(HKV, 3 * D, D, generator=gen),
     )
     path = tmp_path / "gate.safetensors"
     save_file({"layers.0.q_gate": q_gate, "layers.0.k_gate": k_gate}, str(path))
@@ -200,13 +219,16 @@ def test_seer_gate_file_weights_are_used(tmp_path):
         "seer", 16, seed=4, block_size=2 * PAGE, gate_path=str(path)
     )
     q = torch.randn(1, HQ, D, generator=gen)
+    at = 16 * PAGE - 1
     formula = torch.zeros(HKV, 16)
     for h in range(HKV):
-        q_gated = q[0, h * G : (h + 1) * G].mean(0) @ q_gate[h]
+        q_mean = torch.stack([_rotate(x, -at) for x in q[0, h * G : (h + 1) * G]]).mean(0)
+        q_gated = _rotate(q_mean @ q_gate[h], at)
         for block in range(8):
-            keys = k[h, 2 * block : 2 * block + 2].reshape(-1, D)
+            keys = _before_rope(k[h, 2 * block : 2 * block + 2].reshape(-1, D), block * 2 * PAGE)
             pooled = torch.cat([keys.amax(0), keys.amin(0), keys.mean(0)])
-            formula[h, 2 * block : 2 * block + 2] = q_gated @ (pooled @ k_gate[h]) / math.sqrt(5)
+            k_gated = _rotate(pooled @ k_gate[h], (block + 1) * 2 * PAGE - 1)
+            formula[h, 2 * block : 2 * block + 2] = q_gated @ k_gated / math.sqrt(D)
     # the same formula summed in another order: fp32 rounding of sums of 3·D products, so the
     # tolerance scales with the scores' magnitude (a wrong gate or pooling is off by O(scale))
     scale = formula.abs().max().item()

@@ -92,6 +92,24 @@ def sparse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def add_dataclass_flags(group, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """A flag for every field of a frozen config dataclass (a command's own settings): default
+    None (the field's default applies), help = the field's doc."""
+    for option in dataclass_options(cls):
+        if option.name not in skip:
+            _add_flag(group, option.name, option)
+
+
+def dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` whose flags (`add_dataclass_flags`) were given."""
+    given = {}
+    for option in dataclass_options(cls):
+        value = getattr(args, option.name, None)
+        if value is not None:
+            given[option.name] = _parsed(option, value)
+    return given
+
+
 def parse_token_budget(text: str) -> int | float:
     """ "2048" → 2048 tokens; "0.02" → a fraction of the context."""
     try:

@@ -17,6 +17,7 @@ from spin_ray.cache.sizing import gpu_kv_budget_bytes
 from spin_ray.cache.stats import KVStats
 from spin_ray.engine.kv_layout import KVLayout, PageUsage
 from spin_ray.models.arch import ModelArch
+from spin_ray.models.rope import rope_inv_freq
 from spin_ray.sparse.algorithms import SparseGeometry, build_algorithm
 from spin_ray.sparse.backend import SpinAttentionBackend
 from spin_ray.sparse.budget import PageBudget
@@ -120,6 +121,7 @@ def build_tiered_cache(
         dtype=dtype,
         device=device,
         sink_tokens=sparse.sink_tokens,
+        rope_inv_freq=rope_inv_freq(head_dim, arch.rope_theta, arch.rope_scaling).to(device),
     )
     algorithm = build_algorithm(geometry, sparse)
     budget = PageBudget.from_config(

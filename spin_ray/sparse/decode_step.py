@@ -120,6 +120,7 @@ class DecodeStepPlanner:
                 num_pages=windows.num_pages,
                 indexed_pages=indexed_pages,
                 indexed_pages_cpu=tuple(indexed),
+                context_lens=context_lens,
             ),
         )
 

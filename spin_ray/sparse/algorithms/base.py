@@ -38,6 +38,9 @@ class SparseGeometry:
     device: torch.device
     sink_tokens: int = 0
     """First tokens of every sequence always attended (their pages are never clustered)."""
+    rope_inv_freq: torch.Tensor | None = None
+    """[D/2] fp32: the model's RoPE inverse frequencies (rotate-half convention), for
+    algorithms that read keys and queries before RoPE (Seer un-rotates the stored ones)."""
 
     @property
     def group(self) -> int:
@@ -56,6 +59,8 @@ class SelectBatch:
     indexed_pages: torch.Tensor
     """[B] int64: pages covered by the index (a prefix of the sequence)."""
     indexed_pages_cpu: tuple[int, ...]
+    context_lens: torch.Tensor | None = None
+    """[B] int64: tokens of each context; the query sits at position context_lens - 1."""
 
 
 Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -1,15 +1,27 @@
-"""`seer` (SeerAttention-R style learned block gate): partition = block of `block_size`
-tokens (whole pages); summary = the block's keys pooled three ways (max, min, mean), kept per
-page and combined per block at select time.
+"""`seer` (SeerAttention-R's learned block gate, its decode form): partition = block of
+`block_size` tokens (whole pages); summary = the block's keys before RoPE pooled three ways
+(max, min, mean), kept per page and combined per block at select time.
 
-Score of block j for KV head h: (q̄ W_q[h]) · (k̃_j W_k[h]) / √Dg, where q̄ is the mean of the
-group's post-RoPE queries and k̃_j = [max_j, min_j, mean_j] ∈ R^{3D} the pooled keys; the top
-blocks are attended (every page of a block shares its score).
+Score of block j for KV head h at the query's position p:
 
-Gate weights come from `gate_path` (safetensors or a torch file) with, for each offloaded
-model layer i, `layers.{i}.q_gate` [Hkv, D, Dg] and `layers.{i}.k_gate` [Hkv, 3D, Dg].
-Without a file the gate is the documented deterministic initialisation for testing:
-W_q = I (Dg = D) and W_k = [0; 0; I], i.e. the score is q̄ · mean_j / √D.
+    R_p(q̄ W_q[h]) · R_{e_j}(k̃_j W_k[h]) / √Dg
+
+where q̄ is the mean of the group's queries before RoPE, k̃_j = [max_j, min_j, mean_j] ∈ R^{3D}
+the block's pooled keys before RoPE, R_x the gate's own RoPE at position x (the model's
+frequencies; Dg = D), and e_j the position of the block's last token (where SeerAttention-R's
+decode gate rotates a block it has just completed). The top blocks are attended, every page of
+a block with its score. The runtime stores keys after RoPE, so the index and the query are
+un-rotated first (RoPE is a rotation: R_{-x} undoes R_x).
+
+Where it differs from the paper: no RMSNorm on the gate's outputs (the paper's `use_qk_norm`
+option, off by default there too); selection by token budget only (not by threshold); the last
+(incomplete) block and the local window are attended by the runtime's windows, not scored.
+
+Gate weights come from `gate_path` (safetensors or a torch file, as `spin-ray train-gate`
+writes) with, for each offloaded model layer i, `layers.{i}.q_gate` [Hkv, D, D] and
+`layers.{i}.k_gate` [Hkv, 3D, D]. Without a file the gate is the deterministic initialisation
+W_q = I, W_k = [0; 0; I]: the score is R_p(q̄) · R_{e_j}(mean_j) / √D, the block's mean key
+as attention would see it from the query.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from spin_ray.kernels.rope import rope_ref
 from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 
@@ -43,8 +56,11 @@ def load_gates(path: str, layers: range, heads: int, head_dim: int):
                 f"{tuple(k_gate.shape)}; expected [{heads}, {head_dim}, Dg] and "
                 f"[{heads}, {3 * head_dim}, Dg]"
             )
-        if q_gate.shape[2] != k_gate.shape[2]:
-            raise ValueError(f"gate_path: layer {i} q_gate and k_gate disagree on Dg")
+        if q_gate.shape[2] != head_dim or k_gate.shape[2] != head_dim:
+            raise ValueError(
+                f"gate_path: layer {i} gates project to {q_gate.shape[2]} and "
+                f"{k_gate.shape[2]} dimensions; the gate's RoPE needs the head dim {head_dim}"
+            )
         q_gates.append(q_gate.float())
         k_gates.append(k_gate.float())
     return torch.stack(q_gates), torch.stack(k_gates)
@@ -64,6 +80,9 @@ class Seer(SparseAlgorithm):
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
         g = geometry
+        if g.rope_inv_freq is None:
+            raise ValueError("seer: needs the model's RoPE frequencies (SparseGeometry)")
+        self.inv_freq = g.rope_inv_freq.to(g.device, torch.float32)  # [D/2]
         self.block_pages = config.block_size // g.page_size
         self.index_unit_pages = self.block_pages
         shape = (g.num_layers, g.num_cpu_pages, g.num_kv_heads, g.head_dim)
@@ -78,9 +97,13 @@ class Seer(SparseAlgorithm):
         self.q_gate, self.k_gate = (w.to(g.device) for w in gates)
 
     def index(self, layer, request_id, first_page, page_ids, k, v):
-        self.kmax[layer, page_ids] = k.amax(2).transpose(0, 1)  # [n, Hkv, D]
-        self.kmin[layer, page_ids] = k.amin(2).transpose(0, 1)
-        self.ksum[layer, page_ids] = k.float().sum(2).transpose(0, 1)
+        hkv, n, size, d = k.shape  # k: [Hkv, n, S, D] after RoPE
+        tokens = first_page * size + torch.arange(n * size, device=k.device)  # [n*S]
+        flat = k.permute(1, 2, 0, 3).reshape(n * size, hkv, d)  # [n*S, Hkv, D]
+        before = rope_ref(flat, -tokens, self.inv_freq).view(n, size, hkv, d)
+        self.kmax[layer, page_ids] = before.amax(1).to(self.kmax.dtype)  # [n, Hkv, D]
+        self.kmin[layer, page_ids] = before.amin(1).to(self.kmin.dtype)
+        self.ksum[layer, page_ids] = before.float().sum(1)
         return None
 
     def page_scores(self, layer, q, batch):
@@ -102,9 +125,17 @@ class Seer(SparseAlgorithm):
             ],
             -1,
         )  # [B, blocks, Hkv, 3D]
-        k_gated = torch.einsum("bnhe,hef->bnhf", k_pooled, self.k_gate[layer])
-        q_mean = q.float().view(b, hkv, hq // hkv, d).mean(2)  # [B, Hkv, D]
-        q_gated = torch.einsum("bhd,hdf->bhf", q_mean, self.q_gate[layer])
-        dg = q_gated.shape[-1]
-        score = torch.einsum("bhf,bnhf->bhn", q_gated, k_gated) / math.sqrt(dg)
+        k_gated = torch.einsum(
+            "bnhe,hef->nbhf", k_pooled, self.k_gate[layer]
+        )  # [blocks, B, Hkv, D]
+        ends = torch.arange(1, blocks + 1, device=q.device) * block_tokens - 1  # [blocks]
+        k_gated = rope_ref(k_gated.reshape(blocks, b * hkv, d), ends, self.inv_freq)
+        k_gated = k_gated.view(blocks, b, hkv, d)
+        at = batch.context_lens - 1  # [B] the query's position
+        q_before = rope_ref(q.float(), -at, self.inv_freq)  # [B, Hq, D]
+        q_mean = q_before.view(b, hkv, hq // hkv, d).mean(2)  # [B, Hkv, D]
+        q_gated = rope_ref(
+            torch.einsum("bhd,hdf->bhf", q_mean, self.q_gate[layer]), at, self.inv_freq
+        )
+        score = torch.einsum("bhf,nbhf->bhn", q_gated, k_gated) / math.sqrt(d)
         return score.repeat_interleave(bp, -1)[..., :maxp]

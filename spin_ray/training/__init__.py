@@ -1,0 +1,1 @@
+"""What spin-ray fits to a checkpoint rather than computes at run time: Seer's gate."""
