@@ -43,6 +43,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--scored-tokens", type=int, default=32, help="teacher-forced tokens of "
                         "the log-likelihood case; 0: none (default %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seer-gate-path", default=None, help="the gate of the seer settings "
+                        "(spin-ray train-gate writes one; default: untrained)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=None, help="JSON results file")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of accuracy vs budget")
     parser.set_defaults(func=run)
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         dense_layers=args.dense_layers,
         scored_tokens=args.scored_tokens,
         seed=args.seed,
+        seer_gate_path=args.seer_gate_path,
     )
     result = run_eval(config)
     print(markdown(result))

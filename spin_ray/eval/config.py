@@ -68,6 +68,9 @@ class EvalConfig:
     """Teacher-forced tokens of the log-likelihood case at each length (0: none)."""
     seed: int = 0
     """Seed of the cases."""
+    seer_gate_path: str | None = None
+    """The gate of every seer setting (`spin-ray train-gate` writes one); None: the untrained
+    gate."""
 
     def __post_init__(self) -> None:
         if not self.lengths or any(n < 256 for n in self.lengths):

@@ -22,6 +22,7 @@ from spin_ray.eval.tasks import TaskCase, make_cases
 from spin_ray.llm import LLM
 from spin_ray.models.loader import load_model, load_tokenizer, resolve_model_path
 from spin_ray.sampling_params import SamplingParams
+from spin_ray.sparse.algorithm_config import SeerConfig, algorithm_config
 from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.presets import preset
 
@@ -156,8 +157,11 @@ def _engine(config: EvalConfig, setting: Setting, max_model_len: int, requests: 
     if config.device == "cpu":
         kwargs["cpu_kv_tokens"] = tokens
     if not setting.is_reference:
+        algorithm = algorithm_config(setting.algorithm)
+        if isinstance(algorithm, SeerConfig):
+            algorithm = SeerConfig(gate_path=config.seer_gate_path)
         spin = SparseConfig(
-            algorithm=setting.algorithm, token_budget=setting.token_budget,
+            algorithm=algorithm, token_budget=setting.token_budget,
             sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
             dense_layers=config.dense_layers,
             cpu_cache_tokens=tokens,  # the default, a share of host RAM, is far more than this
