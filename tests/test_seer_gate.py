@@ -82,8 +82,8 @@ def test_training_scores_blocks_as_the_runtime_does():
     seer = build_algorithm(geometry, SparseConfig(algorithm=SeerConfig(block_size=2 * page)))
     seer.q_gate, seer.k_gate = q_gate, k_gate
     pages = torch.arange(2 * blocks)
-    k_pages = k_post[0].view(2 * blocks, page, hkv, d).permute(2, 0, 1, 3)  # [Hkv, n, S, D]
-    seer.index(0, "r", 0, pages, k_pages, k_pages)
+    slots = torch.arange(tokens)  # page p holds tokens p*S.. (pages are 0..n-1)
+    seer.append_chunk(0, slots, k_post[0], 0, torch.arange(tokens))
     count = torch.tensor([2 * blocks])
     batch = SelectBatch(("r",), pages[None].int(), count, count, (2 * blocks,), count * page)
     runtime = seer.page_scores(0, q_post[0, -1:], batch)[0, :, ::2]  # [Hkv, nb]

@@ -58,6 +58,7 @@ def _meta(manager, chunks):
         context_lens_cpu=tuple(f + n for _, f, n in chunks),
         page_size=PAGE,
         request_ids=tuple(rid for rid, _, _ in chunks),
+        positions=torch.tensor([p for _, f, n in chunks for p in range(f, f + n)]),
     )
 
 

@@ -79,10 +79,11 @@ def _append(algorithm, page_ids, k, runs, start=0, chunks=False):
         run = tokens[start : start + n]
         slots = page_ids[run // PAGE] * PAGE + run % PAGE
         if chunks and n > 1:
-            algorithm.append_chunk(0, slots, keys[run], start % PAGE)
+            algorithm.append_chunk(0, slots, keys[run], start % PAGE, run)
         else:
             pad = torch.randn(1, HKV, D) * 100  # a padding row's key must not reach any page
-            algorithm.append(0, torch.cat([slots, torch.tensor([-1])]), torch.cat([keys[run], pad]))
+            padded = (torch.cat([slots, torch.tensor([-1])]), torch.cat([keys[run], pad]))
+            algorithm.append(0, *padded, torch.cat([run, torch.tensor([0])]))
         start += n
 
 
@@ -147,6 +148,24 @@ def test_quest_summaries_fold_in_any_order_of_runs(chunks):
     kmax = algorithm.kmax[0, page_ids].permute(1, 0, 2)
     torch.testing.assert_close(kmin, k.amin(2), atol=0, rtol=0)
     torch.testing.assert_close(kmax, k.amax(2), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("chunks", [False, True])
+def test_seer_summaries_fold_in_as_keys_are_stored(chunks):
+    """Seer's page summaries are built as tokens are stored (prefill-like runs starting and
+    ending mid-page, then decode tokens), from the keys before RoPE: each page's max, min and
+    sum equal those of its un-rotated keys — also for pages another sequence held before."""
+    algorithm, k, _, page_ids = _indexed("seer", 10, seed=3, block_size=2 * PAGE)
+    other = torch.randn(HKV, 10, PAGE, D) * 50  # a new sequence reuses the same pages
+    _append(algorithm, page_ids, other, [13, 30, 1, 1, PAGE * 10 - 45], chunks=chunks)
+    _append(algorithm, page_ids, k, [PAGE * 6 + 3, PAGE * 3 + 2] + [1] * (PAGE - 5), chunks=chunks)
+    before = torch.stack(
+        [_before_rope(k[h].reshape(-1, D), 0).view(10, PAGE, D) for h in range(HKV)]
+    )  # [Hkv, n, S, D]
+    stats = {"kmax": before.amax(2), "kmin": before.amin(2), "ksum": before.sum(2)}
+    for name, expected in stats.items():
+        got = getattr(algorithm, name)[0, page_ids].permute(1, 0, 2)  # [Hkv, n, D]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_quest_score_is_the_formula_and_an_upper_bound_of_every_qk():

@@ -40,6 +40,9 @@ class AttentionMetadata:
     num_padded: int = 0
     """The last `num_padded` sequences are padding up to a graph's batch size: one token each,
     slot -1 (nothing stored), context 1, page 0; nothing reads their outputs."""
+    positions: torch.Tensor | None = None
+    """[N] int64 on device: each new token's position in its sequence (what RoPE rotated it
+    by); for backends whose summaries need it (Seer's un-rotated keys)."""
 
 
 class PrefillChunk(NamedTuple):

@@ -100,6 +100,7 @@ def build_batch_inputs(
         host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values)
         return to_step(name, host.to(dtype), device, graph.buffers if graph else None)
 
+    positions_t = tensor(np.concatenate(positions), torch.int64, "positions")  # [N]
     meta = AttentionMetadata(
         query_start_loc=tensor(query_start, torch.int32, "query_start_loc"),
         context_lens=tensor(context_lens, torch.int32, "context_lens"),
@@ -111,6 +112,7 @@ def build_batch_inputs(
         request_ids=tuple(c.request.request_id for c in step.chunks),
         graph_batch=graph is not None,
         num_padded=num_padded,
+        positions=positions_t,
     )
     input_ids_t = tensor(input_ids, torch.int64, "input_ids")  # [N]
     if from_device:
@@ -118,7 +120,7 @@ def build_batch_inputs(
         input_ids_t.index_copy_(0, dst, pending.token_ids.index_select(0, src))
     return BatchInputs(
         input_ids=input_ids_t,
-        positions=tensor(np.concatenate(positions), torch.int64, "positions"),
+        positions=positions_t,
         attention=meta,
         sample_rows=to_device_async(torch.tensor(sample_rows, dtype=torch.int64), device),
         sample_request_ids=tuple(sample_ids),

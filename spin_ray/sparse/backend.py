@@ -163,7 +163,7 @@ class SpinAttentionBackend(AttentionBackend):
         step, chunks = self._step, self.prefill.chunks
         self.offload.store(layer, k, v, meta.slot_mapping)
         decode_rows = step.tokens if step is not None else None
-        self.index.append(layer, meta.slot_mapping, k, decode_rows, chunks)
+        self.index.append(layer, meta.slot_mapping, k, meta.positions, decode_rows, chunks)
         if not chunks:
             return self._decode(layer, q, k, v, scale)
         out = torch.empty_like(q)  # [N, Hq, D]

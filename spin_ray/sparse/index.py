@@ -102,6 +102,7 @@ class SparseIndex:
         layer: int,
         slots: torch.Tensor,  # [N] int64 engine page * S + offset of every new token
         k: torch.Tensor,  # [N, Hkv, D] their keys
+        positions: torch.Tensor,  # [N] int64 their positions in their sequences
         decode_rows: torch.Tensor | None,  # [Bd] int64 the decode tokens' rows, None: none
         prefills: list[PrefillChunk],
     ) -> None:
@@ -110,14 +111,15 @@ class SparseIndex:
         if not self.algorithm.incremental:
             return
         if not prefills:
-            self.algorithm.append(layer, slots, k)
+            self.algorithm.append(layer, slots, k, positions)
             return
         if decode_rows is not None:
-            self.algorithm.append(layer, slots[decode_rows], k[decode_rows])
+            rows = decode_rows
+            self.algorithm.append(layer, slots[rows], k[rows], positions[rows])
         for _, start, n, context_len in prefills:
             rows = slice(start, start + n)
             first_offset = (context_len - n) % self.page_size
-            self.algorithm.append_chunk(layer, slots[rows], k[rows], first_offset)
+            self.algorithm.append_chunk(layer, slots[rows], k[rows], first_offset, positions[rows])
 
     def append_prompt(
         self,
@@ -126,8 +128,9 @@ class SparseIndex:
     ) -> None:
         """Fold a whole prompt's keys into incremental summaries (no-op for the others)."""
         if self.algorithm.incremental:
+            positions = torch.arange(slots.shape[0], device=slots.device)  # [T]
             for layer, layer_k in enumerate(k):
-                self.algorithm.append_chunk(layer, slots, layer_k, first_offset=0)
+                self.algorithm.append_chunk(layer, slots, layer_k, 0, positions)
 
     def release(self, request_id: str) -> None:
         self._state.pop(request_id, None)

@@ -106,6 +106,7 @@ class SparseAlgorithm(ABC):
         layer: int,
         slots: torch.Tensor,  # [N] int64  CPU-tier page * S + offset; -1 = nothing (padding)
         k: torch.Tensor,  # [N, Hkv, D]  the stored keys (post-RoPE)
+        positions: torch.Tensor,  # [N] int64  each token's position (what RoPE rotated it by)
     ) -> None:
         """Fold newly stored tokens into the summaries (`incremental` algorithms implement it;
         it must not synchronise: it runs in CUDA graphs). A page's token at offset 0 starts
@@ -118,10 +119,11 @@ class SparseAlgorithm(ABC):
         slots: torch.Tensor,  # [n] int64  one prefill chunk: a request's consecutive positions
         k: torch.Tensor,  # [n, Hkv, D]
         first_offset: int,  # the first token's offset in its page
+        positions: torch.Tensor,  # [n] int64
     ) -> None:
         """`append` for one prefill chunk (eager steps only); algorithms may fold whole pages
         at once."""
-        self.append(layer, slots, k)
+        self.append(layer, slots, k, positions)
 
     @abstractmethod
     def page_scores(

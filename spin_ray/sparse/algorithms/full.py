@@ -12,7 +12,7 @@ class FullSelection(SparseAlgorithm):
     incremental = True  # no summaries: nothing is ever read back to index
     graph_safe = True
 
-    def append(self, layer, slots, k):
+    def append(self, layer, slots, k, positions):
         return None
 
     def page_scores(self, layer, q, batch):

@@ -29,11 +29,11 @@ class Quest(SparseAlgorithm):
         self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P + 1, Hkv, D]
         self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)
 
-    def append(self, layer, slots, k):
+    def append(self, layer, slots, k, positions):
         fold = quest_append if k.is_cuda else quest_append_ref
         fold(self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size)
 
-    def append_chunk(self, layer, slots, k, first_offset):
+    def append_chunk(self, layer, slots, k, first_offset, positions):
         quest_append_chunk(
             self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size, first_offset
         )

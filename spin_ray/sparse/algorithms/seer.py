@@ -1,6 +1,9 @@
 """`seer` (SeerAttention-R's learned block gate, its decode form): partition = block of
 `block_size` tokens (whole pages); summary = the block's keys before RoPE pooled three ways
-(max, min, mean), kept per page and combined per block at select time.
+(max, min, mean), kept per page and combined per block at select time. The page summaries are
+incremental, as Quest's: every stored key is un-rotated and folded into its page as it is
+written (prefill chunk by chunk, then each decode token), so no step reads pages back from the
+CPU tier to index them.
 
 Score of block j for KV head h at the query's position p:
 
@@ -10,7 +13,7 @@ where q̄ is the mean of the group's queries before RoPE, k̃_j = [max_j, min_j,
 the block's pooled keys before RoPE, R_x the gate's own RoPE at position x (the model's
 frequencies; Dg = D), and e_j the position of the block's last token (where SeerAttention-R's
 decode gate rotates a block it has just completed). The top blocks are attended, every page of
-a block with its score. The runtime stores keys after RoPE, so the index and the query are
+a block with its score. The runtime stores keys after RoPE, so stored keys and the query are
 un-rotated first (RoPE is a rotation: R_{-x} undoes R_x).
 
 Where it differs from the paper: no RMSNorm on the gate's outputs (the paper's `use_qk_norm`
@@ -76,6 +79,7 @@ def default_gates(num_layers: int, heads: int, head_dim: int):
 
 class Seer(SparseAlgorithm):
     name = "seer"
+    incremental = True
 
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
@@ -85,8 +89,9 @@ class Seer(SparseAlgorithm):
         self.inv_freq = g.rope_inv_freq.to(g.device, torch.float32)  # [D/2]
         self.block_pages = config.block_size // g.page_size
         self.index_unit_pages = self.block_pages
-        shape = (g.num_layers, g.num_cpu_pages, g.num_kv_heads, g.head_dim)
-        self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P, Hkv, D]
+        self.spare = g.num_cpu_pages  # the row padding tokens (slot -1) fold into
+        shape = (g.num_layers, g.num_cpu_pages + 1, g.num_kv_heads, g.head_dim)
+        self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P + 1, Hkv, D]
         self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)
         self.ksum = torch.zeros(shape, dtype=torch.float32, device=g.device)
         if config.gate_path is None:
@@ -96,15 +101,21 @@ class Seer(SparseAlgorithm):
             gates = load_gates(config.gate_path, layers, g.num_kv_heads, g.head_dim)
         self.q_gate, self.k_gate = (w.to(g.device) for w in gates)
 
-    def index(self, layer, request_id, first_page, page_ids, k, v):
-        hkv, n, size, d = k.shape  # k: [Hkv, n, S, D] after RoPE
-        tokens = first_page * size + torch.arange(n * size, device=k.device)  # [n*S]
-        flat = k.permute(1, 2, 0, 3).reshape(n * size, hkv, d)  # [n*S, Hkv, D]
-        before = rope_ref(flat, -tokens, self.inv_freq).view(n, size, hkv, d)
-        self.kmax[layer, page_ids] = before.amax(1).to(self.kmax.dtype)  # [n, Hkv, D]
-        self.kmin[layer, page_ids] = before.amin(1).to(self.kmin.dtype)
-        self.ksum[layer, page_ids] = before.float().sum(1)
-        return None
+    def append(self, layer, slots, k, positions):
+        """Fold the stored keys, un-rotated, into their pages' max, min and sum (on the device,
+        no synchronisation: prefill chunks and decode tokens alike, as they are written)."""
+        size = self.geometry.page_size
+        stored = slots >= 0  # [N]
+        pages = torch.where(stored, slots // size, self.spare)  # [N]
+        before = rope_ref(k, -positions, self.inv_freq)  # [N, Hkv, D]
+        fresh = torch.where(stored & (slots % size == 0), pages, self.spare)  # a page's first token
+        self.kmax[layer].index_fill_(0, fresh, -math.inf)
+        self.kmin[layer].index_fill_(0, fresh, math.inf)
+        self.ksum[layer].index_fill_(0, fresh, 0.0)
+        rows = pages[:, None, None].expand_as(before)
+        self.kmax[layer].scatter_reduce_(0, rows, before.to(self.kmax.dtype), "amax")
+        self.kmin[layer].scatter_reduce_(0, rows, before.to(self.kmin.dtype), "amin")
+        self.ksum[layer].index_add_(0, pages, before.float())
 
     def page_scores(self, layer, q, batch):
         b, hq, d = q.shape
