@@ -6,8 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spin_ray.commands.engine_args import add_dataclass_flags, dataclass_kwargs
 from spin_ray.eval.tasks import TASKS
 from spin_ray.sparse.algorithm_config import ALGORITHMS
+from spin_ray.sparse.config import SparseConfig
+
+ROW_FIELDS = ("algorithm", "tiers", "token_budget", "gpu_cache_tokens", "cpu_cache_tokens",
+              "host_memory_fraction")  # fmt: skip
+"""SparseConfig fields each row (or the sweep's sizing) sets itself."""
 
 DEFAULT_ALGORITHMS = ("quest", "shadowkv", "retroinfer", "seer")
 
@@ -37,9 +43,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--budgets", default="512,1024,2048", help="token budgets: tokens "
                         "(int) or fractions of the context (0.25), sink and local included "
                         "(default %(default)s)")  # fmt: skip
-    parser.add_argument("--sink-tokens", type=int, default=64)
-    parser.add_argument("--local-tokens", type=int, default=256)
-    parser.add_argument("--dense-layers", type=int, default=2)
+    group = parser.add_argument_group("what every sparse row starts from (SparseConfig)")
+    add_dataclass_flags(group, SparseConfig, skip=ROW_FIELDS)
     parser.add_argument("--scored-tokens", type=int, default=32, help="teacher-forced tokens of "
                         "the log-likelihood case; 0: none (default %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
@@ -70,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
         tasks=tuple(_names(args.tasks)),
         samples=args.samples,
         settings=tuple(settings),
-        sink_tokens=args.sink_tokens,
-        local_tokens=args.local_tokens,
-        dense_layers=args.dense_layers,
+        sparse=SparseConfig(**dataclass_kwargs(args, SparseConfig)),
         scored_tokens=args.scored_tokens,
         seed=args.seed,
         seer_gate_path=args.seer_gate_path,

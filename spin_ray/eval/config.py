@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from spin_ray.eval.tasks import TASKS
 from spin_ray.sparse.algorithm_config import ALGORITHMS
+from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.presets import PRESETS
 
 
@@ -58,12 +59,9 @@ class EvalConfig:
     """Cases of each task at each length (the pass key's depths spread over them)."""
     settings: tuple[Setting, ...] = (Setting("dense"),)
     """Rows, the dense reference first."""
-    sink_tokens: int = 64
-    """`SparseConfig.sink_tokens` of every sparse setting."""
-    local_tokens: int = 256
-    """`SparseConfig.local_tokens` of every sparse setting."""
-    dense_layers: int = 2
-    """`SparseConfig.dense_layers` of every sparse setting."""
+    sparse: SparseConfig = SparseConfig()
+    """What every sparse row starts from (sink and local windows, dense layers, buffer, ...);
+    each row sets its own algorithm, token budget and preset."""
     scored_tokens: int = 32
     """Teacher-forced tokens of the log-likelihood case at each length (0: none)."""
     seed: int = 0

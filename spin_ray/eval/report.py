@@ -78,9 +78,9 @@ def to_json(run: EvalResult) -> dict:
         "device": config.device,
         "seconds": run.seconds,
         "samples": config.samples,
-        "sink_tokens": config.sink_tokens,
-        "local_tokens": config.local_tokens,
-        "dense_layers": config.dense_layers,
+        "sink_tokens": config.sparse.sink_tokens,
+        "local_tokens": config.sparse.local_tokens,
+        "dense_layers": config.sparse.dense_layers,
         "likelihood_text": SOURCE if config.scored_tokens else None,
         "lengths": [
             {

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,6 @@ from spin_ray.llm import LLM
 from spin_ray.models.loader import load_model, load_tokenizer, resolve_model_path
 from spin_ray.sampling_params import SamplingParams
 from spin_ray.sparse.algorithm_config import SeerConfig, algorithm_config
-from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.presets import preset
 
 LIKELIHOOD_ID = "likelihood"
@@ -160,10 +159,8 @@ def _engine(config: EvalConfig, setting: Setting, max_model_len: int, requests: 
         algorithm = algorithm_config(setting.algorithm)
         if isinstance(algorithm, SeerConfig):
             algorithm = SeerConfig(gate_path=config.seer_gate_path)
-        spin = SparseConfig(
-            algorithm=algorithm, token_budget=setting.token_budget,
-            sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
-            dense_layers=config.dense_layers,
+        spin = replace(
+            config.sparse, algorithm=algorithm, token_budget=setting.token_budget,
             cpu_cache_tokens=tokens,  # the default, a share of host RAM, is far more than this
         )  # fmt: skip
         kwargs["sparse"] = preset(setting.mode, spin)
