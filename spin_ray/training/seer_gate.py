@@ -26,9 +26,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from spin_ray.attention.backend import AttentionBackend
+from spin_ray.attention.whole_sequence import WholeSequenceCapture
 from spin_ray.engine.config import resolve_device
-from spin_ray.kernels.paged_attention_ref import prefill_attention_ref
 from spin_ray.kernels.rope import rope_ref
 from spin_ray.models.llama import CausalLM
 from spin_ray.models.loader import load_model, load_tokenizer, resolve_model_path
@@ -90,22 +89,6 @@ class GateReport:
     seconds: float
 
 
-class _QueryKeyCapture(AttentionBackend):
-    """Causal attention over one whole sequence (no cache), keeping each layer's q and k."""
-
-    def __init__(self):
-        self.q: list[torch.Tensor] = []
-        self.k: list[torch.Tensor] = []
-
-    def plan(self, meta) -> None:
-        return None
-
-    def forward(self, layer_idx, q, k, v, scale):  # [T, Hq, D], [T, Hkv, D] x 2
-        self.q.append(q.float().cpu())
-        self.k.append(k.float().cpu())
-        return prefill_attention_ref(q, k.transpose(0, 1), v.transpose(0, 1), scale)
-
-
 def train_seer_gate(config: GateTrainingConfig, progress: bool = True) -> GateReport:
     """Distil a gate for every layer, write it, and report its held-out recall."""
     start = time.monotonic()
@@ -158,12 +141,13 @@ def _text_ids(tokenizer, tokens: int) -> list[int]:
 @torch.inference_mode()
 def _capture(model: CausalLM, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     device = model.model.embed_tokens.weight.device
-    backend = _QueryKeyCapture()
+    backend = WholeSequenceCapture(keep=("q", "k"))
     model.backend = backend
     tokens = torch.tensor(ids, dtype=torch.int64, device=device)  # [T]
     model(tokens, torch.arange(len(ids), device=device))
     model.backend = None
-    return torch.stack(backend.q), torch.stack(backend.k)
+    q, k = (torch.stack(backend.kept[name]).float().cpu() for name in ("q", "k"))
+    return q, k  # [L, T, Hq, D], [L, T, Hkv, D]
 
 
 def _query_positions(config: GateTrainingConfig) -> torch.Tensor:  # [Q] int64
