@@ -203,6 +203,19 @@ def test_shadowkv_score_is_max_over_group_of_softmax_over_chunk_landmarks():
     _assert_top_pages(algorithm, q, page_ids, formula, _budget(8 * PAGE))
 
 
+def test_shadowkv_landmarks_fold_in_as_keys_are_stored():
+    """ShadowKV's landmarks are built as tokens are stored: prefill-like chunks that start and
+    end mid-chunk (`append_chunk`), then decode tokens one by one (`append`: running means) —
+    also over pages another sequence held before — equal each chunk's mean key."""
+    algorithm, k, _, page_ids = _indexed("shadowkv", 10, seed=5, chunk_size=4)
+    other = torch.randn(HKV, 10, PAGE, D) * 50  # a new sequence reuses the same pages
+    _append(algorithm, page_ids, other, [13, 30, 1, 1, PAGE * 10 - 45], chunks=True)
+    runs = [PAGE * 6 + 3, 2, PAGE * 3] + [1] * (PAGE - 5)
+    _append(algorithm, page_ids, k, runs, chunks=True)
+    got = algorithm.landmarks[0, page_ids].permute(1, 0, 2, 3)  # [Hkv, n, C, D]
+    torch.testing.assert_close(got, k.view(HKV, 10, 2, 4, D).mean(3), atol=1e-5, rtol=1e-5)
+
+
 def _before_rope(keys: torch.Tensor, first_token: int) -> torch.Tensor:  # [T, D] -> [T, D]
     """Stored keys (after RoPE at first_token, first_token + 1, ...) as they were before."""
     return torch.stack([_rotate(key, -(first_token + t)) for t, key in enumerate(keys)])

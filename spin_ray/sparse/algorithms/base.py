@@ -110,7 +110,9 @@ class SparseAlgorithm(ABC):
     ) -> None:
         """Fold newly stored tokens into the summaries (`incremental` algorithms implement it;
         it must not synchronise: it runs in CUDA graphs). A page's token at offset 0 starts
-        its summary afresh (the page may have held another sequence before)."""
+        its summary afresh (the page may have held another sequence before). The runtime
+        passes decode tokens here, at most one per sequence; a prefill chunk's run of a
+        sequence goes to `append_chunk`."""
         raise NotImplementedError(f"{self.name} is indexed by index(), not append()")
 
     def append_chunk(

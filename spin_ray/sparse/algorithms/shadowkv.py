@@ -1,8 +1,10 @@
 """`shadowkv` (Sun et al., 2024), its sparse selection: partition = chunk of 8 tokens;
 summary (landmark) = mean of the chunk's post-RoPE keys; score of a chunk for a KV head =
 max over the group's query heads of softmax over the indexed chunks of q·L/√d. A page's score
-is its best chunk's. (ShadowKV's low-rank key reconstruction and outlier chunks are not used:
-the CPU tier keeps exact keys.)"""
+is its best chunk's. The landmarks are incremental: a prefill chunk's keys join their chunks'
+means as they are stored, each decode token its chunk's running mean, so no step reads pages
+back from the CPU tier to index them. (ShadowKV's low-rank key reconstruction and outlier
+chunks are not used: the CPU tier keeps exact keys; docs/algorithms.md says why.)"""
 
 from __future__ import annotations
 
@@ -15,20 +17,56 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 class ShadowKV(SparseAlgorithm):
     name = "shadowkv"
+    incremental = True
 
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
         g = geometry
         self.chunk = config.chunk_size
         self.chunks_per_page = g.page_size // self.chunk
-        shape = (g.num_layers, g.num_cpu_pages, g.num_kv_heads, self.chunks_per_page, g.head_dim)
-        self.landmarks = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P, Hkv, C, D]
+        self.spare = g.num_cpu_pages  # the row padding tokens (slot -1) write
+        shape = (
+            g.num_layers,
+            g.num_cpu_pages + 1,
+            g.num_kv_heads,
+            self.chunks_per_page,
+            g.head_dim,
+        )
+        self.landmarks = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P + 1, Hkv, C, D]
 
-    def index(self, layer, request_id, first_page, page_ids, k, v):
-        hkv, n, s, d = k.shape
-        chunks = k.float().view(hkv, n, self.chunks_per_page, self.chunk, d).mean(3)
-        self.landmarks[layer, page_ids] = chunks.transpose(0, 1).to(self.landmarks.dtype)
-        return None
+    def append(self, layer, slots, k, positions):
+        """Decode tokens (one per sequence): each key joins its chunk's running mean,
+        m ← m + (k − m) / (j + 1) at offset j in the chunk (j = 0 starts the chunk afresh), on
+        the device without synchronising."""
+        pages, chunks, offsets = self._chunk_of(slots)  # [N] each
+        table = self.landmarks[layer]  # [P + 1, Hkv, C, D]
+        old = table[pages, :, chunks].float()  # [N, Hkv, D]
+        key = k.float()
+        j = offsets.float()[:, None, None]
+        new = torch.where(j == 0, key, old + (key - old) / (j + 1))
+        table[pages, :, chunks] = new.to(table.dtype)
+
+    def append_chunk(self, layer, slots, k, first_offset, positions):
+        """A prefill chunk of one sequence (eager): each chunk it touches gets the mean of its
+        earlier tokens' landmark and the new keys, (m · j0 + Σ k) / (j0 + n)."""
+        pages, chunks, offsets = self._chunk_of(slots)  # [n] each, consecutive positions
+        keys = pages * self.chunks_per_page + chunks  # [n]
+        _, group, counts = torch.unique_consecutive(keys, return_inverse=True, return_counts=True)
+        first = torch.cumsum(counts, 0) - counts  # [G] each group's first token
+        sums = torch.zeros(len(counts), *k.shape[1:], device=k.device)  # [G, Hkv, D]
+        sums.index_add_(0, group, k.float())
+        table = self.landmarks[layer]
+        g_pages, g_chunks = pages[first], chunks[first]
+        before = offsets[first].float()[:, None, None]  # [G, 1, 1] tokens already in the chunk
+        old = table[g_pages, :, g_chunks].float()  # [G, Hkv, D]
+        new = (old * before + sums) / (before + counts[:, None, None])
+        table[g_pages, :, g_chunks] = new.to(table.dtype)
+
+    def _chunk_of(self, slots):  # [N] int64 -> ([N] page row, [N] chunk, [N] offset in chunk)
+        size = self.geometry.page_size
+        in_page = slots % size
+        pages = torch.where(slots >= 0, slots // size, self.spare)
+        return pages, in_page // self.chunk, in_page % self.chunk
 
     def page_scores(self, layer, q, batch):
         b, hq, d = q.shape
