@@ -1,19 +1,20 @@
 """CUDA-graph decode against eager decode, inside the engine: same tokens, and how much faster.
 
     python bench/decode_graphs_check.py [--device cuda] [--model llama-3.2-1b] \\
-        [--batch-sizes 1,3,8,16] [--prompt-len 2048] [--max-tokens 64] [--modes dense,spin]
+        [--batch-sizes 1,3,8,16] [--prompt-len 2048] [--max-tokens 64] [--modes dense,spin] \\
+        [--sparse quest]
 
-For each mode (dense; spin = Quest, 512-token budget, HBM and CPU tiers big enough for the whole
-batch; spin+lookahead = spin fetching each layer's pages one layer early) it builds
-`LLM(enforce_eager=True)`, then, once that one is freed, `LLM(enforce_eager=False)`, and
-generates greedily (EOS ignored) for each batch size the same seeded prompts, all submitted at
-once and prefilled in one step, so every later step decodes the whole batch. Each batch size
-runs once untimed first (compilation, graph capture). Per (mode, batch size) it records TPOT p50
-of both runs (from `RequestOutput.metrics`), the share of requests whose token ids are
-identical, the first position where any differs, a SHA-256 of each run's tokens (to compare two
-trees' runs: before and after a change), for sparse modes the cache's lookups and hits,
-and whether the second engine really replays graphs (`graphs_used`: not on the CPU, nor with a
-backend that cannot be captured).
+For each mode (dense; spin = `--sparse` (Quest by default), 512-token budget, HBM and CPU tiers
+big enough for the whole batch; spin+lookahead = spin fetching each layer's pages one layer
+early) it builds `LLM(enforce_eager=True)`, then, once that one is freed,
+`LLM(enforce_eager=False)`, and generates greedily (EOS ignored) for each batch size the same
+seeded prompts, all submitted at once and prefilled in one step, so every later step decodes the
+whole batch. Each batch size runs once untimed first (compilation, graph capture). Per (mode,
+batch size) it records TPOT p50 of both runs (from `RequestOutput.metrics`), the share of
+requests whose token ids are identical, the first position where any differs, a SHA-256 of each
+run's tokens (to compare two trees' runs: before and after a change), for sparse modes the
+cache's lookups and hits, and whether the second engine really replays graphs (`graphs_used`:
+not on the CPU, nor with a backend that cannot be captured).
 
 Batch sizes that are a graph size of the engine (`graph_batch_sizes` of the largest batch:
 every size up to 16, multiples of 8, and the largest itself) replay a graph of exactly their
@@ -58,6 +59,12 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--modes", default="dense,spin", help="dense, spin and/or spin+lookahead")
+    parser.add_argument(
+        "--sparse",
+        default="quest",
+        help="the spin modes' algorithm; one that cannot run in CUDA graphs shows graphs_used "
+        "false (its graph_safe attribute; the check that it may be set)",
+    )
     parser.add_argument("--output", default=None, help="write every result here as JSON")
     args = parser.parse_args()
 
@@ -94,7 +101,7 @@ def main() -> int:
         progress=False,
     )
     sparse_kwargs = dict(
-        sparse="quest",
+        sparse=args.sparse,
         token_budget=SPIN_TOKEN_BUDGET,
         gpu_cache_tokens=largest * seq_tokens,
         cpu_cache_tokens=largest * seq_tokens,
