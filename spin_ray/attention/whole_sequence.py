@@ -31,3 +31,20 @@ class WholeSequenceCapture(AttentionBackend):
 
             return prefill_attention(q, ctx_k, ctx_v, scale)
         return prefill_attention_ref(q, ctx_k, ctx_v, scale)
+
+
+@torch.inference_mode()
+def capture_layers(
+    model: torch.nn.Module, token_ids: list[int], keep: tuple[str, ...]
+) -> dict[str, list[torch.Tensor]]:
+    """One forward of a `CausalLM` (spin_ray/models/llama.py) over `token_ids` from position 0,
+    no logits: each layer's `keep` tensors ([T, H, D] each, in layer order)."""
+    device = next(model.parameters()).device
+    backend = WholeSequenceCapture(keep)
+    model.backend = backend
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=device)  # [T]
+    try:
+        model(ids, torch.arange(len(token_ids), device=device))
+    finally:
+        model.backend = None
+    return backend.kept

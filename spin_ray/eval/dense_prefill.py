@@ -4,20 +4,12 @@ decodes (prefill is dense in every mode, so nothing it measures changes)."""
 
 from __future__ import annotations
 
-import torch
-
-from spin_ray.attention.whole_sequence import WholeSequenceCapture
+from spin_ray.attention.whole_sequence import capture_layers
 from spin_ray.engine.prompt_kv import PromptKV
 from spin_ray.models.llama import CausalLM
 
 
-@torch.inference_mode()
 def dense_prompt_kv(model: CausalLM, token_ids: list[int]) -> PromptKV:
     """The K/V of every layer over `token_ids` (one forward, no logits)."""
-    device = model.model.embed_tokens.weight.device
-    backend = WholeSequenceCapture(keep=("k", "v"))
-    model.backend = backend
-    ids = torch.tensor(token_ids, dtype=torch.int64, device=device)  # [T]
-    model(ids, torch.arange(len(token_ids), device=device))
-    model.backend = None
-    return PromptKV(k=tuple(backend.kept["k"]), v=tuple(backend.kept["v"]))
+    kept = capture_layers(model, token_ids, keep=("k", "v"))
+    return PromptKV(k=tuple(kept["k"]), v=tuple(kept["v"]))

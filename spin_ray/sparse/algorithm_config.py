@@ -46,7 +46,7 @@ class ShadowKVConfig(AlgorithmConfig):
     """Tokens per landmark chunk (a power of two dividing the page size)."""
 
     def __post_init__(self) -> None:
-        _power_of_two("chunk_size", self.chunk_size)
+        power_of_two("chunk_size", self.chunk_size)
 
     def check_page_size(self, page_size: int) -> None:
         if page_size % self.chunk_size:
@@ -98,7 +98,7 @@ class SeerConfig(AlgorithmConfig):
     `layers.{i}.k_gate` [Hkv, 3D, Dg]; None: the deterministic test gate (see seer.py)."""
 
     def __post_init__(self) -> None:
-        _power_of_two("block_size", self.block_size)
+        power_of_two("block_size", self.block_size)
 
     def check_page_size(self, page_size: int) -> None:
         if self.block_size % page_size:
@@ -131,7 +131,8 @@ def at_least(name: str, value: object, low: int) -> None:
         raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
 
 
-def _power_of_two(name: str, value: int) -> None:
+def power_of_two(name: str, value: int) -> None:
+    """Raise `ValueError` naming the field unless `value` is a power of two >= 1."""
     at_least(name, value, 1)
     if value & (value - 1):
         raise ValueError(f"{name}: must be a power of two >= 1, got {value}")

@@ -13,6 +13,7 @@ from spin_ray.sparse.algorithm_config import (
     QuestConfig,
     algorithm_config,
     at_least,
+    power_of_two,
 )
 
 
@@ -140,9 +141,7 @@ class SparseConfig:
             )
         if not 2 <= self.lru_buckets <= 250:
             raise ValueError(f"lru_buckets: must be in [2, 250], got {self.lru_buckets}")
-        at_least("segment_pages", self.segment_pages, 1)
-        if self.segment_pages & (self.segment_pages - 1):
-            raise ValueError(f"segment_pages: must be a power of two, got {self.segment_pages}")
+        power_of_two("segment_pages", self.segment_pages)
 
     @property
     def retains(self) -> bool:

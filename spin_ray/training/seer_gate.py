@@ -26,13 +26,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from spin_ray.attention.whole_sequence import WholeSequenceCapture
+from spin_ray.attention.whole_sequence import capture_layers
 from spin_ray.engine.config import resolve_device
 from spin_ray.kernels.rope import rope_ref
 from spin_ray.models.llama import CausalLM
 from spin_ray.models.loader import load_model, load_tokenizer, resolve_model_path
 from spin_ray.models.named_shapes import is_named_shape
-from spin_ray.sparse.algorithms.seer import default_gates
+from spin_ray.sparse.algorithms.seer import default_gates, gate_side
 
 TRAIN_SHARE = 0.75
 """Query positions (in order) that train; the rest measure recall."""
@@ -138,15 +138,9 @@ def _text_ids(tokenizer, tokens: int) -> list[int]:
     return ids[-tokens:]
 
 
-@torch.inference_mode()
 def _capture(model: CausalLM, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    device = model.model.embed_tokens.weight.device
-    backend = WholeSequenceCapture(keep=("q", "k"))
-    model.backend = backend
-    tokens = torch.tensor(ids, dtype=torch.int64, device=device)  # [T]
-    model(tokens, torch.arange(len(ids), device=device))
-    model.backend = None
-    q, k = (torch.stack(backend.kept[name]).float().cpu() for name in ("q", "k"))
+    kept = capture_layers(model, ids, keep=("q", "k"))
+    q, k = (torch.stack(kept[name]).float().cpu() for name in ("q", "k"))
     return q, k  # [L, T, Hq, D], [L, T, Hkv, D]
 
 
@@ -202,14 +196,12 @@ def _gate_inputs(q_post, k_post, positions, block_size, inv_freq):
 
 def _scores(q_gate, k_gate, q_mean, pooled, positions, ends, complete, inv_freq):
     """[L, Q, Hkv, nb]: Seer's block scores (seer.py's formula), -inf for incomplete blocks."""
-    layers, queries, hkv, dim = q_mean.shape
-    blocks = pooled.shape[1]
-    q = torch.einsum("lqhd,lhdf->qlhf", q_mean, q_gate).reshape(queries, layers * hkv, dim)
-    q = rope_ref(q, positions, inv_freq).view(queries, layers, hkv, dim)
-    k = torch.einsum("lnhe,lhef->nlhf", pooled, k_gate).reshape(blocks, layers * hkv, dim)
-    k = rope_ref(k, ends, inv_freq).view(blocks, layers, hkv, dim)
-    scores = torch.einsum("qlhf,nlhf->lqhn", q, k) / math.sqrt(dim)
-    return scores.masked_fill(~complete[None, :, None], -math.inf)
+    scores = []
+    for layer in range(q_mean.shape[0]):
+        q = gate_side(q_mean[layer][:, None], q_gate[layer], positions, inv_freq)[:, 0]
+        k = gate_side(pooled[layer][:, None], k_gate[layer], ends, inv_freq)[:, 0]
+        scores.append(torch.einsum("qhf,nhf->qhn", q, k) / math.sqrt(q.shape[-1]))
+    return torch.stack(scores).masked_fill(~complete[None, :, None], -math.inf)
 
 
 def _kl(target, logits) -> torch.Tensor:

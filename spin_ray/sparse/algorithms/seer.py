@@ -77,6 +77,19 @@ def default_gates(num_layers: int, heads: int, head_dim: int):
     return q_gate, k_gate.expand(num_layers, heads, 3 * head_dim, head_dim).clone()
 
 
+def gate_side(
+    x: torch.Tensor,  # [N, M, Hkv, E] group-mean queries (E = D) or pooled keys (E = 3D)
+    gate: torch.Tensor,  # [Hkv, E, D] the gate's weights for that side
+    positions: torch.Tensor,  # [N] int64 where the gate's RoPE puts each of the N
+    inv_freq: torch.Tensor,  # [D/2] fp32
+) -> torch.Tensor:  # [N, M, Hkv, D]
+    """One side of the gate, before RoPE in: through the per-head gate, then rotated by the
+    gate's own RoPE (the runtime and `spin-ray train-gate` both score with it)."""
+    n, m, hkv, _ = x.shape
+    gated = torch.einsum("nmhe,hef->nmhf", x, gate)
+    return rope_ref(gated.reshape(n, m * hkv, -1), positions, inv_freq).view(n, m, hkv, -1)
+
+
 class Seer(SparseAlgorithm):
     name = "seer"
     incremental = True
@@ -136,17 +149,11 @@ class Seer(SparseAlgorithm):
             ],
             -1,
         )  # [B, blocks, Hkv, 3D]
-        k_gated = torch.einsum(
-            "bnhe,hef->nbhf", k_pooled, self.k_gate[layer]
-        )  # [blocks, B, Hkv, D]
         ends = torch.arange(1, blocks + 1, device=q.device) * block_tokens - 1  # [blocks]
-        k_gated = rope_ref(k_gated.reshape(blocks, b * hkv, d), ends, self.inv_freq)
-        k_gated = k_gated.view(blocks, b, hkv, d)
+        k_gated = gate_side(k_pooled.transpose(0, 1), self.k_gate[layer], ends, self.inv_freq)
         at = batch.context_lens - 1  # [B] the query's position
         q_before = rope_ref(q.float(), -at, self.inv_freq)  # [B, Hq, D]
         q_mean = q_before.view(b, hkv, hq // hkv, d).mean(2)  # [B, Hkv, D]
-        q_gated = rope_ref(
-            torch.einsum("bhd,hdf->bhf", q_mean, self.q_gate[layer]), at, self.inv_freq
-        )
+        q_gated = gate_side(q_mean[:, None], self.q_gate[layer], at, self.inv_freq)[:, 0]
         score = torch.einsum("bhf,nbhf->bhn", q_gated, k_gated) / math.sqrt(d)
         return score.repeat_interleave(bp, -1)[..., :maxp]
