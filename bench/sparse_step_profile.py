@@ -218,7 +218,6 @@ def main() -> None:
         dense_layers=1,
         cpu_cache_tokens=args.requests * (args.context + 256),
         buffer_ratio=args.buffer_ratio,
-        index_interval=8,
         fused_retrieve=args.fused,
     )
     engine = llm.llm_engine

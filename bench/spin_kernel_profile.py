@@ -5,7 +5,7 @@ requests decode: the mixed steps of a loaded server), and the GPU's idle gaps wi
 behind the longest; with --prefill --host, no torch profiler: the wall time per step, then
 cProfile and the lines that synchronise with the GPU over a second prompt's prefill.
 
-    python bench/spin_kernel_profile.py [--model llama-3.1-8b] [--mode spin] [--batch 16] \\
+    python bench/spin_kernel_profile.py [--model llama-3.1-8b] [--mode spin] [--sparse quest] \\
         [--prompt-len 2048] [--steps 8] [--token-budget 512] [--graphs | --prefill [--host]]
 
 Builds `LLM(enforce_eager=True)` (eager, so each kernel is seen on its own; a CUDA graph runs
@@ -40,6 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--mode", default="spin", help="dense, spin or sparse-naive")
+    parser.add_argument(
+        "--sparse", default="quest", help="the sparse modes' algorithm (quest, shadowkv, ...)"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
@@ -137,7 +140,7 @@ def main() -> None:
         if args.prefix_from_cpu:
             gpu_tokens = tokens // 2
         gpu_tokens = args.gpu_cache_tokens or gpu_tokens
-        sparse = dict(sparse="quest", tiers=args.mode, token_budget=args.token_budget,
+        sparse = dict(sparse=args.sparse, tiers=args.mode, token_budget=args.token_budget,
                       gpu_cache_tokens=gpu_tokens, cpu_cache_tokens=tokens,
                       buffer_ratio=args.buffer_ratio,
                       lookahead=args.lookahead or None,

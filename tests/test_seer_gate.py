@@ -83,9 +83,9 @@ def test_training_scores_blocks_as_the_runtime_does():
     seer.q_gate, seer.k_gate = q_gate, k_gate
     pages = torch.arange(2 * blocks)
     slots = torch.arange(tokens)  # page p holds tokens p*S.. (pages are 0..n-1)
-    seer.append_chunk(0, slots, k_post[0], 0, torch.arange(tokens))
+    seer.append_chunk(0, slots, k_post[0], k_post[0], 0, torch.arange(tokens), tokens)
     count = torch.tensor([2 * blocks])
-    batch = SelectBatch(("r",), pages[None].int(), count, count, (2 * blocks,), count * page)
+    batch = SelectBatch(("r",), pages[None].int(), count, count, count * page)
     runtime = seer.page_scores(0, q_post[0, -1:], batch)[0, :, ::2]  # [Hkv, nb]
     # the last block holds the query itself: not scored in training (the runtime's local window
     # attends it)

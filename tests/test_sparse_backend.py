@@ -205,7 +205,6 @@ def test_small_budget_attends_exactly_the_selected_pages(monkeypatch, algorithm,
         local_tokens=PAGE,
         dense_layers=1,
         buffer_ratio=1.0,
-        index_interval=3,
     )
     stats = _run(sparse, PROMPTS, decodes=14, check=check, seed=1, holder=holder)
     assert stats.h2d_bytes > 0
@@ -223,7 +222,7 @@ def test_fused_retrieval_kernels_match_the_torch_path(monkeypatch, budget_pages,
     segments and the same counters — under evictions with a small buffer."""
     sparse = SparseConfig(
         algorithm="quest", token_budget=budget_pages * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
-        dense_layers=1, buffer_ratio=buffer_ratio, index_interval=3,
+        dense_layers=1, buffer_ratio=buffer_ratio,
     )  # fmt: skip
     _assert_fused_matches_torch(monkeypatch, sparse, PROMPTS, decodes=8, seed=2)
 
@@ -234,7 +233,7 @@ def test_fused_retrieval_on_wide_slot_lists_matches_the_torch_path(monkeypatch):
     at run time, and every row retrieves as the torch path does (evictions in the widest)."""
     sparse = SparseConfig(
         algorithm="quest", token_budget=20 * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
-        dense_layers=1, buffer_ratio=2.2, index_interval=3,
+        dense_layers=1, buffer_ratio=2.2,
     )  # fmt: skip
     prompts = {"a": 600, "b": 90, "c": 30}
     holder = _assert_fused_matches_torch(
@@ -338,7 +337,7 @@ def test_sink_and_local_tokens_are_attended_every_step(monkeypatch, algorithm):
 
     sparse = SparseConfig(
         algorithm=small_algorithm(algorithm, PAGE), token_budget=8 * PAGE, sink_tokens=sink,
-        local_tokens=local, dense_layers=1, buffer_ratio=1.0, index_interval=3,
+        local_tokens=local, dense_layers=1, buffer_ratio=1.0,
     )  # fmt: skip
     _run(sparse, PROMPTS, decodes=14, check=lambda *a: check(*a), seed=4, holder=holder)
     assert max(checked) > 12 * PAGE  # contexts long enough that the budget leaves pages out

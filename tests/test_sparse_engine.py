@@ -83,7 +83,6 @@ def test_full_budget_equals_dense_with_tiers_smaller_than_the_batch(
         token_budget=1.0,
         gpu_cache_tokens=56 * PAGE,
         cpu_cache_tokens=57 * PAGE,
-        index_interval=4,
     )
     assert kv_pages > 57
     outputs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
@@ -119,7 +118,6 @@ def test_small_budget_finishes_crosses_tiers_and_hits_the_buffer(make_llm, algor
         sink_tokens=PAGE,
         local_tokens=2 * PAGE,
         buffer_ratio=1.0,
-        index_interval=4,
     )
     spin = _sparse_llm(make_llm, **common)
     outputs = spin.generate(prompts, params, use_tqdm=False)
@@ -300,7 +298,6 @@ LOOKAHEAD_COMMON = dict(
     sink_tokens=PAGE,
     local_tokens=2 * PAGE,
     buffer_ratio=1.0,
-    index_interval=4,
 )
 
 

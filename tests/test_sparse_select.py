@@ -45,9 +45,11 @@ def _geometry(sink_tokens: int = 64) -> SparseGeometry:
 
 
 def _indexed(name: str, num_pages: int, seed: int, sink_tokens: int = 64, **settings):
-    """An algorithm that indexed `num_pages` random pages of request "r" (keys with a spread
-    of scales so scores differ); returns it, the stored keys/values [Hkv, n, S, D] (in the
-    laid-out order the runtime would store) and the page ids."""
+    """An algorithm that stored `num_pages` random pages of a sequence (keys with a spread of
+    scales so scores differ): token by token as decode steps would, or for RetroInfer as one
+    prefill chunk with no local window (so every page past the sink is clustered); returns
+    it, the stored keys/values [Hkv, n, S, D] (in the order the runtime would store them) and
+    the page ids."""
     gen = torch.Generator().manual_seed(seed)
     config = SparseConfig(algorithm=ALGORITHM_CONFIGS[name](**settings), sink_tokens=sink_tokens)
     algorithm = build_algorithm(_geometry(sink_tokens), config)
@@ -58,33 +60,50 @@ def _indexed(name: str, num_pages: int, seed: int, sink_tokens: int = 64, **sett
     )
     v = torch.randn(HKV, num_pages, PAGE, D, generator=gen)
     page_ids = torch.randperm(CPU_PAGES, generator=gen)[:num_pages]
-    if algorithm.incremental:  # every token stored one by one, in order
-        _append(algorithm, page_ids, k, [1] * (num_pages * PAGE))
+    if name != "retroinfer":
+        _append(algorithm, page_ids, k, [1] * (num_pages * PAGE), v=v)
         return algorithm, k, v, page_ids
-    perm = algorithm.index(0, "r", 0, page_ids, k, v)
-    if perm is not None:  # the runtime stores the tokens in the algorithm's order
-        idx = perm[:, :, None].expand(HKV, num_pages * PAGE, D)
-        k = k.reshape(HKV, -1, D).gather(1, idx).view_as(k)
-        v = v.reshape(HKV, -1, D).gather(1, idx).view_as(v)
+    order = _append(algorithm, page_ids, k, [num_pages * PAGE], chunks=True, v=v)[0]
+    if order is not None:  # the runtime stores the tokens in the algorithm's order
+
+        def laid_out(x):  # [Hkv, n, S, D] -> the same, rows in `order`
+            rows = x.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D]
+            rows = rows.gather(0, order[..., None].expand_as(rows))
+            return rows.view(num_pages, PAGE, HKV, D).permute(2, 0, 1, 3)
+
+        k, v = laid_out(k), laid_out(v)
     return algorithm, k, v, page_ids
 
 
-def _append(algorithm, page_ids, k, runs, start=0, chunks=False):
+def _append(algorithm, page_ids, k, runs, start=0, chunks=False, v=None, local_start=None):
     """Store the sequence's tokens start.. in runs of the given lengths (a run is one
     `append`, like a prefill chunk; a run of 1 is a decode token), each with a padding slot;
-    with `chunks`, runs longer than one token go through `append_chunk` instead (no padding)."""
+    with `chunks`, runs longer than one token go through `append_chunk` instead (no padding;
+    `local_start`: the prompt's local window, default none). Returns the orders the chunks
+    asked to be stored in."""
     tokens = torch.arange(k.shape[1] * PAGE)
     keys = k.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D] in token order
+    v = torch.randn_like(k) if v is None else v
+    values = v.permute(1, 2, 0, 3).reshape(-1, HKV, D)
+    local_start = tokens.numel() if local_start is None else local_start
+    orders = []
     for n in runs:
         run = tokens[start : start + n]
         slots = page_ids[run // PAGE] * PAGE + run % PAGE
         if chunks and n > 1:
-            algorithm.append_chunk(0, slots, keys[run], start % PAGE, run)
+            orders.append(algorithm.append_chunk(
+                0, slots, keys[run], values[run], start, run, local_start
+            ))  # fmt: skip
         else:
             pad = torch.randn(1, HKV, D) * 100  # a padding row's key must not reach any page
-            padded = (torch.cat([slots, torch.tensor([-1])]), torch.cat([keys[run], pad]))
+            padded = (
+                torch.cat([slots, torch.tensor([-1])]),
+                torch.cat([keys[run], pad]),
+                torch.cat([values[run], pad]),
+            )
             algorithm.append(0, *padded, torch.cat([run, torch.tensor([0])]))
         start += n
+    return orders
 
 
 def _batch(page_ids: torch.Tensor, indexed: int) -> SelectBatch:
@@ -94,7 +113,6 @@ def _batch(page_ids: torch.Tensor, indexed: int) -> SelectBatch:
         page_table=page_ids[None].int(),
         num_pages=torch.tensor([n]),
         indexed_pages=torch.tensor([indexed]),
-        indexed_pages_cpu=(indexed,),
         context_lens=torch.tensor([n * PAGE]),
     )
 
@@ -274,40 +292,100 @@ def test_seer_gate_file_weights_are_used(tmp_path):
         _indexed("seer", 4, seed=5, block_size=2 * PAGE, gate_path=str(tmp_path / "no"))
 
 
-def test_retroinfer_clusters_are_contiguous_with_exact_summaries():
-    """Clusters are laid out contiguously within 8-page segments, except in the sink's 2 pages,
-    whose tokens keep their places (the runtime attends them by page)."""
-    algorithm, k, v, page_ids = _indexed(
-        "retroinfer", 24, seed=6, segment_tokens=8 * PAGE, cluster_tokens=8,
-        sink_tokens=2 * PAGE - 1,
-    )  # fmt: skip
-    sink = 2 * PAGE  # the sink's tokens rounded up to whole pages
-    clusters = algorithm.state["r"][0]
-    tokens = clusters.token_cluster  # [Hkv, T] in the laid-out order
+def _retro_clusters(algorithm, page_ids: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """Per KV head, the request's clusters (id, first token row, size) in id order, from the
+    cluster sizes alone: the runtime stores each cluster's tokens consecutively, clusters in
+    id order (cluster id = home logical page · rows_per_page + row)."""
+    r = algorithm.rows_per_page
+    sizes = algorithm.sizes[0, page_ids.long()]  # [n, R, Hkv]
+    heads = []
     for h in range(HKV):
-        ids = tokens[h].tolist()
-        laid_out, first = v[h].reshape(-1, D), _first_values(6, 24)[h].reshape(-1, D)
-        torch.testing.assert_close(laid_out[:sink], first[:sink], rtol=0, atol=0)
-        for start, end in [(0, sink), (sink, 64), (64, 128), (128, 192)]:
-            if start:  # after the sink: each cluster's tokens are contiguous
-                assert ids[start:end] == sorted(ids[start:end])
-            inside = set(ids[start:end])  # clusters never cross a piece
-            assert not inside & set(ids[:start] + ids[end:])
-        keys, values = k[h].reshape(-1, D), v[h].reshape(-1, D)
-        for c in set(ids):
-            members = tokens[h] == c
-            torch.testing.assert_close(clusters.centroids[h, c], keys[members].mean(0))
-            torch.testing.assert_close(clusters.value_sums[h, c], values[members].sum(0))
-            assert clusters.sizes[h, c] == members.sum()
-    assert clusters.sizes.shape[1] == sink // 8 + (64 - sink) // 8 + 2 * (64 // 8)
+        row, clusters = 0, []
+        for c in range(page_ids.numel() * r):
+            size = int(sizes[c // r, c % r, h])
+            if size:
+                clusters.append((c, row, size))
+                row += size
+        assert row == page_ids.numel() * PAGE, "the clusters must cover every token once"
+        heads.append(clusters)
+    return heads
 
 
-def _first_values(seed: int, num_pages: int) -> torch.Tensor:  # [Hkv, n, S, D]
-    """The values `_indexed` draws (before any layout), from the same seed."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.randn(HKV, num_pages, PAGE, D, generator=gen)
-    torch.rand(1, num_pages, 1, 1, generator=gen)
-    return torch.randn(HKV, num_pages, PAGE, D, generator=gen)
+def test_kmeans_is_lloyds_algorithm():
+    """`kmeans` against Lloyd's iterations written out (nearest centroid by distance, then
+    each non-empty cluster's mean), from evenly spaced initial points."""
+    from spin_ray.sparse.algorithms.retroinfer import kmeans
+
+    x = torch.randn(2, 40, 5, generator=torch.Generator().manual_seed(2))
+
+    def nearest(point, centroids):
+        return min(range(6), key=lambda c: float((point - centroids[c]).norm()))
+
+    for h in range(2):
+        centroids = [x[h, round(i * 39 / 5)] for i in range(6)]
+        for _ in range(3):
+            assign = [nearest(point, centroids) for point in x[h]]
+            for c in range(6):
+                members = [x[h, i] for i in range(40) if assign[i] == c]
+                if members:
+                    centroids[c] = torch.stack(members).mean(0)
+        assert kmeans(x, 6, 3)[h].tolist() == [nearest(point, centroids) for point in x[h]]
+
+
+def test_retroinfer_clusters_prefill_chunks_contiguously_with_exact_summaries():
+    """Two prefill chunks split mid-page: each chunk's whole pages between the sink's pages
+    and the local window, cut at segment boundaries, are k-means clustered and laid out by
+    cluster (tokens move only within their run); the sink's pages, the page the chunks share
+    and the local window keep their tokens in place, each page one cluster. Every cluster's
+    summaries are its tokens' mean key, mean value and count, and each page's range names
+    the clusters of its tokens."""
+    from spin_ray.sparse.algorithms.retroinfer import kmeans
+
+    n, local_start = 24, 21 * PAGE + 2
+    config = SparseConfig(
+        algorithm=ALGORITHM_CONFIGS["retroinfer"](
+            segment_tokens=8 * PAGE, cluster_tokens=8, kmeans_iters=3
+        ),
+        sink_tokens=2 * PAGE - 1,
+    )
+    algorithm = build_algorithm(_geometry(2 * PAGE - 1), config)
+    gen = torch.Generator().manual_seed(6)
+    k = torch.randn(HKV, n, PAGE, D, generator=gen) * torch.rand(1, n, 1, 1, generator=gen) * 3
+    v = torch.randn(HKV, n, PAGE, D, generator=gen)
+    page_ids = torch.randperm(CPU_PAGES, generator=gen)[:n]
+    runs = [10 * PAGE + 3, 14 * PAGE - 3]
+    orders = _append(algorithm, page_ids, k, runs, chunks=True, v=v, local_start=local_start)
+    order = torch.cat([orders[0], orders[1] + runs[0]])  # [T, Hkv] the stored order
+    keys = k.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D] in position order
+    values = v.permute(1, 2, 0, 3).reshape(-1, HKV, D)
+    pieces = [(2, 8), (8, 10), (11, 16), (16, 21)]  # whole pages of a chunk, per segment
+    in_place = [0, 1, 10, 21, 22, 23]
+    for h in range(HKV):
+        for p in in_place:
+            rows = torch.arange(p * PAGE, (p + 1) * PAGE)
+            assert order[rows, h].tolist() == rows.tolist()
+        for a, b in pieces:
+            rows = slice(a * PAGE, b * PAGE)
+            assign = kmeans(keys[rows, h][None], (b - a) * PAGE // 8, 3)[0]
+            expected = a * PAGE + torch.sort(assign, stable=True).indices
+            assert order[rows, h].tolist() == expected.tolist()
+    stored_k = keys.gather(0, order[..., None].expand_as(keys))  # [T, Hkv, D] as stored
+    stored_v = values.gather(0, order[..., None].expand_as(values))
+    r = algorithm.rows_per_page
+    for h, clusters in enumerate(_retro_clusters(algorithm, page_ids)):
+        cluster_of = torch.empty(n * PAGE, dtype=torch.long)
+        for c, first, size in clusters:
+            home, rows = page_ids[c // r], slice(first, first + size)
+            cluster_of[rows] = c
+            centroid = algorithm.centroids[0, home, c % r, h]
+            torch.testing.assert_close(centroid, stored_k[rows, h].mean(0))
+            value_mean = algorithm.value_means[0, home, c % r, h]
+            torch.testing.assert_close(value_mean, stored_v[rows, h].mean(0))
+        for p in range(n):
+            ids = cluster_of[p * PAGE : (p + 1) * PAGE]
+            assert algorithm.ranges[0, page_ids[p], h].tolist() == [ids.min(), ids.max()]
+            if p in in_place:
+                assert ids.tolist() == [p * r] * PAGE
 
 
 def test_retroinfer_scores_and_estimation_zone_follow_the_formula():
@@ -316,21 +394,24 @@ def test_retroinfer_scores_and_estimation_zone_follow_the_formula():
         24,
         seed=7,
         segment_tokens=8 * PAGE,
-        cluster_tokens=8,
+        cluster_tokens=4,
         estimation_fraction=0.25,
+        sink_tokens=PAGE,
     )
-    clusters = algorithm.state["r"][0]
+    r = algorithm.rows_per_page
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(13))
-    num_clusters = clusters.sizes.shape[1]
-    cluster_score = torch.zeros(HKV, num_clusters)
+    heads = _retro_clusters(algorithm, page_ids)
+    cluster_score = [{} for _ in range(HKV)]
     formula = torch.zeros(HKV, 24)
-    for h in range(HKV):
+    for h, clusters in enumerate(heads):
+        centroid = {c: algorithm.centroids[0, page_ids[c // r], c % r, h] for c, _, _ in clusters}
         for g in range(h * G, (h + 1) * G):
-            logits = clusters.centroids[h] @ q[0, g] / math.sqrt(D)
-            logits[clusters.sizes[h] == 0] = -math.inf
-            cluster_score[h] += torch.softmax(logits, 0)
-        per_token = cluster_score[h][clusters.token_cluster[h]]
-        formula[h] = per_token.view(24, PAGE).amax(-1)  # a page scores as its best cluster
+            logits = torch.stack([centroid[c] @ q[0, g] / math.sqrt(D) for c, _, _ in clusters])
+            for (c, _, _), p in zip(clusters, torch.softmax(logits, 0), strict=True):
+                cluster_score[h][c] = cluster_score[h].get(c, 0.0) + p
+        for c, first, size in clusters:  # a page scores as its best cluster
+            for t in range(first, first + size):
+                formula[h, t // PAGE] = max(formula[h, t // PAGE], cluster_score[h][c])
     batch = _batch(page_ids, 24)
     torch.testing.assert_close(algorithm.page_scores(0, q, batch)[0], formula)
     budget = _budget(8 * PAGE)
@@ -339,22 +420,26 @@ def test_retroinfer_scores_and_estimation_zone_follow_the_formula():
     windows = DecodeWindows.build(budget, [24 * PAGE], [24], torch.device("cpu"))
     pages = select_pages(algorithm.page_scores(0, q, batch), windows)
     m, lsum, acc = algorithm.estimate(0, q, batch, pages, scale=0.3)
-    for h in range(HKV):
+    for h, clusters in enumerate(heads):
         exact = {p for p in pages[0, h].tolist() if p >= 0}
-        touched = {
-            int(clusters.token_cluster[h, t]) for t in range(24 * PAGE) if t // PAGE in exact
-        }
-        eligible = [c for c in range(num_clusters) if c not in touched and clusters.sizes[h, c] > 0]
-        eligible.sort(key=lambda c: -cluster_score[h, c].item())
-        zone = eligible[: int(0.25 * num_clusters)]
+        eligible = [
+            (c, first, size) for c, first, size in clusters
+            if not any((first + i) // PAGE in exact for i in range(size))
+        ]  # fmt: skip
+        eligible.sort(key=lambda cluster: -float(cluster_score[h][cluster[0]]))
+        zone = eligible[: int(0.25 * len(clusters))]
         assert zone, "the test needs an estimation zone"
+        keys, values = k[h].reshape(-1, D), v[h].reshape(-1, D)  # as stored
         for g in range(h * G, (h + 1) * G):
-            logits = torch.stack([clusters.centroids[h, c] @ q[0, g] * 0.3 for c in zone])
-            sizes = torch.stack([clusters.sizes[h, c] for c in zone])
-            sums = torch.stack([clusters.value_sums[h, c] for c in zone])
-            # (m, l, acc) stand for Σ size·e^logit and Σ e^logit·value_sum
+            logits = torch.stack([keys[f : f + s].mean(0) @ q[0, g] * 0.3 for _, f, s in zone])
+            sizes = torch.tensor([float(s) for _, _, s in zone])
+            sums = torch.stack([values[f : f + s].sum(0) for _, f, s in zone])
+            # (m, l, acc) stand for Σ size·e^logit and Σ e^logit·value_sum (kept as mean value
+            # and size: fp32 rounding of the product)
             torch.testing.assert_close(lsum[0, g] * m[0, g].exp(), (sizes * logits.exp()).sum())
-            torch.testing.assert_close(acc[0, g] * m[0, g].exp(), logits.exp() @ sums)
+            torch.testing.assert_close(
+                acc[0, g] * m[0, g].exp(), logits.exp() @ sums, rtol=1e-5, atol=1e-5
+            )
 
 
 def test_dense_selects_every_page():
@@ -415,7 +500,7 @@ def test_buffer_target_is_capped_at_what_fused_retrieval_holds():
     from spin_ray.sparse.budget import MAX_TARGET_PAGES
 
     assert fits(1, MAX_TARGET_PAGES) and not fits(1, MAX_TARGET_PAGES + 1)
-    built = PageBudget.from_config(SparseConfig(), PAGE, 1, incremental=True)
+    built = PageBudget.from_config(SparseConfig(), PAGE, 1)
     assert built.max_target_pages == MAX_TARGET_PAGES
     capped = dataclasses.replace(_budget(6 * PAGE, sink=PAGE, local=PAGE), max_target_pages=20)
     for context in range(1, 60 * PAGE, 7):

@@ -58,6 +58,7 @@ class AttentionBackend(ABC):
 
     def store_prompt_kv(
         self,
+        request_id: str,
         slots: torch.Tensor,  # [T] int64  page * S + offset of each position
         k: list[torch.Tensor],  # per layer [T, Hkv, D]  post-RoPE keys, computed elsewhere
         v: list[torch.Tensor],  # per layer [T, Hkv, D]

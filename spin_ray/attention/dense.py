@@ -83,7 +83,7 @@ class DenseAttentionBackend(AttentionBackend):
             )
         return out
 
-    def store_prompt_kv(self, slots, k, v):
+    def store_prompt_kv(self, request_id, slots, k, v):
         for layer, (layer_k, layer_v) in enumerate(zip(k, v, strict=True)):
             self._store(self.kv_cache.k[layer], self.kv_cache.v[layer], layer_k, layer_v, slots)
 

@@ -330,6 +330,7 @@ class LLMEngine:
         slots = torch.from_numpy(slots.astype(np.int64)).to(self.device)  # [T]
         dtype = self.config.dtype
         self.backend.store_prompt_kv(
+            request.request_id,
             slots,
             [k.to(self.device, dtype) for k in kv.k],
             [v.to(self.device, dtype) for v in kv.v],

@@ -124,9 +124,7 @@ def build_tiered_cache(
         rope_inv_freq=rope_inv_freq(head_dim, arch.rope_theta, arch.rope_scaling).to(device),
     )
     algorithm = build_algorithm(geometry, sparse)
-    budget = PageBudget.from_config(
-        sparse, page_size, algorithm.index_unit_pages, algorithm.incremental
-    )
+    budget = PageBudget.from_config(sparse, page_size, algorithm.index_unit_pages)
 
     tier_layers = offloaded if sparse.retains else 1
     num_slots = _gpu_slots(

@@ -1,8 +1,8 @@
 """The attention backend of the sparse, hierarchical KV cache: a composition of SPIN's five
 operations, each in its own module —
 
-- Index (`index.py`): the algorithm's summaries, folded in as keys are stored or rebuilt from
-  the CPU tier every `index_interval` decode steps;
+- Index (`index.py`): the algorithm's summaries, built as the K/V is stored (a prefill chunk's
+  whole pages possibly laid out anew, RetroInfer's clusters);
 - Offload (`offload.py`): every new token's K/V to the CPU tier (async on CUDA);
 - Select (`selection.py`): the algorithm scores pages, the runtime picks sink + top-k + local;
 - Retrieve (`retrieve.py`): the selected pages into GPU-tier slots (buffer lookup, bucketed-LRU
@@ -13,10 +13,10 @@ with the prefill chunks' dense attention over their prefix (`prefill.py`), the l
 early fetches (`lookahead.py`) and the per-step layout of the decode batch (`decode_step.py`).
 Layers below `first_layer` run dense, their KV kept in HBM (a `DenseAttentionBackend`).
 
-Per step (`plan`): wait for pending offloads, bring each decoding sequence's index up to date,
-lay out the decode batch and prepare retrieval (age the LRU, reserve residency segments). Per
-offloaded layer (`forward`): offload the new tokens, fold their keys into incremental
-summaries, then decode tokens select → retrieve → attend, prefill chunks attend densely.
+Per step (`plan`): wait for pending offloads, lay out the decode batch and prepare retrieval
+(age the LRU, reserve residency segments). Per offloaded layer (`forward`): fold the new
+tokens into the summaries, offload them (in the order the index lays them out), then decode
+tokens select → retrieve → attend, prefill chunks attend densely.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.decode_attention import SparseDecodeAttention
 from spin_ray.sparse.decode_step import DecodeStep, DecodeStepPlanner
-from spin_ray.sparse.index import SparseIndex
+from spin_ray.sparse.index import SparseIndex, in_order
 from spin_ray.sparse.lookahead import Lookahead
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.offload import Offload
@@ -79,10 +79,7 @@ class SpinAttentionBackend(AttentionBackend):
                 self.lookahead = Lookahead(algorithm, self.retrieve)
         else:
             self.retrieve = StagedRetrieve(host, gpu, self.counters, self.checks)
-        self.index = SparseIndex(
-            algorithm, budget, manager, host, self.counters, config.index_interval,
-            forget=self.retrieve.forget,
-        )  # fmt: skip
+        self.index = SparseIndex(algorithm, budget, manager)
         self.offload = Offload(host, self.counters)
         self.prefill = PrefillAttention(
             manager, host, gpu, self.counters, holds_prefix=config.retains
@@ -108,10 +105,10 @@ class SpinAttentionBackend(AttentionBackend):
         self._step = self._plan_decode(meta, split) if split.decode_seqs else None
 
     def _plan_decode(self, meta: AttentionMetadata, split: StepSplit) -> DecodeStep:
-        """Index what is due, lay the decode rows out, prepare their retrievals."""
+        """Lay the decode rows out, prepare their retrievals."""
         decode = split.decode_seqs
         real = decode[: len(decode) - meta.num_padded]
-        indexed = [self.index.update(meta.request_ids[b], meta.context_lens_cpu[b]) for b in real]
+        indexed = [self.index.covered(meta.context_lens_cpu[b]) for b in real]
         step = self.steps.plan(meta, decode, split.decode_rows, indexed)
         self.retrieve.plan(step)
         return step
@@ -161,9 +158,9 @@ class SpinAttentionBackend(AttentionBackend):
             return self.dense.forward(layer_idx, q, k, v, scale)
         layer = layer_idx - self.first_layer
         step, chunks = self._step, self.prefill.chunks
-        self.offload.store(layer, k, v, meta.slot_mapping)
         decode_rows = step.tokens if step is not None else None
-        self.index.append(layer, meta.slot_mapping, k, meta.positions, decode_rows, chunks)
+        order = self.index.append(layer, meta, k, v, decode_rows, chunks)
+        self.offload.store(layer, in_order(order, k), in_order(order, v), meta.slot_mapping)
         if not chunks:
             return self._decode(layer, q, k, v, scale)
         out = torch.empty_like(q)  # [N, Hq, D]
@@ -196,16 +193,22 @@ class SpinAttentionBackend(AttentionBackend):
         with self.timer.phase("fetch"):
             self.lookahead.prefetch(layer_idx - self.first_layer, q, self._step)
 
-    def store_prompt_kv(self, slots, k, v):
+    def store_prompt_kv(self, request_id, slots, k, v):
         first = self.first_layer
         if first:
-            self.dense.store_prompt_kv(slots, k[:first], v[:first])
-        self.offload.store_prompt(slots, k[first:], v[first:])
-        self.index.append_prompt(slots, k[first:])
+            self.dense.store_prompt_kv(request_id, slots, k[:first], v[:first])
+        orders = [
+            self.index.append_prompt(request_id, slots, layer_k, layer_v, layer)
+            for layer, (layer_k, layer_v) in enumerate(zip(k[first:], v[first:], strict=True))
+        ]
+        self.offload.store_prompt(
+            slots,
+            [in_order(o, layer_k) for o, layer_k in zip(orders, k[first:], strict=True)],
+            [in_order(o, layer_v) for o, layer_v in zip(orders, v[first:], strict=True)],
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     def release(self, request_id: str) -> None:
-        self.index.release(request_id)
         if self.dense is not None:
             self.dense.release(request_id)

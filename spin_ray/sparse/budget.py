@@ -36,15 +36,10 @@ class PageBudget:
     """Most HBM pages a request grows its buffer to (never below its floor); None: no cap."""
 
     @classmethod
-    def from_config(
-        cls, config: SparseConfig, page_size: int, index_unit_pages: int, incremental: bool = False
-    ) -> PageBudget:
-        """`incremental`: the algorithm's summaries cover every complete page at once, so only
-        the page being written is unindexed."""
-        if incremental:
-            unindexed = page_size
-        else:  # the index stops at the local window (`SparseIndex.update`)
-            unindexed = index_unit_pages * page_size + config.index_interval + config.local_tokens
+    def from_config(cls, config: SparseConfig, page_size: int, index_unit_pages: int) -> PageBudget:
+        """The summaries cover every complete page in whole units of `index_unit_pages`, so
+        at most that many pages at a sequence's end are not indexed (the last one partial)."""
+        unindexed = index_unit_pages * page_size
         return cls(
             page_size=page_size,
             token_budget=config.token_budget,

@@ -76,10 +76,6 @@ class SparseConfig:
     memory (CUDA), `CacheConfig.num_pages` or `cpu_kv_tokens` (CPU)."""
     host_memory_fraction: float = 0.5
     """Share of available host memory the CPU tier takes when `cpu_cache_tokens` is None."""
-    index_interval: int = 16
-    """Decode steps between index updates of algorithms whose summaries are rebuilt from the
-    CPU tier (ShadowKV, RetroInfer, Seer; Quest folds every key in as it is stored); newer
-    tokens are attended as part of the local window until indexed."""
     lru_buckets: int = 64
     """Recency buckets of the HBM buffer's LRU (pages older than this many steps tie)."""
     segment_pages: int = 16
@@ -114,7 +110,6 @@ class SparseConfig:
         at_least("sink_tokens", self.sink_tokens, 0)
         at_least("local_tokens", self.local_tokens, 1)
         at_least("dense_layers", self.dense_layers, 0)
-        at_least("index_interval", self.index_interval, 1)
         if self.buffer_ratio < 0:
             raise ValueError(f"buffer_ratio: must be >= 0, got {self.buffer_ratio}")
         if self.min_buffer_ratio < 0:

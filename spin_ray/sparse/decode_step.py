@@ -62,7 +62,7 @@ class DecodeStepPlanner:
         meta: AttentionMetadata,
         decode: list[int],  # batch indices of the decode sequences (the last num_padded: padding)
         tokens: list[int],  # their rows in the packed batch
-        indexed: list[int],  # the pages each real row's index covers (`SparseIndex.update`)
+        indexed: list[int],  # the pages each real row's index covers (`SparseIndex.covered`)
     ) -> DecodeStep:
         """Lay out the decode sequences, with bucketed widths (slot lists, windows: the same
         shapes eagerly as in a CUDA graph, so the same numbers); for a CUDA-graph batch
@@ -119,7 +119,6 @@ class DecodeStepPlanner:
                 page_table=table_i32,
                 num_pages=windows.num_pages,
                 indexed_pages=indexed_pages,
-                indexed_pages_cpu=tuple(indexed),
                 context_lens=context_lens,
             ),
         )

@@ -62,10 +62,6 @@ class Retrieve(ABC):
         """Make every selected page resident in a slot of its request (in `tier_layer`) and
         return the slots; counts lookups, hits, evictions and fetched bytes."""
 
-    def forget(self, layer: int, request_id: str, first: int, num_pages: int) -> None:
-        """Pages first..first+num_pages-1 of the request changed in the CPU tier (an index laid
-        them out anew): drop any HBM copy (nothing stays resident: no-op)."""
-
     def fetch(
         self,
         layer: int,  # offloaded layer
@@ -176,14 +172,3 @@ class BufferedRetrieve(Retrieve):
         if self.checks and int(residency.free_top) < 0:
             raise RuntimeError("residency segments were not reserved for this step")
         return slots, dst
-
-    def forget(self, layer, request_id, first, num_pages):
-        manager = self.manager
-        if request_id not in manager.rows:
-            return
-        hkv = self.gpu.k.shape[1]
-        row = torch.tensor([manager.rows[request_id]], device=self.device)
-        pages = torch.arange(first, first + num_pages, device=self.device).expand(1, hkv, -1)
-        slots = self.residency.lookup(row, layer, pages)[0]  # [Hkv, n]
-        heads = torch.arange(hkv, device=self.device)[:, None].expand_as(slots)
-        self.residency.drop(layer, heads.flatten(), slots.flatten(), slots.flatten() >= 0)

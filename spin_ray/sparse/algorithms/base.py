@@ -2,14 +2,14 @@
 
 An algorithm groups tokens into partitions and keeps per-partition summaries, and scores pages
 from a query and those summaries (`page_scores`, every decode step and layer). Summaries are
-built either by `index` (run on complete pages read back from the CPU tier after prefill and
-every `index_interval` decode steps) or, for `incremental` algorithms, by `append` (every
-stored token's key folded in as it is written, on the device, also inside CUDA graphs).
-Partitions map onto pages: a page's score is the best score of the partitions it holds. The
-runtime owns the rest — offload, residency, retrieval, eviction, sink/local windows, top-k and
-the attention kernel — and never knows an algorithm's formula; an algorithm never touches
-tiers or copies. An algorithm may add its own term to the attention (`estimate`, merged by
-log-sum-exp).
+built as the K/V is stored, on the device: a prefill chunk's by `append_chunk` (which may lay
+the chunk's whole pages out anew, so variable-size partitions sit contiguously in pages:
+RetroInfer's clusters), a decode token's by `append` (also inside CUDA graphs). No step reads
+pages back from the CPU tier to index them. Partitions map onto pages: a page's score is the
+best score of the partitions it holds. The runtime owns the rest — offload, residency,
+retrieval, eviction, sink/local windows, top-k and the attention kernel — and never knows an
+algorithm's formula; an algorithm never touches tiers or copies. An algorithm may add its own
+term to the attention (`estimate`, merged by log-sum-exp).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class SelectBatch:
     """[B] int64: pages holding each context."""
     indexed_pages: torch.Tensor
     """[B] int64: pages covered by the index (a prefix of the sequence)."""
-    indexed_pages_cpu: tuple[int, ...]
     context_lens: torch.Tensor | None = None
     """[B] int64: tokens of each context; the query sits at position context_lens - 1."""
 
@@ -70,62 +69,47 @@ Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class SparseAlgorithm(ABC):
     name: str
     index_unit_pages: int = 1
-    """The index covers whole multiples of this many pages."""
-    incremental: bool = False
-    """Summaries are kept up to date by `append` as tokens are stored; `index` is never called
-    and every complete page counts as indexed."""
+    """The index covers whole multiples of this many complete pages."""
     graph_safe: bool = False
-    """`page_scores` and `estimate` read only device tensors of fixed addresses (the batch's
-    and the algorithm's own, never reallocated) and never synchronise: decode steps may run
-    in CUDA graphs."""
+    """`append`, `page_scores` and `estimate` read only device tensors of fixed addresses (the
+    batch's and the algorithm's own, never reallocated) and never synchronise: decode steps
+    may run in CUDA graphs."""
 
     def __init__(self, geometry: SparseGeometry, config: AlgorithmConfig):
         self.geometry = geometry
         self.config = config
 
-    def index(
-        self,
-        layer: int,
-        request_id: str,
-        first_page: int,
-        page_ids: torch.Tensor,  # [n] int64  CPU-tier ids of logical pages first_page.. +n-1
-        k: torch.Tensor,  # [Hkv, n, S, D]  their keys (post-RoPE)
-        v: torch.Tensor,  # [Hkv, n, S, D]
-    ) -> torch.Tensor | None:
-        """Summarise these complete pages (n is a multiple of `index_unit_pages`). May return a
-        permutation [Hkv, n*S] of the run's tokens that the runtime applies to the stored K/V
-        (new position i of head h holds old token perm[h, i]), so variable-size partitions sit
-        contiguously in pages. The runtime always attends the sink pages and the local window
-        by page, so a permutation must leave every token of the sink pages
-        (`SparseConfig.sink_tokens`, rounded up to whole pages) where it is; the runtime never
-        indexes pages of the local window. Non-incremental algorithms implement it."""
-        raise NotImplementedError(f"{self.name} keeps incremental summaries: use append()")
-
+    @abstractmethod
     def append(
         self,
         layer: int,
         slots: torch.Tensor,  # [N] int64  CPU-tier page * S + offset; -1 = nothing (padding)
         k: torch.Tensor,  # [N, Hkv, D]  the stored keys (post-RoPE)
+        v: torch.Tensor,  # [N, Hkv, D]  the stored values
         positions: torch.Tensor,  # [N] int64  each token's position (what RoPE rotated it by)
     ) -> None:
-        """Fold newly stored tokens into the summaries (`incremental` algorithms implement it;
-        it must not synchronise: it runs in CUDA graphs). A page's token at offset 0 starts
-        its summary afresh (the page may have held another sequence before). The runtime
-        passes decode tokens here, at most one per sequence; a prefill chunk's run of a
-        sequence goes to `append_chunk`."""
-        raise NotImplementedError(f"{self.name} is indexed by index(), not append()")
+        """Fold decode tokens, at most one per sequence, into the summaries (on the device,
+        without synchronising: it runs in CUDA graphs). A page's token at offset 0 starts its
+        summary afresh (the page may have held another sequence before)."""
 
+    @abstractmethod
     def append_chunk(
         self,
         layer: int,
         slots: torch.Tensor,  # [n] int64  one prefill chunk: a request's consecutive positions
         k: torch.Tensor,  # [n, Hkv, D]
-        first_offset: int,  # the first token's offset in its page
+        v: torch.Tensor,  # [n, Hkv, D]
+        first_position: int,  # the chunk's first position (positions[0], known on the host)
         positions: torch.Tensor,  # [n] int64
-    ) -> None:
-        """`append` for one prefill chunk (eager steps only); algorithms may fold whole pages
-        at once."""
-        self.append(layer, slots, k, positions)
+        local_start: int,  # first position of the prompt's local window (kept in place)
+    ) -> torch.Tensor | None:  # [n, Hkv] int64 or None
+        """`append` for one prefill chunk (eager steps only). May return the order in which
+        the chunk's tokens are to be stored, per KV head (row i of head h stores the chunk's
+        token order[i, h]), so variable-size partitions sit contiguously in pages. The order
+        may only move tokens among whole pages of the chunk, and must leave in place every
+        token of the sink's pages (`SparseGeometry.sink_tokens`, rounded up to whole pages)
+        and from the page holding `local_start` on: the runtime attends those by page. None:
+        stored as they come."""
 
     @abstractmethod
     def page_scores(
@@ -147,6 +131,3 @@ class SparseAlgorithm(ABC):
     ) -> Partial | None:
         """An extra attention term over tokens not attended exactly (none by default)."""
         return None
-
-    def release(self, request_id: str) -> None:
-        """Forget per-request state (page-keyed summaries need no cleanup)."""

@@ -9,10 +9,12 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 class FullSelection(SparseAlgorithm):
     name = "full"
-    incremental = True  # no summaries: nothing is ever read back to index
     graph_safe = True
 
-    def append(self, layer, slots, k, positions):
+    def append(self, layer, slots, k, v, positions):
+        return None
+
+    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
         return None
 
     def page_scores(self, layer, q, batch):

@@ -18,7 +18,6 @@ from spin_ray.sparse.algorithms.base import SparseAlgorithm
 
 class Quest(SparseAlgorithm):
     name = "quest"
-    incremental = True
     graph_safe = True
 
     def __init__(self, geometry, config):
@@ -29,14 +28,16 @@ class Quest(SparseAlgorithm):
         self.kmin = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P + 1, Hkv, D]
         self.kmax = torch.zeros(shape, dtype=g.dtype, device=g.device)
 
-    def append(self, layer, slots, k, positions):
+    def append(self, layer, slots, k, v, positions):
         fold = quest_append if k.is_cuda else quest_append_ref
         fold(self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size)
 
-    def append_chunk(self, layer, slots, k, first_offset, positions):
+    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
+        s = self.geometry.page_size
         quest_append_chunk(
-            self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size, first_offset
+            self.kmin[layer], self.kmax[layer], slots, k, s, first_position % s
         )
+        return None
 
     def page_scores(self, layer, q, batch):
         score = quest_page_scores if q.is_cuda else quest_page_scores_ref

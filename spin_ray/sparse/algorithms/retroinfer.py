@@ -1,49 +1,54 @@
 """`retroinfer` (Chen et al., 2025): partition = k-means cluster of keys, per KV head, within
-segments of `segment_tokens` tokens (about `cluster_tokens` tokens per
-cluster); summary = centroid, value sum and size.
+segments of `segment_tokens` tokens (about `cluster_tokens` tokens per cluster); summary =
+centroid, mean value and size.
 
-Variable-size partitions are laid out contiguously: `index` returns a permutation that puts
-each cluster's tokens next to each other in the pages, so a cluster is a short run of pages.
-The sink's pages are clustered on their own and keep their order (the runtime attends them by
-page, so they must keep holding the first tokens; the local window is never indexed).
-(Keys are post-RoPE and every stored token precedes the decode query, so reordering tokens
-within a sequence's pages changes no attention result; positions are not needed afterwards.)
+The index is built during prefill, chunk by chunk on the device as the K/V is stored: the whole
+pages of a prefill chunk (cut at segment boundaries) are clustered, and `append_chunk` returns
+the order that lays each cluster's tokens next to each other, so the runtime stores them that
+way and a cluster is a short run of pages. Pages a chunk holds only in part, the sink's pages
+and the prompt's local window keep their tokens in place (the runtime attends sink and local
+window by page), and so do the pages decode tokens fill: each such page is one cluster of its
+own tokens (centroid = their running mean). (Keys are post-RoPE and every stored token
+precedes the decode query, so reordering tokens within a sequence's pages changes no attention
+result.)
 
-Score of cluster c for KV head h: Σ over the group's query heads of softmax_c(q·C_c/√d); a
-page scores as its best cluster. Retrieval zone: the top pages within the token budget are
-attended exactly. Estimation zone (optional): the next `estimation_fraction` of
-clusters, among those with no token in an exactly attended page, contribute
-exp(q·C_c·scale)·(value sum) over size·exp(q·C_c·scale) — each of their keys approximated by
-its centroid — merged into the attention by log-sum-exp.
+Clusters live in rows beside the pages of the CPU tier — `rows_per_page` = ⌈S / cluster_tokens⌉
+rows per page, a cluster in a row of the first page of its run — so they need no allocator and
+go with their pages. Cluster c of a request, numbered `home logical page · rows_per_page +
+row`, and the tokens of a page belong to the consecutive clusters `ranges[page]` = [lo, hi].
+Everything below is vectorised over the batch's requests, reads only device tensors and never
+synchronises (CUDA graphs).
+
+Score of cluster c for KV head h: Σ over the group's query heads of softmax_c(q·C_c/√d) over
+the request's non-empty clusters of indexed pages; a page scores as its best cluster.
+Retrieval zone: the top pages within the token budget are attended exactly. Estimation zone
+(optional): the best `estimation_fraction` of a head's clusters, among those with no token in
+an exactly attended page, contribute Σ size·e^{q·C·scale}·mean value over Σ size·e^{q·C·scale}
+(each of their keys approximated by the centroid), merged into the attention by log-sum-exp.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from spin_ray.sparse.algorithms.base import Partial, SparseAlgorithm
-
-
-@dataclass
-class Clusters:
-    """One request's clusters in one layer, for the tokens of its indexed pages."""
-
-    centroids: torch.Tensor  # [Hkv, C, D] float32
-    value_sums: torch.Tensor  # [Hkv, C, D] float32
-    sizes: torch.Tensor  # [Hkv, C] float32 (0 = empty cluster)
-    token_cluster: torch.Tensor  # [Hkv, T] int64 cluster of each stored token (laid-out order)
+from spin_ray.sparse.algorithms.runs import runs_of
 
 
 def kmeans(x: torch.Tensor, num_clusters: int, iters: int) -> torch.Tensor:  # [H, N] int64
     """Lloyd's k-means per head on x [H, N, D] (fp32), initialised with evenly spaced tokens
-    (deterministic); returns each point's cluster."""
+    (deterministic); returns each point's cluster (the nearest centroid: argmax of
+    2·x·c − |c|², one batched matrix product)."""
     h, n, d = x.shape
     start = torch.linspace(0, n - 1, num_clusters, device=x.device).round().long()
     centroids = x[:, start].clone()  # [H, C, D]
-    assign = torch.cdist(x, centroids).argmin(-1)
+
+    def nearest(c):  # [H, C, D] -> [H, N]
+        return torch.baddbmm(-(c * c).sum(-1)[:, None], x, c.transpose(1, 2), alpha=2).argmax(-1)
+
+    assign = nearest(centroids)
     for _ in range(iters):
         sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(h, n, d), x)
         counts = torch.zeros(h, num_clusters, device=x.device).scatter_add_(
@@ -51,144 +56,196 @@ def kmeans(x: torch.Tensor, num_clusters: int, iters: int) -> torch.Tensor:  # [
         )
         means = sums / counts.clamp(min=1)[..., None]
         centroids = torch.where(counts[..., None] > 0, means, centroids)
-        assign = torch.cdist(x, centroids).argmin(-1)
+        assign = nearest(centroids)
     return assign
-
-
-def cluster_segment(
-    k: torch.Tensor,  # [H, N, D]
-    v: torch.Tensor,  # [H, N, D]
-    num_clusters: int,
-    iters: int,
-    in_place: bool = False,
-) -> tuple[torch.Tensor, Clusters]:
-    """Cluster one segment: the permutation [H, N] grouping each cluster's tokens (clusters in
-    id order, tokens in position order inside), and the clusters in that laid-out order. With
-    `in_place` the tokens keep their order (the identity permutation; the sink's pages)."""
-    h, n, d = k.shape
-    kf, vf = k.float(), v.float()
-    assign = kmeans(kf, num_clusters, iters)  # [H, N]
-    if in_place:
-        perm = torch.arange(n, device=k.device).expand(h, n)  # [H, N]
-    else:
-        perm = torch.sort(assign, dim=1, stable=True).indices  # [H, N]
-    index = assign[..., None].expand(h, n, d)
-    counts = torch.zeros(h, num_clusters, device=k.device).scatter_add_(
-        1, assign, torch.ones_like(assign, dtype=torch.float32)
-    )
-    key_sums = torch.zeros(h, num_clusters, d, device=k.device).scatter_add_(1, index, kf)
-    value_sums = torch.zeros(h, num_clusters, d, device=k.device).scatter_add_(1, index, vf)
-    clusters = Clusters(
-        centroids=key_sums / counts.clamp(min=1)[..., None],
-        value_sums=value_sums,
-        sizes=counts,
-        token_cluster=assign.gather(1, perm),
-    )
-    return perm, clusters
 
 
 class RetroInfer(SparseAlgorithm):
     name = "retroinfer"
+    graph_safe = True
 
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
-        self.state: dict[str, list[Clusters | None]] = {}
+        g = geometry
+        self.rows_per_page = -(-g.page_size // config.cluster_tokens)
+        self.spare = g.num_cpu_pages  # the page padding tokens (slot -1) write
+        r, pages = self.rows_per_page, g.num_cpu_pages + 1
+        self.centroids = torch.zeros(
+            (g.num_layers, pages, r, g.num_kv_heads, g.head_dim), dtype=g.dtype, device=g.device
+        )  # [L, P + 1, R, Hkv, D]
+        self.value_means = torch.zeros_like(self.centroids)  # [L, P + 1, R, Hkv, D]
+        self.sizes = torch.zeros(
+            (g.num_layers, pages, r, g.num_kv_heads), device=g.device
+        )  # [L, P + 1, R, Hkv] fp32, 0 = no cluster
+        self.ranges = torch.zeros(
+            (g.num_layers, pages, g.num_kv_heads, 2), dtype=torch.int64, device=g.device
+        )  # [L, P + 1, Hkv, 2] the first and last cluster a page's tokens belong to
+        self._scored: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """(layer, query, cluster scores, clusters) of the last `page_scores`: the step's
+        `estimate` of that layer and query reuses them instead of scoring again."""
 
-    def index(self, layer, request_id, first_page, page_ids, k, v):
-        hkv, n, s, d = k.shape
-        layers = self.state.setdefault(request_id, [None] * self.geometry.num_layers)
-        kt, vt = k.reshape(hkv, n * s, d), v.reshape(hkv, n * s, d)
-        seg = self.config.segment_tokens
-        sink_end = -(-self.geometry.sink_tokens // s) * s  # the sink's pages stay in order
-        start = first_page * s
-        perms, pieces = [], []
-        pos = start
-        while pos < start + n * s:  # split the run at segment boundaries and the sink's end
-            end = min(start + n * s, (pos // seg + 1) * seg)
-            if pos < sink_end:
-                end = min(end, sink_end)
-            num = max(1, (end - pos) // self.config.cluster_tokens)
-            a, b = pos - start, end - start
-            perm, clusters = cluster_segment(
-                kt[:, a:b], vt[:, a:b], num, self.config.kmeans_iters, pos < sink_end
-            )
-            perms.append(perm + a)
-            pieces.append(clusters)
-            pos = end
-        old = layers[layer]
-        offset = 0 if old is None else old.sizes.shape[1]
-        for clusters in pieces:
-            clusters.token_cluster += offset
-            offset += clusters.sizes.shape[1]
-        parts = ([old] if old is not None else []) + pieces
-        layers[layer] = Clusters(
-            centroids=torch.cat([c.centroids for c in parts], 1),
-            value_sums=torch.cat([c.value_sums for c in parts], 1),
-            sizes=torch.cat([c.sizes for c in parts], 1),
-            token_cluster=torch.cat([c.token_cluster for c in parts], 1),
+    # ------------------------------------------------------------------ summaries
+
+    def append(self, layer, slots, k, v, positions):
+        """Decode tokens (one per sequence): each joins its page's own cluster (row 0) as a
+        running mean, m ← m + (x − m) / (j + 1) at offset j (j = 0 starts the page afresh)."""
+        s = self.geometry.page_size
+        pages = torch.where(slots >= 0, slots // s, self.spare)  # [N]
+        j = (slots % s).float()[:, None, None]  # [N, 1, 1]
+        for table, x in ((self.centroids, k), (self.value_means, v)):
+            old = table[layer, pages, 0].float()  # [N, Hkv, D]
+            new = torch.where(j == 0, x.float(), old + (x.float() - old) / (j + 1))
+            table[layer, pages, 0] = new.to(table.dtype)
+        sizes = self.sizes[layer, pages]  # [N, R, Hkv]
+        sizes = torch.where(j == 0, 0.0, sizes)  # a fresh page: no other row holds a cluster
+        sizes[:, 0] = j[:, 0] + 1
+        self.sizes[layer, pages] = sizes
+        own = (positions // s * self.rows_per_page)[:, None, None]  # [N, 1, 1]
+        self.ranges[layer, pages] = own.expand(-1, self.geometry.num_kv_heads, 2)
+
+    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
+        """A prefill chunk: every page it touches gets its tokens folded into its own cluster
+        (row 0, running mean); then its whole pages between the sink's pages and the local
+        window, cut at segment boundaries, are clustered and laid out anew (the order
+        returned)."""
+        self._fold_in_place(layer, slots, k, v, first_position)
+        s, n, first = self.geometry.page_size, slots.shape[0], first_position
+        sink_pages = -(-self.geometry.sink_tokens // s)
+        lo = max(-(-first // s), sink_pages)  # the chunk's first whole page past the sink
+        hi = min((first + n) // s, local_start // s)  # its end, short of the local window
+        order = None
+        seg_pages = self.config.segment_tokens // s
+        page = lo
+        while page < hi:
+            end = min(hi, (page // seg_pages + 1) * seg_pages)
+            if order is None:
+                order = torch.arange(n, device=k.device)[:, None].repeat(1, k.shape[1])
+            a, b = page * s - first, end * s - first  # the run's rows in the chunk
+            order[a:b] = a + self._cluster_run(layer, slots[a:b:s] // s, page, k[a:b], v[a:b])
+            page = end
+        return order  # [n, Hkv] or None
+
+    def _fold_in_place(self, layer, slots, k, v, first_position):
+        """Each page the chunk touches: its tokens join its own cluster, (m·j0 + Σx)/(j0 + n)."""
+        s = self.geometry.page_size
+        runs_k, runs_v = runs_of(k, first_position % s, s), runs_of(v, first_position % s, s)
+        pages = slots[runs_k.firsts] // s  # [G]
+        for table, runs in ((self.centroids, runs_k), (self.value_means, runs_v)):
+            table[layer, pages, 0] = runs.means(table[layer, pages, 0]).to(table.dtype)
+        fresh = runs_k.before[:, :, 0] == 0  # [G, 1]: no token of the page stored before
+        sizes = torch.where(fresh[:, :, None], 0.0, self.sizes[layer, pages])  # [G, R, Hkv]
+        sizes[:, 0] = (runs_k.before + runs_k.counts)[:, :, 0]
+        self.sizes[layer, pages] = sizes
+        logical = first_position // s + torch.arange(len(pages), device=k.device)  # [G]
+        self.ranges[layer, pages] = (logical * self.rows_per_page)[:, None, None].expand(
+            -1, self.geometry.num_kv_heads, 2
         )
-        return torch.cat(perms, 1)
 
-    def cluster_scores(self, q: torch.Tensor, clusters: Clusters) -> torch.Tensor:  # [Hkv, C]
-        """Σ over the group's query heads of softmax over clusters of q·C/√d (q: [Hq, D])."""
-        hkv, _, d = clusters.centroids.shape
-        qg = q.float().view(hkv, -1, d)  # [Hkv, G, D]
-        logits = torch.einsum("hgd,hcd->hgc", qg, clusters.centroids) / math.sqrt(d)
-        logits = logits.masked_fill(clusters.sizes[:, None, :] == 0, float("-inf"))
-        return torch.softmax(logits, -1).sum(1)
+    def _cluster_run(self, layer, page_ids, first_page, k, v):  # -> [m, Hkv] int64
+        """k-means over a run of whole pages (m tokens, page_ids [m / S] their CPU-tier pages,
+        logical pages from `first_page`): the order grouping each cluster's tokens (clusters
+        in id order, tokens in position order inside), and the clusters written to the rows
+        of the run's pages (cluster c in row c mod R of the run's page c // R)."""
+        m, hkv, d = k.shape
+        r, s = self.rows_per_page, self.geometry.page_size
+        num = max(1, m // self.config.cluster_tokens)
+        kf, vf = k.float().transpose(0, 1), v.float().transpose(0, 1)  # [Hkv, m, D]
+        assign = kmeans(kf, num, self.config.kmeans_iters)  # [Hkv, m]
+        perm = torch.sort(assign, dim=1, stable=True).indices  # [Hkv, m]
+        index = assign[..., None].expand(hkv, m, d)
+        counts = torch.zeros(hkv, num, device=k.device).scatter_add_(
+            1, assign, torch.ones_like(assign, dtype=torch.float32)
+        )  # [Hkv, C]
+        means = counts.clamp(min=1)[..., None]
+        key_means = torch.zeros(hkv, num, d, device=k.device).scatter_add_(1, index, kf) / means
+        value_means = torch.zeros(hkv, num, d, device=k.device).scatter_add_(1, index, vf) / means
+        cluster = torch.arange(num, device=k.device)  # [C]
+        home, row = page_ids[cluster // r], cluster % r  # [C] each
+        self.sizes[layer, page_ids] = 0.0
+        self.sizes[layer, home, row] = counts.T
+        self.centroids[layer, home, row] = key_means.transpose(0, 1).to(self.centroids.dtype)
+        self.value_means[layer, home, row] = value_means.transpose(0, 1).to(self.centroids.dtype)
+        laid_out = assign.gather(1, perm).view(hkv, -1, s)  # [Hkv, pages, S] cluster per row
+        ends = torch.stack([laid_out[..., 0], laid_out[..., -1]], -1)  # [Hkv, pages, 2]
+        self.ranges[layer, page_ids] = (first_page * r + ends).transpose(0, 1)
+        return perm.T  # [m, Hkv]
+
+    # ------------------------------------------------------------------ scores
+
+    def _cluster_scores(self, layer, q, batch):
+        """Σ over the group's query heads of softmax over the request's clusters of q·C/√d
+        ([B, Hkv, maxp·R], 0 for no cluster), and which clusters exist ([B, Hkv, maxp·R])."""
+        b, hq, d = q.shape
+        hkv, r = self.geometry.num_kv_heads, self.rows_per_page
+        table = batch.page_table.long()  # [B, maxp]
+        maxp = table.shape[1]
+        centroids = self.centroids[layer][table]  # [B, maxp, R, Hkv, D]
+        sizes = self.sizes[layer][table]  # [B, maxp, R, Hkv]
+        indexed = torch.arange(maxp, device=q.device) < batch.indexed_pages[:, None]  # [B, maxp]
+        valid = (sizes > 0) & indexed[:, :, None, None]
+        valid = valid.permute(0, 3, 1, 2).reshape(b, hkv, maxp * r)  # [B, Hkv, C]
+        qg = q.view(b, hkv, hq // hkv, d).to(centroids.dtype)
+        logits = torch.einsum("bhgd,bprhd->bhgpr", qg, centroids).float() / math.sqrt(d)
+        logits = logits.reshape(b, hkv, hq // hkv, maxp * r).masked_fill(
+            ~valid[:, :, None], float("-inf")
+        )
+        scores = torch.softmax(logits, -1).nan_to_num(0.0).sum(2)  # [B, Hkv, C]
+        return scores, valid
+
+    def _page_clusters(self, layer, pages_cpu, num_clusters):
+        """The clusters the tokens of each (page, head) belong to: [B, Hkv, n, S] request
+        cluster ids, from `ranges` (pages_cpu: [B, Hkv or 1, n] CPU-tier pages)."""
+        heads = torch.arange(self.geometry.num_kv_heads, device=pages_cpu.device)[:, None]
+        ranges = self.ranges[layer][pages_cpu, heads]  # [B, Hkv, n, 2]
+        step = torch.arange(self.geometry.page_size, device=ranges.device)
+        ids = torch.minimum(ranges[..., :1] + step, ranges[..., 1:])  # [B, Hkv, n, S]
+        return ids.clamp(0, num_clusters - 1)
 
     def page_scores(self, layer, q, batch):
-        b, maxp = batch.page_table.shape
-        s = self.geometry.page_size
-        out = torch.zeros(b, self.geometry.num_kv_heads, maxp, device=q.device)
-        for i, request_id in enumerate(batch.request_ids):
-            indexed = batch.indexed_pages_cpu[i]
-            if not indexed:
-                continue
-            clusters = self.state[request_id][layer]
-            per_token = self.cluster_scores(q[i], clusters).gather(1, clusters.token_cluster)
-            out[i, :, :indexed] = per_token.view(-1, indexed, s).amax(-1)
-        return out
+        scores, valid = self._cluster_scores(layer, q, batch)  # [B, Hkv, C]
+        self._scored = (layer, q, scores, valid)
+        ids = self._page_clusters(layer, batch.page_table.long()[:, None], scores.shape[-1])
+        per_page = scores.gather(2, ids.flatten(2)).view(ids.shape)  # [B, Hkv, maxp, S]
+        return per_page.amax(-1)  # [B, Hkv, maxp]
 
     def estimate(self, layer, q, batch, pages, scale) -> Partial | None:
         fraction = self.config.estimation_fraction
         if fraction == 0:
             return None
         b, hq, d = q.shape
-        hkv, s = self.geometry.num_kv_heads, self.geometry.page_size
-        m = torch.full((b, hq), float("-inf"), device=q.device)
-        lsum = torch.zeros(b, hq, device=q.device)
-        acc = torch.zeros(b, hq, d, device=q.device)
-        for i, request_id in enumerate(batch.request_ids):
-            indexed = batch.indexed_pages_cpu[i]
-            if not indexed:
-                continue
-            clusters = self.state[request_id][layer]
-            num = int(fraction * clusters.sizes.shape[1])
-            if num == 0:
-                continue
-            exact = torch.zeros(hkv, indexed + 1, dtype=torch.float32, device=q.device)
-            listed = pages[i].clamp(max=indexed)  # pages past the index land in a spare column
-            exact.scatter_(1, torch.where(pages[i] >= 0, listed, indexed), 1.0)
-            touched = torch.zeros_like(clusters.sizes).scatter_add_(
-                1, clusters.token_cluster, exact[:, :indexed].repeat_interleave(s, 1)
-            )
-            eligible = (touched == 0) & (clusters.sizes > 0)
-            scores = self.cluster_scores(q[i], clusters).masked_fill(~eligible, float("-inf"))
-            top_scores, top = scores.topk(min(num, scores.shape[1]), -1)  # [Hkv, n]
-            valid = top_scores > float("-inf")
-            centroids = clusters.centroids.gather(1, top[..., None].expand(-1, -1, d))
-            value_sums = clusters.value_sums.gather(1, top[..., None].expand(-1, -1, d))
-            sizes = clusters.sizes.gather(1, top)
-            qg = q[i].float().view(hkv, -1, d)
-            logits = torch.einsum("hgd,hnd->hgn", qg, centroids) * scale
-            logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-            mi = logits.amax(-1)  # [Hkv, G]
-            p = torch.exp(logits - torch.where(torch.isfinite(mi), mi, 0)[..., None])
-            m[i] = mi.reshape(hq)
-            lsum[i] = (p * sizes[:, None, :]).sum(-1).reshape(hq)
-            acc[i] = torch.einsum("hgn,hnd->hgd", p, value_sums).reshape(hq, d)
-        return m, lsum, acc
-
-    def release(self, request_id):
-        self.state.pop(request_id, None)
+        hkv, r = self.geometry.num_kv_heads, self.rows_per_page
+        scored = self._scored
+        if scored is not None and scored[0] == layer and scored[1] is q:
+            scores, valid = scored[2:]
+        else:
+            scores, valid = self._cluster_scores(layer, q, batch)  # [B, Hkv, C]
+        c = scores.shape[-1]
+        table = batch.page_table.long()  # [B, maxp]
+        # clusters with a token in an exactly attended page are attended exactly
+        exact = pages.clamp(min=0)  # [B, Hkv, K]
+        exact_cpu = table.gather(1, exact.flatten(1)).view_as(exact)  # [B, Hkv, K]
+        ids = self._page_clusters(layer, exact_cpu, c)  # [B, Hkv, K, S]
+        heads = torch.arange(hkv, device=q.device)
+        listed = (pages >= 0)[..., None].expand_as(ids).float()
+        touched = torch.zeros(b, hkv, c, device=q.device).scatter_add_(
+            2, ids.flatten(2), listed.flatten(2)
+        )
+        eligible = valid & (touched == 0)
+        wanted = (fraction * valid.sum(-1)).floor()  # [B, Hkv] the zone's size
+        width = min(c, math.ceil(fraction * c))
+        top_scores, top = scores.masked_fill(~eligible, -1.0).topk(width, -1)  # [B, Hkv, n]
+        chosen = (top_scores >= 0) & (torch.arange(width, device=q.device) < wanted[..., None])
+        home = table.gather(1, (top // r).flatten(1)).view_as(top)  # [B, Hkv, n] CPU pages
+        row = top % r
+        head = heads[None, :, None].expand_as(top)
+        centroids = self.centroids[layer, home, row, head].float()  # [B, Hkv, n, D]
+        values = self.value_means[layer, home, row, head].float()
+        sizes = self.sizes[layer, home, row, head]  # [B, Hkv, n]
+        qg = q.float().view(b, hkv, hq // hkv, d)
+        logits = torch.einsum("bhgd,bhnd->bhgn", qg, centroids) * scale
+        logits = logits.masked_fill(~chosen[:, :, None], float("-inf"))
+        m = logits.amax(-1)  # [B, Hkv, G]
+        p = torch.exp(logits - torch.where(torch.isfinite(m), m, 0)[..., None]) * sizes[:, :, None]
+        lsum = p.sum(-1)
+        acc = torch.einsum("bhgn,bhnd->bhgd", p, values)
+        return m.reshape(b, hq), lsum.reshape(b, hq), acc.reshape(b, hq, d)

@@ -92,7 +92,7 @@ def gate_side(
 
 class Seer(SparseAlgorithm):
     name = "seer"
-    incremental = True
+    graph_safe = True
 
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
@@ -114,7 +114,11 @@ class Seer(SparseAlgorithm):
             gates = load_gates(config.gate_path, layers, g.num_kv_heads, g.head_dim)
         self.q_gate, self.k_gate = (w.to(g.device) for w in gates)
 
-    def append(self, layer, slots, k, positions):
+    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
+        self.append(layer, slots, k, v, positions)
+        return None
+
+    def append(self, layer, slots, k, v, positions):
         """Fold the stored keys, un-rotated, into their pages' max, min and sum (on the device,
         no synchronisation: prefill chunks and decode tokens alike, as they are written)."""
         size = self.geometry.page_size
@@ -137,18 +141,18 @@ class Seer(SparseAlgorithm):
         blocks = -(-maxp // bp)
         table = torch.nn.functional.pad(batch.page_table.long(), (0, blocks * bp - maxp))
 
-        def pooled(stat):  # [B, blocks, bp, Hkv, D]
-            return stat[layer][table].float().view(b, blocks, bp, hkv, d)
+        def pooled(stat):  # [B, blocks, bp, Hkv, D] in the summary's dtype
+            return stat[layer][table].view(b, blocks, bp, hkv, d)
 
         block_tokens = self.config.block_size
         k_pooled = torch.cat(
             [
-                pooled(self.kmax).amax(2),
-                pooled(self.kmin).amin(2),
+                pooled(self.kmax).amax(2).float(),
+                pooled(self.kmin).amin(2).float(),
                 pooled(self.ksum).sum(2) / block_tokens,
             ],
             -1,
-        )  # [B, blocks, Hkv, 3D]
+        )  # [B, blocks, Hkv, 3D] fp32
         ends = torch.arange(1, blocks + 1, device=q.device) * block_tokens - 1  # [blocks]
         k_gated = gate_side(k_pooled.transpose(0, 1), self.k_gate[layer], ends, self.inv_freq)
         at = batch.context_lens - 1  # [B] the query's position

@@ -13,11 +13,12 @@ import math
 import torch
 
 from spin_ray.sparse.algorithms.base import SparseAlgorithm
+from spin_ray.sparse.algorithms.runs import runs_of
 
 
 class ShadowKV(SparseAlgorithm):
     name = "shadowkv"
-    incremental = True
+    graph_safe = True
 
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
@@ -34,7 +35,7 @@ class ShadowKV(SparseAlgorithm):
         )
         self.landmarks = torch.zeros(shape, dtype=g.dtype, device=g.device)  # [L, P + 1, Hkv, C, D]
 
-    def append(self, layer, slots, k, positions):
+    def append(self, layer, slots, k, v, positions):
         """Decode tokens (one per sequence): each key joins its chunk's running mean,
         m ← m + (k − m) / (j + 1) at offset j in the chunk (j = 0 starts the chunk afresh), on
         the device without synchronising."""
@@ -46,21 +47,14 @@ class ShadowKV(SparseAlgorithm):
         new = torch.where(j == 0, key, old + (key - old) / (j + 1))
         table[pages, :, chunks] = new.to(table.dtype)
 
-    def append_chunk(self, layer, slots, k, first_offset, positions):
+    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
         """A prefill chunk of one sequence (eager): each chunk it touches gets the mean of its
         earlier tokens' landmark and the new keys, (m · j0 + Σ k) / (j0 + n)."""
-        pages, chunks, offsets = self._chunk_of(slots)  # [n] each, consecutive positions
-        keys = pages * self.chunks_per_page + chunks  # [n]
-        _, group, counts = torch.unique_consecutive(keys, return_inverse=True, return_counts=True)
-        first = torch.cumsum(counts, 0) - counts  # [G] each group's first token
-        sums = torch.zeros(len(counts), *k.shape[1:], device=k.device)  # [G, Hkv, D]
-        sums.index_add_(0, group, k.float())
+        runs = runs_of(k, first_position % self.chunk, self.chunk)  # per landmark chunk
+        pages, chunks, _ = self._chunk_of(slots[runs.firsts])  # [G] each
         table = self.landmarks[layer]
-        g_pages, g_chunks = pages[first], chunks[first]
-        before = offsets[first].float()[:, None, None]  # [G, 1, 1] tokens already in the chunk
-        old = table[g_pages, :, g_chunks].float()  # [G, Hkv, D]
-        new = (old * before + sums) / (before + counts[:, None, None])
-        table[g_pages, :, g_chunks] = new.to(table.dtype)
+        table[pages, :, chunks] = runs.means(table[pages, :, chunks]).to(table.dtype)
+        return None
 
     def _chunk_of(self, slots):  # [N] int64 -> ([N] page row, [N] chunk, [N] offset in chunk)
         size = self.geometry.page_size
@@ -71,9 +65,9 @@ class ShadowKV(SparseAlgorithm):
     def page_scores(self, layer, q, batch):
         b, hq, d = q.shape
         hkv, maxp = self.geometry.num_kv_heads, batch.page_table.shape[1]
-        lm = self.landmarks[layer][batch.page_table.long()].float()  # [B, maxp, Hkv, C, D]
-        qg = q.float().view(b, hkv, hq // hkv, d)
-        logits = torch.einsum("bhgd,bphcd->bhgpc", qg, lm) / math.sqrt(d)  # [B, Hkv, G, P, C]
+        lm = self.landmarks[layer][batch.page_table.long()]  # [B, maxp, Hkv, C, D]
+        qg = q.view(b, hkv, hq // hkv, d).to(lm.dtype)
+        logits = torch.einsum("bhgd,bphcd->bhgpc", qg, lm).float() / math.sqrt(d)  # [B,Hkv,G,P,C]
         indexed = torch.arange(maxp, device=q.device) < batch.indexed_pages[:, None]  # [B, P]
         logits = logits.masked_fill(~indexed[:, None, None, :, None], float("-inf"))
         probs = torch.softmax(logits.flatten(3), -1).view_as(logits).nan_to_num(0.0)
