@@ -83,7 +83,7 @@ def test_training_scores_blocks_as_the_runtime_does():
     seer.q_gate, seer.k_gate = q_gate, k_gate
     pages = torch.arange(2 * blocks)
     slots = torch.arange(tokens)  # page p holds tokens p*S.. (pages are 0..n-1)
-    seer.append_chunk(0, slots, k_post[0], k_post[0], 0, torch.arange(tokens), tokens)
+    seer.append_chunk(0, slots, k_post[0], k_post[0], 0, torch.arange(tokens))
     count = torch.tensor([2 * blocks])
     batch = SelectBatch(("r",), pages[None].int(), count, count, count * page)
     runtime = seer.page_scores(0, q_post[0, -1:], batch)[0, :, ::2]  # [Hkv, nb]

@@ -104,9 +104,10 @@ def _run(
     dense = DenseAttentionBackend(KVCache(shape, torch.float32, "cpu"))
     gen = torch.Generator().manual_seed(seed)
     for chunks in _steps(prompts, decodes, chunk=23):
-        for rid, first, n in chunks:
-            assert manager.can_grow(rid, first + n)
-            manager.grow(rid, first + n)
+        for rid, first, n in chunks:  # a prompt is covered whole at admission, as the
+            need = max(first + n, prompts[rid])  # scheduler does
+            assert manager.can_grow(rid, need)
+            manager.grow(rid, need)
         meta = _meta(manager, chunks)
         spin.plan(meta)
         dense.plan(meta)

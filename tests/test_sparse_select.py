@@ -47,9 +47,9 @@ def _geometry(sink_tokens: int = 64) -> SparseGeometry:
 def _indexed(name: str, num_pages: int, seed: int, sink_tokens: int = 64, **settings):
     """An algorithm that stored `num_pages` random pages of a sequence (keys with a spread of
     scales so scores differ): token by token as decode steps would, or for RetroInfer as one
-    prefill chunk with no local window (so every page past the sink is clustered); returns
-    it, the stored keys/values [Hkv, n, S, D] (in the order the runtime would store them) and
-    the page ids."""
+    prefill chunk with no local window, then laid out (every page past the sink clustered);
+    returns it, the stored keys/values [Hkv, n, S, D] (in the order the runtime would store
+    them) and the page ids."""
     gen = torch.Generator().manual_seed(seed)
     config = SparseConfig(algorithm=ALGORITHM_CONFIGS[name](**settings), sink_tokens=sink_tokens)
     algorithm = build_algorithm(_geometry(sink_tokens), config)
@@ -63,37 +63,48 @@ def _indexed(name: str, num_pages: int, seed: int, sink_tokens: int = 64, **sett
     if name != "retroinfer":
         _append(algorithm, page_ids, k, [1] * (num_pages * PAGE), v=v)
         return algorithm, k, v, page_ids
-    order = _append(algorithm, page_ids, k, [num_pages * PAGE], chunks=True, v=v)[0]
-    if order is not None:  # the runtime stores the tokens in the algorithm's order
+    _append(algorithm, page_ids, k, [num_pages * PAGE], chunks=True, v=v)
+    order = _lay_out(algorithm, page_ids, k, v, -(-sink_tokens // PAGE), num_pages)
 
-        def laid_out(x):  # [Hkv, n, S, D] -> the same, rows in `order`
-            rows = x.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D]
-            rows = rows.gather(0, order[..., None].expand_as(rows))
-            return rows.view(num_pages, PAGE, HKV, D).permute(2, 0, 1, 3)
+    def laid_out(x):  # [Hkv, n, S, D] -> the same, rows in `order`
+        rows = x.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D]
+        rows = rows.gather(0, order[..., None].expand_as(rows))
+        return rows.view(num_pages, PAGE, HKV, D).permute(2, 0, 1, 3)
 
-        k, v = laid_out(k), laid_out(v)
-    return algorithm, k, v, page_ids
+    return algorithm, laid_out(k), laid_out(v), page_ids
 
 
-def _append(algorithm, page_ids, k, runs, start=0, chunks=False, v=None, local_start=None):
+def _lay_out(algorithm, page_ids, k, v, first_page, end_page) -> torch.Tensor:  # [T, Hkv]
+    """What the runtime does once a prompt is stored: every aligned span of `layout_tokens`
+    cut to pages first_page..end_page-1 handed to `lay_out`; returns the order the sequence's
+    tokens are then stored in."""
+    keys = k.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D] in token order
+    values = v.permute(1, 2, 0, 3).reshape(-1, HKV, D)
+    order = torch.arange(keys.shape[0])[:, None].repeat(1, HKV)  # [T, Hkv]
+    span = algorithm.layout_tokens // PAGE
+    for j in range(first_page // span, -(-end_page // span)):
+        a, e = max(j * span, first_page), min((j + 1) * span, end_page)
+        if a < e:
+            rows = slice(a * PAGE, e * PAGE)
+            got = algorithm.lay_out(0, page_ids[a:e], a, keys[rows], values[rows])
+            order[rows] = a * PAGE + got
+    return order
+
+
+def _append(algorithm, page_ids, k, runs, start=0, chunks=False, v=None):
     """Store the sequence's tokens start.. in runs of the given lengths (a run is one
     `append`, like a prefill chunk; a run of 1 is a decode token), each with a padding slot;
-    with `chunks`, runs longer than one token go through `append_chunk` instead (no padding;
-    `local_start`: the prompt's local window, default none). Returns the orders the chunks
-    asked to be stored in."""
+    with `chunks`, runs longer than one token go through `append_chunk` instead (no
+    padding)."""
     tokens = torch.arange(k.shape[1] * PAGE)
     keys = k.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D] in token order
     v = torch.randn_like(k) if v is None else v
     values = v.permute(1, 2, 0, 3).reshape(-1, HKV, D)
-    local_start = tokens.numel() if local_start is None else local_start
-    orders = []
     for n in runs:
         run = tokens[start : start + n]
         slots = page_ids[run // PAGE] * PAGE + run % PAGE
         if chunks and n > 1:
-            orders.append(algorithm.append_chunk(
-                0, slots, keys[run], values[run], start, run, local_start
-            ))  # fmt: skip
+            algorithm.append_chunk(0, slots, keys[run], values[run], start, run)
         else:
             pad = torch.randn(1, HKV, D) * 100  # a padding row's key must not reach any page
             padded = (
@@ -103,7 +114,6 @@ def _append(algorithm, page_ids, k, runs, start=0, chunks=False, v=None, local_s
             )
             algorithm.append(0, *padded, torch.cat([run, torch.tensor([0])]))
         start += n
-    return orders
 
 
 def _batch(page_ids: torch.Tensor, indexed: int) -> SelectBatch:
@@ -332,16 +342,16 @@ def test_kmeans_is_lloyds_algorithm():
         assert kmeans(x, 6, 3)[h].tolist() == [nearest(point, centroids) for point in x[h]]
 
 
-def test_retroinfer_clusters_prefill_chunks_contiguously_with_exact_summaries():
-    """Two prefill chunks split mid-page: each chunk's whole pages between the sink's pages
-    and the local window, cut at segment boundaries, are k-means clustered and laid out by
-    cluster (tokens move only within their run); the sink's pages, the page the chunks share
-    and the local window keep their tokens in place, each page one cluster. Every cluster's
-    summaries are its tokens' mean key, mean value and count, and each page's range names
-    the clusters of its tokens."""
+def test_retroinfer_lays_segments_out_by_cluster_with_exact_summaries():
+    """Two prefill chunks split mid-page make every page one cluster of its own tokens; then
+    the segments (8 pages, cut to pages 2..20 as the runtime cuts them to the sink's pages
+    and the local window) are k-means clustered and laid out by cluster, tokens moving only
+    within their segment, and the other pages keep their tokens. Every cluster's summaries are
+    its tokens' mean key, mean value and count, and each page's range names the clusters of
+    its tokens."""
     from spin_ray.sparse.algorithms.retroinfer import kmeans
 
-    n, local_start = 24, 21 * PAGE + 2
+    n = 24
     config = SparseConfig(
         algorithm=ALGORITHM_CONFIGS["retroinfer"](
             segment_tokens=8 * PAGE, cluster_tokens=8, kmeans_iters=3
@@ -353,25 +363,29 @@ def test_retroinfer_clusters_prefill_chunks_contiguously_with_exact_summaries():
     k = torch.randn(HKV, n, PAGE, D, generator=gen) * torch.rand(1, n, 1, 1, generator=gen) * 3
     v = torch.randn(HKV, n, PAGE, D, generator=gen)
     page_ids = torch.randperm(CPU_PAGES, generator=gen)[:n]
-    runs = [10 * PAGE + 3, 14 * PAGE - 3]
-    orders = _append(algorithm, page_ids, k, runs, chunks=True, v=v, local_start=local_start)
-    order = torch.cat([orders[0], orders[1] + runs[0]])  # [T, Hkv] the stored order
+    _append(algorithm, page_ids, k, [10 * PAGE + 3, 14 * PAGE - 3], chunks=True, v=v)
+    r = algorithm.rows_per_page
+    for h, clusters in enumerate(_retro_clusters(algorithm, page_ids)):  # one per page
+        assert [c for c, _, _ in clusters] == [p * r for p in range(n)]
+        for p in range(n):
+            centroid = algorithm.centroids[0, page_ids[p], 0, h]
+            torch.testing.assert_close(centroid, k[h, p].mean(0))
+    order = _lay_out(algorithm, page_ids, k, v, 2, 21)  # [T, Hkv] the stored order
     keys = k.permute(1, 2, 0, 3).reshape(-1, HKV, D)  # [T, Hkv, D] in position order
     values = v.permute(1, 2, 0, 3).reshape(-1, HKV, D)
-    pieces = [(2, 8), (8, 10), (11, 16), (16, 21)]  # whole pages of a chunk, per segment
-    in_place = [0, 1, 10, 21, 22, 23]
+    segments = [(2, 8), (8, 16), (16, 21)]
+    in_place = [0, 1, 21, 22, 23]
     for h in range(HKV):
         for p in in_place:
             rows = torch.arange(p * PAGE, (p + 1) * PAGE)
             assert order[rows, h].tolist() == rows.tolist()
-        for a, b in pieces:
+        for a, b in segments:
             rows = slice(a * PAGE, b * PAGE)
             assign = kmeans(keys[rows, h][None], (b - a) * PAGE // 8, 3)[0]
             expected = a * PAGE + torch.sort(assign, stable=True).indices
             assert order[rows, h].tolist() == expected.tolist()
     stored_k = keys.gather(0, order[..., None].expand_as(keys))  # [T, Hkv, D] as stored
     stored_v = values.gather(0, order[..., None].expand_as(values))
-    r = algorithm.rows_per_page
     for h, clusters in enumerate(_retro_clusters(algorithm, page_ids)):
         cluster_of = torch.empty(n * PAGE, dtype=torch.long)
         for c, first, size in clusters:

@@ -33,7 +33,7 @@ from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.config import SparseConfig
 from spin_ray.sparse.decode_attention import SparseDecodeAttention
 from spin_ray.sparse.decode_step import DecodeStep, DecodeStepPlanner
-from spin_ray.sparse.index import SparseIndex, in_order
+from spin_ray.sparse.index import SparseIndex
 from spin_ray.sparse.lookahead import Lookahead
 from spin_ray.sparse.manager import TieredCacheManager
 from spin_ray.sparse.offload import Offload
@@ -79,10 +79,12 @@ class SpinAttentionBackend(AttentionBackend):
                 self.lookahead = Lookahead(algorithm, self.retrieve)
         else:
             self.retrieve = StagedRetrieve(host, gpu, self.counters, self.checks)
-        self.index = SparseIndex(algorithm, budget, manager)
         self.offload = Offload(host, self.counters)
         self.prefill = PrefillAttention(
             manager, host, gpu, self.counters, holds_prefix=config.retains
+        )
+        self.index = SparseIndex(
+            algorithm, budget, manager, host, self.counters, self.prefill.context_kv
         )
         self.attention = SparseDecodeAttention(algorithm, gpu)
         self.steps = DecodeStepPlanner(
@@ -159,8 +161,8 @@ class SpinAttentionBackend(AttentionBackend):
         layer = layer_idx - self.first_layer
         step, chunks = self._step, self.prefill.chunks
         decode_rows = step.tokens if step is not None else None
-        order = self.index.append(layer, meta, k, v, decode_rows, chunks)
-        self.offload.store(layer, in_order(order, k), in_order(order, v), meta.slot_mapping)
+        k_stored, v_stored = self.index.append(layer, meta, k, v, decode_rows, chunks)
+        self.offload.store(layer, k_stored, v_stored, meta.slot_mapping)
         if not chunks:
             return self._decode(layer, q, k, v, scale)
         out = torch.empty_like(q)  # [N, Hq, D]
@@ -197,15 +199,12 @@ class SpinAttentionBackend(AttentionBackend):
         first = self.first_layer
         if first:
             self.dense.store_prompt_kv(request_id, slots, k[:first], v[:first])
-        orders = [
-            self.index.append_prompt(request_id, slots, layer_k, layer_v, layer)
+        table = torch.tensor(self.manager.table(request_id), device=slots.device)  # [pages]
+        stored = [
+            self.index.append_prompt(request_id, slots, table, layer_k, layer_v, layer)
             for layer, (layer_k, layer_v) in enumerate(zip(k[first:], v[first:], strict=True))
         ]
-        self.offload.store_prompt(
-            slots,
-            [in_order(o, layer_k) for o, layer_k in zip(orders, k[first:], strict=True)],
-            [in_order(o, layer_v) for o, layer_v in zip(orders, v[first:], strict=True)],
-        )
+        self.offload.store_prompt(slots, [k for k, _ in stored], [v for _, v in stored])
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -2,13 +2,19 @@
 
 Every algorithm builds its summaries as the K/V is stored, on the device: a prefill chunk's
 keys (and values) by `append_chunk`, a step's decode tokens by `append` (inside CUDA graphs
-too). No step reads pages back from the CPU tier to index them. An algorithm may lay a prefill
-chunk's whole pages out anew (RetroInfer's clusters): `append` then returns the order in which
-the runtime stores the step's tokens, per KV head (Offload writes them so; the chunk's own
-attention still reads them as computed, and a later chunk reads the prefix as a set).
+too). No step reads pages back from the CPU tier to index them. An algorithm with
+`layout_tokens` (RetroInfer) also partitions each aligned span of a prompt as a whole once a
+chunk completes it (`lay_out`), past the sink's pages and short of the prompt's local window
+(both attended by page): the span's tokens are then stored in the algorithm's order — the
+chunk's own rows as Offload writes them, the span's earlier pages rewritten in the CPU tier
+(read from the request's HBM prefill slots, or else from the CPU tier). The chunk's own
+attention reads its tokens as computed, and a later chunk reads the prefix as a set, so
+neither cares about the order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -16,25 +22,37 @@ from spin_ray.attention.metadata import AttentionMetadata, PrefillChunk
 from spin_ray.sparse.algorithms.base import SparseAlgorithm
 from spin_ray.sparse.budget import PageBudget
 from spin_ray.sparse.manager import TieredCacheManager
+from spin_ray.sparse.stats import KVCounters
+from spin_ray.sparse.tiers import HostTier
+
+ContextKV = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]
+"""`(layer, chunk, start, end)` → the K/V [end - start, Hkv, D] of positions start..end-1 of
+the step's prefill chunk's sequence, stored before the chunk (`PrefillAttention.context_kv`)."""
 
 
 class SparseIndex:
-    def __init__(self, algorithm: SparseAlgorithm, budget: PageBudget, manager: TieredCacheManager):
+    def __init__(
+        self,
+        algorithm: SparseAlgorithm,
+        budget: PageBudget,
+        manager: TieredCacheManager,
+        host: HostTier,
+        counters: KVCounters,
+        context_kv: ContextKV,
+    ):
         self.algorithm = algorithm
         self.budget = budget
         self.page_size = budget.page_size
         self.manager = manager
+        self.host = host
+        self.counters = counters
+        self.context_kv = context_kv
 
     def covered(self, context_len: int) -> int:
         """The pages the summaries cover at a decode step of this context: every complete
         page stored before it, in whole index units."""
         unit = self.algorithm.index_unit_pages
         return (context_len - 1) // self.page_size // unit * unit
-
-    def local_start(self, request_id: str) -> int:
-        """The first position of a prefilling request's local window at its first decode
-        step (its prompt's last `local_tokens`): those tokens stay where they are stored."""
-        return max(0, self.manager.tokens[request_id] - self.budget.local_tokens)
 
     def append(
         self,
@@ -44,50 +62,99 @@ class SparseIndex:
         v: torch.Tensor,  # [N, Hkv, D]
         decode_rows: torch.Tensor | None,  # [Bd] int64 the decode tokens' rows, None: none
         prefills: list[PrefillChunk],
-    ) -> torch.Tensor | None:  # [N, Hkv] int64 or None
-        """Fold the step's keys into the summaries: the decode tokens in one call, each prefill
-        chunk by itself. Returns the order in which to store the step's rows per KV head (row
-        i of head h stores token order[i, h]) when an algorithm laid a chunk out anew."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [N, Hkv, D]
+        """Fold the step's K/V into the summaries (the decode tokens in one call, each prefill
+        chunk by itself) and lay out the spans the chunks complete; returns the K/V to store
+        in the rows' slots (k and v themselves unless a span was laid out)."""
         slots, positions = meta.slot_mapping, meta.positions
         if not prefills:
             self.algorithm.append(layer, slots, k, v, positions)
-            return None
+            return k, v
         if decode_rows is not None:
             rows = decode_rows
             self.algorithm.append(layer, slots[rows], k[rows], v[rows], positions[rows])
-        order = None
-        for b, start, n, context_len in prefills:
+        stored = (k, v)
+        for i, (b, start, n, context_len) in enumerate(prefills):
             rows = slice(start, start + n)
-            chunk_order = self.algorithm.append_chunk(
-                layer, slots[rows], k[rows], v[rows], context_len - n, positions[rows],
-                self.local_start(meta.request_ids[b]),
-            )  # fmt: skip
-            if chunk_order is not None:
-                if order is None:
-                    order = torch.arange(k.shape[0], device=k.device)[:, None].repeat(1, k.shape[1])
-                order[rows] = start + chunk_order
-        return order
+            first = context_len - n
+            self.algorithm.append_chunk(
+                layer, slots[rows], k[rows], v[rows], first, positions[rows]
+            )
+            for span in self._completed_spans(meta.request_ids[b], first, context_len):
+                if stored[0] is k:
+                    stored = (k.clone(), v.clone())
+                self._lay_out(layer, meta.page_table[b], i, start, first, span, k, v, stored)
+        return stored
+
+    def _completed_spans(self, request_id: str, first: int, end: int) -> list[tuple[int, int]]:
+        """The spans [a, e) of whole pages the chunk of positions first..end-1 completes: each
+        aligned span of `layout_tokens` cut to the sink's pages and the prompt's local window,
+        whose end lies in the chunk."""
+        span = self.algorithm.layout_tokens
+        if span is None:
+            return []
+        s = self.page_size
+        sink_end = self.budget.max_sink_pages() * s
+        prompt = self.manager.tokens[request_id]
+        local = max(0, prompt - self.budget.local_tokens) // s * s
+        spans = []
+        for j in range(first // span, (end - 1) // span + 1):
+            a, e = max(j * span, sink_end), min((j + 1) * span, local)
+            if a < e and first < e <= end:
+                spans.append((a, e))
+        return spans
+
+    def _lay_out(self, layer, table, chunk, start, first, span, k, v, stored) -> None:
+        """Partition one span (positions a..e-1, whole pages): its K/V in position order from
+        the prefix and the chunk, the algorithm's order, then the chunk's rows of the span into
+        `stored` and the span's earlier pages rewritten in the CPU tier."""
+        a, e = span
+        s = self.page_size
+        inside = max(a, first)  # the span's first position in the chunk
+        rows = slice(start + inside - first, start + e - first)
+        span_k, span_v = k[rows], v[rows]  # [m, Hkv, D]
+        if a < first:  # its beginning was stored by earlier chunks
+            prefix_k, prefix_v = self.context_kv(layer, chunk, a, first)
+            span_k, span_v = torch.cat([prefix_k, span_k]), torch.cat([prefix_v, span_v])
+        page_ids = table[a // s : e // s].long()  # [p]
+        order = self.algorithm.lay_out(layer, page_ids, a // s, span_k, span_v)  # [m, Hkv]
+        ordered_k, ordered_v = in_order(order, span_k), in_order(order, span_v)
+        stored[0][rows] = ordered_k[inside - a :]
+        stored[1][rows] = ordered_v[inside - a :]
+        if a < first:  # rewrite the pages earlier chunks stored (the chunk's own follow)
+            p = -(-(first - a) // s)
+            hkv, d = k.shape[1:]
+            k_pages, v_pages = (
+                x[: p * s].view(p, s, hkv, d).permute(2, 0, 1, 3) for x in (ordered_k, ordered_v)
+            )  # [Hkv, p, S, D]
+            self.host.write_pages(layer, page_ids[:p], k_pages, v_pages)
+            self.counters.d2h_bytes += p * hkv * self.host.page_bytes
 
     def append_prompt(
         self,
         request_id: str,
         slots: torch.Tensor,  # [T] int64 page * S + offset of each position
+        table: torch.Tensor,  # [pages] int32/int64 the request's CPU-tier pages
         k: torch.Tensor,  # [T, Hkv, D] one offloaded layer's keys
         v: torch.Tensor,
         layer: int,
-    ) -> torch.Tensor | None:  # [T, Hkv] int64 or None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [T, Hkv, D]
         """Fold a whole prompt's K/V of one layer, computed outside the engine, into the
-        summaries; returns the order to store it in (as `append`), or None."""
+        summaries and lay out its spans; returns the K/V to store (as `append`)."""
         positions = torch.arange(slots.shape[0], device=slots.device)  # [T]
-        local_start = self.local_start(request_id)
-        return self.algorithm.append_chunk(layer, slots, k, v, 0, positions, local_start)
+        n = slots.shape[0]
+        self.algorithm.append_chunk(layer, slots, k, v, 0, positions)
+        stored = (k, v)
+        for span in self._completed_spans(request_id, 0, n):
+            if stored[0] is k:
+                stored = (k.clone(), v.clone())
+            self._lay_out(layer, table, None, 0, 0, span, k, v, stored)
+        return stored
 
 
 def in_order(
-    order: torch.Tensor | None,  # [N, Hkv] int64
+    order: torch.Tensor,  # [N, Hkv] int64
     x: torch.Tensor,  # [N, Hkv, D]
 ) -> torch.Tensor:  # [N, Hkv, D]
     """The rows of x as `order` stores them (row i of head h: x[order[i, h], h])."""
-    if order is None:
-        return x
     return x.gather(0, order[..., None].expand_as(x))

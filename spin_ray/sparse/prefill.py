@@ -125,6 +125,28 @@ class PrefillAttention:
             self.counters.h2d_bytes += prefix_pages * k.shape[1] * self.host.page_bytes
         return self.attend(q, ctx_k.transpose(0, 1), ctx_v.transpose(0, 1), scale)
 
+    def context_kv(
+        self, layer: int, chunk: int, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [end - start, Hkv, D]
+        """K/V of positions start..end-1 of the step's chunk `chunk`'s sequence, all stored
+        before the chunk: from its prefill slots (HBM) if it holds them, else from the CPU
+        tier (whole pages, counted)."""
+        held = self._held[chunk]
+        heads, _, _, d = self.gpu.k[layer].shape  # [Hkv, Q + 1, S, D]
+        if held is not None:
+            rows = held[start:end]  # [m]
+            return tuple(
+                t[layer].view(heads, -1, d)[:, rows].transpose(0, 1)
+                for t in (self.gpu.k, self.gpu.v)
+            )
+        s = self.page_size
+        b = self.chunks[chunk][0]
+        pages = self.meta.page_table[b, start // s : -(-end // s)].long()
+        k, v = self.host.read(layer, pages)  # [Hkv, p, S, D]
+        self.counters.h2d_bytes += pages.numel() * heads * self.host.page_bytes
+        skip = start % s
+        return tuple(t.flatten(1, 2)[:, skip : skip + end - start].transpose(0, 1) for t in (k, v))
+
     def attend(self, q, ctx_k, ctx_v, scale):  # [n, Hq, D]; ctx: [Hkv, T, D]
         """Causal attention of the chunk's queries over its context (the chunk last)."""
         if self.on_cuda:

@@ -70,6 +70,11 @@ class SparseAlgorithm(ABC):
     name: str
     index_unit_pages: int = 1
     """The index covers whole multiples of this many complete pages."""
+    layout_tokens: int | None = None
+    """Positions of the aligned spans the algorithm partitions as a whole (`lay_out`): the
+    runtime hands it each span of a prompt once it is stored, past the sink's pages and short
+    of the prompt's local window (which are attended by page, so keep their order); the
+    prompt's last span up to its local window. None: tokens stay where they are stored."""
     graph_safe: bool = False
     """`append`, `page_scores` and `estimate` read only device tensors of fixed addresses (the
     batch's and the algorithm's own, never reallocated) and never synchronise: decode steps
@@ -101,15 +106,22 @@ class SparseAlgorithm(ABC):
         v: torch.Tensor,  # [n, Hkv, D]
         first_position: int,  # the chunk's first position (positions[0], known on the host)
         positions: torch.Tensor,  # [n] int64
-        local_start: int,  # first position of the prompt's local window (kept in place)
-    ) -> torch.Tensor | None:  # [n, Hkv] int64 or None
-        """`append` for one prefill chunk (eager steps only). May return the order in which
-        the chunk's tokens are to be stored, per KV head (row i of head h stores the chunk's
-        token order[i, h]), so variable-size partitions sit contiguously in pages. The order
-        may only move tokens among whole pages of the chunk, and must leave in place every
-        token of the sink's pages (`SparseGeometry.sink_tokens`, rounded up to whole pages)
-        and from the page holding `local_start` on: the runtime attends those by page. None:
-        stored as they come."""
+    ) -> None:
+        """`append` for one prefill chunk (eager steps only), its tokens stored as they come."""
+
+    def lay_out(
+        self,
+        layer: int,
+        page_ids: torch.Tensor,  # [p] int64  CPU-tier pages of the span
+        first_page: int,  # the span's first logical page
+        k: torch.Tensor,  # [p * S, Hkv, D]  the span's keys, in position order
+        v: torch.Tensor,  # [p * S, Hkv, D]
+    ) -> torch.Tensor:  # [p * S, Hkv] int64
+        """Partition a stored span of whole pages (algorithms with `layout_tokens`): return
+        the order in which to store its tokens per KV head (row i of head h holds the span's
+        token order[i, h]), so variable-size partitions sit contiguously in pages, and
+        summarise the partitions in that order."""
+        raise NotImplementedError(f"{self.name} keeps every token where it is stored")
 
     @abstractmethod
     def page_scores(

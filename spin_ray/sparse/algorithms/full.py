@@ -12,10 +12,10 @@ class FullSelection(SparseAlgorithm):
     graph_safe = True
 
     def append(self, layer, slots, k, v, positions):
-        return None
+        pass  # no summaries
 
-    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
-        return None
+    def append_chunk(self, layer, slots, k, v, first_position, positions):
+        pass
 
     def page_scores(self, layer, q, batch):
         b, maxp = batch.page_table.shape

@@ -32,12 +32,9 @@ class Quest(SparseAlgorithm):
         fold = quest_append if k.is_cuda else quest_append_ref
         fold(self.kmin[layer], self.kmax[layer], slots, k, self.geometry.page_size)
 
-    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
+    def append_chunk(self, layer, slots, k, v, first_position, positions):
         s = self.geometry.page_size
-        quest_append_chunk(
-            self.kmin[layer], self.kmax[layer], slots, k, s, first_position % s
-        )
-        return None
+        quest_append_chunk(self.kmin[layer], self.kmax[layer], slots, k, s, first_position % s)
 
     def page_scores(self, layer, q, batch):
         score = quest_page_scores if q.is_cuda else quest_page_scores_ref

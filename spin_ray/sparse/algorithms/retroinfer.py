@@ -2,15 +2,15 @@
 segments of `segment_tokens` tokens (about `cluster_tokens` tokens per cluster); summary =
 centroid, mean value and size.
 
-The index is built during prefill, chunk by chunk on the device as the K/V is stored: the whole
-pages of a prefill chunk (cut at segment boundaries) are clustered, and `append_chunk` returns
-the order that lays each cluster's tokens next to each other, so the runtime stores them that
-way and a cluster is a short run of pages. Pages a chunk holds only in part, the sink's pages
-and the prompt's local window keep their tokens in place (the runtime attends sink and local
-window by page), and so do the pages decode tokens fill: each such page is one cluster of its
-own tokens (centroid = their running mean). (Keys are post-RoPE and every stored token
-precedes the decode query, so reordering tokens within a sequence's pages changes no attention
-result.)
+The index is built during prefill on the device: once a prefill chunk completes a segment
+(`layout_tokens`; the prompt's last one up to its local window), the runtime hands the
+segment's K/V to `lay_out`, which clusters it and returns the order that lays each cluster's
+tokens next to each other; the runtime stores the segment that way, so a cluster is a short run
+of pages, and the clusters do not depend on how the prompt was cut into chunks. Until its
+segment is laid out, and for good in the sink's pages, the prompt's local window (attended by
+page, so kept in place) and the pages decode tokens fill, each page is one cluster of its own
+tokens (centroid = their running mean). (Keys are post-RoPE and every stored token precedes the
+decode query, so reordering tokens within a sequence's pages changes no attention result.)
 
 Clusters live in rows beside the pages of the CPU tier — `rows_per_page` = ⌈S / cluster_tokens⌉
 rows per page, a cluster in a row of the first page of its run — so they need no allocator and
@@ -67,6 +67,7 @@ class RetroInfer(SparseAlgorithm):
     def __init__(self, geometry, config):
         super().__init__(geometry, config)
         g = geometry
+        self.layout_tokens = config.segment_tokens
         self.rows_per_page = -(-g.page_size // config.cluster_tokens)
         self.spare = g.num_cpu_pages  # the page padding tokens (slot -1) write
         r, pages = self.rows_per_page, g.num_cpu_pages + 1
@@ -103,30 +104,9 @@ class RetroInfer(SparseAlgorithm):
         own = (positions // s * self.rows_per_page)[:, None, None]  # [N, 1, 1]
         self.ranges[layer, pages] = own.expand(-1, self.geometry.num_kv_heads, 2)
 
-    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
+    def append_chunk(self, layer, slots, k, v, first_position, positions):
         """A prefill chunk: every page it touches gets its tokens folded into its own cluster
-        (row 0, running mean); then its whole pages between the sink's pages and the local
-        window, cut at segment boundaries, are clustered and laid out anew (the order
-        returned)."""
-        self._fold_in_place(layer, slots, k, v, first_position)
-        s, n, first = self.geometry.page_size, slots.shape[0], first_position
-        sink_pages = -(-self.geometry.sink_tokens // s)
-        lo = max(-(-first // s), sink_pages)  # the chunk's first whole page past the sink
-        hi = min((first + n) // s, local_start // s)  # its end, short of the local window
-        order = None
-        seg_pages = self.config.segment_tokens // s
-        page = lo
-        while page < hi:
-            end = min(hi, (page // seg_pages + 1) * seg_pages)
-            if order is None:
-                order = torch.arange(n, device=k.device)[:, None].repeat(1, k.shape[1])
-            a, b = page * s - first, end * s - first  # the run's rows in the chunk
-            order[a:b] = a + self._cluster_run(layer, slots[a:b:s] // s, page, k[a:b], v[a:b])
-            page = end
-        return order  # [n, Hkv] or None
-
-    def _fold_in_place(self, layer, slots, k, v, first_position):
-        """Each page the chunk touches: its tokens join its own cluster, (m·j0 + Σx)/(j0 + n)."""
+        (row 0, running mean), (m·j0 + Σx)/(j0 + n), until its segment is laid out."""
         s = self.geometry.page_size
         runs_k, runs_v = runs_of(k, first_position % s, s), runs_of(v, first_position % s, s)
         pages = slots[runs_k.firsts] // s  # [G]
@@ -141,11 +121,10 @@ class RetroInfer(SparseAlgorithm):
             -1, self.geometry.num_kv_heads, 2
         )
 
-    def _cluster_run(self, layer, page_ids, first_page, k, v):  # -> [m, Hkv] int64
-        """k-means over a run of whole pages (m tokens, page_ids [m / S] their CPU-tier pages,
-        logical pages from `first_page`): the order grouping each cluster's tokens (clusters
-        in id order, tokens in position order inside), and the clusters written to the rows
-        of the run's pages (cluster c in row c mod R of the run's page c // R)."""
+    def lay_out(self, layer, page_ids, first_page, k, v):
+        """k-means over a segment's whole pages (m tokens): the order grouping each cluster's
+        tokens (clusters in id order, tokens in position order inside), and the clusters
+        written to the rows of its pages (cluster c in row c mod R of its page c // R)."""
         m, hkv, d = k.shape
         r, s = self.rows_per_page, self.geometry.page_size
         num = max(1, m // self.config.cluster_tokens)

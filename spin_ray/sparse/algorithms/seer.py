@@ -114,9 +114,8 @@ class Seer(SparseAlgorithm):
             gates = load_gates(config.gate_path, layers, g.num_kv_heads, g.head_dim)
         self.q_gate, self.k_gate = (w.to(g.device) for w in gates)
 
-    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
+    def append_chunk(self, layer, slots, k, v, first_position, positions):
         self.append(layer, slots, k, v, positions)
-        return None
 
     def append(self, layer, slots, k, v, positions):
         """Fold the stored keys, un-rotated, into their pages' max, min and sum (on the device,

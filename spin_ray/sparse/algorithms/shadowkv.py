@@ -47,14 +47,13 @@ class ShadowKV(SparseAlgorithm):
         new = torch.where(j == 0, key, old + (key - old) / (j + 1))
         table[pages, :, chunks] = new.to(table.dtype)
 
-    def append_chunk(self, layer, slots, k, v, first_position, positions, local_start):
+    def append_chunk(self, layer, slots, k, v, first_position, positions):
         """A prefill chunk of one sequence (eager): each chunk it touches gets the mean of its
         earlier tokens' landmark and the new keys, (m · j0 + Σ k) / (j0 + n)."""
         runs = runs_of(k, first_position % self.chunk, self.chunk)  # per landmark chunk
         pages, chunks, _ = self._chunk_of(slots[runs.firsts])  # [G] each
         table = self.landmarks[layer]
         table[pages, :, chunks] = runs.means(table[pages, :, chunks]).to(table.dtype)
-        return None
 
     def _chunk_of(self, slots):  # [N] int64 -> ([N] page row, [N] chunk, [N] offset in chunk)
         size = self.geometry.page_size
