@@ -342,3 +342,49 @@ def test_sink_and_local_tokens_are_attended_every_step(monkeypatch, algorithm):
     )  # fmt: skip
     _run(sparse, PROMPTS, decodes=14, check=lambda *a: check(*a), seed=4, holder=holder)
     assert max(checked) > 12 * PAGE  # contexts long enough that the budget leaves pages out
+
+
+@pytest.mark.parametrize("mode", ["spin", "sparse-naive"])
+def test_retroinfer_lays_out_whole_segments_across_prefill_chunks(mode):
+    """RetroInfer's segments (8 pages) span several 23-token prefill chunks: each is laid out
+    whole, once the chunk that completes it is stored (its beginning read back from the HBM
+    prefill slots under spin, from the CPU tier under sparse-naive, and rewritten there), so
+    the CPU tier holds each segment — cut to the sink's page and the prompt's local window —
+    in the order of k-means over the segment's true keys, whatever the chunking."""
+    from spin_ray.sparse.algorithms.retroinfer import kmeans
+
+    holder, checked = {}, []
+    config = small_algorithm("retroinfer", PAGE)  # 32-token segments, 4-token clusters
+
+    def check(layer, meta, q, out, expected, dense):
+        decodes = [b for b, n in enumerate(meta.query_lens_cpu) if n == 1]
+        if layer == 0 or not decodes:
+            return
+        host = holder["backend"].host
+        for b in decodes:
+            rid, ctx = meta.request_ids[b], meta.context_lens_cpu[b]
+            if (rid, layer) in checked:
+                continue
+            prompt = PROMPTS[rid]
+            local = (prompt - PAGE) // PAGE * PAGE  # the prompt's local window, whole pages
+            for a in range(0, local, config.segment_tokens):
+                a, e = max(a, PAGE), min(a + config.segment_tokens, local)
+                rows = torch.arange(a, e)
+                ids = meta.page_table[b, rows // PAGE].long()
+                for h in range(HKV):
+                    held = host.k[layer - 1, ids, h, rows % PAGE]  # [m, D] as the tier holds
+                    truth = dense.kv_cache.k[layer][ids, rows % PAGE, h]  # [m, D] by position
+                    same = (held[:, None] == truth[None]).all(-1)  # [m, m]
+                    assert (same.sum(-1) == 1).all(), "the tier must hold the span's tokens"
+                    stored = a + same.float().argmax(-1)
+                    assign = kmeans(truth[None], (e - a) // config.cluster_tokens,
+                                    config.kmeans_iters)[0]  # fmt: skip
+                    assert stored.tolist() == (a + torch.sort(assign, stable=True).indices).tolist()
+            checked.append((rid, layer))
+
+    sparse = preset(mode, SparseConfig(
+        algorithm=config, token_budget=8 * PAGE, sink_tokens=PAGE, local_tokens=PAGE,
+        dense_layers=1, buffer_ratio=1.0,
+    ))  # fmt: skip
+    _run(sparse, PROMPTS, decodes=2, check=check, seed=5, holder=holder)
+    assert {rid for rid, _ in checked} == set(PROMPTS)

@@ -132,8 +132,8 @@ class PrefillAttention:
         before the chunk: from its prefill slots (HBM) if it holds them, else from the CPU
         tier (whole pages, counted)."""
         held = self._held[chunk]
-        heads, _, _, d = self.gpu.k[layer].shape  # [Hkv, Q + 1, S, D]
-        if held is not None:
+        if held is not None:  # (held only with a GPU tier of every offloaded layer)
+            heads, _, _, d = self.gpu.k[layer].shape  # [Hkv, Q + 1, S, D]
             rows = held[start:end]  # [m]
             return tuple(
                 t[layer].view(heads, -1, d)[:, rows].transpose(0, 1)
@@ -143,7 +143,7 @@ class PrefillAttention:
         b = self.chunks[chunk][0]
         pages = self.meta.page_table[b, start // s : -(-end // s)].long()
         k, v = self.host.read(layer, pages)  # [Hkv, p, S, D]
-        self.counters.h2d_bytes += pages.numel() * heads * self.host.page_bytes
+        self.counters.h2d_bytes += pages.numel() * k.shape[0] * self.host.page_bytes
         skip = start % s
         return tuple(t.flatten(1, 2)[:, skip : skip + end - start].transpose(0, 1) for t in (k, v))
 
