@@ -362,7 +362,7 @@ def test_retroinfer_lays_out_whole_segments_across_prefill_chunks(mode):
             return
         host = holder["backend"].host
         for b in decodes:
-            rid, ctx = meta.request_ids[b], meta.context_lens_cpu[b]
+            rid = meta.request_ids[b]
             if (rid, layer) in checked:
                 continue
             prompt = PROMPTS[rid]
