@@ -1,6 +1,7 @@
 """`spin-ray eval` end to end on spin-tiny (random weights, so only the plumbing is checked):
 the table has dense first and every setting, the JSON holds every answer and log-probability,
-the plot is written, and a full budget reproduces dense exactly."""
+the plot is written, and a full budget reproduces dense's log-probabilities (and, for an
+algorithm that keeps tokens in place, its answers)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ def test_eval_writes_table_json_and_plot(tmp_path, capsys):
     assert len(dense["logprobs"]) == 8 and dense["mean_abs_delta_logprob"] == 0
     for algorithm in ("quest", "retroinfer"):
         full = settings[f"{algorithm} (spin, 1.0)"]
-        assert full["answers"] == dense["answers"]
         assert full["logprobs"] == pytest.approx(dense["logprobs"], abs=1e-4)
         assert 0 < full["hit_rate"] <= 1
+    # quest stores tokens where dense does, so its greedy answers are dense's; retroinfer
+    # stores each segment by cluster, which changes the order of attention's fp32 sums, and
+    # random weights leave near-ties that such rounding flips (its full-budget answers are
+    # checked on the trained model, tests/test_eval_accuracy.py)
+    assert settings["quest (spin, 1.0)"]["answers"] == dense["answers"]
 
 
 def test_eval_rejects_bad_lists(capsys):

@@ -2,10 +2,11 @@
 
 An algorithm groups tokens into partitions and keeps per-partition summaries, and scores pages
 from a query and those summaries (`page_scores`, every decode step and layer). Summaries are
-built as the K/V is stored, on the device: a prefill chunk's by `append_chunk` (which may lay
-the chunk's whole pages out anew, so variable-size partitions sit contiguously in pages:
-RetroInfer's clusters), a decode token's by `append` (also inside CUDA graphs). No step reads
-pages back from the CPU tier to index them. Partitions map onto pages: a page's score is the
+built as the K/V is stored, on the device: a prefill chunk's by `append_chunk`, a decode
+token's by `append` (also inside CUDA graphs); an algorithm with variable-size partitions
+(RetroInfer's clusters) also partitions each completed span of a prompt as a whole (`lay_out`)
+and has its tokens stored so each partition sits contiguously in pages. No step reads pages
+back from the CPU tier to index them. Partitions map onto pages: a page's score is the
 best score of the partitions it holds. The runtime owns the rest — offload, residency,
 retrieval, eviction, sink/local windows, top-k and the attention kernel — and never knows an
 algorithm's formula; an algorithm never touches tiers or copies. An algorithm may add its own
