@@ -1,10 +1,11 @@
 """Decode-step bookkeeping of the sparse KV cache on the CPU: step time, operations per offloaded
 layer, and host synchronisations per layer, for a decode-heavy workload.
 
-    python bench/sparse_step_profile.py [--mode spin] [--requests 4] [--context 4096]
+    python bench/sparse_step_profile.py [--mode spin] [--sparse quest] [--requests 4] \
+        [--context 4096]
 
-spin-tiny (random weights, fp32) with 1 dense layer, so 3 of its 4 layers are offloaded; Quest,
-a 256-token budget, buffer_ratio 5, page 16. After the prefills and a few warm-up steps it
+spin-tiny (random weights, fp32) with 1 dense layer, so 3 of its 4 layers are offloaded;
+`--sparse` (Quest by default) with its default settings, a 256-token budget, buffer_ratio 5, page 16. After the prefills and a few warm-up steps it
 times `--steps` decode steps (median wall clock per `engine.step()`) and counts, under a
 `TorchDispatchMode`, every aten operation of each offloaded layer's decode attention
 (`SpinAttentionBackend._decode`: select, retrieve/fetch, attention) and of the per-step plan
@@ -187,6 +188,7 @@ def _counting(mode: _Counting):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", default="spin", choices=["spin", "sparse-naive"])
+    parser.add_argument("--sparse", default="quest", help="the algorithm (quest, shadowkv, ...)")
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--token-budget", type=int, default=256)
@@ -212,7 +214,7 @@ def main() -> None:
         device="cpu",
         page_size=16,
         progress=False,
-        sparse="quest",
+        sparse=args.sparse,
         tiers=args.mode,
         token_budget=args.token_budget,
         dense_layers=1,
