@@ -6,8 +6,9 @@ layer, and host synchronisations per layer, for a decode-heavy workload.
 
 spin-tiny (random weights, fp32) with 1 dense layer, so 3 of its 4 layers are offloaded;
 `--sparse` (Quest by default) with its default settings, a 256-token budget, buffer_ratio 5,
-page 16. After the prefills and a few warm-up steps it times `--steps` decode steps (median wall clock per `engine.step()`) and counts, under a
-`TorchDispatchMode`, every aten operation of each offloaded layer's decode attention
+page 16. After the prefills and a few warm-up steps it times `--steps` decode steps (median
+wall clock per `engine.step()`) and counts, under a `TorchDispatchMode`, every aten operation
+of each offloaded layer's decode attention
 (`SpinAttentionBackend._decode`: select, retrieve/fetch, attention) and of the per-step plan
 of the decode batch (`SpinAttentionBackend._plan_decode`).
 
