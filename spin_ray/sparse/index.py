@@ -127,6 +127,10 @@ class SparseIndex:
             k_pages, v_pages = (
                 x[: p * s].view(p, s, hkv, d).permute(2, 0, 1, 3) for x in (ordered_k, ordered_v)
             )  # [Hkv, p, S, D]
+            # after the host stream's pending work: a prefix read started ahead (the prefill's
+            # read of this layer, issued while the layer before computed) must not see the
+            # pages half rewritten
+            self.host.sync()
             self.host.write_pages(layer, page_ids[:p], k_pages, v_pages)
             self.counters.d2h_bytes += p * hkv * self.host.page_bytes
 
