@@ -38,17 +38,8 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNC_OPS = {
-    "aten.nonzero",
-    "aten.nonzero_numpy",
-    "aten.item",
-    "aten._local_scalar_dense",
-    "aten._unique2",
-    "aten.unique_dim",
-    "aten.unique_consecutive",
-    "aten.masked_select",
-    "aten.is_nonzero",
-}
+from spin_ray.device.host_syncs import waits_for_device
+
 VIEW_OPS = {  # metadata only: no kernel launch on a GPU
     "aten." + name
     for name in [
@@ -131,7 +122,7 @@ class _Counting(TorchDispatchMode):
             name = str(func.overloadpacket)
             name = "aten." + name.split(".")[-1] if not name.startswith("aten.") else name
             self._ops[name] += 1
-            if name in SYNC_OPS or _bool_index(name, args) or _repeat_by_tensor(name, args):
+            if waits_for_device(name, args):
                 self._syncs[name] += 1
         return func(*args, **kwargs)
 
@@ -158,21 +149,6 @@ class _Counting(TorchDispatchMode):
 def _is_tolist(fn) -> bool:
     return getattr(fn, "__name__", None) == "tolist" and isinstance(
         getattr(fn, "__self__", None), torch.Tensor
-    )
-
-
-def _bool_index(name, args) -> bool:
-    if name not in ("aten.index", "aten.index_put", "aten.index_put_"):
-        return False
-    indices = args[1] if len(args) > 1 else ()
-    return any(t is not None and t.dtype == torch.bool for t in indices)
-
-
-def _repeat_by_tensor(name, args) -> bool:
-    return (
-        name == "aten.repeat_interleave"
-        and isinstance(args[0], torch.Tensor)
-        and (args[0].dtype in (torch.int64, torch.int32) and len(args) == 1)
     )
 
 
