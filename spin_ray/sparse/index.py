@@ -75,15 +75,25 @@ class SparseIndex:
             self.algorithm.append(layer, slots[rows], k[rows], v[rows], positions[rows])
         stored = (k, v)
         for i, (b, start, n, context_len) in enumerate(prefills):
-            rows = slice(start, start + n)
-            first = context_len - n
-            self.algorithm.append_chunk(
-                layer, slots[rows], k[rows], v[rows], first, positions[rows]
-            )
-            for span in self._completed_spans(meta.request_ids[b], first, context_len):
-                if stored[0] is k:
-                    stored = (k.clone(), v.clone())
-                self._lay_out(layer, meta.page_table[b], i, start, first, span, k, v, stored)
+            stored = self._append_chunk(
+                layer, meta.request_ids[b], meta.page_table[b], i, start, n, context_len,
+                slots, positions, k, v, stored,
+            )  # fmt: skip
+        return stored
+
+    def _append_chunk(
+        self, layer, request_id, table, chunk, start, n, context_len, slots, positions, k, v,
+        stored,
+    ):  # fmt: skip
+        """Fold one chunk (rows start..start+n-1 of the step, ending at context_len) and lay
+        out the spans it completes; returns `stored`, copied from (k, v) at the first span."""
+        rows = slice(start, start + n)
+        first = context_len - n
+        self.algorithm.append_chunk(layer, slots[rows], k[rows], v[rows], first, positions[rows])
+        for span in self._completed_spans(request_id, first, context_len):
+            if stored[0] is k:
+                stored = (k.clone(), v.clone())
+            self._lay_out(layer, table, chunk, start, first, span, k, v, stored)
         return stored
 
     def _completed_spans(self, request_id: str, first: int, end: int) -> list[tuple[int, int]]:
@@ -145,15 +155,11 @@ class SparseIndex:
     ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [T, Hkv, D]
         """Fold a whole prompt's K/V of one layer, computed outside the engine, into the
         summaries and lay out its spans; returns the K/V to store (as `append`)."""
-        positions = torch.arange(slots.shape[0], device=slots.device)  # [T]
         n = slots.shape[0]
-        self.algorithm.append_chunk(layer, slots, k, v, 0, positions)
-        stored = (k, v)
-        for span in self._completed_spans(request_id, 0, n):
-            if stored[0] is k:
-                stored = (k.clone(), v.clone())
-            self._lay_out(layer, table, None, 0, 0, span, k, v, stored)
-        return stored
+        positions = torch.arange(n, device=slots.device)  # [T]
+        return self._append_chunk(
+            layer, request_id, table, None, 0, n, n, slots, positions, k, v, (k, v)
+        )
 
 
 def in_order(

@@ -47,6 +47,9 @@ class PrefillAttention:
         layer's [(Q + 1) * S] rows of one head; None: the prefix is read from the CPU tier."""
         self._prefix_reads: dict[tuple[int, int], PendingRead] = {}
         """(layer, chunk index) → its prefix, being read ahead on the host's side stream."""
+        self._read_prefixes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        """(layer, chunk index) → its prefix, already read (by `context_kv`) for the layer's
+        attention, which takes it (so a prefix crosses PCIe once per layer)."""
 
     def plan(self, meta: AttentionMetadata, split: StepSplit) -> None:
         """A request's first decode step ends its prefill (its prefill slots go back); the
@@ -58,6 +61,7 @@ class PrefillAttention:
         self.chunks = split.prefills
         self._held = [self._held_rows(meta, chunk) for chunk in split.prefills]
         self._prefix_reads.clear()
+        self._read_prefixes.clear()
 
     def _held_rows(self, meta: AttentionMetadata, chunk: PrefillChunk) -> torch.Tensor | None:
         """The rows of the chunk's context in HBM prefill slots ([T] int64), the slots taken
@@ -129,8 +133,8 @@ class PrefillAttention:
         self, layer: int, chunk: int, start: int, end: int
     ) -> tuple[torch.Tensor, torch.Tensor]:  # 2 × [end - start, Hkv, D]
         """K/V of positions start..end-1 of the step's chunk `chunk`'s sequence, all stored
-        before the chunk: from its prefill slots (HBM) if it holds them, else from the CPU
-        tier (whole pages, counted)."""
+        before the chunk: from its prefill slots (HBM) if it holds them, else from the prefix
+        the chunk's attention reads from the CPU tier (read now, kept for that attention)."""
         held = self._held[chunk]
         if held is not None:  # (held only with a GPU tier of every offloaded layer)
             heads, _, _, d = self.gpu.k[layer].shape  # [Hkv, Q + 1, S, D]
@@ -139,13 +143,10 @@ class PrefillAttention:
                 t[layer].view(heads, -1, d)[:, rows].transpose(0, 1)
                 for t in (self.gpu.k, self.gpu.v)
             )
-        s = self.page_size
-        b = self.chunks[chunk][0]
-        pages = self.meta.page_table[b, start // s : -(-end // s)].long()
-        k, v = self.host.read(layer, pages)  # [Hkv, p, S, D]
-        self.counters.h2d_bytes += pages.numel() * k.shape[0] * self.host.page_bytes
-        skip = start % s
-        return tuple(t.flatten(1, 2)[:, skip : skip + end - start].transpose(0, 1) for t in (k, v))
+        b, _, n, context_len = self.chunks[chunk]
+        prefix = self._prefix(layer, b, -(-(context_len - n) // self.page_size))
+        self._read_prefixes[(layer, b)] = prefix  # [Hkv, p, S, D] each
+        return tuple(t.flatten(1, 2)[:, start:end].transpose(0, 1) for t in prefix)
 
     def attend(self, q, ctx_k, ctx_v, scale):  # [n, Hq, D]; ctx: [Hkv, T, D]
         """Causal attention of the chunk's queries over its context (the chunk last)."""
@@ -158,7 +159,11 @@ class PrefillAttention:
     def _prefix(self, layer, b, num_pages):  # 2 × [Hkv, p, S, D]
         """The first `num_pages` pages of chunk b's sequence in this layer, from the CPU tier:
         read ahead while the previous layer computed (if it did), and the next layer's read
-        started now, so the prefix crosses PCIe while the GPU computes."""
+        started now, so the prefix crosses PCIe while the GPU computes (or, once
+        `context_kv` read it, that read)."""
+        read = self._read_prefixes.pop((layer, b), None)
+        if read is not None:
+            return read
         pending = self._prefix_reads.pop((layer, b), None)
         table = self.meta.page_table[b, :num_pages].long()
         if pending is None:
